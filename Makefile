@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv when it is
+# missing and install everything (torch first, pinned per platform, then the project).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(PY) -m pip
+ARCH  := $(shell uname -m)
+# Pins that install offline on this workplace's machines (see DEVELOPERS.md).
+ifeq ($(ARCH),aarch64)
+TORCH := torch==2.9.1 torchvision==0.24.1
+else
+TORCH := torch==2.14.1 torchvision==0.29.1
+endif
+STAMP := $(VENV)/.cbir-installed
+
+.PHONY: demo test install clean-venv bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[serve,test]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/cbir demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
