@@ -1,0 +1,155 @@
+"""Retrieval benchmarks: one `Benchmark` shape, read from the common on-disk layouts.
+
+- ``gt.json`` (the layout of ``../shared/datasets/README.md``)
+- Revisited Oxford/Paris: ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` beside ``jpg/``, with
+  the Easy / Medium / Hard protocols (each query appears once per protocol, tagged with it)
+- INRIA Holidays: ``NNNNSS.jpg``; ``SS == 00`` is the query of group ``NNNN``
+- UKBench: ``ukbenchNNNNN.jpg``; groups of four consecutive numbers, every image a query
+- a folder per class: every image is a query, its positives are its folder-mates
+
+Paths in a benchmark are relative to its ``root``. A query that is itself in the database
+lists itself as junk, except in UKBench where, by that benchmark's convention, it counts.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbir.images import IMAGE_SUFFIXES, list_images
+
+
+class DatasetError(ValueError):
+    """A benchmark folder that cannot be read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Query:
+    image: str
+    positives: tuple[str, ...]
+    junk: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Benchmark:
+    name: str
+    root: Path
+    database: list[str]
+    queries: list[Query]
+    kind: str = "gt.json"
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+def load_benchmark(root: str | Path) -> Benchmark:
+    """Detect the layout of ``root`` and read it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such benchmark directory")
+    if (root / "gt.json").exists():
+        return _load_gt_json(root)
+    pkls = sorted(root.glob("gnd_r*.pkl"))
+    if pkls:
+        return _load_revisited(root, pkls[0])
+    names = [p.name for p in list_images(root)]
+    if names and all(re.fullmatch(r"ukbench\d{5}\.\w+", n) for n in names):
+        return _load_ukbench(root)
+    if names and all(re.fullmatch(r"\d{6}\.\w+", n) for n in names):
+        return _load_holidays(root)
+    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if subdirs:
+        return _load_class_folders(root, subdirs)
+    raise DatasetError(
+        f"{root}: no gt.json, gnd_r*.pkl, Holidays/UKBench file names, or class folders found"
+    )
+
+
+def _load_gt_json(root: Path) -> Benchmark:
+    try:
+        gt = json.loads((root / "gt.json").read_text())
+        queries = [
+            Query(
+                image=q["image"],
+                positives=tuple(q.get("positives", ())),
+                junk=tuple(q.get("junk", ())),
+                tags=tuple(q.get("tags", ())),
+                bbox=tuple(q["bbox"]) if q.get("bbox") else None,
+            )
+            for q in gt["queries"]
+        ]
+        database = list(gt["database"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DatasetError(f"{root / 'gt.json'}: not in the expected format ({type(e).__name__}: {e})") from None
+    meta = {}
+    if (root / "metadata.json").exists():
+        meta = json.loads((root / "metadata.json").read_text())
+    return Benchmark(gt.get("name", root.name), root, database, queries, "gt.json", meta)
+
+
+def _load_revisited(root: Path, pkl: Path) -> Benchmark:
+    with open(pkl, "rb") as f:
+        cfg = pickle.load(f)
+    ext = ".jpg"
+    img_dir = "jpg/" if (root / "jpg").is_dir() else ""
+    database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
+    queries = []
+    for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
+        easy = [database[i] for i in g.get("easy", [])]
+        hard = [database[i] for i in g.get("hard", [])]
+        junk = [database[i] for i in g.get("junk", [])]
+        bbox = tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None
+        image = f"{img_dir}{qname}{ext}"
+        # The three protocols of Radenovic et al. 2018.
+        for tag, pos, jk in (
+            ("easy", easy, junk + hard),
+            ("medium", easy + hard, junk),
+            ("hard", hard, junk + easy),
+        ):
+            queries.append(Query(image, tuple(pos), tuple(jk), (tag,), bbox))
+    return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
+
+
+def _load_holidays(root: Path) -> Benchmark:
+    files = [p.relative_to(root).as_posix() for p in list_images(root)]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        groups[Path(f).stem[:4]].append(f)
+    queries = []
+    for _, members in sorted(groups.items()):
+        q = [m for m in members if Path(m).stem.endswith("00")]
+        if not q:
+            continue
+        others = tuple(m for m in members if m != q[0])
+        queries.append(Query(q[0], others, (q[0],), ("holidays",)))
+    return Benchmark(root.name, root, files, queries, "holidays")
+
+
+def _load_ukbench(root: Path) -> Benchmark:
+    files = [p.relative_to(root).as_posix() for p in list_images(root)]
+    groups: dict[int, list[str]] = defaultdict(list)
+    for f in files:
+        groups[int(re.search(r"(\d{5})", Path(f).name).group(1)) // 4].append(f)
+    queries = [Query(f, tuple(groups[g]), (), ("ukbench",)) for g, members in sorted(groups.items()) for f in members]
+    return Benchmark(root.name, root, files, queries, "ukbench")
+
+
+def _load_class_folders(root: Path, subdirs: list[Path]) -> Benchmark:
+    database, by_class = [], {}
+    for d in sorted(subdirs):
+        members = [p.relative_to(root).as_posix() for p in list_images(d) if p.suffix.lower() in IMAGE_SUFFIXES]
+        by_class[d.name] = members
+        database += members
+    queries = [
+        Query(m, tuple(x for x in members if x != m), (m,), (cls,))
+        for cls, members in by_class.items()
+        for m in members
+    ]
+    return Benchmark(root.name, root, database, queries, "folders")

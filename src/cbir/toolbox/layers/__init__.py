@@ -1,0 +1,23 @@
+"""Toolbox layers: one concept per file, every module registered by name.
+
+* :mod:`.attention` - SE, CBAM (channel attention + SAM), ECA
+* :mod:`.receptive_field` - SPP, SPPF, ASPP, RFB, RFB-s, PPM
+* :mod:`.fusion` - FPN, PAN, BiFPN (fast normalised fusion), ASFF
+* :mod:`.activations` - Mish, Swish/SiLU, hard-swish, FRN + TLU
+* :mod:`.dropblock` - DropBlock
+* :mod:`.conv` - ConvBnAct, the shared conv unit
+"""
+
+from cbir.toolbox.layers.activations import FRN, HardSwish, Mish, Swish, hard_swish, mish, swish
+from cbir.toolbox.layers.attention import CBAM, ECA, SE, ChannelAttention, SpatialAttention, eca_kernel_size
+from cbir.toolbox.layers.conv import ConvBnAct, make_act
+from cbir.toolbox.layers.dropblock import DropBlock2d, drop_block_2d
+from cbir.toolbox.layers.fusion import ASFF, FPN, PAN, BiFPN, FastNormalizedFusion, resize_to
+from cbir.toolbox.layers.receptive_field import ASPP, PPM, RFB, SPP, SPPF, RFBs
+
+__all__ = [
+    "ASFF", "ASPP", "CBAM", "ECA", "FPN", "FRN", "PAN", "PPM", "RFB", "SE", "SPP", "SPPF",
+    "BiFPN", "ChannelAttention", "ConvBnAct", "DropBlock2d", "FastNormalizedFusion", "HardSwish",
+    "Mish", "RFBs", "SpatialAttention", "Swish", "drop_block_2d", "eca_kernel_size", "hard_swish",
+    "make_act", "mish", "resize_to", "swish",
+]

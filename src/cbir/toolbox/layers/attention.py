@@ -1,0 +1,145 @@
+"""Attention modules: SE, CBAM (channel attention + spatial attention module, SAM), ECA.
+
+Each module multiplies its input by a gate in (0, 1) and keeps the shape
+``(B, C, H, W) -> (B, C, H, W)``. ``gate(x)`` returns the gate alone so it can be inspected:
+``(B, C, 1, 1)`` for the channel gates (SE, ECA, CAM) and ``(B, 1, H, W)`` for SAM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cbir.toolbox.layers.conv import make_act
+from cbir.toolbox.registry import register_module
+
+__all__ = ["CBAM", "ECA", "SE", "ChannelAttention", "SpatialAttention", "eca_kernel_size"]
+
+
+def _hidden(channels: int, reduction: int, min_channels: int) -> int:
+    return max(min_channels, channels // reduction)
+
+
+@register_module("se")
+class SE(nn.Module):
+    """Squeeze-and-Excitation (Hu et al. 2018): per-channel gate from global average pooling.
+
+    ``s = sigmoid(W2 relu(W1 avgpool(x)))`` with ``W1: C -> C/r``, ``W2: C/r -> C``; output
+    ``x * s``. The 1x1 convs are the paper's two FC layers applied to a ``(B, C, 1, 1)`` map.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8, act: str = "relu") -> None:
+        super().__init__()
+        hidden = _hidden(channels, reduction, min_channels)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.act = make_act(act)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+        s = x.mean(dim=(2, 3), keepdim=True)  # squeeze
+        return torch.sigmoid(self.fc2(self.act(self.fc1(s))))  # excitation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * self.gate(x)
+
+
+@register_module("channel_attention")
+class ChannelAttention(nn.Module):
+    """CBAM channel attention (CAM): a shared MLP on both avg- and max-pooled descriptors.
+
+    ``s = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, gate ``(B, C, 1, 1)``; output ``x * s``.
+    Max pooling adds the "most distinctive" cue that SE's average alone misses.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8) -> None:
+        super().__init__()
+        hidden = _hidden(channels, reduction, min_channels)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False)
+        )
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+        avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        return torch.sigmoid(avg + mx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * self.gate(x)
+
+
+@register_module("sam", input_kind="channels", summary="Spatial attention module (CBAM's SAM), any C")
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention (SAM): a 7x7 conv over the channel-wise mean and max maps.
+
+    ``s = sigmoid(conv7x7([mean_c(x); max_c(x)]))``, gate ``(B, 1, H, W)``; output ``x * s``.
+    ``channels`` is accepted (and ignored) so every attention module is built the same way.
+    """
+
+    def __init__(self, channels: int | None = None, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd to keep the spatial size")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, 1, H, W)`` location weights in (0, 1)."""
+        desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(desc))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * self.gate(x)
+
+
+@register_module("cbam")
+class CBAM(nn.Module):
+    """CBAM (Woo et al. 2018): channel attention then spatial attention, ``(B,C,H,W)`` -> same.
+
+    ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction, min_channels)
+        self.spatial = SpatialAttention(channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.spatial(self.channel(x))
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA's adaptive 1-D kernel ``k = |log2(C)/gamma + b/gamma|_odd`` (nearest odd above).
+
+    C = 64 -> 3, 128 -> 5, 256 -> 5, 512 -> 5, 1024 -> 5, 2048 -> 7 (paper's defaults gamma=2, b=1).
+    """
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+@register_module("eca")
+class ECA(nn.Module):
+    """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels.
+
+    ``s = sigmoid(conv1d_k(avgpool(x)))`` - local cross-channel interaction without the SE
+    bottleneck (no dimensionality reduction); ``k`` from :func:`eca_kernel_size` unless
+    given. Gate ``(B, C, 1, 1)``; output ``x * s``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int | None = None, gamma: int = 2, b: int = 1) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size or eca_kernel_size(channels, gamma, b)
+        self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=self.kernel_size // 2, bias=False)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+        s = x.mean(dim=(2, 3))  # (B, C)
+        s = self.conv(s.unsqueeze(1)).squeeze(1)  # channels as a 1-D sequence: (B, 1, C)
+        return torch.sigmoid(s)[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * self.gate(x)
+
+

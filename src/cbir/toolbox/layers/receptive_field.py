@@ -1,0 +1,276 @@
+"""Receptive-field enlarging blocks: SPP / SPPF (YOLO), ASPP (DeepLabv3), RFB / RFB-s, PPM (PSPNet).
+
+All keep the spatial size: ``(B, C_in, H, W) -> (B, C_out, H, W)`` for any ``H, W``
+(``C_out`` defaults to ``C_in``). They enlarge the receptive field in parallel branches -
+large max-pools (SPP), dilated convs (ASPP, RFB) or coarse average-pooling bins (PPM) - and
+fuse the branches by concatenation and a 1x1 (or 3x3) conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbir.toolbox.layers.conv import ConvBnAct
+from cbir.toolbox.registry import register_module
+
+__all__ = ["ASPP", "PPM", "RFB", "RFBs", "SPP", "SPPF"]
+
+
+@register_module("spp")
+class SPP(nn.Module):
+    """YOLO-style SPP: parallel stride-1 max-pools (5, 9, 13) with ``k // 2`` padding.
+
+    ``1x1 conv (C_in -> C_hid) -> [x, pool5(x), pool9(x), pool13(x)] -> concat -> 1x1 conv
+    (4 C_hid -> C_out)``. Unlike He et al.'s SPP-net (fixed 1x1/2x2/4x4 bins -> a vector),
+    the padding keeps ``H x W`` so it can sit inside a fully convolutional neck (YOLOv3-SPP,
+    v4, v5). ``C_hid`` defaults to ``C_in // 2`` as in YOLOv5.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        kernel_sizes: Sequence[int] = (5, 9, 13),
+        hidden_channels: int | None = None,
+        act: str = "silu",
+    ) -> None:
+        super().__init__()
+        if any(k % 2 != 1 for k in kernel_sizes):
+            raise ValueError("SPP kernels must be odd to keep the spatial size")
+        hidden = hidden_channels or max(1, in_channels // 2)
+        self.cv1 = ConvBnAct(in_channels, hidden, 1, act=act)
+        self.pools = nn.ModuleList(nn.MaxPool2d(k, stride=1, padding=k // 2) for k in kernel_sizes)
+        self.cv2 = ConvBnAct(hidden * (len(kernel_sizes) + 1), out_channels or in_channels, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.cv1(x)
+        return self.cv2(torch.cat([x, *(p(x) for p in self.pools)], dim=1))
+
+
+@register_module("sppf")
+class SPPF(nn.Module):
+    """SPP-Fast (YOLOv5): three *sequential* 5x5 max-pools, concatenated.
+
+    Two stacked stride-1 5x5 max-pools equal one 9x9, three equal a 13x13, so SPPF(k=5)
+    computes exactly SPP(5, 9, 13) with fewer comparisons. Same shapes as :class:`SPP`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        kernel_size: int = 5,
+        n_pools: int = 3,
+        hidden_channels: int | None = None,
+        act: str = "silu",
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("SPPF kernel must be odd to keep the spatial size")
+        hidden = hidden_channels or max(1, in_channels // 2)
+        self.n_pools = n_pools
+        self.cv1 = ConvBnAct(in_channels, hidden, 1, act=act)
+        self.pool = nn.MaxPool2d(kernel_size, stride=1, padding=kernel_size // 2)
+        self.cv2 = ConvBnAct(hidden * (n_pools + 1), out_channels or in_channels, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        outs = [self.cv1(x)]
+        for _ in range(self.n_pools):
+            outs.append(self.pool(outs[-1]))
+        return self.cv2(torch.cat(outs, dim=1))
+
+
+class _ImagePooling(nn.Module):
+    """ASPP's image-level branch: global average pool -> 1x1 conv/BN/ReLU -> upsample to H x W."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBnAct(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y = self.conv(F.adaptive_avg_pool2d(x, 1))
+        # A 1x1 map upsampled bilinearly is a constant map, i.e. a broadcast.
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@register_module("aspp")
+class ASPP(nn.Module):
+    """Atrous Spatial Pyramid Pooling, DeepLabv3 version (Chen et al. 2017).
+
+    Five parallel branches, each ``conv -> BN -> ReLU`` with ``C_hid`` (256 in the paper)
+    channels: one 1x1 conv, three 3x3 convs with dilation ``rates`` (6, 12, 18 at output
+    stride 16; double them at output stride 8) and image pooling. They are concatenated
+    ``(B, 5 C_hid, H, W)`` and projected by 1x1 conv/BN/ReLU (+ dropout) to ``C_out``.
+
+    A 3x3 conv with dilation ``r`` sees a ``(r - 1)(3 - 1) + 3`` pixel window with 9 weights;
+    ``padding = r`` keeps the size. ``branches[0]`` is the 1x1 branch, ``branches[1:4]`` the
+    dilated ones, ``branches[4]`` the pooling. Its BN sees one value per channel and sample,
+    so training needs a batch of at least 2 (as in torchvision's DeepLabv3).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        rates: Sequence[int] = (6, 12, 18),
+        hidden_channels: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        branches: list[nn.Module] = [ConvBnAct(in_channels, hidden_channels, 1)]
+        branches += [ConvBnAct(in_channels, hidden_channels, 3, dilation=r) for r in rates]
+        branches.append(_ImagePooling(in_channels, hidden_channels))
+        self.branches = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            ConvBnAct(hidden_channels * len(branches), out_channels or in_channels, 1), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+
+
+class _RFBase(nn.Module):
+    """Shared RFB forward: concat(branches) -> 1x1 linear conv; ``relu(scale * y + shortcut(x))``."""
+
+    branches: nn.ModuleList
+
+    def __init__(self, in_channels: int, out_channels: int, cat_channels: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.fuse = ConvBnAct(cat_channels, out_channels, 1, act=None)  # linear, as in the paper
+        self.shortcut = ConvBnAct(in_channels, out_channels, 1, act=None)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y = self.fuse(torch.cat([b(x) for b in self.branches], dim=1))
+        return self.act(y * self.scale + self.shortcut(x))
+
+
+@register_module("rfb")
+class RFB(_RFBase):
+    """Receptive Field Block (Liu et al., ECCV 2018, Fig. 4a): Inception branches + dilation.
+
+    Three branches, each a 1x1 bottleneck, a conv of growing size and a 3x3 dilated conv
+    whose rate grows with it (small kernel <-> small eccentricity, as in human pRFs)::
+
+        1x1 -> 3x3 (rate r0)
+        1x1 -> 3x3 -> 3x3 (rate r1)
+        1x1 -> 3x3 -> 3x3 -> 3x3 (rate r2)    # the 5x5 as two 3x3s, as in the authors' code
+
+    ``rates`` default (1, 3, 5) as in the paper's figure. Then concat -> 1x1 conv (no ReLU),
+    a 1x1 shortcut, ``relu(scale * y + shortcut)``. Branch width ``C_in // 8`` (x2 in the
+    dilated layers) as in the authors' code. ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        rates: Sequence[int] = (1, 3, 5),
+        scale: float = 1.0,
+    ) -> None:
+        out_channels = out_channels or in_channels
+        c = max(1, in_channels // 8)
+        r0, r1, r2 = rates
+        super().__init__(in_channels, out_channels, 6 * c, scale)
+        self.branches = nn.ModuleList(
+            [
+                nn.Sequential(ConvBnAct(in_channels, 2 * c, 1), ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)),
+                nn.Sequential(
+                    ConvBnAct(in_channels, c, 1),
+                    ConvBnAct(c, 2 * c, 3),
+                    ConvBnAct(2 * c, 2 * c, 3, dilation=r1, act=None),
+                ),
+                nn.Sequential(
+                    ConvBnAct(in_channels, c, 1),
+                    ConvBnAct(c, c // 2 * 3 or 1, 3),
+                    ConvBnAct(c // 2 * 3 or 1, 2 * c, 3),
+                    ConvBnAct(2 * c, 2 * c, 3, dilation=r2, act=None),
+                ),
+            ]
+        )
+
+
+@register_module("rfb_s")
+class RFBs(_RFBase):
+    """RFB-s (Fig. 4b): the "shallow" RFB that mimics smaller pRFs in shallow human retinotopic maps.
+
+    Four branches; 3x3 replaces 5x5 and 1x3 / 3x1 replace 3x3 to save computation::
+
+        1x1 -> 3x3 (rate r0)
+        1x1 -> 3x1 -> 3x3 (rate r1)
+        1x1 -> 1x3 -> 3x3 (rate r1)
+        1x1 -> 1x3 -> 3x1 -> 3x3 (rate r2)
+
+    ``rates`` default (1, 3, 5); branch width ``C_in // 4``. Fused like :class:`RFB`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        rates: Sequence[int] = (1, 3, 5),
+        scale: float = 1.0,
+    ) -> None:
+        out_channels = out_channels or in_channels
+        c = max(2, in_channels // 4)
+        r0, r1, r2 = rates
+        super().__init__(in_channels, out_channels, 4 * c, scale)
+        half, three_q = c // 2, c // 4 * 3 or 1
+        self.branches = nn.ModuleList(
+            [
+                nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
+                nn.Sequential(
+                    ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (3, 1)), ConvBnAct(c, c, 3, dilation=r1, act=None)
+                ),
+                nn.Sequential(
+                    ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (1, 3)), ConvBnAct(c, c, 3, dilation=r1, act=None)
+                ),
+                nn.Sequential(
+                    ConvBnAct(in_channels, half, 1),
+                    ConvBnAct(half, three_q, (1, 3)),
+                    ConvBnAct(three_q, c, (3, 1)),
+                    ConvBnAct(c, c, 3, dilation=r2, act=None),
+                ),
+            ]
+        )
+
+
+@register_module("ppm")
+class PPM(nn.Module):
+    """Pyramid Pooling Module (PSPNet, Zhao et al. 2017).
+
+    For each bin size ``b`` in ``bins`` (1, 2, 3, 6): adaptive average pooling to ``b x b``
+    (each cell averages an ``H/b x W/b`` region), 1x1 conv/BN/ReLU to ``C_in / len(bins)``
+    channels, bilinear upsampling back to ``H x W``. The four maps are concatenated with the
+    input ``(B, 2 C_in, H, W)`` and fused by a 3x3 conv/BN/ReLU to ``C_out``. The pooled BN
+    sees one value per channel for bin 1: train with a batch of at least 2.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        bins: Sequence[int] = (1, 2, 3, 6),
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__()
+        branch = max(1, in_channels // len(bins))
+        self.bins = tuple(bins)
+        self.align_corners = align_corners
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBnAct(in_channels, branch, 1)) for b in self.bins
+        )
+        self.bottleneck = ConvBnAct(in_channels + branch * len(self.bins), out_channels or in_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        size = x.shape[-2:]
+        pyramid = [x] + [
+            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
+            for stage in self.stages
+        ]
+        return self.bottleneck(torch.cat(pyramid, dim=1))
