@@ -168,36 +168,52 @@ class ClassificationMetrics:
 # ---------------------------------------------------------------- ranking: PR curve and AP
 
 
-def _binary_clf_curve(target: np.ndarray, scores: np.ndarray):
-    """Cumulative (FP, TP) counts at each distinct score, highest score first."""
+def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray | None = None):
+    """Cumulative (FP, TP) counts at each distinct score, highest score first.
+
+    ``weight`` (N,) counts each sample that many times (zero-weight samples are dropped),
+    which lets a histogram of scores stand for the samples themselves.
+    """
+    if weight is not None:
+        nz = weight != 0
+        target, scores, weight = target[nz], scores[nz], weight[nz].astype(np.float64)
     order = np.argsort(scores, kind="mergesort")[::-1]
     s, y = scores[order], target[order].astype(np.float64)
     # The last element of each run of equal scores: ties form one threshold.
     last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
-    tps = np.cumsum(y)[last]
-    fps = 1 + last - tps
+    if weight is None:
+        tps = np.cumsum(y)[last]
+        fps = 1 + last - tps
+    else:
+        w = weight[order]
+        tps = np.cumsum(y * w)[last]
+        fps = np.cumsum((1 - y) * w)[last]
     return fps, tps, s[last]
 
 
-def precision_recall_curve(target, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_curve(
+    target, scores, sample_weight=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Binary precision-recall curve, as sklearn's ``precision_recall_curve``.
 
-    target (N,) in {0, 1}, scores (N,) -> (precision (K+1,), recall (K+1,), thresholds (K,)),
-    K distinct scores in increasing order; the last point is (P=1, R=0) by convention.
-    Without positives recall is 1 everywhere (sklearn's convention).
+    target (N,) in {0, 1}, scores (N,), optional sample_weight (N,) ->
+    (precision (K+1,), recall (K+1,), thresholds (K,)), K distinct scores in increasing
+    order; the last point is (P=1, R=0) by convention. Without positives recall is 1
+    everywhere (sklearn's convention).
     """
     y = to_numpy(target).reshape(-1)
     s = to_numpy(scores).reshape(-1).astype(np.float64)
-    if y.size == 0:
+    w = None if sample_weight is None else to_numpy(sample_weight).reshape(-1)
+    if y.size == 0 or (w is not None and not np.any(w)):
         raise ValueError("precision_recall_curve needs at least one sample")
-    fps, tps, thresholds = _binary_clf_curve(y, s)
+    fps, tps, thresholds = _binary_clf_curve(y, s, w)
     precision = safe_divide(tps, tps + fps, 0.0)
     recall = np.ones_like(tps) if tps[-1] == 0 else tps / tps[-1]
     return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
 
 
-def _binary_ap(target: np.ndarray, scores: np.ndarray) -> float:
-    precision, recall, _ = precision_recall_curve(target, scores)
+def _binary_ap(target: np.ndarray, scores: np.ndarray, sample_weight=None) -> float:
+    precision, recall, _ = precision_recall_curve(target, scores, sample_weight)
     # Step integral; the max() turns the -0.0 of rounding into 0.
     return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
 
@@ -212,23 +228,27 @@ def _one_hot_target(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.eye(n_classes, dtype=np.int64)[target.astype(np.int64)]
 
 
-def average_precision_score(target, scores, average: Average = "macro") -> float | np.ndarray:
+def average_precision_score(
+    target, scores, average: Average = "macro", sample_weight=None
+) -> float | np.ndarray:
     """Uninterpolated AP, as sklearn's ``average_precision_score``.
 
     Binary: target (N,) in {0, 1}, scores (N,). Multi-class / multi-label: scores (N, C) with
     target (N,) class labels or an (N, C) indicator, one-vs-rest per class, then ``average``:
     None -> (C,) per class, 'macro' -> mean, 'weighted' -> mean weighted by positives,
     'micro' -> AP of all (sample, class) pairs pooled. A class without positives has AP 0
-    (sklearn's convention).
+    (sklearn's convention). ``sample_weight`` (N,) counts samples that many times.
     """
     y, s = to_numpy(target), to_numpy(scores).astype(np.float64)
+    w = None if sample_weight is None else to_numpy(sample_weight).reshape(-1)
     if s.ndim == 1:
-        return _binary_ap(y.reshape(-1), s)
+        return _binary_ap(y.reshape(-1), s, w)
     y = _one_hot_target(y, s)
     if average == "micro":
-        return _binary_ap(y.ravel(), s.ravel())
-    per_class = np.array([_binary_ap(y[:, c], s[:, c]) for c in range(s.shape[1])])
-    return _average(per_class, y.sum(axis=0), average)
+        return _binary_ap(y.ravel(), s.ravel(), None if w is None else np.repeat(w, s.shape[1]))
+    per_class = np.array([_binary_ap(y[:, c], s[:, c], w) for c in range(s.shape[1])])
+    support = y.sum(axis=0) if w is None else (y * w[:, None]).sum(axis=0)
+    return _average(per_class, support, average)
 
 
 class AveragePrecision:

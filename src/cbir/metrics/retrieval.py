@@ -8,7 +8,11 @@ INRIA Holidays all use this rule). For the j-th positive (0-based) at 0-based ra
 
 so positives at ranks [0, 2] of 2 give 0.7917 and one positive at rank 1 gives 0.25.
 
-`RetrievalMAP` is the streaming form (``update`` per query or batch, ``compute`` at the end).
+`RetrievalMAP` is the streaming form (``update`` per query, ``compute`` at the end, ``reset``).
+
+This AP is a different quantity from the classification AP of
+:mod:`cbir.metrics.classification` (step integral, sklearn) and the interpolated detection AP
+of :mod:`cbir.metrics.detection`; each has exactly one implementation.
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ class RetrievalMAP:
     precision_: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     recall_: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     n_skipped_: int = 0
+
+    def reset(self) -> None:
+        """Forget every query (keeps ``ks``)."""
+        self.aps_.clear()
+        self.tags_.clear()
+        self.precision_.clear()
+        self.recall_.clear()
+        self.n_skipped_ = 0
 
     def update(
         self,

@@ -1,0 +1,260 @@
+"""The ``cbir`` command: a thin layer over the Python API.
+
+Every error a user can cause (a missing path, a corrupt image, an unknown option or pipeline
+step, a mismatched index) ends as one line on stderr naming it, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="cbir",
+    help="Content-based image retrieval with deep features: index a folder, search by example, measure mAP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PipelineOpt = Annotated[
+    Optional[str],
+    typer.Option("--pipeline", "-p", help="Pipeline string, e.g. 'efficientnet_lite0/bn2,long512,GeM3,L2' (see `cbir pipelines`)."),
+]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU) or torch.")]
+FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps on.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _warn(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _progress():
+    from tqdm import tqdm
+
+    def bar(**kw):
+        return tqdm(file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=None, **kw)
+
+    return bar
+
+
+def _user_errors():
+    """Exceptions that are the user's to fix: printed as one line, never as a traceback."""
+    from cbir.datasets import DatasetError
+    from cbir.images import ImageError
+    from cbir.index import IndexStoreError
+    from cbir.models import BackboneError
+    from cbir.pipeline import PipelineError
+
+    return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, FileNotFoundError)
+
+
+def _guard(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as e:
+            _fail(str(e))
+        except ValueError as e:  # e.g. PCA asked for more dims than fitting images
+            _fail(str(e))
+
+    return wrapper
+
+
+def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        _fail(f"--bbox {text!r} must be x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    return box  # type: ignore[return-value]
+
+
+@app.command()
+@_guard
+def models() -> None:
+    """List the backbones, where their weights come from, and whether they are present."""
+    from cbir.models import list_backbones
+
+    rows = list_backbones()
+    typer.echo(f"{'backbone':20s} {'present':8s} {'weights from':40s} description")
+    for r in rows:
+        present = {True: "yes", False: "no", None: "-"}[r["present"]]
+        typer.echo(f"{r['name']:20s} {present:8s} {r['package']:40s} {r['description']}")
+        if r["weights"]:
+            typer.echo(f"{'':20s} {'':8s} {r['weights']}")
+
+
+@app.command()
+def pipelines() -> None:
+    """Explain the pipeline-string vocabulary: backbone/layer, input size, pooling, post-processing."""
+    from cbir.pipeline import DEFAULT_PIPELINE
+    from cbir.pooling import POOLINGS
+    from cbir.postprocess import POSTPROCESS
+
+    typer.echo(f"default: {DEFAULT_PIPELINE}\n")
+    typer.echo("backbone[/layer]   a name from `cbir models`, or timm:<model>; layer 'head' = the backbone's own pooled feature")
+    typer.echo("input              long<S> (longer side to S, aspect kept) | crop<S> (shorter side to S, centre crop)")
+    typer.echo("pooling:")
+    for name, m in POOLINGS.items():
+        typer.echo(f"  {name + (f'<{m.param}>' if m.param else ''):16s} {m.summary}")
+    typer.echo("post-processing (in order):")
+    for prefix, (_, _, summary) in POSTPROCESS.items():
+        typer.echo(f"  {prefix:16s} {summary}")
+
+
+@app.command()
+@_guard
+def index(
+    images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index directory (created if missing).")],
+    pipeline: PipelineOpt = None,
+    weights: WeightsOpt = None,
+    engine: EngineOpt = "onnx",
+    fit_on: FitOnOpt = None,
+    commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Commit to disk after this many images (a killed run keeps every commit).")] = 64,
+) -> None:
+    """Build or update an index: new files added, changed files re-extracted, deleted files dropped."""
+    from cbir.images import list_images
+    from cbir.index import update_index
+
+    fit = list_images(fit_on) if fit_on else None
+    report = update_index(images_dir, index_dir, pipeline, weights, engine, fit, commit_every=commit_every,
+                          progress=_progress(), warn=_warn)
+    typer.echo(f"{index_dir}: {report.summary()}")
+    if report.failed:
+        typer.echo(f"{len(report.failed)} unreadable file(s) skipped (listed above)", err=True)
+
+
+@app.command()
+@_guard
+def search(
+    query: Annotated[Path, typer.Argument(help="Query image.")],
+    index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index directory built by `cbir index`.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=10000, help="Number of results.")] = 10,
+    bbox: Annotated[Optional[str], typer.Option("--bbox", help="Query region x0,y0,x1,y1 in pixels.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: {results: [{path, score}], ms}.")] = False,
+    weights: WeightsOpt = None,
+    engine: EngineOpt = "onnx",
+) -> None:
+    """Search an index with an example image; print ranked paths and scores."""
+    from cbir.index import Searcher
+
+    box = _parse_bbox(bbox)
+    searcher = Searcher(index_dir, weights, engine)
+    t0 = time.perf_counter()
+    hits = searcher.search(query, k, box)
+    ms = (time.perf_counter() - t0) * 1000
+    if as_json:
+        typer.echo(json.dumps({"results": [{"path": h.path, "score": round(h.score, 6), "id": h.id, "meta": h.meta} for h in hits],
+                               "ms": round(ms, 2)}))
+        return
+    for rank, h in enumerate(hits, 1):
+        extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
+        typer.echo(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
+    typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+
+
+@app.command("eval")
+@_guard
+def eval_(
+    dataset_dir: Annotated[Path, typer.Argument(help="Benchmark folder: gt.json, gnd_r*.pkl (Revisited Oxford/Paris), Holidays, UKBench, or a folder per class.")],
+    pipeline: PipelineOpt = None,
+    weights: WeightsOpt = None,
+    engine: EngineOpt = "onnx",
+    fit_on: FitOnOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the precision-recall curve (PNG).")] = None,
+    per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write per-query AP (CSV).")] = None,
+    no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
+) -> None:
+    """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark."""
+    from cbir.datasets import load_benchmark
+    from cbir.evaluation import evaluate
+    from cbir.images import list_images
+    from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
+
+    bench = load_benchmark(dataset_dir)
+    extractor = Extractor(resolve_spec(pipeline or DEFAULT_PIPELINE, weights), weights, engine)
+    fit = list_images(fit_on) if fit_on else None
+    result = evaluate(bench, extractor, crop=not no_crop, fit_on=fit, warn=_warn,
+                      progress=None if as_json else _progress())
+    if plot:
+        result.plot(plot)
+    if per_query:
+        result.write_per_query(per_query)
+    if as_json:
+        typer.echo(json.dumps(result.summary))
+        return
+    typer.echo(format_summary(result.summary))
+    if plot:
+        typer.echo(f"precision-recall curve: {plot}")
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} queries, {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
+             f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
+    lines += [f"{tag:14s} {v:7.4f}" for tag, v in s["map_by_tag"].items()]
+    lines.append("")
+    lines.append("  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
+                 "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items()))
+    if "ukbench_ns" in s:
+        lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
+    if s.get("n_database_unreadable"):
+        lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    return "\n".join(lines)
+
+
+@app.command()
+@_guard
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo benchmark, index and plot go.")] = Path("demo-output"),
+    engine: EngineOpt = "onnx",
+) -> None:
+    """Build a small benchmark from photos scikit-image ships, index it, evaluate it, show a search."""
+    from cbir.demo import run_demo
+
+    run_demo(workdir, engine=engine, echo=typer.echo, progress=_progress())
+
+
+def _register_optional_commands() -> None:
+    """Commands whose code lives with its own part of cbir (toolbox, service, comparison).
+
+    Each module exposes a plain function; a module that is not there (an extra that is not
+    installed) simply adds no command.
+    """
+    import importlib
+
+    for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),
+                         ("cbir.compare", "compare")):
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as e:
+            if e.name and (module.startswith(e.name) or e.name in {"fastapi", "uvicorn"}):
+                continue
+            raise
+        app.command(name)(_guard(fn))
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    app()

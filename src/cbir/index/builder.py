@@ -1,0 +1,238 @@
+"""Build or update an index from a folder of images, and search it.
+
+`update_index` makes the index reflect the folder: new files are extracted and added, changed
+files (size or mtime differ and the content hash too) re-extracted, deleted files dropped.
+Work is committed in chunks, so a killed run keeps every chunk it committed and the next run
+picks up from there. `Searcher` pairs an index with the extractor of its own pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cbir.images import ImageError, list_images
+from cbir.index.store import Entry, Index, IndexStoreError
+from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class UpdateReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        s = (f"{self.added} added, {self.updated} re-extracted, {self.removed} removed, "
+             f"{self.unchanged} unchanged, {len(self.failed)} skipped as unreadable")
+        return s + f" in {self.seconds:.1f} s"
+
+
+def open_or_create(
+    index_dir: str | Path,
+    pipeline: str | None = None,
+    weights: str | Path | None = None,
+    engine: str = "onnx",
+    fit_on: Sequence[Path] | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[Index, Extractor]:
+    """The index at ``index_dir`` with its extractor; a new one is created if none exists.
+
+    For an existing index, ``pipeline`` (if given) must match the index's own.
+    """
+    index_dir = Path(index_dir)
+    if (index_dir / "index.json").exists():
+        index = Index(index_dir)
+        spec = resolve_spec(pipeline or index.pipeline, weights)
+        extractor = Extractor(spec, weights, engine)
+        index.check_identity(extractor.identity)
+        extractor.load_post_state(index.post_state())
+        return index, extractor
+    spec = resolve_spec(pipeline or DEFAULT_PIPELINE, weights)
+    extractor = Extractor(spec, weights, engine)
+    if extractor.needs_fit:
+        if not fit_on:
+            raise PipelineError(f"pipeline {spec} has learned steps (PCA): give a separate image set with --fit-on DIR")
+        extractor.fit(list(fit_on), on_error=lambda i, e: warn(f"warning: {e}"))
+    # The dimension is known once one image has gone through; use a tiny probe image.
+    dim = extractor.postprocess(extractor.raw_descriptors(np.zeros((1, 64, 64, 3), np.uint8))).shape[1]
+    index = Index.create(index_dir, extractor.identity, dim, extractor.post_state())
+    return index, extractor
+
+
+def _metadata(images_dir: Path) -> dict[str, dict]:
+    """Per-image fields from the nearest ``metadata.json`` (in the folder or up to two levels
+    above, as in the benchmark layout), re-keyed by path relative to ``images_dir``."""
+    for base in (images_dir, images_dir.parent, images_dir.parent.parent):
+        p = base / "metadata.json"
+        if not p.exists():
+            continue
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        prefix = images_dir.relative_to(base).as_posix()
+        prefix = "" if prefix == "." else prefix + "/"
+        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)}
+    return {}
+
+
+def update_index(
+    images_dir: str | Path,
+    index_dir: str | Path,
+    pipeline: str | None = None,
+    weights: str | Path | None = None,
+    engine: str = "onnx",
+    fit_on: Sequence[Path] | None = None,
+    commit_every: int = 64,
+    commit_seconds: float = 15.0,
+    progress: Callable | None = None,
+    warn: Callable[[str], None] = print,
+) -> UpdateReport:
+    """Make the index at ``index_dir`` reflect the images under ``images_dir``."""
+    t0 = time.perf_counter()
+    images_dir = Path(images_dir).resolve()
+    if not images_dir.is_dir():
+        raise ImageError(f"{images_dir}: no such directory")
+    index, extractor = open_or_create(index_dir, pipeline, weights, engine, fit_on, warn)
+    report = UpdateReport()
+    with index.writer():
+        known = index.entries(under=str(images_dir))
+        files = list_images(images_dir)
+        meta = _metadata(images_dir)
+        on_disk = {str(p) for p in files}
+
+        gone = [p for p in known if p not in on_disk]
+        if gone:
+            report.removed = index.remove(paths=gone)
+
+        todo: list[tuple[Path, int, int]] = []
+        for p in files:
+            st = p.stat()
+            e = known.get(str(p))
+            if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
+                report.unchanged += 1
+            else:
+                todo.append((p, st.st_size, st.st_mtime_ns))
+
+        bar = progress(total=len(todo), desc="indexing", unit="img") if progress and todo else None
+        pending: list[tuple[Entry, np.ndarray]] = []
+        last_commit = time.monotonic()
+
+        def commit() -> None:
+            nonlocal last_commit
+            if pending:
+                index.add([e for e, _ in pending], np.stack([v for _, v in pending]))
+                pending.clear()
+            last_commit = time.monotonic()
+
+        def on_error(i: int, e: ImageError) -> None:
+            report.failed.append(str(todo[i][0]))
+            warn(f"warning: skipped {e}")
+            if bar:
+                bar.update(1)
+
+        # Touched-but-identical files only need their mtime recorded, not a forward pass.
+        extract_rows: list[int] = []
+        hashes: list[str] = []
+        for i, (p, size, mtime) in enumerate(todo):
+            try:
+                digest = sha256_file(p)
+            except OSError as e:
+                on_error(i, ImageError(f"{p}: cannot read ({e.strerror})"))
+                hashes.append("")
+                continue
+            hashes.append(digest)
+            e = known.get(str(p))
+            if e is not None and e.sha256 == digest:
+                index.touch(str(p), size, mtime)
+                report.unchanged += 1
+                if bar:
+                    bar.update(1)
+            else:
+                extract_rows.append(i)
+
+        sources = [todo[i][0] for i in extract_rows]
+        for keys, raw in extractor.iter_raw(sources, on_error=lambda j, e: on_error(extract_rows[j], e)):
+            vecs = extractor.postprocess(raw)
+            for j, v in zip(keys, vecs):
+                i = extract_rows[j]
+                p, size, mtime = todo[i]
+                rel = p.relative_to(images_dir).as_posix()
+                pending.append((Entry(str(p), size, mtime, hashes[i], meta.get(rel, {})), v))
+                if str(p) in known:
+                    report.updated += 1
+                else:
+                    report.added += 1
+            if bar:
+                bar.update(len(keys))
+            if len(pending) >= commit_every or time.monotonic() - last_commit > commit_seconds:
+                commit()
+        commit()
+        if bar:
+            bar.close()
+        index.compact()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+    meta: dict
+
+
+class Searcher:
+    """An index and the extractor of its own pipeline: images in, ranked hits out."""
+
+    def __init__(self, index_dir: str | Path, weights: str | Path | None = None, engine: str = "onnx",
+                 pipeline: str | None = None) -> None:
+        self.index = Index(index_dir)
+        spec = resolve_spec(pipeline or self.index.pipeline, weights)
+        self.extractor = Extractor(spec, weights, engine)
+        self.index.check_identity(self.extractor.identity)
+        self.extractor.load_post_state(self.index.post_state())
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, exclude: int | None = None) -> list[Hit]:
+        scores, ids = self.index.search(vector[None], k + (exclude is not None))
+        hits = []
+        for s, i in zip(scores[0], ids[0]):
+            if i < 0 or i == exclude:
+                continue
+            e = self.index.get(int(i))
+            if e is not None:
+                hits.append(Hit(int(i), e.path, float(s), e.meta))
+        return hits[:k]
+
+    def search(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None) -> list[Hit]:
+        """Top-``k`` hits for a query image (path or encoded bytes), optionally cropped to ``bbox``."""
+        return self.search_vector(self.extractor.extract_one(source, bbox), k)
+
+    def search_id(self, image_id: int, k: int = 10) -> list[Hit]:
+        """"More like this": the hits for an indexed image, itself excluded."""
+        try:
+            v = self.index.vector(image_id)
+        except KeyError:
+            raise IndexStoreError(f"no image with id {image_id} in the index") from None
+        return self.search_vector(v, k, exclude=image_id)

@@ -1,0 +1,373 @@
+"""The on-disk index: vectors are the source of truth, a SQLite catalog says what they are.
+
+Layout of an index directory::
+
+    index.json        format, pipeline identity, dimension, FAISS factory string
+    post.npz          learned post-processing state (PCA), if the pipeline has any
+    catalog.sqlite    one row per image: path, size, mtime, sha256, metadata, (segment, row)
+    vectors/seg-*.npy float32 (n, d) segments, append-only, memory-mapped on read
+    .lock             held by the one writer
+
+Crash safety, by construction rather than by recovery code: a segment file is written to a
+temporary name, fsynced and renamed *before* the SQLite transaction that references it
+commits. Killed before the commit, the run leaves an unreferenced file that the next writer
+deletes; killed after, everything it added is there. Deletes and replacements are single
+transactions. So at any instant the catalog names only complete vectors, and whatever an
+earlier run committed survives.
+
+The FAISS index is derived from the live vectors when first needed (exact inner product).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "cbir-index/1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS segments (id INTEGER PRIMARY KEY, file TEXT NOT NULL, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}',
+    segment INTEGER NOT NULL REFERENCES segments(id),
+    row INTEGER NOT NULL,
+    added REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_segment ON images(segment);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state VALUES ('generation', 0);
+"""
+BUMP = "UPDATE state SET value = value + 1 WHERE key = 'generation'"
+
+
+class IndexStoreError(RuntimeError):
+    """An index that cannot be opened or used as asked; the message says why."""
+
+
+class IndexMismatch(IndexStoreError):
+    """The index was built by a different pipeline than the one given."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    meta: dict
+    id: int | None = None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x, dtype=np.float32))
+    return buf.getvalue()
+
+
+class Index:
+    """An image index directory. Many readers; writes happen under `writer()`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        info_path = self.root / "index.json"
+        if not info_path.exists():
+            raise IndexStoreError(f"{self.root}: not a cbir index (no index.json); build one with `cbir index`")
+        self.info = json.loads(info_path.read_text())
+        if self.info.get("format") != FORMAT:
+            raise IndexStoreError(f"{self.root}: index format {self.info.get('format')!r}, this cbir reads {FORMAT!r}")
+        self._local = threading.local()
+        self._faiss = None
+        self._faiss_version = None
+        self._faiss_lock = threading.Lock()
+        self._mmaps: dict[str, np.ndarray] = {}
+
+    # -- creation ------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, identity: dict, dim: int, post_state: dict | None = None,
+               factory: str = "Flat") -> "Index":
+        root = Path(root)
+        if (root / "index.json").exists():
+            raise IndexStoreError(f"{root}: an index already exists here")
+        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+            raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+        (root / "vectors").mkdir(parents=True, exist_ok=True)
+        if post_state:
+            buf = __import__("io").BytesIO()
+            np.savez(buf, **post_state)
+            _atomic_write_bytes(root / "post.npz", buf.getvalue())
+        con = sqlite3.connect(root / "catalog.sqlite")
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)
+        con.commit()
+        con.close()
+        info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # index.json last: until it exists, the directory is not an index.
+        _atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
+        return cls(root)
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def identity(self) -> dict:
+        return self.info["identity"]
+
+    @property
+    def pipeline(self) -> str:
+        return self.identity["pipeline"]
+
+    @property
+    def dim(self) -> int:
+        return self.info["dim"]
+
+    @property
+    def factory(self) -> str:
+        return self.info.get("factory", "Flat")
+
+    def post_state(self) -> dict[str, np.ndarray]:
+        p = self.root / "post.npz"
+        if not p.exists():
+            return {}
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+
+    def check_identity(self, identity: dict) -> None:
+        if identity != self.identity:
+            mine, theirs = self.identity, identity
+            what = "pipeline" if mine["pipeline"] != theirs["pipeline"] else "weights"
+            raise IndexMismatch(
+                f"{self.root} was built with pipeline {mine['pipeline']!r} "
+                f"(weights {mine['weights_sha256'][:12]}), not {theirs['pipeline']!r} "
+                f"(weights {theirs['weights_sha256'][:12]}): the {what} differs; "
+                f"search with the index's own pipeline or build a new index"
+            )
+
+    # -- catalog -------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        """One SQLite connection per thread (the service reads from a pool of threads)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.root / "catalog.sqlite", timeout=30)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            self._local.con = con
+        return con
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def version(self) -> int:
+        """A counter every write transaction bumps (used to refresh the derived FAISS index)."""
+        return self.db.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]
+
+    def entries(self, under: str | None = None) -> dict[str, Entry]:
+        """Catalog rows by path (optionally only those under a directory prefix)."""
+        q, args = "SELECT * FROM images", ()
+        if under is not None:
+            prefix = under.rstrip("/") + "/"
+            q, args = "SELECT * FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+        return {r["path"]: self._entry(r) for r in self.db.execute(q, args)}
+
+    def get(self, image_id: int) -> Entry | None:
+        r = self.db.execute("SELECT * FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        return self._entry(r) if r else None
+
+    @staticmethod
+    def _entry(r: sqlite3.Row) -> Entry:
+        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], json.loads(r["meta"]), r["id"])
+
+    # -- vectors -------------------------------------------------------------------
+    def _segment(self, file: str) -> np.ndarray:
+        arr = self._mmaps.get(file)
+        if arr is None:
+            arr = np.load(self.root / "vectors" / file, mmap_mode="r")
+            self._mmaps[file] = arr
+        return arr
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64, vectors (N, D) float32) of every image in the catalog, by id."""
+        rows = self.db.execute(
+            "SELECT images.id, segments.file, images.row FROM images JOIN segments ON images.segment = segments.id ORDER BY images.id"
+        ).fetchall()
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        out = np.empty((len(rows), self.dim), np.float32)
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for i, (_, file, row) in enumerate(rows):
+            by_file.setdefault(file, []).append((i, row))
+        for file, pairs in by_file.items():
+            seg = self._segment(file)
+            dst, src = zip(*pairs)
+            out[list(dst)] = seg[list(src)]
+        return ids, out
+
+    def vector(self, image_id: int) -> np.ndarray:
+        r = self.db.execute(
+            "SELECT segments.file, images.row FROM images JOIN segments ON images.segment = segments.id WHERE images.id = ?",
+            (int(image_id),),
+        ).fetchone()
+        if r is None:
+            raise KeyError(image_id)
+        return np.array(self._segment(r[0])[r[1]])
+
+    # -- search --------------------------------------------------------------------
+    def _search_index(self):
+        import faiss
+
+        version = self.version()
+        with self._faiss_lock:
+            if self._faiss is None or self._faiss_version != version:
+                ids, vecs = self.live()
+                index = faiss.IndexIDMap2(faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT))
+                if len(ids):
+                    index.add_with_ids(vecs, ids)
+                self._faiss, self._faiss_version = index, version
+            return self._faiss
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise IndexStoreError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        index = self._search_index()
+        k = max(1, min(int(k), max(1, index.ntotal)))
+        return index.search(queries, k)
+
+    # -- writing -------------------------------------------------------------------
+    @contextmanager
+    def writer(self):
+        """Exclusive write access; cleans what a killed writer left behind, then yields."""
+        lock = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise IndexStoreError(f"{self.root}: another process is writing this index") from None
+        try:
+            self._collect_garbage()
+            yield self
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def _collect_garbage(self) -> None:
+        """Delete segment files that no committed transaction references (a killed run's)."""
+        known = {r[0] for r in self.db.execute("SELECT file FROM segments")}
+        for f in (self.root / "vectors").iterdir():
+            if f.name not in known:
+                f.unlink()
+
+    def add(self, entries: list[Entry], vectors: np.ndarray) -> list[int]:
+        """Add images (replacing any catalog rows with the same paths) in one transaction."""
+        if len(entries) != len(vectors):
+            raise ValueError("entries and vectors differ in length")
+        if not entries:
+            return []
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if vectors.shape[1] != self.dim:
+            raise IndexStoreError(f"vectors of dimension {vectors.shape[1]} do not fit index dimension {self.dim}")
+        con = self.db
+        seg_id = (con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0]) + 1
+        file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
+        _atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vectors))
+        now = time.time()
+        with con:  # one transaction: the vectors become visible all at once, or not at all
+            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
+            con.executemany("DELETE FROM images WHERE path = ?", [(e.path,) for e in entries])
+            con.executemany(
+                "INSERT INTO images (path, size, mtime_ns, sha256, meta, segment, row, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.path, e.size, e.mtime_ns, e.sha256, json.dumps(e.meta), seg_id, i, now) for i, e in enumerate(entries)],
+            )
+            con.execute(BUMP)
+        self._drop_empty_segments()
+        ids = con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,)).fetchall()
+        return [r[0] for r in ids]
+
+    def touch(self, path: str, size: int, mtime_ns: int) -> None:
+        """Record a new mtime for a file whose content (hash) did not change."""
+        with self.db as con:
+            con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path))
+            con.execute(BUMP)
+
+    def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> int:
+        """Drop images from the catalog (one transaction); returns how many were removed."""
+        with self.db as con:
+            n = 0
+            if ids:
+                n += con.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids]).rowcount
+            if paths:
+                n += con.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in paths]).rowcount
+            con.execute(BUMP)
+        self._drop_empty_segments()
+        return n
+
+    def _drop_empty_segments(self) -> None:
+        with self.db as con:
+            dead = con.execute(
+                "SELECT id, file FROM segments WHERE id NOT IN (SELECT DISTINCT segment FROM images)"
+            ).fetchall()
+            con.executemany("DELETE FROM segments WHERE id = ?", [(r[0],) for r in dead])
+        for _, file in dead:  # after the commit: a crash here leaves garbage, never a dangling row
+            self._mmaps.pop(file, None)
+            (self.root / "vectors" / file).unlink(missing_ok=True)
+
+    def compact(self, min_dead_fraction: float = 0.5, min_segments: int = 64) -> bool:
+        """Rewrite live vectors into one segment when many are dead or segments are many."""
+        total = self.db.execute("SELECT COALESCE(SUM(n), 0), COUNT(*) FROM segments").fetchone()
+        live = len(self)
+        if not total[0] or (1 - live / total[0] < min_dead_fraction and total[1] < min_segments):
+            return False
+        ids, vecs = self.live()
+        con = self.db
+        seg_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
+        file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
+        _atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vecs))
+        with con:
+            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
+            con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
+                            [(seg_id, r, int(i)) for r, i in enumerate(ids)])
+            con.execute(BUMP)
+        self._drop_empty_segments()
+        return True
+
+    def stats(self) -> dict:
+        n_seg = self.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+        return {"count": len(self), "pipeline": self.pipeline, "dim": self.dim, "index_type": self.factory,
+                "segments": n_seg, "weights_sha256": self.identity["weights_sha256"], "path": str(self.root)}

@@ -1,0 +1,149 @@
+"""Weakly supervised object localization (WSOL) metrics (Zhou et al. 2016; Choe et al. 2020).
+
+Box level, one predicted box per image (or one per CAM threshold, to pick the best one):
+
+* GT-known localization accuracy: fraction of images whose predicted box has IoU >= delta
+  (0.5) with some ground-truth box of the image; the class is assumed known.
+* Top-1 localization accuracy: the same, counting only images whose top-1 class is right.
+* With one box per CAM threshold (N, T, 4), both are reported at the threshold with the
+  best GT-known accuracy (``MaxBoxAcc`` of Choe et al.).
+
+Pixel level: the CAM, normalised to [0, 1], is thresholded at tau in {0, 1/K, ..., (K-1)/K};
+``mask IoU at the best threshold`` is max_tau TP/(TP+FP+FN), pixels pooled over the dataset,
+and ``PxAP`` the AP of the pixel-wise precision-recall curve over those thresholds.
+The pixels are kept as two histograms of the quantised CAM (GT-foreground and background),
+one ``bincount`` each per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cbir.metrics._common import safe_divide, to_numpy
+from cbir.metrics.boxes import box_iou
+from cbir.metrics.classification import average_precision_score
+
+
+def max_box_iou(pred_boxes, gt_boxes: Sequence) -> np.ndarray:
+    """Best IoU of each predicted box with its image's ground-truth boxes.
+
+    pred_boxes (N, 4) or (N, T, 4) xyxy; gt_boxes a length-N sequence of (M_i, 4), or an
+    (N, 4) / (N, M, 4) array -> (N,) or (N, T); 0 for an image without ground truth.
+    """
+    pred = to_numpy(pred_boxes).astype(np.float64)
+    squeeze = pred.ndim == 2
+    pred = pred[:, None, :] if squeeze else pred
+    gts = to_numpy(gt_boxes) if not isinstance(gt_boxes, (list, tuple)) else gt_boxes
+    if len(gts) != pred.shape[0]:
+        raise ValueError(f"{pred.shape[0]} predictions for {len(gts)} images")
+    out = np.zeros(pred.shape[:2])
+    for i, g in enumerate(gts):
+        g = to_numpy(g).astype(np.float64).reshape(-1, 4)
+        if g.shape[0]:
+            out[i] = box_iou(pred[i], g).max(dim=1).values.numpy()
+    return out[:, 0] if squeeze else out
+
+
+class LocalizationAccuracy:
+    """Streaming GT-known and top-1 localization accuracy (see module docstring).
+
+    ``update(pred_boxes, gt_boxes, pred_labels=None, gt_labels=None)``: pred_boxes (N, 4) or
+    (N, T, 4) (one box per CAM threshold), gt_boxes a length-N sequence of (M_i, 4);
+    labels (N,) (top-1 predicted class, true class) are needed for top-1 accuracy.
+    ``compute()`` -> ``gt_known``, ``top1`` (at the best threshold), ``best_threshold_index``
+    and the per-threshold curves ``gt_known_per_threshold``, ``top1_per_threshold`` (T,).
+    """
+
+    def __init__(self, iou_threshold: float = 0.5):
+        self.iou_threshold = iou_threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self._hits: list[np.ndarray] = []
+        self._correct: list[np.ndarray] = []
+
+    def update(self, pred_boxes, gt_boxes, pred_labels=None, gt_labels=None) -> None:
+        iou = max_box_iou(pred_boxes, gt_boxes)
+        hits = (iou >= self.iou_threshold).reshape(iou.shape[0], -1)  # (N, T)
+        self._hits.append(hits)
+        if pred_labels is None or gt_labels is None:
+            correct = np.full(hits.shape[0], np.nan)  # unknown: top-1 stays undefined
+        else:
+            correct = (to_numpy(pred_labels).reshape(-1) == to_numpy(gt_labels).reshape(-1)).astype(float)
+        self._correct.append(correct)
+
+    def compute(self) -> dict:
+        if not self._hits:
+            raise ValueError("no data: call update() first")
+        hits = np.concatenate(self._hits).astype(np.float64)
+        correct = np.concatenate(self._correct)
+        gt_known = hits.mean(axis=0)
+        top1 = (hits * correct[:, None]).mean(axis=0)  # NaN if any label was missing
+        best = int(np.argmax(gt_known))
+        return {
+            "gt_known": float(gt_known[best]),
+            "top1": float(top1[best]),
+            "best_threshold_index": best,
+            "gt_known_per_threshold": gt_known,
+            "top1_per_threshold": top1,
+        }
+
+
+class MaskLocalization:
+    """Streaming pixel-level WSOL scores: mask IoU at the best CAM threshold, and PxAP.
+
+    ``update(cams, gt_masks, ignore=None)``: cams (N, H, W) in [0, 1] (values outside are
+    clipped), gt_masks (N, H, W) boolean foreground, optional ignore (N, H, W) boolean.
+    A pixel is foreground at threshold k/K when ``floor(cam * K) >= k``.
+    """
+
+    def __init__(self, num_thresholds: int = 100):
+        self.num_thresholds = int(num_thresholds)
+        self.thresholds = np.arange(self.num_thresholds) / self.num_thresholds
+        self.reset()
+
+    def reset(self) -> None:
+        self.hist_fg = np.zeros(self.num_thresholds, dtype=np.int64)
+        self.hist_bg = np.zeros(self.num_thresholds, dtype=np.int64)
+
+    def update(self, cams, gt_masks, ignore=None) -> None:
+        k = self.num_thresholds
+        cam = to_numpy(cams).astype(np.float64).reshape(-1)
+        fg = to_numpy(gt_masks).astype(bool).reshape(-1)
+        if cam.shape != fg.shape:
+            raise ValueError(f"cams and masks sizes differ: {cam.size} vs {fg.size}")
+        bins = np.clip(np.floor(cam * k), 0, k - 1).astype(np.intp)
+        if ignore is not None:
+            keep = ~to_numpy(ignore).astype(bool).reshape(-1)
+            bins, fg = bins[keep], fg[keep]
+        self.hist_fg += np.bincount(bins[fg], minlength=k)
+        self.hist_bg += np.bincount(bins[~fg], minlength=k)
+
+    def compute(self) -> dict:
+        # Pixels at or above threshold k: reversed cumulative histograms.
+        tp = self.hist_fg[::-1].cumsum()[::-1]
+        fp = self.hist_bg[::-1].cumsum()[::-1]
+        fn = self.hist_fg.sum() - tp
+        iou = safe_divide(tp, tp + fp + fn, float("nan"))
+        best = int(np.nanargmax(iou)) if np.any(~np.isnan(iou)) else 0
+        # PxAP is the uninterpolated AP of pixels scored by their bin: the histograms are the
+        # pixels, weighted by count, so the classification AP is reused as is.
+        k = np.arange(self.num_thresholds)
+        if self.hist_fg.sum() > 0:
+            pxap = float(
+                average_precision_score(
+                    np.r_[np.ones_like(k), np.zeros_like(k)],
+                    np.r_[k, k].astype(np.float64),
+                    sample_weight=np.r_[self.hist_fg, self.hist_bg],
+                )
+            )
+        else:
+            pxap = float("nan")
+        return {
+            "mask_iou": float(iou[best]),
+            "best_threshold": float(self.thresholds[best]),
+            "iou_per_threshold": iou,
+            "pxap": pxap,
+        }

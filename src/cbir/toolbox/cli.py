@@ -1,0 +1,84 @@
+"""``cbir flops MODEL_OR_MODULE --input 1x3x224x224``: a per-module FLOPs / params table.
+
+The function is registered on the main Typer app by ``cbir.cli`` (``app.command()(flops)``).
+``MODEL_OR_MODULE`` is resolved in this order:
+
+1. a toolbox module name (``cbir.toolbox.list_modules()``), built for the input's channel
+   count; pyramid necks (FPN, PAN, BiFPN, ASFF) get three levels ``C, 2C, 4C`` channels at
+   ``H, H/2, H/4``;
+2. ``efficientnet_lite0`` - the default retrieval backbone, timm's ``tf_efficientnet_lite0``;
+3. any timm model name (built with random weights: FLOPs do not depend on them).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import typer
+from torch import nn
+
+from cbir.toolbox.flops import count_flops, parse_shape
+
+__all__ = ["build_for_flops", "flops"]
+
+#: Short names of backbones used elsewhere in cbir -> timm names.
+MODEL_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+
+
+def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor | list[torch.Tensor]]:
+    """The module for ``name`` and a matching random input; ``KeyError`` if unknown."""
+    from cbir.toolbox.registry import get_entry
+
+    try:
+        entry = get_entry(name)
+    except KeyError:
+        entry = None
+    if entry is not None:
+        if entry.input_kind == "none":
+            return entry.constructor(), torch.randn(shape)
+        if len(shape) != 4:
+            raise ValueError(f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}")
+        b, c, h, w = shape
+        if entry.input_kind == "channels":
+            return entry.constructor(c), torch.randn(shape)
+        chans = [c, 2 * c, 4 * c]
+        feats = []
+        for ci in chans:
+            feats.append(torch.randn(b, ci, h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return entry.constructor(chans), feats
+    import timm
+
+    timm_name = MODEL_ALIASES.get(name, name)
+    if not timm.is_model(timm_name):
+        raise KeyError(name)
+    in_chans = shape[1] if len(shape) == 4 else 3
+    return timm.create_model(timm_name, pretrained=False, in_chans=in_chans), torch.randn(shape)
+
+
+def flops(
+    model: str = typer.Argument(..., help="Toolbox module (e.g. cbam, aspp, fpn), efficientnet_lite0, or a timm model name."),
+    input: str = typer.Option("1x3x224x224", "--input", "-i", help="Input shape BxCxHxW."),  # noqa: A002 - the CLI flag
+    depth: int = typer.Option(2, "--depth", "-d", help="Nesting depth of the per-module rows (0 = total only)."),
+) -> None:
+    """Print FLOPs (= 2 x MACs), MACs and parameters per module for one forward pass."""
+    try:
+        shape = parse_shape(input)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--input") from None
+    try:
+        module, x = build_for_flops(model, shape)
+    except KeyError:
+        raise typer.BadParameter(f"unknown model or module {model!r} (not a toolbox module nor a timm model)", param_hint="MODEL_OR_MODULE") from None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--input") from None
+    report = count_flops(module, x)
+    typer.echo(f"{model}: " + type(module).__name__)
+    typer.echo(report.table(depth))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m cbir.toolbox.cli efficientnet_lite0`
+    app = typer.Typer(add_completion=False)
+    app.command()(flops)
+    sys.exit(app())

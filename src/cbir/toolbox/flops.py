@@ -1,0 +1,164 @@
+"""FLOPs, MACs and parameter counts per module, measured with PyTorch's own flop counter.
+
+Convention (stated because papers mix them up):
+
+* **MACs** = multiply-accumulates. A ``k x k`` conv producing ``C_out x H x W`` from
+  ``C_in`` channels costs ``C_out H W C_in k^2 / groups`` MACs; a linear layer ``in x out``.
+* **FLOPs** = 2 x MACs (one multiply + one add), which is what
+  ``torch.utils.flop_counter.FlopCounterMode`` reports. fvcore's ``FlopCountAnalysis`` and
+  most papers' "FLOPs" (e.g. "EfficientNet-B0: 0.39B FLOPs") are really MACs.
+
+Only matmul-like ops are counted (convolutions, linear/matmul/bmm, attention); biases,
+normalisation, activations, pooling and element-wise ops are not, as in fvcore and timm's
+figures. A module called twice is counted twice; counts are for the given batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["FlopReport", "ModuleCost", "count_flops", "format_table", "parse_shape"]
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """One row: a module's qualified name (``""`` = the whole model), type, depth and costs."""
+
+    name: str
+    type: str
+    depth: int
+    params: int
+    flops: int
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates: ``flops // 2``."""
+        return self.flops // 2
+
+
+@dataclass
+class FlopReport:
+    """Per-module costs of one forward pass; ``rows[0]`` is the whole model."""
+
+    input_shapes: list[tuple[int, ...]]
+    rows: list[ModuleCost] = field(default_factory=list)
+
+    @property
+    def total(self) -> ModuleCost:
+        """The whole-model row."""
+        return self.rows[0]
+
+    @property
+    def flops(self) -> int:
+        """Total FLOPs (2 per multiply-accumulate)."""
+        return self.total.flops
+
+    @property
+    def macs(self) -> int:
+        """Total multiply-accumulates."""
+        return self.total.macs
+
+    @property
+    def params(self) -> int:
+        """Total parameter count."""
+        return self.total.params
+
+    def table(self, depth: int = 2) -> str:
+        """The text table down to ``depth`` levels of nesting (see :func:`format_table`)."""
+        return format_table(self, depth)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` (also ``,`` or ``*`` separated) -> ``(1, 3, 224, 224)``."""
+    parts = text.lower().replace("*", "x").replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        raise ValueError(f"bad shape {text!r}: expected e.g. 1x3x224x224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"bad shape {text!r}: expected positive sizes, e.g. 1x3x224x224")
+    return shape
+
+
+def count_flops(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...],
+) -> FlopReport:
+    """Run one forward pass under ``FlopCounterMode`` and collect per-module costs.
+
+    ``inputs``: a tensor, a shape tuple (a random tensor of that shape is used - FLOPs do
+    not depend on values), or a sequence of tensors passed as a single list argument
+    (for the pyramid necks, which take a list of maps). The model runs in eval mode and
+    without gradients; its mode is restored afterwards.
+    """
+    if isinstance(inputs, tuple) and all(isinstance(s, int) for s in inputs):
+        param = next(model.parameters(), None)
+        inputs = torch.randn(inputs, device=param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False, depth=None)
+    try:
+        with torch.no_grad(), counter:
+            model(inputs)
+    finally:
+        model.train(was_training)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    # FlopCounterMode names modules "<RootClass>.<qualified.name>" and the whole run "Global".
+    root = type(model).__name__
+    rows = [ModuleCost("", root, 0, _n_params(model), int(counter.get_total_flops()))]
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        rows.append(
+            ModuleCost(name, type(module).__name__, name.count(".") + 1, _n_params(module), int(counts.get(f"{root}.{name}", 0)))
+        )
+    shapes = [tuple(inputs.shape)] if isinstance(inputs, torch.Tensor) else [tuple(t.shape) for t in inputs]
+    return FlopReport(shapes, rows)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fmt_int(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_table(report: FlopReport, depth: int = 2) -> str:
+    """A plain-text table: module, type, params, GMACs, GFLOPs, share of the total FLOPs.
+
+    Modules nested deeper than ``depth`` are folded into their parents (depth 0 = total
+    only). Rows with neither parameters nor FLOPs (activations, pooling) are left out.
+    """
+    total = max(report.flops, 1)
+    header = ("module", "type", "params", "GMACs", "GFLOPs", "%FLOPs")
+    lines: list[tuple[str, ...]] = [header]
+    for r in report.rows[1:]:
+        if r.depth > depth or (r.params == 0 and r.flops == 0):
+            continue
+        indent = "  " * (r.depth - 1)
+        lines.append((indent + r.name, r.type, _fmt_int(r.params), f"{r.macs / 1e9:.4f}", f"{r.flops / 1e9:.4f}", f"{100 * r.flops / total:.1f}"))
+    t = report.total
+    lines.append(("total", t.type, _fmt_int(t.params), f"{t.macs / 1e9:.4f}", f"{t.flops / 1e9:.4f}", "100.0"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    right = {2, 3, 4, 5}
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    shapes = ", ".join("x".join(map(str, s)) for s in report.input_shapes)
+    out = [fmt(lines[0]), rule, *(fmt(r) for r in lines[1:-1]), rule, fmt(lines[-1])]
+    out.append(
+        f"input {shapes}: {t.flops / 1e9:.3f} GFLOPs = {t.macs / 1e9:.3f} GMACs "
+        f"(FLOPs = 2 x multiply-accumulates; conv/linear/matmul only), {t.params / 1e6:.2f} M params"
+    )
+    return "\n".join(out)

@@ -1,0 +1,150 @@
+"""Receptive field of a stack of conv / pool layers: the formula and an empirical check.
+
+A layer with kernel ``k`` and dilation ``d`` covers ``k_eff = (d - 1)(k - 1) + k`` input
+pixels - the notes' formula for a dilated conv (``d = 2``, ``k = 3`` -> 5). Stacking layers,
+with ``j`` the distance in input pixels between neighbouring units of the current map
+(the product of the strides so far)::
+
+    r_out = r_in + (k_eff - 1) * j_in        j_out = j_in * stride
+
+The notes' second case, "padding" dilated convs where a 3x3 rate-2 conv reaches 7x7 and a
+rate-4 conv 15x15 (``2 (d - 1)(k - 1) + k``), is this recursion applied to the DeepLab
+figure, in which each dilated conv sits on top of the previous ones: 3x3/d1 -> 3, then
+3x3/d2 -> 3 + 4 = 7, then 3x3/d4 -> 7 + 8 = 15.
+
+:func:`empirical_receptive_field` measures it instead: back-propagate from one output
+unit and see which input pixels get a gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerSpec",
+    "RFInfo",
+    "effective_kernel",
+    "empirical_receptive_field",
+    "layers_from_module",
+    "receptive_field",
+]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer along one axis: ``kernel``, ``stride``, ``dilation``, ``padding``
+    (``None`` = "same"-style ``dilation (kernel - 1) // 2``, only used for ``start``)."""
+
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    padding: int | None = None
+
+    @property
+    def effective_kernel(self) -> int:
+        """Input pixels one output unit of this layer alone sees: ``(d - 1)(k - 1) + k``."""
+        return effective_kernel(self.kernel, self.dilation)
+
+    @property
+    def pad(self) -> int:
+        """The padding used for the position of the first unit."""
+        return self.dilation * (self.kernel - 1) // 2 if self.padding is None else self.padding
+
+
+@dataclass(frozen=True)
+class RFInfo:
+    """After a layer: receptive field ``size``, ``jump`` (effective stride in input pixels)
+    and ``start``: the input coordinate of the centre of output unit 0 (pixel centres are
+    integers; may be negative, i.e. inside the padding)."""
+
+    size: int
+    jump: int
+    start: float
+
+
+def effective_kernel(kernel: int, dilation: int = 1) -> int:
+    """``(dilation - 1)(kernel - 1) + kernel``: 3x3 at rates 1, 2, 4 -> 3, 5, 9."""
+    return (dilation - 1) * (kernel - 1) + kernel
+
+
+def receptive_field(layers: Iterable[LayerSpec | tuple[int, ...]]) -> list[RFInfo]:
+    """The receptive field after each layer (``(kernel, stride, dilation[, padding])`` tuples
+    are accepted). ``result[-1].size`` is the receptive field of the whole stack."""
+    size, jump, start = 1, 1, 0.0
+    out: list[RFInfo] = []
+    for layer in layers:
+        spec = layer if isinstance(layer, LayerSpec) else LayerSpec(*layer)
+        k_eff = spec.effective_kernel
+        size += (k_eff - 1) * jump
+        start += ((k_eff - 1) / 2 - spec.pad) * jump
+        jump *= spec.stride
+        out.append(RFInfo(size, jump, start))
+    return out
+
+
+def _first(v: int | Sequence[int]) -> int:
+    return int(v if isinstance(v, int) else v[0])
+
+
+def layers_from_module(model: nn.Module) -> list[LayerSpec]:
+    """The conv / pool layers of ``model`` in registration order, as height-axis specs.
+
+    Valid for plain chains (``nn.Sequential`` of convs, pools, norms and activations);
+    branches and skip connections have no single receptive field this can express.
+    """
+    specs = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), _first(m.padding) if not isinstance(m.padding, str) else None))
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
+            stride = m.stride if m.stride is not None else m.kernel_size
+            specs.append(LayerSpec(_first(m.kernel_size), _first(stride), dil, _first(m.padding)))
+    return specs
+
+
+def _linearise(model: nn.Module) -> nn.Module:
+    """A copy in which every input pixel in the receptive field provably gets a gradient:
+    conv weights 1 and biases 0 (no cancellation), max-pools replaced by average pools
+    (a max-pool passes the gradient to one pixel per window), eval mode."""
+    m = copy.deepcopy(model).eval()
+    for name, child in list(m.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.MaxPool2d):
+                if _first(sub.dilation) != 1:
+                    raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
+                setattr(child, attr, nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode, count_include_pad=True))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.fill_(1.0)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+    return m
+
+
+def empirical_receptive_field(model: nn.Module, input_size: int = 128, channels: int | None = None) -> tuple[int, int]:
+    """Measure ``(height, width)`` of the input region that one central output unit depends on.
+
+    Feeds a ``(1, C, S, S)`` input of ones through a linearised copy (see ``_linearise``),
+    back-propagates from the output unit at the centre of the map (summed over channels)
+    and returns the extent of the non-zero input gradient. Choose ``input_size`` well above
+    the receptive field so that the image border does not clip it.
+    """
+    if channels is None:
+        conv = next((mm for mm in model.modules() if isinstance(mm, nn.Conv2d)), None)
+        channels = conv.in_channels if conv is not None else 1
+    lin = _linearise(model)
+    x = torch.ones(1, channels, input_size, input_size, requires_grad=True)
+    y = lin(x)
+    h, w = y.shape[-2:]
+    y[0, :, h // 2, w // 2].sum().backward()
+    nz = (x.grad[0].abs().sum(0) > 0).nonzero()
+    if nz.numel() == 0:
+        return 0, 0
+    return int(nz[:, 0].max() - nz[:, 0].min() + 1), int(nz[:, 1].max() - nz[:, 1].min() + 1)
