@@ -21,8 +21,10 @@ The FAISS index is derived from the live vectors when first needed (exact inner 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -51,6 +53,8 @@ CREATE INDEX IF NOT EXISTS images_segment ON images(segment);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('generation', 0);
 """
+# What `create` writes before index.json; finding only these means a creation was interrupted.
+CREATION_LEFTOVERS = {"vectors", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "post.npz", ".lock"}
 BUMP = "UPDATE state SET value = value + 1 WHERE key = 'generation'"
 
 
@@ -95,8 +99,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _npy_bytes(x: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x, dtype=np.float32))
     return buf.getvalue()
@@ -126,11 +128,17 @@ class Index:
         root = Path(root)
         if (root / "index.json").exists():
             raise IndexStoreError(f"{root}: an index already exists here")
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-            raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+        if root.exists():
+            found = {p.name for p in root.iterdir()}
+            if found - CREATION_LEFTOVERS:
+                raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+            # A creation killed before index.json was written: nothing was committed, start over.
+            for name in found:
+                p = root / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         (root / "vectors").mkdir(parents=True, exist_ok=True)
         if post_state:
-            buf = __import__("io").BytesIO()
+            buf = io.BytesIO()
             np.savez(buf, **post_state)
             _atomic_write_bytes(root / "post.npz", buf.getvalue())
         con = sqlite3.connect(root / "catalog.sqlite")
