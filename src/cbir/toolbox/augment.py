@@ -136,7 +136,9 @@ def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
             continue
         v = np.asarray(out[key])
         if key in meta["tensor"]:
-            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(device=meta["device"][key], dtype=meta["dtype"][key])
+            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(
+                device=meta["device"][key], dtype=meta["dtype"][key]
+            )
         elif key in meta["dtype"]:
             out[key] = v.astype(meta["dtype"][key], copy=False)
         elif "boxes" in meta["tensor"]:  # a per-box value created here (MixUp's weights)
@@ -281,8 +283,21 @@ class ColorJitter(Transform):
     """Random brightness, contrast, saturation (factors in ``[1 - x, 1 + x]``) and hue
     (shift in ``[-hue, hue]`` turns), applied in a random order as torchvision does."""
 
-    def __init__(self, brightness: float = 0.3, contrast: float = 0.3, saturation: float = 0.3, hue: float = 0.015, p: float = 1.0) -> None:
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
+    def __init__(
+        self,
+        brightness: float = 0.3,
+        contrast: float = 0.3,
+        saturation: float = 0.3,
+        hue: float = 0.015,
+        p: float = 1.0,
+    ) -> None:
+        self.brightness, self.contrast, self.saturation, self.hue, self.p = (
+            brightness,
+            contrast,
+            saturation,
+            hue,
+            p,
+        )
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
         if rng.random() >= self.p:
@@ -354,7 +369,16 @@ def _warp_affine(
     cval = float(fill) * work["_range"]
     work["image"] = np.stack(
         [
-            ndimage.affine_transform(img[..., c], m_rc, offset=offset, output_shape=out_hw, order=1, mode="constant", cval=cval, prefilter=False)
+            ndimage.affine_transform(
+                img[..., c],
+                m_rc,
+                offset=offset,
+                output_shape=out_hw,
+                order=1,
+                mode="constant",
+                cval=cval,
+                prefilter=False,
+            )
             for c in range(img.shape[-1])
         ],
         -1,
@@ -362,7 +386,9 @@ def _warp_affine(
     if "mask" in work:
         m = work["mask"]
         src = m.astype(np.int64) if m.dtype == bool else m
-        warped = ndimage.affine_transform(src, m_rc, offset=offset, output_shape=out_hw, order=0, mode="constant", cval=mask_fill)
+        warped = ndimage.affine_transform(
+            src, m_rc, offset=offset, output_shape=out_hw, order=0, mode="constant", cval=mask_fill
+        )
         work["mask"] = warped.astype(m.dtype)
     b = work["boxes"]
     if len(b):
@@ -373,7 +399,9 @@ def _warp_affine(
     return work
 
 
-def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int) -> Sample:
+def _translate(
+    work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int
+) -> Sample:
     """Place the image at integer offset ``(dx, dy)`` on an ``out_hw`` canvas (exact, no
     resampling); boxes shift with it and are not clipped (callers clip to their region)."""
     h, w = _hw(work)
@@ -461,7 +489,14 @@ class RandomCrop(Transform, _BoxFilter):
         fill: float = 0.0,
         mask_fill: int = 0,
     ) -> None:
-        self.size, self.scale, self.ratio, self.p, self.fill, self.mask_fill = size, scale, ratio, p, fill, mask_fill
+        self.size, self.scale, self.ratio, self.p, self.fill, self.mask_fill = (
+            size,
+            scale,
+            ratio,
+            p,
+            fill,
+            mask_fill,
+        )
 
     def _window(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         if self.size is not None:
@@ -510,14 +545,18 @@ class RandomRotation(Transform, _BoxFilter):
         rot = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
         to_c = np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
         back = np.array([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
-        return _warp_affine(work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size, self.min_visibility)
+        return _warp_affine(
+            work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size, self.min_visibility
+        )
 
 
 # --------------------------------------------------------------------------------------
 # Occlusion: pixels only. The occluded object is still there, so boxes and mask stay.
 
 
-def _fill_value(work: Sample, fill: float | str | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | float:
+def _fill_value(
+    work: Sample, fill: float | str | None, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray | float:
     vmax = work["_range"]
     if fill == "random":
         return rng.uniform(0.0, vmax, shape).astype(np.float32)
@@ -573,7 +612,9 @@ class Cutout(Transform):
             cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
             y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
             x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
-            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, (y1 - y0, x1 - x0, work["image"].shape[-1]), rng)
+            work["image"][y0:y1, x0:x1] = _fill_value(
+                work, self.fill, (y1 - y0, x1 - x0, work["image"].shape[-1]), rng
+            )
         return work
 
 
@@ -583,7 +624,12 @@ class HideAndSeek(Transform):
     ``p_hide``, filling with the mean (the paper uses the dataset mean so hidden patches
     match the statistics a conv sees at test time)."""
 
-    def __init__(self, grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), p_hide: float = 0.5, fill: float | str | None = "mean") -> None:
+    def __init__(
+        self,
+        grid_sizes: Sequence[int] = (0, 16, 32, 44, 56),
+        p_hide: float = 0.5,
+        fill: float | str | None = "mean",
+    ) -> None:
         self.grid_sizes, self.p_hide, self.fill = tuple(grid_sizes), p_hide, fill
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
@@ -654,7 +700,9 @@ class GridMask(Transform):
 
 def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Concatenate boxes and per-box values of ``parts``; ``weights`` multiply ``"weights"``."""
-    out: dict[str, np.ndarray] = {"boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)}
+    out: dict[str, np.ndarray] = {
+        "boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)
+    }
     for key in PER_BOX_KEYS:
         present = [key in p for p in parts]
         if all(present):
@@ -669,7 +717,10 @@ def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = Non
 
 def _same_size(a: Sample, b: Sample, name: str) -> None:
     if a["image"].shape != b["image"].shape:
-        raise ValueError(f"{name} needs images of the same size and channels, got {a['image'].shape} and {b['image'].shape}; resize or crop first")
+        raise ValueError(
+            f"{name} needs images of the same size and channels, got {a['image'].shape} and "
+            f"{b['image'].shape}; resize or crop first"
+        )
 
 
 class MixUp:
@@ -734,7 +785,9 @@ class CutMix:
         _select_boxes(wa, area_a - ix * iy >= self.min_visibility * np.maximum(area_a, 1e-9))
         # b's boxes: only their part inside the rectangle is in the picture.
         if x1 > x0 and y1 > y0:
-            _clip_filter(wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size, self.min_visibility)
+            _clip_filter(
+                wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size, self.min_visibility
+            )
         else:
             _select_boxes(wb, np.zeros(len(wb["boxes"]), bool))
         wa.update(_concat_boxes([wa, wb]))
@@ -754,7 +807,14 @@ class Mosaic(_BoxFilter):
     takes the first sample's types.
     """
 
-    def __init__(self, output_size: tuple[int, int] = (640, 640), fill: float = YOLO_GREY, mask_fill: int = 0, min_size: float = 2.0, min_visibility: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size: tuple[int, int] = (640, 640),
+        fill: float = YOLO_GREY,
+        mask_fill: int = 0,
+        min_size: float = 2.0,
+        min_visibility: float = 0.1,
+    ) -> None:
         self.output_size, self.fill, self.mask_fill = tuple(output_size), fill, mask_fill
         self.min_size, self.min_visibility = min_size, min_visibility
 
@@ -787,7 +847,13 @@ class Mosaic(_BoxFilter):
             area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill)
             qx0, qy0, qx1, qy1 = quads[k]
-            _clip_filter(work, (float(qx0), float(qy0), float(qx1), float(qy1)), area, self.min_size, self.min_visibility)
+            _clip_filter(
+                work,
+                (float(qx0), float(qy0), float(qx1), float(qy1)),
+                area,
+                self.min_size,
+                self.min_visibility,
+            )
             if canvas is None:
                 canvas = np.full_like(work["image"], self.fill * work["_range"])
             canvas[qy0:qy1, qx0:qx1] = work["image"][qy0:qy1, qx0:qx1]

@@ -115,7 +115,13 @@ def count_flops(
         if not name:
             continue
         rows.append(
-            ModuleCost(name, type(module).__name__, name.count(".") + 1, _n_params(module), int(counts.get(f"{root}.{name}", 0)))
+            ModuleCost(
+                name,
+                type(module).__name__,
+                name.count(".") + 1,
+                _n_params(module),
+                int(counts.get(f"{root}.{name}", 0)),
+            )
         )
     shapes = [tuple(inputs.shape)] if isinstance(inputs, torch.Tensor) else [tuple(t.shape) for t in inputs]
     return FlopReport(shapes, rows)
@@ -133,32 +139,48 @@ def _fmt_int(n: int) -> str:
 
 
 def format_table(report: FlopReport, depth: int = 2) -> str:
-    """A plain-text table: module, type, params, GMACs, GFLOPs, share of the total FLOPs.
+    """A plain-text table: module, type, params, MACs, FLOPs, share of the total FLOPs.
 
-    Modules nested deeper than ``depth`` are folded into their parents (depth 0 = total
-    only). Rows with neither parameters nor FLOPs (activations, pooling) are left out.
+    Costs are in G (1e9) - in M (1e6) when the total is under 0.1 GFLOPs, so small blocks
+    stay readable. Modules nested deeper than ``depth`` are folded into their parents
+    (depth 0 = total only). Rows with neither parameters nor FLOPs (activations, pooling)
+    are left out.
     """
+    t = report.total
     total = max(report.flops, 1)
-    header = ("module", "type", "params", "GMACs", "GFLOPs", "%FLOPs")
+    unit, div = ("G", 1e9) if t.flops >= 1e8 else ("M", 1e6)
+    header = ("module", "type", "params", f"{unit}MACs", f"{unit}FLOPs", "%FLOPs")
     lines: list[tuple[str, ...]] = [header]
     for r in report.rows[1:]:
         if r.depth > depth or (r.params == 0 and r.flops == 0):
             continue
         indent = "  " * (r.depth - 1)
-        lines.append((indent + r.name, r.type, _fmt_int(r.params), f"{r.macs / 1e9:.4f}", f"{r.flops / 1e9:.4f}", f"{100 * r.flops / total:.1f}"))
-    t = report.total
-    lines.append(("total", t.type, _fmt_int(t.params), f"{t.macs / 1e9:.4f}", f"{t.flops / 1e9:.4f}", "100.0"))
+        lines.append(
+            (
+                indent + r.name,
+                r.type,
+                _fmt_int(r.params),
+                f"{r.macs / div:.4f}",
+                f"{r.flops / div:.4f}",
+                f"{100 * r.flops / total:.1f}",
+            )
+        )
+    lines.append(
+        ("total", t.type, _fmt_int(t.params), f"{t.macs / div:.4f}", f"{t.flops / div:.4f}", "100.0")
+    )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     right = {2, 3, 4, 5}
 
     def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     shapes = ", ".join("x".join(map(str, s)) for s in report.input_shapes)
     out = [fmt(lines[0]), rule, *(fmt(r) for r in lines[1:-1]), rule, fmt(lines[-1])]
     out.append(
-        f"input {shapes}: {t.flops / 1e9:.3f} GFLOPs = {t.macs / 1e9:.3f} GMACs "
-        f"(FLOPs = 2 x multiply-accumulates; conv/linear/matmul only), {t.params / 1e6:.2f} M params"
+        f"input {shapes}: {t.flops / div:.3f} {unit}FLOPs = {t.macs / div:.3f} {unit}MACs "
+        f"(FLOPs = 2 x multiply-accumulates; conv/linear/matmul only), {_fmt_int(t.params)} params"
     )
     return "\n".join(out)

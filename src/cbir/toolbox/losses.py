@@ -109,11 +109,24 @@ def softmax_focal_loss(
 class FocalLoss(nn.Module):
     """Focal loss module: ``mode="binary"`` (sigmoid, per element) or ``"multiclass"`` (softmax)."""
 
-    def __init__(self, mode: str = "binary", alpha: float | torch.Tensor | None = 0.25, gamma: float = 2.0, reduction: str = "mean", ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        mode: str = "binary",
+        alpha: float | torch.Tensor | None = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+    ) -> None:
         super().__init__()
         if mode not in ("binary", "multiclass"):
             raise ValueError("mode must be 'binary' or 'multiclass'")
-        self.mode, self.alpha, self.gamma, self.reduction, self.ignore_index = mode, alpha, gamma, reduction, ignore_index
+        self.mode, self.alpha, self.gamma, self.reduction, self.ignore_index = (
+            mode,
+            alpha,
+            gamma,
+            reduction,
+            ignore_index,
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mode == "binary":
@@ -190,7 +203,9 @@ def dice_loss(
 class DiceLoss(nn.Module):
     """Module form of :func:`dice_loss`."""
 
-    def __init__(self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True, reduction: str = "mean") -> None:
+    def __init__(
+        self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True, reduction: str = "mean"
+    ) -> None:
         super().__init__()
         self.mode, self.smooth, self.from_logits, self.reduction = mode, smooth, from_logits, reduction
 

@@ -100,7 +100,14 @@ def layers_from_module(model: nn.Module) -> list[LayerSpec]:
     specs = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), _first(m.padding) if not isinstance(m.padding, str) else None))
+            specs.append(
+                LayerSpec(
+                    _first(m.kernel_size),
+                    _first(m.stride),
+                    _first(m.dilation),
+                    _first(m.padding) if not isinstance(m.padding, str) else None,
+                )
+            )
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
             stride = m.stride if m.stride is not None else m.kernel_size
@@ -118,7 +125,17 @@ def _linearise(model: nn.Module) -> nn.Module:
             if isinstance(sub, nn.MaxPool2d):
                 if _first(sub.dilation) != 1:
                     raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
-                setattr(child, attr, nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode, count_include_pad=True))
+                setattr(
+                    child,
+                    attr,
+                    nn.AvgPool2d(
+                        sub.kernel_size,
+                        sub.stride,
+                        sub.padding,
+                        ceil_mode=sub.ceil_mode,
+                        count_include_pad=True,
+                    ),
+                )
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Conv2d):
@@ -128,13 +145,17 @@ def _linearise(model: nn.Module) -> nn.Module:
     return m
 
 
-def empirical_receptive_field(model: nn.Module, input_size: int = 128, channels: int | None = None) -> tuple[int, int]:
+def empirical_receptive_field(
+    model: nn.Module, input_size: int = 128, channels: int | None = None
+) -> tuple[int, int]:
     """Measure ``(height, width)`` of the input region that one central output unit depends on.
 
     Feeds a ``(1, C, S, S)`` input of ones through a linearised copy (see ``_linearise``),
     back-propagates from the output unit at the centre of the map (summed over channels)
     and returns the extent of the non-zero input gradient. Choose ``input_size`` well above
-    the receptive field so that the image border does not clip it.
+    the receptive field so that the image border does not clip it. ``channels`` defaults
+    to the input channels of the first ``Conv2d`` registered in ``model`` - pass it for
+    models whose first registered conv is not the first applied.
     """
     if channels is None:
         conv = next((mm for mm in model.modules() if isinstance(mm, nn.Conv2d)), None)

@@ -58,7 +58,9 @@ class ChannelAttention(nn.Module):
         super().__init__()
         hidden = _hidden(channels, reduction, min_channels)
         self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False)
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,9 @@ class CBAM(nn.Module):
     ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8
+    ) -> None:
         super().__init__()
         self.channel = ChannelAttention(channels, reduction, min_channels)
         self.spatial = SpatialAttention(channels, kernel_size)
@@ -141,5 +145,3 @@ class ECA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return x * self.gate(x)
-
-

@@ -67,8 +67,14 @@ class ConvBnAct(nn.Sequential):
         padding = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2)
         super().__init__()
         self.conv = nn.Conv2d(
-            in_channels, out_channels, (kh, kw), stride=stride, padding=padding,
-            dilation=dilation, groups=groups, bias=not bn,
+            in_channels,
+            out_channels,
+            (kh, kw),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=not bn,
         )
         self.bn = nn.BatchNorm2d(out_channels) if bn else nn.Identity()
         self.act = make_act(act)

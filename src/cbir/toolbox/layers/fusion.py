@@ -83,7 +83,9 @@ class PAN(nn.Module):
         self.fpn = FPN(in_channels, out_channels)
         self.down = nn.ModuleList(ConvBnAct(out_channels, out_channels, 3, stride=2) for _ in range(n - 1))
         self.merge = nn.ModuleList(
-            ConvBnAct(out_channels * (2 if fuse == "concat" else 1), out_channels, 1 if fuse == "concat" else 3)
+            ConvBnAct(
+                out_channels * (2 if fuse == "concat" else 1), out_channels, 1 if fuse == "concat" else 3
+            )
             for _ in range(n - 1)
         )
 
@@ -145,7 +147,9 @@ class BiFPN(nn.Module):
     ``[(B, C_i, H_i, W_i)] -> [(B, channels, H_i, W_i)]``.
     """
 
-    def __init__(self, in_channels: Sequence[int] | int, channels: int | None = None, n_levels: int | None = None) -> None:
+    def __init__(
+        self, in_channels: Sequence[int] | int, channels: int | None = None, n_levels: int | None = None
+    ) -> None:
         super().__init__()
         if isinstance(in_channels, int):
             in_channels = [in_channels] * (n_levels or 5)

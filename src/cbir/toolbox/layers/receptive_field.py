@@ -179,7 +179,9 @@ class RFB(_RFBase):
         super().__init__(in_channels, out_channels, 6 * c, scale)
         self.branches = nn.ModuleList(
             [
-                nn.Sequential(ConvBnAct(in_channels, 2 * c, 1), ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)),
+                nn.Sequential(
+                    ConvBnAct(in_channels, 2 * c, 1), ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)
+                ),
                 nn.Sequential(
                     ConvBnAct(in_channels, c, 1),
                     ConvBnAct(c, 2 * c, 3),
@@ -225,10 +227,14 @@ class RFBs(_RFBase):
             [
                 nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
                 nn.Sequential(
-                    ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (3, 1)), ConvBnAct(c, c, 3, dilation=r1, act=None)
+                    ConvBnAct(in_channels, c, 1),
+                    ConvBnAct(c, c, (3, 1)),
+                    ConvBnAct(c, c, 3, dilation=r1, act=None),
                 ),
                 nn.Sequential(
-                    ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (1, 3)), ConvBnAct(c, c, 3, dilation=r1, act=None)
+                    ConvBnAct(in_channels, c, 1),
+                    ConvBnAct(c, c, (1, 3)),
+                    ConvBnAct(c, c, 3, dilation=r1, act=None),
                 ),
                 nn.Sequential(
                     ConvBnAct(in_channels, half, 1),
