@@ -122,8 +122,9 @@ def _iou_terms(b1: Tensor, b2: Tensor, eps: float) -> dict[str, Tensor]:
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = area1 + area2 - inter
-    # eps keeps the gradient finite for touching/degenerate boxes (0/0), as torchvision's losses.
-    iou = inter / (union + eps)
+    # eps as torchvision's losses (so values agree to rounding); a zero union (two degenerate
+    # boxes, inter = 0 too) divides by 1 instead: IoU 0 with a finite gradient, never NaN.
+    iou = inter / torch.where(union > 0, union + eps, torch.ones_like(union))
     enc_lt = torch.minimum(b1[..., :2], b2[..., :2])
     enc_rb = torch.maximum(b1[..., 2:], b2[..., 2:])
     enc_wh = (enc_rb - enc_lt).clamp(min=0)
@@ -157,8 +158,7 @@ def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tens
     Pairs with zero union (two degenerate boxes) get 0 rather than NaN.
     """
     b1, b2 = _pair(boxes1, boxes2, elementwise)
-    t = _iou_terms(b1, b2, eps)
-    return torch.where(t["union"] > 0, t["iou"], torch.zeros_like(t["iou"]))
+    return _iou_terms(b1, b2, eps)["iou"]
 
 
 def box_giou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:
@@ -231,7 +231,7 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
 # ---------------------------------------------------------------- NMS
 
 
-def _sorted_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
+def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
     b = _as_boxes(boxes).detach()
     s = as_tensor(scores).detach().to(b.dtype)
     if s.shape != b.shape[:1]:
@@ -267,7 +267,7 @@ def nms(boxes, scores, iou_threshold: float) -> Tensor:
 
     boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score.
     """
-    b, s = _sorted_inputs(boxes, scores)
+    b, s = _nms_inputs(boxes, scores)
     if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device)
     return _greedy(box_iou(b, b), _descending(s), iou_threshold)
@@ -279,7 +279,7 @@ def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
 
     boxes (N,4) xyxy, scores (N,) -> kept indices (K,), by decreasing score.
     """
-    b, s = _sorted_inputs(boxes, scores)
+    b, s = _nms_inputs(boxes, scores)
     if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device)
     return _greedy(box_diou(b, b, eps=0.0), _descending(s), iou_threshold)
@@ -301,7 +301,7 @@ def soft_nms(
     boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)) in selection order,
     which is decreasing decayed score.
     """
-    b, s = _sorted_inputs(boxes, scores)
+    b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
     n = b.shape[0]
@@ -331,7 +331,7 @@ def soft_nms(
 
 def _per_class(fn: Callable, boxes, scores, idxs, **kwargs) -> tuple[Tensor, Tensor]:
     """Run a single-class NMS per class of ``idxs`` and merge by decreasing (final) score."""
-    b, s = _sorted_inputs(boxes, scores)
+    b, s = _nms_inputs(boxes, scores)
     labels = as_tensor(idxs).long()
     keep_all, score_all = [torch.zeros(0, dtype=torch.long, device=b.device)], [s.new_zeros(0)]
     for c in torch.unique(labels):

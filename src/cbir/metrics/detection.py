@@ -364,7 +364,8 @@ class DetectionMAP:
                 out[f"mar_{max_det}"] = mean(ar[:, 0, :, m])
             for a, name in enumerate(area_names[1:], start=1):
                 out[f"mar_{name}"] = mean(ar[:, a, :, last])
-            out[f"mar_{self.max_dets[-1]}_per_class"] = np.array([mean(ar[k, 0, :, last]) for k in range(classes.size)])
+            per_class = [mean(ar[k, 0, :, last]) for k in range(classes.size)]
+            out[f"mar_{self.max_dets[-1]}_per_class"] = np.array(per_class)
         return out
 
 
