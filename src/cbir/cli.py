@@ -24,11 +24,11 @@ app = typer.Typer(
 
 PipelineOpt = Annotated[
     Optional[str],
-    typer.Option("--pipeline", "-p", help="Pipeline string, e.g. 'efficientnet_lite0/bn2,long512,GeM3,L2' (see `cbir pipelines`)."),
+    typer.Option("--pipeline", "-p", help="Pipeline string, e.g. 'efficientnet_lite0/bn2,long384,GeM3,L2' (see `cbir pipelines`)."),
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU) or torch.")]
-FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps on.")]
+FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps, vocabularies and layer weights on (a benchmark folder or a folder per class labels them, for Wlearn).")]
 
 
 def _fail(message: str) -> None:
@@ -105,19 +105,33 @@ def models() -> None:
 @app.command()
 def pipelines() -> None:
     """Explain the pipeline-string vocabulary: backbone/layer, input size, pooling, post-processing."""
+    from cbir.local import ENCODERS
     from cbir.pipeline import DEFAULT_PIPELINE
     from cbir.pooling import POOLINGS
     from cbir.postprocess import POSTPROCESS
 
     typer.echo(f"default: {DEFAULT_PIPELINE}\n")
     typer.echo("backbone[/layer]   a name from `cbir models`, or timm:<model>; layer 'head' = the backbone's own pooled feature")
+    typer.echo("                   layer a+b taps several layers, fused by a W<wa>-<wb> (or Wlearn) step")
     typer.echo("input              long<S> (longer side to S, aspect kept) | crop<S> (shorter side to S, centre crop)")
+    typer.echo("scales (optional)  MS<n> (1, 1/sqrt2, 1/2, ...) | scales<a>-<b>-... ; merged as the pooling requires")
+    typer.echo("regions (optional) regions:sliding<L> | regions:proposals<N> [@size]: each region through the network,")
+    typer.echo("                   then an encoder after the pooling:")
+    for name, (_, summary) in ENCODERS.items():
+        typer.echo(f"  {name:16s} {summary}")
     typer.echo("pooling:")
     for name, m in POOLINGS.items():
         typer.echo(f"  {name + (f'<{m.param}>' if m.param else ''):16s} {m.summary}")
     typer.echo("post-processing (in order):")
-    for prefix, (_, _, summary) in POSTPROCESS.items():
+    for prefix, (_, _, summary, *_) in POSTPROCESS.items():
         typer.echo(f"  {prefix:16s} {summary}")
+    typer.echo("re-ranking (last; search time, not part of an index's identity):")
+    for token, summary in (("QE<k>", "average query expansion over the top k"),
+                           ("aQE<k>a<alpha>", "alpha query expansion, neighbours weighted by sim^alpha"),
+                           ("DBA<k>[a<alpha>]", "database-side augmentation with the top k"),
+                           ("KRR<k1>[-k2-lam]", "k-reciprocal re-ranking (Jaccard + original distance)"),
+                           ("DIFF<k>[a<alpha>]", "diffusion on the mutual k-NN graph")):
+        typer.echo(f"  {token:16s} {summary}")
 
 
 @app.command()
@@ -153,12 +167,14 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: {results: [{path, score}], ms}.")] = False,
     weights: WeightsOpt = None,
     engine: EngineOpt = "onnx",
+    rerank: Annotated[Optional[str], typer.Option("--rerank", help="Re-ranking steps, e.g. 'QE5', 'DBA5,aQE10a3', 'KRR20', 'DIFF10' (see `cbir pipelines`).")] = None,
 ) -> None:
     """Search an index with an example image; print ranked paths and scores."""
-    from cbir.index import Searcher
+    from cbir.index import Index, Searcher
 
     box = _parse_bbox(bbox)
-    searcher = Searcher(index_dir, weights, engine)
+    pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
+    searcher = Searcher(index_dir, weights, engine, pipeline=pipeline)
     t0 = time.perf_counter()
     hits = searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
@@ -188,14 +204,13 @@ def eval_(
     """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark."""
     from cbir.datasets import load_benchmark
     from cbir.evaluation import evaluate
-    from cbir.images import list_images
-    from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
+    from cbir.pipeline import DEFAULT_PIPELINE, Extractor, fit_set, resolve_spec
 
     bench = load_benchmark(dataset_dir)
     extractor = Extractor(resolve_spec(pipeline or DEFAULT_PIPELINE, weights), weights, engine)
-    fit = list_images(fit_on) if fit_on else None
+    fit, labels = fit_set(fit_on) if fit_on else (None, None)
     result = evaluate(bench, extractor, crop=not no_crop, fit_on=fit, warn=_warn,
-                      progress=None if as_json else _progress())
+                      progress=None if as_json else _progress(), fit_labels=labels)
     if plot:
         result.plot(plot)
     if per_query:

@@ -2,25 +2,46 @@
 
 The string reads left to right in the order the data flows, like a faiss factory string::
 
-    efficientnet_lite0/bn2,long512,GeM3,L2
+    efficientnet_lite0/bn2,long384,GeM3,L2
     ^backbone         ^layer ^input ^pooling ^post-processing steps...
+
+    efficientnet_lite0/blocks.5+bn2,long512,MS3,GeM3,W0.3-0.7,PCAW64,L2,DBA5,aQE5a3
+    ^several layers, fused         ^scales  ^pool ^weights ^post   ^re-ranking
+
+    efficientnet_lite0/head,long512,regions:sliding3,VLAD32,L2
+    ^region descriptors             ^regions         ^encoder
 
 - backbone: a registered name (``cbir models``) or ``timm:<model>``; ``/layer`` is optional
   (the backbone's default). ``head`` is the backbone's own pooled global feature and takes
-  no pooling token.
+  no pooling token; ``logits`` is its classifier output. ``/a+b`` taps several layers: each is
+  pooled and L2-normalised, and a fusion step ``W<w_a>-<w_b>`` (or ``Wlearn``, learned from a
+  labelled set) must come first among the post-processing steps.
 - input: ``long<S>`` (longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop).
-- pooling: ``SUM``, ``AVE``, ``MAX``, ``GeM<p>`` (see `cbir.pooling`).
-- post-processing: ``L2``, ``POW<a>``, ``PCA<k>``, ``PCAW<k>`` (see `cbir.postprocess`);
-  PCA steps are learned (``fit``) on a separate image set and saved with the index.
+- scales (optional): ``MS<n>`` runs the network at scales 1, 1/sqrt2, 1/2, ... (n of them), or
+  ``scales1-0.7-0.5`` at the listed ones; the per-scale descriptors merge as the pooling
+  requires (GeM: power mean with its p; MAX, SPP: max; others: mean).
+- regions (optional): ``regions:sliding<L>`` or ``regions:proposals<N>`` [``@<size>``]: each
+  region goes through the network; an encoder ``BoW<k>`` / ``VLAD<k>`` / ``FV<k>`` follows the
+  pooling (see `cbir.local`).
+- pooling: ``SUM``, ``AVE``, ``MAX``, ``GeM<p>``, ``RMAC<L>``, ``SPP``, ``CroW``, ``SCDA``,
+  ``CAM<k>`` (see `cbir.pooling`).
+- post-processing: ``L2``, ``POW<a>``, ``PCA<k>``, ``PCAW<k>``, ``PCAWR<k>``, ``PCAWS<k>``,
+  ``W...`` (see `cbir.postprocess`); learned steps (PCA, vocabularies, ``Wlearn``) are fitted
+  (``fit``) on a separate image set and saved with the index.
+- re-ranking (last): ``QE<k>``, ``aQE<k>a<alpha>``, ``DBA<k>``, ``KRR<k1>``, ``DIFF<k>`` (see
+  `cbir.rerank`). They act at search time on the database vectors, so they are not part of
+  the descriptor's identity: an index built without them can be searched with them.
 
-The string plus the weights' hash identify the descriptor: an index refuses queries from a
-pipeline whose identity differs. The engine (onnx / torch) is not part of it: both compute the
-same function to ~1e-5.
+The string (less its re-ranking steps) plus the weights' hash identify the descriptor: an
+index refuses queries from a pipeline whose identity differs. The engine (onnx / torch) is
+not part of it: both compute the same function to ~1e-5.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +50,59 @@ import numpy as np
 import torch
 
 from cbir.images import ImageError, Resize, batches_by_shape, open_image, to_array
+from cbir.local import LocalEncoder, RegionSpec, parse_encoder, parse_regions
+from cbir.local.regions import crop_and_warp
 from cbir.models import BackboneError, create_engine, get_backbone
 from cbir.models.backbones import VECTOR_LAYERS
-from cbir.pooling import PoolingMethod, parse_pooling, pool
-from cbir.postprocess import Transform, parse_postprocess
+from cbir.pooling import PoolingMethod, combine_scales, parse_pooling, pool
+from cbir.postprocess import LayerFusion, Transform, parse_postprocess
+from cbir.rerank import Reranker, check_order, parse_rerank
 
-DEFAULT_PIPELINE = "efficientnet_lite0/bn2,long512,GeM3,L2"
+DEFAULT_PIPELINE = "efficientnet_lite0/bn2,long384,GeM3,L2"
 
 
 class PipelineError(ValueError):
     """A pipeline string or option that cannot be used; the message says which part."""
 
 
+_MS = re.compile(r"MS(\d)")
+_SCALES = re.compile(r"scales(\d*\.?\d+(?:-\d*\.?\d+)*)")
+
+
+def parse_scales(token: str) -> tuple[float, ...] | None:
+    """``"MS3"`` -> (1, 1/sqrt2, 1/2); ``"scales1-0.5"`` -> (1, 0.5); not a scales token -> None."""
+    if m := _MS.fullmatch(token):
+        n = int(m.group(1))
+        if not 1 <= n <= 6:
+            raise ValueError(f"{token!r}: MS<n> takes 1..6 scales")
+        return tuple(2.0 ** (-i / 2) for i in range(n))
+    if m := _SCALES.fullmatch(token):
+        scales = tuple(float(v) for v in m.group(1).split("-"))
+        if not all(0.1 <= s <= 4 for s in scales):
+            raise ValueError(f"{token!r}: scales must be within 0.1..4")
+        return scales
+    return None
+
+
+# The stages of a pipeline string, in the order they must appear.
+_STAGES = ("input", "scales", "regions", "pooling", "encoder", "post", "rerank")
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     backbone: str
-    layer: str
+    layer: str  # one layer, or several joined by "+"
     resize: Resize
     pooling: str | None  # the pooling token as written, e.g. "GeM3"
     post: tuple[str, ...] = ()
+    scales: str | None = None  # e.g. "MS3"
+    regions: str | None = None  # e.g. "regions:sliding3"
+    encoder: str | None = None  # e.g. "VLAD32"
+    rerank: tuple[str, ...] = ()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.layer.split("+")) if self.layer else ()
 
     @classmethod
     def parse(cls, text: str) -> "PipelineSpec":
@@ -57,35 +112,83 @@ class PipelineSpec:
         backbone, _, layer = tokens[0].partition("/")
         if backbone.startswith("timm:") is False and ":" in backbone:
             raise PipelineError(f"bad backbone {backbone!r}")
-        resize, pooling, post = None, None, []
+        found: dict[str, list[str]] = {s: [] for s in _STAGES}
+        last = -1
         for tok in tokens[1:]:
             try:
-                if (r := Resize.parse(tok)) is not None:
-                    if resize or pooling or post:
-                        raise PipelineError(f"input size {tok!r} must come right after the backbone")
-                    resize = r
-                elif parse_pooling(tok) is not None:
-                    if pooling or post:
-                        raise PipelineError(f"pooling {tok!r} must come before post-processing and only once")
-                    pooling = tok
-                elif parse_postprocess(tok) is not None:
-                    post.append(tok)
-                else:
-                    raise PipelineError(
-                        f"unknown pipeline step {tok!r} in {text!r}; see `cbir pipelines` for the vocabulary"
-                    )
+                stage = _stage_of(tok)
             except ValueError as e:
                 raise PipelineError(str(e)) from None
-        if resize is None:
+            if stage is None:
+                raise PipelineError(
+                    f"unknown pipeline step {tok!r} in {text!r}; see `cbir pipelines` for the vocabulary"
+                )
+            i = _STAGES.index(stage)
+            if i < last or (i == last and stage not in ("post", "rerank")):
+                what = "input size" if stage == "input" else stage
+                order = " -> ".join(_STAGES)
+                raise PipelineError(f"{what} step {tok!r} is out of place or repeated; the order is: backbone -> {order}")
+            last = i
+            found[stage].append(tok)
+        if not found["input"]:
             raise PipelineError(f"pipeline {text!r} needs an input size, e.g. long512 or crop224")
-        layer = layer or ""
-        if layer in VECTOR_LAYERS and pooling:
-            raise PipelineError(f"layer {layer!r} is already a vector: drop the pooling step {pooling!r}")
-        return cls(backbone, layer, resize, pooling, tuple(post))
+        one = {s: (found[s][0] if found[s] else None) for s in ("scales", "regions", "pooling", "encoder")}
+        spec = cls(backbone, layer or "", Resize.parse(found["input"][0]), one["pooling"], tuple(found["post"]),
+                   one["scales"], one["regions"], one["encoder"], tuple(found["rerank"]))
+        spec._check()
+        return spec
+
+    def _check(self) -> None:
+        layers = self.layers
+        if layers and all(la in VECTOR_LAYERS for la in layers) and self.pooling:
+            raise PipelineError(f"layer {self.layer!r} is already a vector: drop the pooling step {self.pooling!r}")
+        fusion = parse_postprocess(self.post[0]) if self.post else None
+        if len(layers) > 1:
+            if not isinstance(fusion, LayerFusion):
+                raise PipelineError(f"{len(layers)} layers ({self.layer}) need a fusion step first after the pooling: "
+                                    f"W<w1>-<w2>..., e.g. W{'-'.join(['0.5'] * len(layers))}, or Wlearn")
+            if fusion.weights is not None and len(fusion.weights) != len(layers):
+                raise PipelineError(f"{self.post[0]!r} gives {len(fusion.weights)} weights for {len(layers)} layers")
+        if any(isinstance(parse_postprocess(t), LayerFusion) for t in self.post[1:]) or (
+                isinstance(fusion, LayerFusion) and len(layers) < 2):
+            raise PipelineError("a fusion step W... goes right after the pooling of a pipeline with several layers (a+b)")
+        if (self.regions is None) != (self.encoder is None):
+            raise PipelineError("region steps come in pairs: regions:sliding<L> or regions:proposals<N>, "
+                                "then (after the pooling) an encoder BoW<k>, VLAD<k> or FV<k>")
+        if self.regions and (len(layers) > 1 or self.scales):
+            raise PipelineError("region pipelines take one layer and one scale")
+        try:
+            check_order([parse_rerank(t) for t in self.rerank])
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
 
     def __str__(self) -> str:
+        return self.descriptor + ("," + ",".join(self.rerank) if self.rerank else "")
+
+    @property
+    def descriptor(self) -> str:
+        """The string less its re-ranking steps: what identifies the stored descriptors."""
         head = f"{self.backbone}/{self.layer}" if self.layer else self.backbone
-        return ",".join([head, str(self.resize)] + ([self.pooling] if self.pooling else []) + list(self.post))
+        parts = [head, str(self.resize), self.scales, self.regions, self.pooling, self.encoder, *self.post]
+        return ",".join(p for p in parts if p)
+
+
+def _stage_of(tok: str) -> str | None:
+    if Resize.parse(tok) is not None:
+        return "input"
+    if parse_scales(tok) is not None:
+        return "scales"
+    if parse_regions(tok) is not None:
+        return "regions"
+    if parse_pooling(tok) is not None:
+        return "pooling"
+    if parse_encoder(tok) is not None:
+        return "encoder"
+    if parse_rerank(tok) is not None:
+        return "rerank"
+    if parse_postprocess(tok) is not None:
+        return "post"
+    return None
 
 
 def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
@@ -96,9 +199,41 @@ def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
     except BackboneError as e:
         raise PipelineError(str(e)) from None
     layer = spec.layer or bb.default_layer
-    if layer not in VECTOR_LAYERS and spec.pooling is None:
-        raise PipelineError(f"layer {layer!r} is a feature map: add a pooling step such as GeM3 or MAX")
-    return PipelineSpec(spec.backbone, layer, spec.resize, spec.pooling, spec.post)
+    maps = [la for la in layer.split("+") if la not in VECTOR_LAYERS]
+    if maps and spec.pooling is None:
+        raise PipelineError(f"layer {maps[0]!r} is a feature map: add a pooling step such as GeM3 or MAX")
+    return dataclasses.replace(spec, layer=layer)
+
+
+def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
+    """Images of a fitting set and, where the folder says, their labels.
+
+    A benchmark folder (``gt.json``): its database and query images, labelled by the groups
+    of images that show the same object (a query with its positives). A folder of class
+    folders: labelled by folder. Otherwise no labels.
+    """
+    from cbir.images import list_images
+
+    root = Path(root)
+    if (root / "gt.json").exists():
+        from cbir.datasets import load_benchmark
+
+        bench = load_benchmark(root)
+        parent: dict[str, str] = {}
+
+        def find(a: str) -> str:
+            while parent.setdefault(a, a) != a:
+                a = parent[a]
+            return a
+
+        for q in bench.queries:
+            for p in q.positives:
+                parent[find(p)] = find(q.image)
+        names = list(dict.fromkeys(list(bench.database) + [q.image for q in bench.queries]))
+        return [bench.path(n) for n in names], [find(n) for n in names]
+    paths = list_images(root)
+    labels = [p.parent.name for p in paths]
+    return paths, (labels if len(set(labels)) > 1 else None)
 
 
 @dataclass
@@ -113,35 +248,46 @@ class Extractor:
     weights: str | Path | None = None
     engine_name: str = "onnx"
     threads: int | None = None
-    batch_size: int = 8
+    batch_size: int = 8  # 0: sized by measurement (cbir.scale.tuning), cached per machine
     decode_workers: int = 2
+    infer_workers: int = 1  # batches run by the engine at once (each with its own intra-op threads)
     post: list[Transform] = field(init=False)
 
     def __post_init__(self) -> None:
         try:
             self.backbone = get_backbone(self.spec.backbone, self.weights)
-            self.backbone.check_layers([self.spec.layer])
+            self.backbone.check_layers(list(self.spec.layers))
         except BackboneError as e:
             raise PipelineError(str(e)) from None
         parsed = parse_pooling(self.spec.pooling) if self.spec.pooling else None
         self._pooling: tuple[PoolingMethod, float | None] | None = parsed
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
+        self._setup_methods()
+
+    def _setup_methods(self) -> None:
+        """The optional stages: scales, regions + encoder, layer fusion, re-ranking."""
+        self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)
+        self.regions: RegionSpec | None = parse_regions(self.spec.regions) if self.spec.regions else None
+        self.encoder: LocalEncoder | None = parse_encoder(self.spec.encoder) if self.spec.encoder else None
+        self.fusion: LayerFusion | None = self.post[0] if self.post and isinstance(self.post[0], LayerFusion) else None
+        self.rerankers: list[Reranker] = [parse_rerank(t) for t in self.spec.rerank]
+        self._context: dict | None = None
 
     # -- identity ------------------------------------------------------------------
     @property
     def identity(self) -> dict:
-        return {"pipeline": str(self.spec), "weights_sha256": self.backbone.weights_sha256}
+        return {"pipeline": self.spec.descriptor, "weights_sha256": self.backbone.weights_sha256}
 
     @property
     def needs_fit(self) -> bool:
-        return any(t.learned for t in self.post)
+        return any(t.learned for t in self.post) or self.encoder is not None
 
     @property
     def engine(self):
         if self._engine is None:
             try:
-                self._engine = create_engine(self.backbone, [self.spec.layer], self.engine_name, self.threads)
+                self._engine = create_engine(self.backbone, list(self.spec.layers), self.engine_name, self.threads)
             except BackboneError as e:
                 raise PipelineError(str(e)) from None
         return self._engine
@@ -152,12 +298,72 @@ class Extractor:
         return to_array(open_image(source, self.spec.resize, tuple(bbox) if bbox is not None else None))
 
     def raw_descriptors(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32."""
-        (out,) = self.engine.run(batch)
-        if self._pooling is None:
-            return out.astype(np.float32)
+        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32.
+
+        Several layers: their pooled vectors concatenated (the fusion step normalises and
+        weighs them). Several scales: merged as the pooling requires. Regions: the encoded
+        region descriptors.
+        """
+        if self.regions is not None:
+            return self.encode_images(batch)
+        return self.raw_from_maps(self.forward(batch))
+
+    def forward(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The network's tapped layers for ``batch``, one ``{layer: array}`` per scale."""
+        out = []
+        for s in self.scales:
+            b = batch if s == 1.0 else rescale_batch(batch, s)
+            out.append(dict(zip(self.spec.layers, self.engine.run(b))))
+        return out
+
+    def raw_from_maps(self, maps: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        """Feature maps (one dict per scale, holding at least this pipeline's layers) -> raw ``(N, D)``."""
+        method = self._pooling[0] if self._pooling else None
+        value = self._pooling[1] if self._pooling else None
+        parts = []
+        for layer in self.spec.layers:
+            per_scale = [self._pool_one(m[layer]) for m in maps]
+            if len(per_scale) == 1:
+                v = per_scale[0]
+            elif method is None:
+                v = torch.stack(per_scale).mean(dim=0)
+            else:
+                v = combine_scales(per_scale, method, value)
+            parts.append(v.numpy().astype(np.float32))
+        if self.fusion is not None:
+            self.fusion.dims_ = np.asarray([p.shape[1] for p in parts], np.int64)
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def _pool_one(self, out: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        if out.ndim == 2 or self._pooling is None:
+            return x
         method, value = self._pooling
-        return pool(torch.from_numpy(out), method, value).numpy().astype(np.float32)
+        return pool(x, method, value, **self.pool_context(method))
+
+    def pool_context(self, method: PoolingMethod) -> dict:
+        """What a pooling method ``needs`` besides the map (CAM: the backbone's classifier)."""
+        if "classifier" not in method.needs:
+            return {}
+        if self._context is None:
+            model = getattr(self.backbone, "model", None)
+            if model is None:
+                raise PipelineError(f"{method.name} pooling needs the backbone's classifier weights; "
+                                    f"{self.backbone.name!r} has no PyTorch form (use a timm backbone)")
+            clf = model().get_classifier()
+            self._context = {"weight": clf.weight.detach().float().clone(),
+                             "bias": clf.bias.detach().float().clone() if clf.bias is not None else None}
+        return self._context
+
+    # -- regions ---------------------------------------------------------------------------
+    def local_descriptors(self, image: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """One uint8 ``(H, W, 3)`` image -> its region descriptors ``(R, D)`` (raw, pooled)."""
+        crops = crop_and_warp(image, self.regions.boxes(image), self.regions.size)
+        return np.concatenate([self.raw_from_maps(self.forward(crops[i:i + chunk]))
+                               for i in range(0, len(crops), chunk)])
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        return self.encoder.encode([self.local_descriptors(img) for img in batch])
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         for t in self.post:
@@ -173,33 +379,111 @@ class Extractor:
     ) -> Iterator[tuple[list[int], np.ndarray]]:
         """Yield ``(indices, raw descriptors)`` batch by batch; bad images go to ``on_error``.
 
-        Without ``on_error`` the first bad image raises.
+        Without ``on_error`` the first bad image raises. A pool of ``decode_workers`` threads
+        decodes and scales images (Pillow releases the GIL) while the engine runs the batch
+        before; only a bounded window of images is decoded ahead, so memory holds about one
+        or two batches of pixels however many sources there are. Batches come out in the
+        order they were formed; ``on_error`` is called from this (the consumer's) thread.
         """
-        bboxes = bboxes if bboxes is not None else [None] * len(sources)
+        import collections
+
+        n = len(sources)
+        bboxes = bboxes if bboxes is not None else [None] * n
+        batch_size = self.resolved_batch_size()
+        window = max(2 * batch_size, 4 * self.decode_workers)
 
         def decode(i: int):
             try:
-                return i, self.load(sources[i], bboxes[i])
+                return i, self.load(sources[i], bboxes[i]), None
             except ImageError as e:
-                if on_error is None:
-                    raise
-                on_error(i, e)
-                return i, None
+                return i, None, e
 
-        with cf.ThreadPoolExecutor(self.decode_workers) as pool_:
-            decoded = pool_.map(decode, range(len(sources)))
-            good = ((i, a) for i, a in decoded if a is not None)
-            for keys, batch in batches_by_shape(good, self.batch_size):
-                yield keys, self.raw_descriptors(batch)
+        def decoded(pool_: cf.ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
+            queue: collections.deque = collections.deque()
+            nxt = 0
+            while queue or nxt < n:
+                while nxt < n and len(queue) < window:
+                    queue.append(pool_.submit(decode, nxt))
+                    nxt += 1
+                i, arr, err = queue.popleft().result()
+                if err is not None:
+                    if on_error is None:
+                        raise err
+                    on_error(i, err)
+                    continue
+                yield i, arr
 
-    def fit(self, sources: Sequence[str | Path | bytes], on_error=None) -> "Extractor":
-        """Learn the pipeline's PCA steps on ``sources`` (a set separate from the database)."""
+        if n:
+            self.engine  # noqa: B018 - built here, once, not by several inference threads at once
+        with cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_:
+            batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
+            if self.infer_workers <= 1:
+                for keys, batch in batches:
+                    yield keys, self.raw_descriptors(batch)
+                return
+            with cf.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="cbir-infer") as infer:
+                running: collections.deque = collections.deque()
+                for keys, batch in batches:
+                    running.append((keys, infer.submit(self.raw_descriptors, batch)))
+                    if len(running) >= self.infer_workers:
+                        k, fut = running.popleft()
+                        yield k, fut.result()
+                while running:
+                    k, fut = running.popleft()
+                    yield k, fut.result()
+
+    def resolved_batch_size(self) -> int:
+        """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
+        if self.batch_size and self.batch_size > 0:
+            return int(self.batch_size)
+        from cbir.scale.tuning import measured_batch_size
+
+        self.batch_size = measured_batch_size(self)
+        return self.batch_size
+
+    def fit(self, sources: Sequence[str | Path | bytes], on_error=None,
+            labels: Sequence | None = None) -> "Extractor":
+        """Learn the pipeline's learned steps on ``sources`` (a set separate from the database).
+
+        Vocabularies first (on the region descriptors), then the post-processing steps in
+        order. ``labels`` (one per source) are needed by ``Wlearn`` only; without them the
+        images' folder names are used.
+        """
         if not self.needs_fit:
             return self
-        x = self._collect(self.iter_raw(sources, on_error=on_error), len(sources))
-        x = x[~np.isnan(x[:, 0])]
+        if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):
+            labels = [Path(s).parent.name if not isinstance(s, bytes) else "" for s in sources]
+        y = np.asarray(labels, dtype=object) if labels is not None else None
+        if self.encoder is not None:
+            sets, keep = [], []
+            for i, src in enumerate(sources):
+                try:
+                    img = self.load(src)
+                except ImageError as e:
+                    if on_error is None:
+                        raise
+                    on_error(i, e)
+                    continue
+                sets.append(self.local_descriptors(img))
+                keep.append(i)
+            self.encoder.fit(sets)
+            x = self.encoder.encode(sets)
+            y = y[keep] if y is not None else None
+        else:
+            x = self._collect(self.iter_raw(sources, on_error=on_error), len(sources))
+            ok = ~np.isnan(x[:, 0])
+            x, y = x[ok], (y[ok] if y is not None else None)
+        self.fit_post(x, y)
+        return self
+
+    def fit_post(self, x: np.ndarray, y: np.ndarray | None = None) -> "Extractor":
+        """Fit the post-processing steps in order on raw descriptors ``x`` (labels ``y`` for Wlearn)."""
         for t in self.post:
-            x = t.fit_transform(x)
+            if getattr(t, "supervised", False):
+                t.fit(x, y)
+                x = t.transform(x)
+            else:
+                x = t.fit_transform(x)
         return self
 
     def extract(
@@ -237,9 +521,24 @@ class Extractor:
 
     # -- learned state -----------------------------------------------------------------
     def post_state(self) -> dict[str, np.ndarray]:
-        return {f"{i}.{k}": v for i, t in enumerate(self.post) for k, v in t.state().items()}
+        """Learned state of the post-processing steps (``<i>.<attr>``) and the encoder (``enc.<attr>``)."""
+        state = {f"{i}.{k}": v for i, t in enumerate(self.post) for k, v in t.state().items()}
+        if self.encoder is not None:
+            state.update({f"enc.{k}": v for k, v in self.encoder.state().items()})
+        return state
 
     def load_post_state(self, state: dict[str, np.ndarray]) -> None:
         for i, t in enumerate(self.post):
             prefix = f"{i}."
             t.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        if self.encoder is not None:
+            self.encoder.load_state({k[4:]: v for k, v in state.items() if k.startswith("enc.")})
+
+
+def rescale_batch(batch: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> the same images resized by ``scale`` (antialiased)."""
+    from PIL import Image
+
+    n, h, w, _ = batch.shape
+    size = (max(16, round(w * scale)), max(16, round(h * scale)))
+    return np.stack([np.asarray(Image.fromarray(b).resize(size, Image.BICUBIC)) for b in batch])
