@@ -98,7 +98,9 @@ def open_image(
         raise ImageError(f"{name}: cannot open ({e.strerror or e})") from None
     try:
         with fp, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own pixel cap below decides; Pillow's warning threshold (89 Mpixel) would
+            # otherwise fire first. Its hard error (2x that) still stops a real bomb.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:
@@ -114,7 +116,7 @@ def open_image(
         raise ImageError(f"{name}: not an image file, or a format Pillow cannot read") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: decompression bomb refused (too many pixels)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if bbox is not None:
         img = crop_box(img, bbox, name)
@@ -146,18 +148,42 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+def batches_by_shape(
+    items: Iterator[tuple[int, np.ndarray]], batch_size: int, max_pending: int | None = None,
+) -> Iterator[tuple[list[int], np.ndarray]]:
     """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape.
 
     Images of one collection often share a shape (same camera, same scaling); batching those
     amortises the per-call overhead, and an odd one out is simply its own small batch.
+    ``max_pending`` bounds how many images wait for a partner of their shape: past it, the
+    oldest group goes out as it is, so memory stays at about one batch however many distinct
+    shapes a collection has.
     """
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    n_pending = 0
     for key, arr in items:
         group = pending.setdefault(arr.shape, [])
         group.append((key, arr))
+        n_pending += 1
         if len(group) >= batch_size:
             yield [k for k, _ in group], np.stack([a for _, a in group])
             del pending[arr.shape]
+            n_pending -= len(group)
+        elif max_pending is not None and n_pending > max_pending:
+            shape = next(iter(pending))  # dicts keep insertion order: the oldest group
+            old = pending.pop(shape)
+            n_pending -= len(old)
+            yield [k for k, _ in old], np.stack([a for _, a in old])
     for group in pending.values():
         yield [k for k, _ in group], np.stack([a for _, a in group])
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

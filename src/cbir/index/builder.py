@@ -8,7 +8,6 @@ picks up from there. `Searcher` pairs an index with the extractor of its own pip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -17,17 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.images import ImageError, list_images
+from cbir.images import ImageError, list_images, sha256_file
 from cbir.index.store import Entry, Index, IndexStoreError
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from cbir.rerank import SHORTLIST, rerank_hits
 
 
 @dataclass
@@ -207,15 +199,19 @@ class Searcher:
     """An index and the extractor of its own pipeline: images in, ranked hits out."""
 
     def __init__(self, index_dir: str | Path, weights: str | Path | None = None, engine: str = "onnx",
-                 pipeline: str | None = None) -> None:
+                 pipeline: str | None = None, threads: int | None = None) -> None:
         self.index = Index(index_dir)
         spec = resolve_spec(pipeline or self.index.pipeline, weights)
-        self.extractor = Extractor(spec, weights, engine)
+        self.extractor = Extractor(spec, weights, engine, threads=threads)
         self.index.check_identity(self.extractor.identity)
         self.extractor.load_post_state(self.index.post_state())
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude: int | None = None) -> list[Hit]:
-        scores, ids = self.index.search(vector[None], k + (exclude is not None))
+        n = k + (exclude is not None)
+        steps = getattr(self.extractor, "rerankers", None)
+        scores, ids = self.index.search(vector[None], max(n, SHORTLIST) if steps else n)
+        if steps:  # re-rank the shortlist with the stored vectors (cbir.rerank)
+            scores, ids = rerank_hits(self.index, vector, ids[0], steps)
         hits = []
         for s, i in zip(scores[0], ids[0]):
             if i < 0 or i == exclude:

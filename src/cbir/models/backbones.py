@@ -12,7 +12,6 @@ the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir.images import sha256_file
+
 VECTOR_LAYERS = ("head", "logits")
 
 
@@ -32,11 +33,8 @@ class BackboneError(ValueError):
 
 @lru_cache(maxsize=32)
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Weights files do not change under a running process: hash each once."""
+    return sha256_file(path)
 
 
 @dataclass

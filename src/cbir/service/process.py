@@ -1,0 +1,63 @@
+"""Run `cbir serve` as a child process on a free loopback port (for tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def running_server(index_dir: str | Path, *extra: str, timeout: float = 180, env: dict | None = None) -> Iterator[str]:
+    """Start ``cbir serve --index DIR --port 0 EXTRA...``; yield its base URL once it answers; stop it."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--host", "127.0.0.1",
+           "--port", "0", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline, lines, url = time.monotonic() + timeout, [], None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                if proc.poll() is not None:
+                    break
+                continue
+            lines.append(line)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            proc.kill()
+            proc.wait(5)
+            raise RuntimeError("cbir serve did not start:\n" + "".join(lines) + (proc.stderr.read() or ""))
+        _wait_ready(url, deadline)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def _wait_ready(url: str, deadline: float) -> None:
+    while True:
+        try:
+            with urllib.request.urlopen(url + "api/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
