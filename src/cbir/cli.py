@@ -27,7 +27,7 @@ PipelineOpt = Annotated[
     typer.Option("--pipeline", "-p", help="Pipeline string, e.g. 'efficientnet_lite0/bn2,long384,GeM3,L2' (see `cbir pipelines`)."),
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU) or torch.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU), onnx-int8 (quantized), or torch; `cbir index` also takes ray (extraction on Ray Data).")]
 FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps, vocabularies and layer weights on (a benchmark folder or a folder per class labels them, for Wlearn).")]
 
 
@@ -144,17 +144,47 @@ def index(
     engine: EngineOpt = "onnx",
     fit_on: FitOnOpt = None,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Commit to disk after this many images (a killed run keeps every commit).")] = 64,
+    index_type: Annotated[Optional[str], typer.Option("--index-type", help="FAISS index type: auto (default for new indexes: Flat below 50k images, then IVF...,PQ...,RFlat), Flat, HNSW32, 'IVF4096,PQ32,RFlat' (RFlat: exact re-ranking). Stored with the index.")] = None,
+    search_params: Annotated[Optional[str], typer.Option("--search-params", help="Stored search parameters, e.g. 'nprobe=32,k_factor=8', 'efSearch=128', 'ondisk=1'.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster (ray://HEAD:10001, or auto); default a local Ray.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="With --engine ray: actors (each loads the model once); default one per CPU.")] = None,
+    shards: Annotated[Optional[Path], typer.Option("--shards", help="With --engine ray: keep the Parquet shards here (default: a temporary folder in the index).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Also serve searches from Milvus: milvus://HOST:PORT/COLLECTION (synced now, stored with the index; 'faiss' to go back).")] = None,
 ) -> None:
     """Build or update an index: new files added, changed files re-extracted, deleted files dropped."""
     from cbir.images import list_images
-    from cbir.index import update_index
+    from cbir.index import Index, update_index
 
     fit = list_images(fit_on) if fit_on else None
-    report = update_index(images_dir, index_dir, pipeline, weights, engine, fit, commit_every=commit_every,
-                          progress=_progress(), warn=_warn)
+    if engine == "ray":
+        from cbir.scale.ray_extract import RayUnavailable, update_index_ray
+
+        try:
+            report = update_index_ray(images_dir, index_dir, pipeline, weights, fit, address=ray_address,
+                                      workers=ray_workers, shards_dir=shards, warn=_warn)
+        except RayUnavailable as e:
+            _fail(str(e))
+    else:
+        report = update_index(images_dir, index_dir, pipeline, weights, engine, fit, commit_every=commit_every,
+                              progress=_progress(), warn=_warn)
     typer.echo(f"{index_dir}: {report.summary()}")
     if report.failed:
         typer.echo(f"{len(report.failed)} unreadable file(s) skipped (listed above)", err=True)
+    idx = Index(index_dir)
+    if index_type is not None or search_params is not None:
+        idx.set_index_type(index_type, search_params)
+    if backend is not None:
+        idx.set_backend(None if backend in ("", "faiss") else backend)
+    if idx.backend:
+        inserted, deleted = idx.backend_client().sync(idx)
+        typer.echo(f"{idx.backend}: {inserted} vectors sent, {deleted} deleted")
+    else:
+        from cbir.index.factory import FLAT_MAX
+
+        if len(idx) >= FLAT_MAX or idx.factory not in ("auto", "Flat"):
+            t0 = time.perf_counter()
+            si = idx.search_index()  # build (or update) and cache it now, not at the first search
+            typer.echo(f"search index {si.type} over {si.ntotal} vectors ready in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()
@@ -168,6 +198,7 @@ def search(
     weights: WeightsOpt = None,
     engine: EngineOpt = "onnx",
     rerank: Annotated[Optional[str], typer.Option("--rerank", help="Re-ranking steps, e.g. 'QE5', 'DBA5,aQE10a3', 'KRR20', 'DIFF10' (see `cbir pipelines`).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Search through milvus://HOST:PORT/COLLECTION, or 'faiss' (the embedded index); default: what the index stores.")] = None,
 ) -> None:
     """Search an index with an example image; print ranked paths and scores."""
     from cbir.index import Index, Searcher
@@ -175,6 +206,12 @@ def search(
     box = _parse_bbox(bbox)
     pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
     searcher = Searcher(index_dir, weights, engine, pipeline=pipeline)
+    if backend is not None:
+        if backend not in ("", "faiss"):
+            from cbir.scale.milvus import MilvusURI
+
+            MilvusURI.parse(backend)
+        searcher.index.use_backend(None if backend in ("", "faiss") else backend)
     t0 = time.perf_counter()
     hits = searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000

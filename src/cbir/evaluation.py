@@ -3,6 +3,7 @@
 Queries that share an image and box are extracted once (the Revisited protocols list each
 query three times). Database images that cannot be read are left out of every ranking, with a
 warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
+A pipeline's re-ranking steps (`cbir.rerank`) act on the query and database vectors first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cbir.datasets import Benchmark
 from cbir.images import ImageError
 from cbir.metrics.retrieval import RetrievalMAP, ap_from_positive_ranks, positive_ranks, ukbench_ns_score
 from cbir.pipeline import Extractor
+from cbir.rerank import Reranker, rerank
 
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -74,14 +76,18 @@ def evaluate(
     fit_on: list[Path] | None = None,
     warn: Callable[[str], None] = print,
     progress: Callable | None = None,
+    fit_labels: list | None = None,
 ) -> EvalResult:
-    """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one."""
+    """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one.
+
+    ``fit_labels`` (one per ``fit_on`` image) are for learned layer weights (``Wlearn``).
+    """
     if extractor.needs_fit:
         if not fit_on:
             raise ValueError(
                 f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them on (--fit-on DIR)"
             )
-        extractor.fit(fit_on, on_error=lambda i, e: warn(f"warning: {e}"))
+        extractor.fit(fit_on, on_error=lambda i, e: warn(f"warning: {e}"), labels=fit_labels)
 
     def on_error(i: int, e: ImageError) -> None:
         warn(f"warning: {e}")
@@ -90,16 +96,40 @@ def evaluate(
     db_paths = [bench.path(p) for p in bench.database]
     db = _extract(extractor, db_paths, None, on_error, progress, "database")
     t_db = time.perf_counter() - t0
-    valid_db = ~np.isnan(db[:, 0])
-    db_ids = np.asarray(bench.database, dtype=object)
+    unique = query_keys(bench, crop)
+    keys = list(unique)
+    q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
+    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, {
+        "pipeline": str(extractor.spec),
+        "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2),
+    })
 
+
+def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
+    """Distinct (image, box) of the queries -> row in the query matrix, in first-seen order."""
     unique: dict[tuple, int] = {}
     for q in bench.queries:
         unique.setdefault((q.image, q.bbox if crop else None), len(unique))
-    keys = list(unique)
-    q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
+    return unique
 
-    sims = np.where(valid_db[None, :], np.nan_to_num(q_vecs) @ np.nan_to_num(db).T, -np.inf)
+
+def similarities(q_vecs: np.ndarray, db: np.ndarray, rerankers: list[Reranker] | tuple = ()) -> np.ndarray:
+    """(Q, N) similarities, re-ranked; unreadable database rows (NaN) get -inf, unreadable queries 0."""
+    valid_db = ~np.isnan(db[:, 0])
+    q = np.nan_to_num(q_vecs)
+    sims = np.full((len(q), len(db)), -np.inf, np.float32)
+    if valid_db.any():
+        sims[:, valid_db] = rerank(q, db[valid_db], rerankers) if rerankers else q @ db[valid_db].T
+    return sims
+
+
+def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bool = True,
+                  rerankers: list[Reranker] | tuple = (), extra: dict | None = None) -> EvalResult:
+    """Rank ``db`` (rows in ``bench.database`` order) for ``q_vecs`` (rows as `query_keys`) and score."""
+    unique = query_keys(bench, crop)
+    valid_db = ~np.isnan(db[:, 0])
+    db_ids = np.asarray(bench.database, dtype=object)
+    sims = similarities(q_vecs, db, rerankers)
     order = np.argsort(-sims, axis=1, kind="stable")
 
     metric = RetrievalMAP()
@@ -126,13 +156,12 @@ def evaluate(
     summary = metric.compute()
     summary.update({
         "benchmark": bench.name,
-        "pipeline": str(extractor.spec),
         "n_database": len(bench.database),
         "n_database_unreadable": int((~valid_db).sum()),
         "dim": int(db.shape[1]),
         "crop_queries": crop,
-        "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2),
     })
+    summary.update(extra or {})
     if ns:
         summary["ukbench_ns"] = float(np.mean(ns))
     return EvalResult(summary, per_query, {t: np.mean(v, axis=0) for t, v in curves.items()})
@@ -157,4 +186,5 @@ def _extract(extractor, paths, bboxes, on_error, progress, what):
     return res
 
 
-__all__ = ["EvalResult", "evaluate", "interpolated_pr", "ap_from_positive_ranks"]
+__all__ = ["EvalResult", "evaluate", "interpolated_pr", "ap_from_positive_ranks", "query_keys",
+           "score_vectors", "similarities"]

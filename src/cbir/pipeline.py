@@ -125,9 +125,11 @@ class PipelineSpec:
                 )
             i = _STAGES.index(stage)
             if i < last or (i == last and stage not in ("post", "rerank")):
-                what = "input size" if stage == "input" else stage
                 order = " -> ".join(_STAGES)
-                raise PipelineError(f"{what} step {tok!r} is out of place or repeated; the order is: backbone -> {order}")
+                what = {"input": f"input size {tok!r} must come right after the backbone",
+                        "pooling": f"pooling {tok!r} must come before post-processing and only once"
+                        }.get(stage, f"{stage} step {tok!r} is out of place or repeated")
+                raise PipelineError(f"{what}; the order is: backbone -> {order}")
             last = i
             found[stage].append(tok)
         if not found["input"]:

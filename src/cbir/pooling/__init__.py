@@ -1,14 +1,23 @@
-"""Pooling: conv feature maps ``(N, C, H, W)`` -> vectors ``(N, C)``.
+"""Pooling: conv feature maps ``(N, C, H, W)`` -> vectors ``(N, D)``.
 
 `functional` holds the pure functions; this module's registry maps the names used in pipeline
-strings (``SUM``, ``AVE``, ``MAX``, ``GeM3``) to them. Adding a method is one function in
-`functional` plus one `register_pooling` line.
+strings (``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to
+them. Adding a method is one function in `functional` plus one `register_pooling` line.
+
+A registration may say:
+
+- ``param``/``default``: the one number the token may carry (``GeM3``: p = 3);
+- ``needs``: context the function takes besides the map, supplied by the extractor
+  (``"classifier"``: the backbone's classifier ``weight`` and ``bias``, for CAM);
+- ``combine``: how descriptors of several input scales merge (multi-scale ``MS`` step):
+  ``"mean"`` (default), ``"max"``, or ``"power"`` (the mean of ``v^p``, then the 1/p-th
+  root, with the method's own p: GeM averages in its power domain).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,20 +32,28 @@ class PoolingMethod:
     param: str | None = None  # name of the one numeric parameter the token may carry
     default: float | None = None
     summary: str = ""
+    needs: tuple[str, ...] = ()
+    combine: str = "mean"
 
 
 POOLINGS: dict[str, PoolingMethod] = {}
 
 
 def register_pooling(name: str, fn: Callable[..., torch.Tensor], param: str | None = None,
-                     default: float | None = None, summary: str = "") -> None:
-    POOLINGS[name] = PoolingMethod(name, fn, param, default, summary)
+                     default: float | None = None, summary: str = "", needs: tuple[str, ...] = (),
+                     combine: str = "mean") -> None:
+    POOLINGS[name] = PoolingMethod(name, fn, param, default, summary, tuple(needs), combine)
 
 
 register_pooling("SUM", F.spoc, summary="sum pooling (SPoC)")
 register_pooling("AVE", F.ave, summary="average pooling")
-register_pooling("MAX", F.mac, summary="max pooling (MAC)")
-register_pooling("GeM", F.gem, param="p", default=3.0, summary="generalised mean, GeM<p>")
+register_pooling("MAX", F.mac, combine="max", summary="max pooling (MAC)")
+register_pooling("GeM", F.gem, param="p", default=3.0, combine="power", summary="generalised mean, GeM<p>")
+register_pooling("RMAC", F.rmac, param="levels", default=3, summary="regional MAC over <levels> scales, RMAC<L>")
+register_pooling("SPP", F.spp, param="levels", default=4, combine="max", summary="spatial pyramid of MAX on 1x1,2x2,4x4 grids (21 C dims)")
+register_pooling("CroW", F.crow, summary="cross-dimensional (spatial + channel) weighted SUM")
+register_pooling("SCDA", F.scda, summary="AVE+MAX over the largest above-mean component (2 C dims)")
+register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summary="class-activation-map weighted AVE, top <k> classes, CAM<k>")
 
 _TOKEN = re.compile(r"^([A-Za-z][A-Za-z\-]*?)([0-9]+(?:\.[0-9]+)?)?$")
 
@@ -53,11 +70,33 @@ def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
     return method, (float(value) if value is not None else method.default)
 
 
-def pool(x: torch.Tensor, method: PoolingMethod, value: float | None) -> torch.Tensor:
-    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, C)``."""
-    if method.param is None:
-        return method.fn(x)
-    return method.fn(x, **{method.param: value})
+def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context) -> torch.Tensor:
+    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``.
+
+    ``context`` holds what methods with ``needs`` take (e.g. ``weight``/``bias`` for CAM).
+    """
+    kwargs = {k: v for k, v in context.items() if k in _context_args(method)}
+    if method.param is not None:
+        kwargs[method.param] = value
+    return method.fn(x, **kwargs)
 
 
-__all__ = ["POOLINGS", "PoolingMethod", "parse_pooling", "pool", "register_pooling", "F"]
+_NEEDS_ARGS = {"classifier": ("weight", "bias")}
+
+
+def _context_args(method: PoolingMethod) -> tuple[str, ...]:
+    return tuple(a for need in method.needs for a in _NEEDS_ARGS[need])
+
+
+def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod, value: float | None) -> torch.Tensor:
+    """Merge one image's descriptors at several input scales as the pooling method requires."""
+    stack = torch.stack(list(vectors))
+    if method.combine == "max":
+        return stack.amax(dim=0)
+    if method.combine == "power":
+        p = float(value if value is not None else 1.0)
+        return stack.clamp(min=1e-6).pow(p).mean(dim=0).pow(1.0 / p)
+    return stack.mean(dim=0)
+
+
+__all__ = ["POOLINGS", "PoolingMethod", "combine_scales", "parse_pooling", "pool", "register_pooling", "F"]

@@ -94,3 +94,119 @@ class PCA(Transform):
         if self.whiten:
             y = y / np.sqrt(self.explained_variance_ + self.eps)
         return y.astype(np.float32)
+
+
+class WhiteningPCA(PCA):
+    """PCA-whitening variants: each component is divided by ``(eigenvalue')^power``.
+
+    ``power = 0.5`` is plain whitening (unit variance), ``power = 0.25`` square-root whitening
+    (the power-law whitening of the literature with alpha = 0.5: the dominant directions are
+    damped, not flattened). ``shrinkage`` s in [0, 1] first pulls the eigenvalues towards their
+    mean, ``(1 - s) eigenvalue + s mean(eigenvalue)`` (covariance shrinkage), which keeps the
+    weak, noisily estimated directions from being blown up when the fitting set is small.
+    """
+
+    def __init__(self, n_components: int, power: float = 0.5, shrinkage: float = 0.0, eps: float = 1e-6) -> None:
+        super().__init__(n_components, whiten=False, eps=eps)
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"whitening shrinkage must be in [0, 1], got {shrinkage}")
+        self.power = power
+        self.shrinkage = shrinkage
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        y = super().transform(x)
+        lam = self.explained_variance_.astype(np.float64)
+        lam = (1.0 - self.shrinkage) * lam + self.shrinkage * lam.mean()
+        return (y / (lam + self.eps) ** self.power).astype(np.float32)
+
+
+class LayerFusion(Transform):
+    """Multi-layer fusion: the raw descriptor is the concatenation of per-layer pooled vectors.
+
+    Each layer's block is L2-normalised and scaled by ``sqrt(w_i / sum w)``, so that the inner
+    product of two fused descriptors is ``sum_i w_i cos_i / sum w`` (a weighted mean of the
+    per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes) is
+    set by the extractor. With ``weights=None`` the weights are learned by `fit` from a
+    labelled set (``y``): a grid search over the simplex (step 0.1) for the weights whose
+    leave-one-out retrieval mAP on the set is highest (ties: the most uniform weights).
+    """
+
+    supervised = True
+
+    def __init__(self, weights: tuple[float, ...] | None = None) -> None:
+        self.weights = weights
+        self.learned = weights is None
+        if weights is not None:
+            self.weights_ = np.asarray(weights, np.float32)
+        self.dims_ = np.zeros(0, np.int64)
+
+    def blocks(self, x: np.ndarray) -> list[np.ndarray]:
+        dims = [int(d) for d in self.dims_]
+        if sum(dims) != x.shape[1]:
+            raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
+        out, start = [], 0
+        for d in dims:
+            b = x[:, start:start + d]
+            out.append(b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12))
+            start += d
+        return out
+
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
+        if not self.learned:
+            return self
+        if y is None or len(set(np.asarray(y).tolist())) < 2:
+            raise ValueError("learned layer weights (Wlearn) need a labelled fitting set: "
+                             "a benchmark folder or a folder per class given with --fit-on")
+        self.weights_ = learn_layer_weights(self.blocks(x), np.asarray(y))
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "weights_"):
+            raise NotFittedError("learned layer weights are not fitted: give a labelled set with --fit-on")
+        w = np.asarray(self.weights_, np.float64)
+        blocks = self.blocks(np.asarray(x, np.float32))
+        if len(w) != len(blocks):
+            raise ValueError(f"{len(w)} layer weights for {len(blocks)} layers")
+        w = w / w.sum()
+        return np.concatenate([np.sqrt(wi) * b for wi, b in zip(w, blocks)], axis=1).astype(np.float32)
+
+
+def loo_map(sims: np.ndarray, y: np.ndarray) -> float:
+    """Leave-one-out retrieval mAP on a labelled set: each item queries all the others."""
+    n = len(y)
+    aps = []
+    for i in range(n):
+        s = np.delete(sims[i], i)
+        rel = np.delete(y == y[i], i)
+        if not rel.any():
+            continue
+        order = np.argsort(-s, kind="stable")
+        hits = rel[order]
+        ranks = np.flatnonzero(hits)
+        aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def learn_layer_weights(blocks: list[np.ndarray], y: np.ndarray, step: float = 0.1) -> np.ndarray:
+    """Grid search on the simplex for per-layer weights maximising leave-one-out mAP."""
+    sims = [b @ b.T for b in blocks]
+    n = len(blocks)
+    m = int(round(1 / step))
+    best, best_w = -1.0, None
+    uniform = np.full(n, 1.0 / n)
+    for combo in _simplex(n, m):
+        w = np.asarray(combo, np.float64) / m
+        score = loo_map(sum(wi * s for wi, s in zip(w, sims)), y)
+        if score > best + 1e-9 or (abs(score - best) <= 1e-9 and np.abs(w - uniform).sum() < np.abs(best_w - uniform).sum()):
+            best, best_w = score, w
+    return best_w.astype(np.float32)
+
+
+def _simplex(n: int, m: int):
+    """All n-tuples of non-negative integers summing to m."""
+    if n == 1:
+        yield (m,)
+        return
+    for i in range(m + 1):
+        for rest in _simplex(n - 1, m - i):
+            yield (i,) + rest

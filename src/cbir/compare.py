@@ -1,0 +1,318 @@
+"""``cbir compare``: evaluate a grid of pipelines on one benchmark, sharing the forward passes.
+
+Pipelines that share a backbone, input size, scales and region method form a group; each
+group runs the network once per image with the union of the layers its pipelines tap, and
+every pipeline of the group pools, fuses, encodes and post-processes those feature maps its
+own way. So a grid of twenty poolings costs about one extraction, not twenty.
+
+The ``ms/img`` column is per database or query image: the group's forward pass (image
+decoding, scaling and the network with all the group's layers) plus the pipeline's own
+pooling / encoding / post-processing. Re-ranking happens at search time and is not in it.
+
+Learned steps (PCA, vocabularies, layer weights) are fitted on ``--fit-on``, a folder
+separate from the benchmark; a benchmark folder there gives labels for ``Wlearn``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from cbir.images import ImageError
+from cbir.local.regions import crop_and_warp
+
+# The standard grid: one line per method family of the literature (docs/methods.md).
+# Learned steps use at most 64 dims, so that a fitting set of ~100 images is enough.
+DEFAULT_METHODS: tuple[str, ...] = (
+    # direct pooling of the last conv map
+    "efficientnet_lite0/bn2,long512,SUM,L2",
+    "efficientnet_lite0/bn2,long512,AVE,L2",
+    "efficientnet_lite0/bn2,long512,MAX,L2",
+    "efficientnet_lite0/bn2,long512,GeM3,L2",
+    # weighted / regional aggregation
+    "efficientnet_lite0/bn2,long512,RMAC3,L2",
+    "efficientnet_lite0/bn2,long512,SPP,L2",
+    "efficientnet_lite0/bn2,long512,CroW,L2",
+    "efficientnet_lite0/bn2,long512,SCDA,L2",
+    "efficientnet_lite0/bn2,long512,CAM,L2",
+    # multi-scale
+    "efficientnet_lite0/bn2,long512,MS3,GeM3,L2",
+    "efficientnet_lite0/blocks.5+bn2,long512,MS3,GeM3,W0.5-0.5,L2",
+    # lower layers and multi-layer fusion
+    "efficientnet_lite0/blocks.4,long512,GeM3,L2",
+    "efficientnet_lite0/blocks.5,long512,GeM3,L2",
+    "efficientnet_lite0/blocks.6,long512,GeM3,L2",
+    "efficientnet_lite0/blocks.5+bn2,long512,GeM3,W0.5-0.5,L2",
+    "efficientnet_lite0/blocks.5+bn2,long512,GeM3,Wlearn,L2",
+    # fully-connected-style global features, PCA-reduced
+    "efficientnet_lite0/head,crop224,L2",
+    "efficientnet_lite0/head,crop224,L2,PCA64,L2",
+    "efficientnet_lite0/logits,crop224,L2,PCA64,L2",
+    # post-processing
+    "efficientnet_lite0/bn2,long512,GeM3,POW0.5,L2",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,PCAW64,L2",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,PCAWR64,L2",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,PCAWS64,L2",
+    # re-ranking
+    "efficientnet_lite0/bn2,long512,GeM3,L2,QE2",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,aQE3a3",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,DBA3",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,KRR10",
+    "efficientnet_lite0/bn2,long512,GeM3,L2,DIFF10a0.8",
+    # local-region aggregation (several forward passes)
+    "efficientnet_lite0/bn2,long512,regions:sliding2,GeM3,BoW64,L2",
+    "efficientnet_lite0/bn2,long512,regions:sliding2,GeM3,VLAD16,L2",
+    "efficientnet_lite0/bn2,long512,regions:sliding2,GeM3,FV8,L2",
+    "efficientnet_lite0/bn2,long512,regions:proposals8,GeM3,VLAD16,L2",
+)
+
+
+@dataclass
+class _Member:
+    """One pipeline of a group, with what it has computed so far."""
+
+    index: int
+    extractor: object
+    raw: dict[str, list] = field(default_factory=dict)  # part -> per-image raw (or locals)
+    seconds: float = 0.0  # own aggregation time on database + query images
+
+
+def _group_key(spec) -> tuple:
+    return (spec.backbone, str(spec.resize), spec.scales or "", spec.regions or "")
+
+
+def compare_pipelines(
+    bench,
+    pipelines: Sequence[str],
+    fit_paths: Sequence[Path] | None = None,
+    fit_labels: Sequence | None = None,
+    weights: str | Path | None = None,
+    engine: str = "onnx",
+    crop: bool = True,
+    threads: int | None = None,
+    progress: Callable | None = None,
+    warn: Callable[[str], None] = print,
+) -> list[dict]:
+    """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given.
+
+    A row: ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, and ``error`` for a
+    pipeline that could not run (e.g. a learned step with no fitting set).
+    """
+    from cbir.evaluation import query_keys, score_vectors
+    from cbir.models import create_engine
+    from cbir.pipeline import Extractor, PipelineError, rescale_batch, resolve_spec
+
+    rows: list[dict] = [{} for _ in pipelines]
+    groups: dict[tuple, list[_Member]] = {}
+    for i, text in enumerate(pipelines):
+        try:
+            ex = Extractor(resolve_spec(text, weights), weights, engine, threads)
+        except (PipelineError, ValueError) as e:
+            rows[i] = {"method": text, "error": str(e)}
+            continue
+        groups.setdefault(_group_key(ex.spec), []).append(_Member(i, ex))
+
+    keys = list(query_keys(bench, crop))
+    parts = {
+        "db": [(bench.path(p), None) for p in bench.database],
+        "q": [(bench.path(k[0]), k[1]) for k in keys],
+        "fit": [(Path(p), None) for p in (fit_paths or [])],
+    }
+
+    for gkey, members in groups.items():
+        first = members[0].extractor
+        layers = list(dict.fromkeys(la for m in members for la in m.extractor.spec.layers))
+        eng = create_engine(first.backbone, layers, engine, threads)
+        regions = first.regions
+        need_fit = any(m.extractor.needs_fit for m in members)
+        forward_s, n_timed = 0.0, 0
+        for part, items in parts.items():
+            if part == "fit" and not need_fit:
+                continue
+            for m in members:
+                m.raw[part] = [None] * len(items)
+            bar = progress(total=len(items), desc=f"{gkey[0]} {gkey[1]} {gkey[2]} {gkey[3]} [{part}]".replace("  ", " "),
+                           unit="img") if progress else None
+
+            def load(i: int, items=items):
+                t = time.perf_counter()
+                try:
+                    return i, first.load(*items[i]), time.perf_counter() - t
+                except ImageError as e:
+                    warn(f"warning: {e}")
+                    return i, None, time.perf_counter() - t
+
+            with cf.ThreadPoolExecutor(2) as pool:
+                for i, img, t_load in pool.map(load, range(len(items))):
+                    if bar:
+                        bar.update(1)
+                    if img is None:
+                        continue
+                    t0 = time.perf_counter()
+                    if regions is not None:
+                        crops = crop_and_warp(img, regions.boxes(img), regions.size)
+                        maps = [[dict(zip(layers, eng.run(crops[j:j + 32])))] for j in range(0, len(crops), 32)]
+                    else:
+                        maps = [dict(zip(layers, eng.run(img[None] if s == 1.0 else rescale_batch(img[None], s))))
+                                for s in first.scales]
+                    t1 = time.perf_counter()
+                    if part != "fit":
+                        forward_s += t_load + t1 - t0
+                        n_timed += 1
+                    for m in members:
+                        t2 = time.perf_counter()
+                        try:
+                            if regions is not None:
+                                m.raw[part][i] = np.concatenate([m.extractor.raw_from_maps(c) for c in maps])
+                            else:
+                                m.raw[part][i] = m.extractor.raw_from_maps(maps)[0]
+                        except (ValueError, PipelineError) as e:
+                            rows[m.index] = rows[m.index] or {"method": str(m.extractor.spec), "error": str(e)}
+                        if part != "fit":
+                            m.seconds += time.perf_counter() - t2
+            if bar:
+                bar.close()
+
+        for m in members:
+            if rows[m.index]:
+                continue
+            try:
+                rows[m.index] = _finish(bench, m, crop, fit_labels, forward_s, n_timed, score_vectors)
+            except (ValueError, PipelineError, RuntimeError) as e:
+                rows[m.index] = {"method": str(m.extractor.spec), "error": str(e).splitlines()[0]}
+            m.raw.clear()
+    return rows
+
+
+def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed: int, score_vectors) -> dict:
+    ex = m.extractor
+    t0 = time.perf_counter()
+    if ex.needs_fit:
+        fit = m.raw.get("fit") or []
+        ok = [i for i, v in enumerate(fit) if v is not None]
+        if not ok:
+            raise ValueError("this pipeline has learned steps: give a separate image set with --fit-on DIR")
+        y = np.asarray(fit_labels, dtype=object)[ok] if fit_labels is not None else None
+        if ex.encoder is not None:
+            sets = [fit[i] for i in ok]
+            ex.encoder.fit(sets)
+            x = ex.encoder.encode(sets)
+        else:
+            x = np.stack([fit[i] for i in ok])
+        ex.fit_post(x, y)
+    t_fit = time.perf_counter() - t0
+
+    def finish(part: str) -> np.ndarray:
+        vals = m.raw[part]
+        ok = [i for i, v in enumerate(vals) if v is not None]
+        if not ok:
+            raise ValueError(f"no {part} image could be read")
+        raw = ex.encoder.encode([vals[i] for i in ok]) if ex.encoder is not None else np.stack([vals[i] for i in ok])
+        x = ex.postprocess(raw)
+        out = np.full((len(vals), x.shape[1]), np.nan, np.float32)
+        out[ok] = x
+        return out
+
+    t0 = time.perf_counter()
+    db, q = finish("db"), finish("q")
+    own = m.seconds + time.perf_counter() - t0
+    ms = 1000 * (forward_s + own) / max(1, n_timed)
+    result = score_vectors(bench, db, q, crop, ex.rerankers, {"pipeline": str(ex.spec)})
+    s = result.summary
+    row = {"method": str(ex.spec), "dim": int(db.shape[1]), "map": round(float(s["map"]), 4),
+           "map_by_tag": {k: round(float(v), 4) for k, v in s["map_by_tag"].items()},
+           "ms_per_image": round(ms, 1), "fit_seconds": round(t_fit, 2)}
+    if ex.fusion is not None:
+        row["layer_weights"] = [round(float(w), 3) for w in ex.fusion.weights_]
+    return row
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The highest mAP; ties go to the pipeline listed first (timings are too noisy to break them)."""
+    ok = [r for r in rows if "map" in r]
+    return max(ok, key=lambda r: r["map"]) if ok else None
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The comparison as a text or Markdown table; the best mAP is marked with *."""
+    tags = list(dict.fromkeys(t for r in rows for t in r.get("map_by_tag", {})))
+    ok = [r for r in rows if "map" in r]
+    best = max((r["map"] for r in ok), default=None)
+    head = ["method", "dim", "mAP"] + [f"mAP {t}" for t in tags] + ["ms/img"]
+    body = []
+    for r in rows:
+        if "map" not in r:
+            body.append([r["method"], "-", "error: " + r.get("error", "?")] + [""] * len(tags) + [""])
+            continue
+        mark = " *" if r["map"] == best else ""
+        body.append([f"`{r['method']}`" if markdown else r["method"], str(r["dim"]), f"{r['map']:.4f}{mark}"]
+                    + [f"{r['map_by_tag'].get(t, float('nan')):.4f}" for t in tags] + [f"{r['ms_per_image']:.0f}"])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def _split_methods(methods: list[str] | None) -> list[str]:
+    if not methods:
+        return list(DEFAULT_METHODS)
+    out = []
+    for m in methods:
+        out += [x.strip() for x in m.split(";") if x.strip()]
+    return out
+
+
+def compare(
+    dataset_dir: Annotated[Path, typer.Argument(help="Benchmark folder (as for `cbir eval`).")],
+    methods: Annotated[Optional[list[str]], typer.Option(
+        "--methods", "-m",
+        help="Pipeline strings to compare; repeat the option or separate them with ';'. Default: the standard grid of every method family.")] = None,
+    fit_on: Annotated[Optional[Path], typer.Option(
+        "--fit-on", help="Separate image set for learned steps (PCA, vocabularies, Wlearn); a benchmark folder labels it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="Inference engine: onnx or torch.")] = "onnx",
+    no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
+) -> None:
+    """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
+    import sys
+
+    from cbir.datasets import load_benchmark
+    from cbir.pipeline import fit_set
+
+    bench = load_benchmark(dataset_dir)
+    fit_paths, fit_labels = fit_set(fit_on) if fit_on else (None, None)
+    def progress(**kw):
+        from tqdm import tqdm
+
+        return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, leave=False, **kw)
+
+    rows = compare_pipelines(bench, _split_methods(methods), fit_paths, fit_labels, weights, engine,
+                             crop=not no_crop, progress=None if as_json else progress,
+                             warn=lambda m: typer.echo(m, err=True))
+    best = best_row(rows)
+    if markdown:
+        text = (f"Benchmark `{bench.name}`: {len(bench.queries)} queries, {len(bench.database)} database images"
+                + (f"; learned steps fitted on `{fit_on}`" if fit_on else "") + ".\n\n" + format_table(rows, True) + "\n")
+        if best:
+            text += f"\nBest: `{best['method']}`, mAP {best['map']:.4f}.\n"
+        Path(markdown).write_text(text)
+    if as_json:
+        typer.echo(json.dumps({"benchmark": bench.name, "rows": rows, "best": best["method"] if best else None}))
+        return
+    typer.echo(f"benchmark {bench.name}: {len(bench.queries)} queries, {len(bench.database)} database images\n")
+    typer.echo(format_table(rows))
+    if best:
+        typer.echo(f"\nbest: {best['method']}  (mAP {best['map']:.4f})")

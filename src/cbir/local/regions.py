@@ -1,0 +1,174 @@
+"""Regions of an image for local-region aggregation: sliding windows and selective search.
+
+Boxes are ``(x0, y0, x1, y1)`` integer pixel coordinates, end exclusive. The first region is
+always the whole image.
+
+Sliding windows (``regions:sliding<L>``): square windows at L scales laid out as in R-MAC
+(side ``2 min(h, w) / (l + 1)`` at level l, about 40% overlap; `cbir.pooling.functional.rmac_regions`).
+
+Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013), our own
+implementation over scikit-image's Felzenszwalb-Huttenlocher graph segmentation: the initial
+segments are merged greedily, always the most similar adjacent pair, by the sum of the colour
+(histogram intersection of 25-bin per-channel histograms), size and fill similarities (the
+paper's "C+S+F" strategy, on one colour space); every segment ever formed is a proposal.
+Proposals are ranked by their position in the hierarchy (latest merges, i.e. the largest
+objects, first), near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, and
+the N best kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir.pooling.functional import rmac_regions
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    method: str  # "sliding" | "proposals"
+    n: int  # levels for sliding windows, number of proposals
+    size: int = 224  # each region is warped to size x size before the network
+
+    def __str__(self) -> str:
+        return f"regions:{self.method}{self.n}" + (f"@{self.size}" if self.size != 224 else "")
+
+    def boxes(self, image: np.ndarray) -> list[Box]:
+        h, w = image.shape[:2]
+        if self.method == "sliding":
+            return sliding_windows(h, w, self.n)
+        return selective_search(image, self.n)
+
+
+_REGIONS = re.compile(r"regions:(sliding|proposals)(\d+)(?:@(\d+))?")
+
+
+def parse_regions(token: str) -> RegionSpec | None:
+    """``"regions:sliding3"`` -> RegionSpec("sliding", 3); not a region token -> None."""
+    m = _REGIONS.fullmatch(token)
+    if not m:
+        if token.startswith("regions:"):
+            raise ValueError(f"bad region step {token!r}: use regions:sliding<L> or regions:proposals<N>, optionally @<size>")
+        return None
+    size = int(m.group(3)) if m.group(3) else 224
+    if not 32 <= size <= 1024:
+        raise ValueError(f"region size {size} in {token!r} is outside 32..1024")
+    return RegionSpec(m.group(1), int(m.group(2)), size)
+
+
+def sliding_windows(h: int, w: int, levels: int = 3) -> list[Box]:
+    """The whole image, then square windows at ``levels`` scales with ~40% overlap."""
+    boxes = [(0, 0, w, h)]
+    for y, x, sh, sw in rmac_regions(h, w, levels):
+        box = (x, y, x + sw, y + sh)
+        if box not in boxes:
+            boxes.append(box)
+    return boxes
+
+
+def crop_and_warp(image: np.ndarray, boxes: list[Box], size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (R, size, size, 3): each box cut out and resized (aspect not kept, as in R-CNN)."""
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    return np.stack([np.asarray(pil.resize((size, size), Image.BILINEAR, box=b)) for b in boxes])
+
+
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def selective_search(image: np.ndarray, n: int = 16, work_size: int = 256, scale: float = 200.0,
+                     sigma: float = 0.8, min_size: int = 50) -> list[Box]:
+    """Up to ``n`` proposals (after the whole image) for a uint8 (H, W, 3) image."""
+    from PIL import Image
+    from skimage.segmentation import felzenszwalb
+
+    H, W = image.shape[:2]
+    f = min(1.0, work_size / max(H, W))
+    small = np.asarray(Image.fromarray(image).resize((max(1, round(W * f)), max(1, round(H * f))), Image.BILINEAR))
+    h, w = small.shape[:2]
+    seg = felzenszwalb(small, scale=scale, sigma=sigma, min_size=min_size)
+    hierarchy = _group(small, seg)
+    whole = (0, 0, W, H)
+    out: list[Box] = [whole]
+    for (x0, y0, x1, y1) in reversed(hierarchy):
+        box = (int(x0 / f), int(y0 / f), min(W, int(np.ceil(x1 / f))), min(H, int(np.ceil(y1 / f))))
+        if (box[2] - box[0]) * (box[3] - box[1]) < 0.02 * W * H:
+            continue
+        if any(_iou(box, b) > 0.8 for b in out):
+            continue
+        out.append(box)
+        if len(out) > n:
+            break
+    return out
+
+
+def _group(image: np.ndarray, seg: np.ndarray) -> list[Box]:
+    """Hierarchical grouping of the segments of ``seg``; boxes of all regions in creation order."""
+    h, w = seg.shape
+    n = int(seg.max()) + 1
+    size = np.bincount(seg.ravel(), minlength=n).astype(np.float64)
+    ys, xs = np.mgrid[0:h, 0:w]
+    x0 = np.full(n, w); y0 = np.full(n, h); x1 = np.zeros(n, int); y1 = np.zeros(n, int)  # noqa: E702
+    np.minimum.at(x0, seg.ravel(), xs.ravel()); np.minimum.at(y0, seg.ravel(), ys.ravel())  # noqa: E702
+    np.maximum.at(x1, seg.ravel(), xs.ravel() + 1); np.maximum.at(y1, seg.ravel(), ys.ravel() + 1)  # noqa: E702
+    bins = 25
+    q = np.minimum((image.astype(np.int64) * bins) // 256, bins - 1)  # (h, w, 3)
+    hist = np.zeros((n, 3 * bins))
+    for c in range(3):
+        np.add.at(hist, (seg.ravel(), c * bins + q[..., c].ravel()), 1.0)
+    hist /= np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    regions = {i: {"size": size[i], "box": (x0[i], y0[i], x1[i], y1[i]), "hist": hist[i]} for i in range(n) if size[i] > 0}
+    # adjacency from horizontally and vertically neighbouring pixels
+    pairs = np.concatenate([
+        np.stack([seg[:, :-1].ravel(), seg[:, 1:].ravel()], 1),
+        np.stack([seg[:-1, :].ravel(), seg[1:, :].ravel()], 1),
+    ])
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    neighbours: dict[int, set[int]] = {i: set() for i in regions}
+    for a, b in pairs:
+        neighbours[int(a)].add(int(b))
+        neighbours[int(b)].add(int(a))
+    im_size = float(h * w)
+
+    def similarity(a: dict, b: dict) -> float:
+        colour = np.minimum(a["hist"], b["hist"]).sum() / 3.0
+        s_size = 1.0 - (a["size"] + b["size"]) / im_size
+        bx = (min(a["box"][0], b["box"][0]), min(a["box"][1], b["box"][1]),
+              max(a["box"][2], b["box"][2]), max(a["box"][3], b["box"][3]))
+        bb = (bx[2] - bx[0]) * (bx[3] - bx[1])
+        fill = 1.0 - (bb - a["size"] - b["size"]) / im_size
+        return colour + s_size + fill
+
+    sims = {(a, b): similarity(regions[a], regions[b]) for a in neighbours for b in neighbours[a] if a < b}
+    created = [tuple(int(v) for v in r["box"]) for r in regions.values()]
+    next_id = n
+    while sims:
+        (a, b) = max(sims, key=sims.get)
+        ra, rb = regions.pop(a), regions.pop(b)
+        s = ra["size"] + rb["size"]
+        box = (min(ra["box"][0], rb["box"][0]), min(ra["box"][1], rb["box"][1]),
+               max(ra["box"][2], rb["box"][2]), max(ra["box"][3], rb["box"][3]))
+        t = next_id
+        next_id += 1
+        regions[t] = {"size": s, "box": box, "hist": (ra["size"] * ra["hist"] + rb["size"] * rb["hist"]) / s}
+        created.append(tuple(int(v) for v in box))
+        nb = (neighbours.pop(a) | neighbours.pop(b)) - {a, b}
+        for key in [k for k in sims if a in k or b in k]:
+            del sims[key]
+        neighbours[t] = nb
+        for c in nb:
+            neighbours[c] -= {a, b}
+            neighbours[c].add(t)
+            sims[(c, t)] = similarity(regions[c], regions[t])
+    return created

@@ -1,0 +1,260 @@
+"""Re-ranking after the first search: query expansion, database augmentation, k-reciprocal, diffusion.
+
+Pure functions on L2-normalised descriptors, queries ``q (Q, D)`` and database ``db (N, D)``;
+inner products are the similarities. Pipeline tokens (after the post-processing steps):
+
+==============  =============================================================================
+``QE<k>``       average query expansion (Chum et al. 2007): the query plus its top k, averaged
+``aQE<k>a<α>``  alpha query expansion (Radenovic et al. 2018): neighbours weighted by sim^α (α=3)
+``DBA<k>[a<α>]`` database-side augmentation (Arandjelovic & Zisserman 2012): every database
+                vector replaced by the (sim^α-weighted) mean of its top k (itself first)
+``KRR<k1>[-k2-λ]`` k-reciprocal re-ranking (Zhong et al. 2017): Jaccard distance of
+                k-reciprocal neighbour sets mixed with the original distance (k2=6, λ=0.3)
+``DIFF<k>[a<α>]`` diffusion on the mutual k-NN graph (Iscen et al. 2017): solves
+                (I - α S) f = y by conjugate gradient (k=10, α=0.99, γ=3)
+==============  =============================================================================
+
+Steps run in order: the vector steps (``DBA``, ``QE``, ``aQE``) change the query or database
+vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must come last.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _topk(sims: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row, best first."""
+    k = min(k, sims.shape[1])
+    idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sims, idx, 1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, 1)
+
+
+def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
+    """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised.
+
+    ``alpha = 0``: average QE (all w = 1); ``alpha > 0``: alpha-QE, ``w = max(sim, 0)^alpha``.
+    """
+    if k <= 0 or len(db) == 0:
+        return q
+    sims = q @ db.T
+    nn = _topk(sims, k)
+    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
+    return _unit(q + np.einsum("qk,qkd->qd", w, db[nn]))
+
+
+def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
+    """DBA: each database vector becomes the weighted sum of its top-k neighbours (itself first)."""
+    if k <= 1 or len(db) == 0:
+        return db
+    sims = db @ db.T
+    nn = _topk(sims, k)
+    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
+    return _unit(np.einsum("nk,nkd->nd", w, db[nn]))
+
+
+def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al. CVPR 2017) -> similarities ``-distance`` (Q, N).
+
+    On the set of queries and database items together: the squared Euclidean distance (rows
+    scaled by their maximum), each item's k-reciprocal neighbours R(i, k1), expanded with the
+    R(j, k1/2) of its members that overlap it by more than 2/3, encoded as Gaussian-weighted
+    vectors V, averaged over the k2 nearest (local query expansion); the Jaccard distance of
+    the V's is mixed with the original distance: ``(1 - lam) d_J + lam d``.
+    """
+    nq = len(q)
+    allx = np.concatenate([q, db]).astype(np.float64)
+    n = len(allx)
+    k1 = min(k1, n - 1)
+    dist = np.maximum(2.0 - 2.0 * allx @ allx.T, 0.0)
+    dist = (dist / np.maximum(dist.max(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    rank = np.argsort(dist, axis=1, kind="stable")
+
+    def reciprocal(i: int, k: int) -> np.ndarray:
+        forward = rank[i, :k + 1]
+        backward = rank[forward, :k + 1]
+        return forward[(backward == i).any(axis=1)]
+
+    V = np.zeros((n, n), np.float32)
+    half = int(np.around(k1 / 2.0))
+    for i in range(n):
+        r = reciprocal(i, k1)
+        expansion = [r]
+        for c in r:
+            rc = reciprocal(int(c), half)
+            if len(np.intersect1d(rc, r)) > 2.0 / 3.0 * len(rc):
+                expansion.append(rc)
+        e = np.unique(np.concatenate(expansion))
+        w = np.exp(-dist[i, e])
+        V[i, e] = w / w.sum()
+    if k2 > 1:
+        V = V[rank[:, :k2]].mean(axis=1)
+    jaccard = np.empty((nq, n - nq), np.float32)
+    for i in range(nq):
+        inter = np.minimum(V[i][None, :], V[nq:]).sum(axis=1)
+        jaccard[i] = 1.0 - inter / (2.0 - inter)
+    final = (1 - lam) * jaccard + lam * dist[:nq, nq:]
+    return -final
+
+
+def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, gamma: float = 3.0,
+              iters: int = 50, tol: float = 1e-6) -> np.ndarray:
+    """Diffusion (Iscen et al. CVPR 2017) -> ranking scores ``f`` (Q, N).
+
+    Affinities ``a_ij = max(0, <x_i, x_j>)^gamma`` between mutual k-nearest database neighbours,
+    ``S = D^-1/2 A D^-1/2``; the query's own top-k give ``y``; ``(I - alpha S) f = y`` is solved
+    by conjugate gradient (the matrix is symmetric positive definite).
+    """
+    from scipy.sparse import csr_matrix, diags, identity
+    from scipy.sparse.linalg import cg
+
+    n = len(db)
+    if n == 0:
+        return np.zeros((len(q), 0), np.float32)
+    kk = min(k, n)
+    sims = db @ db.T
+    nn = _topk(sims, kk + 1 if n > kk else kk)
+    rows = np.repeat(np.arange(n), nn.shape[1])
+    cols = nn.ravel()
+    vals = np.clip(sims[rows, cols], 0, None) ** gamma
+    A = csr_matrix((vals, (rows, cols)), shape=(n, n))
+    A = A.minimum(A.T)  # mutual neighbours only
+    A.setdiag(0)
+    A.eliminate_zeros()
+    d = np.asarray(A.sum(axis=1)).ravel()
+    dinv = diags(1.0 / np.sqrt(np.maximum(d, 1e-12)))
+    L = identity(n) - alpha * (dinv @ A @ dinv)
+    qs = q @ db.T
+    qn = _topk(qs, kk)
+    out = np.zeros((len(q), n), np.float32)
+    for i in range(len(q)):
+        y = np.zeros(n)
+        y[qn[i]] = np.clip(qs[i, qn[i]], 0, None) ** gamma
+        f, _ = cg(L, y, rtol=tol, maxiter=iters)
+        out[i] = f
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """One parsed re-ranking token."""
+
+    token: str
+    kind: str  # "QE" | "aQE" | "DBA" | "KRR" | "DIFF"
+    k: int
+    alpha: float = 0.0
+    k2: int = 6
+    lam: float = 0.3
+
+    @property
+    def scores(self) -> bool:
+        """True for the steps that produce the final similarities (must be last)."""
+        return self.kind in ("KRR", "DIFF")
+
+
+_RERANK = {
+    "QE": re.compile(r"QE(\d+)"),
+    "aQE": re.compile(r"aQE(\d+)(?:a(\d*\.?\d+))?"),
+    "DBA": re.compile(r"DBA(\d+)(?:a(\d*\.?\d+))?"),
+    "KRR": re.compile(r"KRR(\d+)(?:-(\d+)-(\d*\.?\d+))?"),
+    "DIFF": re.compile(r"DIFF(\d+)?(?:a(\d*\.?\d+))?"),
+}
+
+
+def parse_rerank(token: str) -> Reranker | None:
+    """``"aQE10a3"`` -> Reranker(aQE, k=10, alpha=3); not a re-ranking token -> None."""
+    for kind, rx in _RERANK.items():
+        m = rx.fullmatch(token)
+        if not m:
+            continue
+        g = m.groups()
+        if kind == "QE":
+            return Reranker(token, kind, int(g[0]))
+        if kind == "aQE":
+            return Reranker(token, kind, int(g[0]), float(g[1]) if g[1] else 3.0)
+        if kind == "DBA":
+            return Reranker(token, kind, int(g[0]), float(g[1]) if g[1] else 0.0)
+        if kind == "KRR":
+            return Reranker(token, kind, int(g[0]), 0.0, int(g[1]) if g[1] else 6, float(g[2]) if g[2] else 0.3)
+        return Reranker(token, kind, int(g[0]) if g[0] else 10, float(g[1]) if g[1] else 0.99)
+    return None
+
+
+def check_order(steps: Sequence[Reranker]) -> None:
+    """A score step (KRR, DIFF) may only be the last re-ranking step."""
+    for s in steps[:-1]:
+        if s.scores:
+            raise ValueError(f"re-ranking step {s.token!r} produces the final scores: it must come last")
+
+
+def rerank(q: np.ndarray, db: np.ndarray, steps: Sequence[Reranker]) -> np.ndarray:
+    """Apply the steps in order -> similarities ``(Q, N)`` (higher is better)."""
+    check_order(steps)
+    q, db = np.asarray(q, np.float32), np.asarray(db, np.float32)
+    for s in steps:
+        if s.kind == "DBA":
+            db = database_augmentation(db, s.k, s.alpha)
+        elif s.kind == "QE":
+            q = query_expansion(q, db, s.k)
+        elif s.kind == "aQE":
+            q = query_expansion(q, db, s.k, s.alpha)
+        elif s.kind == "KRR":
+            return k_reciprocal(q, db, s.k, s.k2, s.lam)
+        elif s.kind == "DIFF":
+            return diffusion(q, db, s.k, s.alpha)
+    return q @ db.T
+
+
+SHORTLIST = 100  # how many first-search hits a search re-ranks
+
+
+def rerank_shortlist(q: np.ndarray, db_all: np.ndarray, cand: np.ndarray, steps: Sequence[Reranker]) -> np.ndarray:
+    """Re-rank one query's shortlist: scores ``(M,)`` of the candidates ``cand`` (rows of ``db_all``).
+
+    DBA augments each candidate with its neighbours in the whole database; the other steps
+    (QE, k-reciprocal, diffusion) work on the shortlist, as an index search would.
+    """
+    check_order(steps)
+    vecs = np.asarray(db_all[cand], np.float32)
+    rest = []
+    for s in steps:
+        if s.kind == "DBA" and s.k > 1:
+            sims = vecs @ db_all.T
+            nn = _topk(sims, s.k)
+            w = (np.ones(nn.shape, np.float32) if s.alpha == 0
+                 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** s.alpha)
+            vecs = _unit(np.einsum("nk,nkd->nd", w, db_all[nn]))
+        else:
+            rest.append(s)
+    return rerank(np.asarray(q, np.float32)[None], vecs, rest)[0]
+
+
+def rerank_hits(index, vector: np.ndarray, ids: np.ndarray, steps: Sequence[Reranker]) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank an index search's hits ``ids`` (``-1`` = empty) with the index's live vectors.
+
+    Returns (scores (1, M), ids (1, M)) best first, as `Index.search` does.
+    """
+    all_ids, vecs = index.live()
+    ids = np.asarray([i for i in ids if i >= 0], np.int64)
+    if len(ids) == 0:
+        return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+    rows = np.searchsorted(all_ids, ids)
+    scores = rerank_shortlist(vector, vecs, rows, steps)
+    order = np.argsort(-scores, kind="stable")
+    return scores[order][None], ids[order][None]
+
+
+__all__ = ["SHORTLIST", "rerank_hits", "rerank_shortlist", "Reranker", "check_order", "database_augmentation", "diffusion", "k_reciprocal",
+           "parse_rerank", "query_expansion", "rerank"]
