@@ -156,6 +156,10 @@ def index(
     from cbir.index import Index, update_index
 
     fit = list_images(fit_on) if fit_on else None
+    if index_type is not None and (index_dir / "index.json").exists():
+        from cbir.index.factory import validate
+
+        validate(index_type, Index(index_dir).dim)  # a bad type fails before any extraction
     if engine == "ray":
         from cbir.scale.ray_extract import RayUnavailable, update_index_ray
 
@@ -170,21 +174,32 @@ def index(
     typer.echo(f"{index_dir}: {report.summary()}")
     if report.failed:
         typer.echo(f"{len(report.failed)} unreadable file(s) skipped (listed above)", err=True)
-    idx = Index(index_dir)
-    if index_type is not None or search_params is not None:
-        idx.set_index_type(index_type, search_params)
-    if backend is not None:
-        idx.set_backend(None if backend in ("", "faiss") else backend)
-    if idx.backend:
-        inserted, deleted = idx.backend_client().sync(idx)
-        typer.echo(f"{idx.backend}: {inserted} vectors sent, {deleted} deleted")
-    else:
-        from cbir.index.factory import FLAT_MAX
+    _prepare_search(Index(index_dir), index_type, search_params, backend)
 
-        if len(idx) >= FLAT_MAX or idx.factory not in ("auto", "Flat"):
+
+def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None) -> None:
+    """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
+    (large or non-default types), so that the first search does not pay for it."""
+    import warnings
+
+    from cbir.index.factory import FLAT_MAX
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if index_type is not None or search_params is not None:
+            idx.set_index_type(index_type, search_params)
+        if backend is not None:
+            idx.set_backend(None if backend in ("", "faiss") else backend)
+        if idx.backend:
+            inserted, deleted = idx.backend_client().sync(idx)
+            typer.echo(f"{idx.backend}: {inserted} vectors sent, {deleted} deleted")
+        elif len(idx) >= FLAT_MAX or idx.factory not in ("auto", "Flat"):
             t0 = time.perf_counter()
-            si = idx.search_index()  # build (or update) and cache it now, not at the first search
+            si = idx.search_index()
             typer.echo(f"search index {si.type} over {si.ntotal} vectors ready in {time.perf_counter() - t0:.1f} s")
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            _warn(f"warning: {w.message}")
 
 
 @app.command()

@@ -15,7 +15,12 @@ deletes; killed after, everything it added is there. Deletes and replacements ar
 transactions. So at any instant the catalog names only complete vectors, and whatever an
 earlier run committed survives.
 
-The FAISS index is derived from the live vectors when first needed (exact inner product).
+The FAISS index is derived from the live vectors when first needed, of the type
+``index.json`` names (``factory``: ``auto``, ``Flat``, ``HNSW32``, ``IVF...,PQ...,RFlat``; see
+`cbir.index.factory`), and kept up to date incrementally (adds, and deletes where FAISS
+allows them). A trained or slow-to-build one is cached in ``faiss/``, keyed by the type and
+labelled with the catalog generation, written atomically; a missing or stale cache only
+costs a rebuild from the vectors, which stay the source of truth.
 """
 
 from __future__ import annotations
@@ -120,12 +125,20 @@ class Index:
         self._faiss_version = None
         self._faiss_lock = threading.Lock()
         self._mmaps: dict[str, np.ndarray] = {}
+        self._backend_uri: str | None = self.info.get("backend")
+        self._backend = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
     def create(cls, root: str | Path, identity: dict, dim: int, post_state: dict | None = None,
-               factory: str = "Flat") -> "Index":
+               factory: str = "auto") -> "Index":
+        from cbir.index.factory import IndexTypeError, validate
+
         root = Path(root)
+        try:
+            factory = validate(factory, dim)
+        except IndexTypeError as e:
+            raise IndexStoreError(str(e)) from None
         if (root / "index.json").exists():
             raise IndexStoreError(f"{root}: an index already exists here")
         if root.exists():
@@ -256,27 +269,159 @@ class Index:
         return np.array(self._segment(r[0])[r[1]])
 
     # -- search --------------------------------------------------------------------
+    # Building a derived index faster than this is not worth a cache file.
+    CACHE_MIN_SECONDS = 1.0
+
+    def search_params(self) -> dict[str, int]:
+        from cbir.index.factory import parse_params
+
+        return parse_params(self.info.get("search_params"))
+
+    def _cache_dir(self) -> Path:
+        return self.root / "faiss"
+
+    def _cache_prefix(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{self.factory}|{self.dim}".encode()).hexdigest()[:12]
+
+    def _cached_files(self) -> list[tuple[int, str, Path]]:
+        """(generation, resolved type, path) of this index type's cache files, newest first."""
+        out = []
+        prefix = self._cache_prefix() + "-g"
+        if self._cache_dir().is_dir():
+            for f in self._cache_dir().iterdir():
+                if f.name.startswith(prefix) and f.suffix == ".faiss":
+                    gen, _, resolved = f.stem[len(prefix):].partition("-")
+                    if gen.isdigit() and resolved:
+                        out.append((int(gen), resolved.replace("+", ","), f))
+        return sorted(out, reverse=True)
+
+    def _load_cached(self, ids: np.ndarray, vecs: np.ndarray, params: dict[str, int]):
+        from cbir.index.factory import SearchIndex
+
+        for _, resolved, path in self._cached_files():
+            try:
+                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved)
+            except (RuntimeError, OSError):
+                continue  # unreadable (half-deleted by another reader, older FAISS): next, or rebuild
+            if params.get("ondisk") and si.type.nlist and np.array_equal(si.ids, ids):
+                # Up to date: serve the inverted lists from the file instead of RAM.
+                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved, mmap=True)
+            return si
+        return None
+
+    def _save_cache(self, si, version: int) -> Path | None:
+        name = f"{self._cache_prefix()}-g{version:010d}-{str(si.type).replace(',', '+')}.faiss"
+        path = self._cache_dir() / name
+        try:
+            self._cache_dir().mkdir(exist_ok=True)
+            _atomic_write_bytes(path, si.to_bytes())
+            for f in self._cache_dir().iterdir():  # older generations, and other index types
+                if f != path and f.suffix == ".faiss":
+                    f.unlink(missing_ok=True)
+        except OSError:
+            return None  # a read-only index directory: the index is rebuilt by each process
+        return path
+
     def _search_index(self):
-        import faiss
+        from cbir.index.factory import SearchIndex
 
         version = self.version()
         with self._faiss_lock:
-            if self._faiss is None or self._faiss_version != version:
-                ids, vecs = self.live()
-                index = faiss.IndexIDMap2(faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT))
-                if len(ids):
-                    index.add_with_ids(vecs, ids)
-                self._faiss, self._faiss_version = index, version
-            return self._faiss
+            if self._faiss is not None and self._faiss_version == version:
+                return self._faiss
+            ids, vecs = self.live()
+            params = self.search_params()
+            si = self._faiss if self._faiss is not None else self._load_cached(ids, vecs, params)
+            if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
+                # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
+                si = self._load_cached_inmemory(ids, vecs, params)
+            if si is None:
+                si = SearchIndex(self.factory, self.dim, params)
+            si, changed = si.sync(ids, vecs)
+            if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):
+                path = self._save_cache(si, version)
+                if path is not None and params.get("ondisk") and si.type.nlist:
+                    si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, str(si.type), mmap=True)
+                    si, _ = si.sync(ids, vecs)  # no change: sets the re-ranking vectors
+            si.trained_now = False
+            self._faiss, self._faiss_version = si, version
+            return si
+
+    def _load_cached_inmemory(self, ids, vecs, params):
+        return self._load_cached(ids, vecs, {k: v for k, v in params.items() if k != "ondisk"})
+
+    def search_index(self):
+        """The derived search structure (`cbir.index.factory.SearchIndex`), built or updated now."""
+        return self._search_index()
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise IndexStoreError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        if self._backend_uri:
+            return self.backend_client().search(queries, max(1, int(k)))
         index = self._search_index()
         k = max(1, min(int(k), max(1, index.ntotal)))
         return index.search(queries, k)
+
+    # -- external search backend (Milvus) ------------------------------------------
+    @property
+    def backend(self) -> str | None:
+        """``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS)."""
+        return self._backend_uri
+
+    def use_backend(self, uri: str | None) -> None:
+        """Search through ``uri`` in this process (``None``: the embedded FAISS index)."""
+        self._backend_uri, self._backend = uri, None
+
+    def backend_client(self):
+        if self._backend is None:
+            from cbir.scale.milvus import MilvusBackend
+
+            self._backend = MilvusBackend(self._backend_uri, self.dim)
+        return self._backend
+
+    def set_backend(self, uri: str | None) -> None:
+        """Store the backend in ``index.json`` (``cbir search`` then uses it by default)."""
+        info = dict(self.info)
+        if uri:
+            from cbir.scale.milvus import MilvusURI
+
+            info["backend"] = str(MilvusURI.parse(uri))
+        else:
+            info.pop("backend", None)
+        if info != self.info:
+            _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+            self.info = info
+        self.use_backend(info.get("backend"))
+
+    def set_index_type(self, factory: str | None = None, search_params: str | None = None) -> bool:
+        """Change the index type and/or search parameters stored in ``index.json``.
+
+        The derived index is rebuilt on next use (vectors are untouched). Returns whether
+        anything changed.
+        """
+        from cbir.index.factory import IndexTypeError, parse_params, validate
+
+        info = dict(self.info)
+        try:
+            if factory is not None:
+                info["factory"] = validate(factory, self.dim)
+            if search_params is not None:
+                parse_params(search_params)
+                info["search_params"] = search_params
+        except IndexTypeError as e:
+            raise IndexStoreError(str(e)) from None
+        if info == self.info:
+            return False
+        _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        self.info = info
+        with self._faiss_lock:
+            self._faiss, self._faiss_version = None, None
+        return True
 
     # -- writing -------------------------------------------------------------------
     @contextmanager
@@ -378,4 +523,5 @@ class Index:
     def stats(self) -> dict:
         n_seg = self.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
         return {"count": len(self), "pipeline": self.pipeline, "dim": self.dim, "index_type": self.factory,
+                "search_params": self.info.get("search_params", ""), "backend": self.info.get("backend", ""),
                 "segments": n_seg, "weights_sha256": self.identity["weights_sha256"], "path": str(self.root)}

@@ -4,6 +4,11 @@ ONNX Runtime is the default: on a 2-core CPU it runs EfficientNet-Lite0 about 4x
 eager PyTorch with outputs equal to ~1e-5. The ONNX graph is exported on first use and cached
 under the user's cache directory, keyed by backbone, weights hash, layers and export settings,
 and written atomically so that a killed export never leaves a broken cache entry.
+
+``onnx-int8`` runs the same graph statically quantized by ONNX Runtime (QDQ, per-channel int8
+weights, uint8 activations calibrated on photos scikit-image ships), cached beside it. Its
+descriptors approximate the float ones (cosine > 0.9; the museum mAP is unchanged, see
+benchmarks/extract_speed.py --int8), so build and search an index with the same engine.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from cbir.models.backbones import Backbone, BackboneError, OnnxGraphBackbone
 
 # Bump when the export code changes in a way that changes the graph.
 EXPORT_VERSION = 1
-ENGINES = ("onnx", "torch")
+# Bump when the int8 quantization recipe (calibration set, options) changes.
+QUANT_VERSION = 1
+ENGINES = ("onnx", "onnx-int8", "torch")
 
 
 def cache_dir() -> Path:
@@ -64,18 +71,72 @@ def export_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     return path
 
 
-class OnnxEngine:
-    """ONNX Runtime session over the cached graph; thread-safe ``run``."""
+def calibration_batches(backbone: Backbone, size: int = 512) -> list[np.ndarray]:
+    """Network inputs for int8 calibration: the colour photos scikit-image ships, longer side
+    ``size``, and their mirror images (no download; the same set on every machine)."""
+    import skimage.data
+    from PIL import Image
 
-    def __init__(self, backbone: Backbone, layers: Sequence[str], threads: int | None = None) -> None:
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        s = size / max(img.size)
+        img = img.resize((max(16, round(img.width * s)), max(16, round(img.height * s))), Image.BILINEAR)
+        arr = np.asarray(img, np.uint8)
+        out += [backbone.prepare(arr[None]), backbone.prepare(np.ascontiguousarray(arr[:, ::-1])[None])]
+    return out
+
+
+def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
+    """The cached int8 graph (ONNX Runtime static quantization, QDQ, per-channel weights).
+
+    Only convolutions and matrix products are quantized: the shape arithmetic of the graph
+    (TF "same" padding) stays in float, so any input size still gives the float graph's shapes.
+    """
+    src = export_cached(backbone, layers)
+    path = src.with_name(f"{src.stem}-int8v{QUANT_VERSION}.onnx")
+    if path.exists():
+        return path
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    feeds = iter(calibration_batches(backbone))
+    import onnxruntime as ort
+
+    input_name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            x = next(feeds, None)
+            return None if x is None else {input_name: x}
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
+        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        os.replace(out, path)
+    return path
+
+
+class OnnxEngine:
+    """ONNX Runtime session over the cached graph (float, or its int8 version); thread-safe ``run``."""
+
+    def __init__(self, backbone: Backbone, layers: Sequence[str], threads: int | None = None,
+                 int8: bool = False) -> None:
         import onnxruntime as ort
 
         backbone.check_layers(layers)
         self.backbone, self.layers = backbone, tuple(layers)
-        self.path = export_cached(backbone, self.layers)
+        self.path = quantized_cached(backbone, self.layers) if int8 else export_cached(backbone, self.layers)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle intra-op threads sleep instead of spinning: on a machine shared with other
+        # work (or with cbir's own decoding threads) spinning halves throughput, and it buys
+        # little on an idle one.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -109,6 +170,8 @@ class TorchEngine:
 def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None) -> Engine:
     if engine == "onnx":
         return OnnxEngine(backbone, layers, threads)
+    if engine == "onnx-int8":
+        return OnnxEngine(backbone, layers, threads, int8=True)
     if engine == "torch":
         return TorchEngine(backbone, layers, threads)
     raise BackboneError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")

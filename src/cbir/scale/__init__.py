@@ -1,0 +1,12 @@
+"""Speed and scale: batch sizing by measurement, FAISS index types, and the cluster path.
+
+- `cbir.scale.tuning`: the batch size that runs fastest for an engine on this machine.
+- `cbir.index.factory`: FAISS index types by collection size (``Flat``, ``HNSW32``,
+  ``IVF...,PQ...,RFlat`` with exact re-ranking).
+- `cbir.scale.ray_extract`: extraction on Ray Data (``cbir index --engine ray``), written
+  as Parquet shards that `cbir.scale.shards.ingest_shards` adds to an index (extra ``cbir[ray]``).
+- `cbir.scale.milvus`: a Milvus backend for search (``--backend milvus://HOST:PORT/COLLECTION``,
+  extra ``cbir[milvus]``).
+
+Optional dependencies are imported where they are used, never here.
+"""
