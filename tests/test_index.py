@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cbir.index import Index, IndexMismatch, IndexStoreError, Searcher, update_index
 from cbir.pipeline import Extractor, resolve_spec

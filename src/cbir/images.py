@@ -108,8 +108,11 @@ def open_image(
             if resize is not None and bbox is None and img.format == "JPEG":
                 img.draft("RGB", resize.target_size(w, h))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = img.convert("RGB")
+            # Both return a copy even when there is nothing to do: only call them when needed.
+            if img.getexif().get(ImageOps.ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -253,7 +254,9 @@ class Extractor:
     batch_size: int = 8  # 0: sized by measurement (cbir.scale.tuning), cached per machine
     decode_workers: int = 2
     # Batches in the engine at once: two keep the cores busy while one batch's run winds down
-    # (+10-15% images/s on 2 cores, measured; single-image latency is unchanged).
+    # (+10-15% images/s on 2 cores, measured). Each gets cores/infer_workers engine threads
+    # (`engine_threads`), so one lone image runs on that share: `Searcher`, which serves single
+    # queries, uses infer_workers=1 to keep the whole machine for each query.
     infer_workers: int = 2
     post: list[Transform] = field(init=False)
 
@@ -291,10 +294,31 @@ class Extractor:
     def engine(self):
         if self._engine is None:
             try:
-                self._engine = create_engine(self.backbone, list(self.spec.layers), self.engine_name, self.threads)
+                self._engine = create_engine(self.backbone, list(self.spec.layers), self.engine_name,
+                                             self.engine_threads())
             except BackboneError as e:
                 raise PipelineError(str(e)) from None
         return self._engine
+
+    def engine_threads(self) -> int | None:
+        """Intra-op threads of the engine: ``threads``, else the cores shared among the
+        ``infer_workers`` batches that run at once (ONNX engines).
+
+        Each concurrent run would otherwise get a pool sized for the whole machine: 2 workers x
+        2 threads (+ the decode threads) on 2 cores oversubscribe, and ONNX Runtime's parallel
+        loops wait on preempted threads; one thread per worker there is ~9% more images/s
+        (measured, benchmarks/extract_speed.py), for the model alone and for indexing alike.
+        The torch engine keeps its default (its thread count is process-wide).
+        """
+        if self.threads:
+            return self.threads
+        if self.engine_name.startswith("onnx") and self.infer_workers > 1:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - not Linux
+                cores = os.cpu_count() or 1
+            return max(1, cores // self.infer_workers)
+        return None
 
     # -- stages ----------------------------------------------------------------------
     def load(self, source: str | Path | bytes, bbox: Sequence[float] | None = None) -> np.ndarray:

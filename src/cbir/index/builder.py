@@ -88,6 +88,27 @@ def _metadata(images_dir: Path) -> dict[str, dict]:
     return {}
 
 
+def scan_changes(index: Index, images_dir: Path, report: UpdateReport) -> tuple[dict[str, Entry], list[tuple[Path, int, int]]]:
+    """Compare the folder with the catalog: drop the entries of deleted files (one transaction),
+    count the unchanged ones, and return (catalog entries under the folder, files to look at
+    as ``(path, size, mtime_ns)``: new ones, and those whose size or mtime changed)."""
+    known = index.entries(under=str(images_dir))
+    files = list_images(images_dir)
+    on_disk = {str(p) for p in files}
+    gone = [p for p in known if p not in on_disk]
+    if gone:
+        report.removed = index.remove(paths=gone)
+    todo = []
+    for p in files:
+        st = p.stat()
+        e = known.get(str(p))
+        if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
+            report.unchanged += 1
+        else:
+            todo.append((p, st.st_size, st.st_mtime_ns))
+    return known, todo
+
+
 def update_index(
     images_dir: str | Path,
     index_dir: str | Path,
@@ -108,23 +129,8 @@ def update_index(
     index, extractor = open_or_create(index_dir, pipeline, weights, engine, fit_on, warn)
     report = UpdateReport()
     with index.writer():
-        known = index.entries(under=str(images_dir))
-        files = list_images(images_dir)
+        known, todo = scan_changes(index, images_dir, report)
         meta = _metadata(images_dir)
-        on_disk = {str(p) for p in files}
-
-        gone = [p for p in known if p not in on_disk]
-        if gone:
-            report.removed = index.remove(paths=gone)
-
-        todo: list[tuple[Path, int, int]] = []
-        for p in files:
-            st = p.stat()
-            e = known.get(str(p))
-            if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
-                report.unchanged += 1
-            else:
-                todo.append((p, st.st_size, st.st_mtime_ns))
 
         bar = progress(total=len(todo), desc="indexing", unit="img") if progress and todo else None
         pending: list[tuple[Entry, np.ndarray]] = []
@@ -202,7 +208,9 @@ class Searcher:
                  pipeline: str | None = None, threads: int | None = None) -> None:
         self.index = Index(index_dir)
         spec = resolve_spec(pipeline or self.index.pipeline, weights)
-        self.extractor = Extractor(spec, weights, engine, threads=threads)
+        # Queries come one at a time: one inference worker, so that the engine's threads are
+        # all the machine's cores (see Extractor.engine_threads), not a share of them.
+        self.extractor = Extractor(spec, weights, engine, threads=threads, infer_workers=1)
         self.index.check_identity(self.extractor.identity)
         self.extractor.load_post_state(self.index.post_state())
 

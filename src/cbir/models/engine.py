@@ -13,8 +13,10 @@ benchmarks/extract_speed.py --int8), so build and search an index with the same 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import threading
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,16 +122,26 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     return path
 
 
-class OnnxEngine:
-    """ONNX Runtime session over the cached graph (float, or its int8 version); thread-safe ``run``."""
+_SESSIONS: "collections.OrderedDict[tuple[str, int], object]" = collections.OrderedDict()
+_SESSIONS_LOCK = threading.Lock()
+_MAX_SESSIONS = 4
 
-    def __init__(self, backbone: Backbone, layers: Sequence[str], threads: int | None = None,
-                 int8: bool = False) -> None:
-        import onnxruntime as ort
 
-        backbone.check_layers(layers)
-        self.backbone, self.layers = backbone, tuple(layers)
-        self.path = quantized_cached(backbone, self.layers) if int8 else export_cached(backbone, self.layers)
+def _session(path: str, threads: int):
+    """An ONNX Runtime session over ``path``, shared by the engines of this process.
+
+    Building one (graph load + optimisation) takes ~50 ms and its own copy of the weights;
+    ``run`` is thread-safe, so extractors over the same graph (one per `update_index` call,
+    per request of a long-lived service...) share it. The graph file is content-addressed
+    (its name hashes the backbone, weights and layers), so a cached session is never stale.
+    """
+    import onnxruntime as ort
+
+    key = (path, threads)
+    with _SESSIONS_LOCK:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -138,7 +150,22 @@ class OnnxEngine:
         # little on an idle one.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        _SESSIONS[key] = session
+        while len(_SESSIONS) > _MAX_SESSIONS:
+            _SESSIONS.popitem(last=False)
+        return session
+
+
+class OnnxEngine:
+    """ONNX Runtime session over the cached graph (float, or its int8 version); thread-safe ``run``."""
+
+    def __init__(self, backbone: Backbone, layers: Sequence[str], threads: int | None = None,
+                 int8: bool = False) -> None:
+        backbone.check_layers(layers)
+        self.backbone, self.layers = backbone, tuple(layers)
+        self.path = quantized_cached(backbone, self.layers) if int8 else export_cached(backbone, self.layers)
+        self.session = _session(str(self.path), threads or 0)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:

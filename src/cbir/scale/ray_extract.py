@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.images import ImageError, list_images
+from cbir.images import ImageError
 
 
 class RayUnavailable(ImportError):
@@ -171,7 +171,7 @@ def update_index_ray(
     New and changed files (size or mtime differ) are extracted on Ray; deleted ones dropped.
     Shards go to ``shards_dir`` (kept) or to a folder inside the index (removed after ingest).
     """
-    from cbir.index.builder import UpdateReport, _metadata, open_or_create
+    from cbir.index.builder import UpdateReport, _metadata, open_or_create, scan_changes
     from cbir.scale.shards import ingest_shards
 
     t0 = time.perf_counter()
@@ -181,20 +181,8 @@ def update_index_ray(
     index, extractor = open_or_create(index_dir, pipeline, weights, engine, fit_on, warn)
     report = UpdateReport()
     with index.writer():
-        known = index.entries(under=str(images_dir))
-        files = list_images(images_dir)
-        on_disk = {str(p) for p in files}
-        gone = [p for p in known if p not in on_disk]
-        if gone:
-            report.removed = index.remove(paths=gone)
-        todo = []
-        for p in files:
-            st = p.stat()
-            e = known.get(str(p))
-            if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
-                report.unchanged += 1
-            else:
-                todo.append(str(p))
+        known, changed = scan_changes(index, images_dir, report)
+        todo = [str(p) for p, _, _ in changed]
         keep = shards_dir is not None
         out = Path(shards_dir) if keep else Path(index.root) / f".shards-{os.getpid()}-{int(time.time())}"
         try:

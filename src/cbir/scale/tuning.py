@@ -31,7 +31,7 @@ def _cache_file() -> Path:
 def _key(extractor) -> str:
     spec = extractor.spec
     parts = [extractor.engine_name, extractor.backbone.name, extractor.backbone.weights_sha256,
-             spec.layer, str(spec.resize), str(extractor.threads), str(extractor.infer_workers),
+             spec.layer, str(spec.resize), str(extractor.engine_threads()), str(extractor.infer_workers),
              str(os.cpu_count())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
