@@ -67,6 +67,10 @@ class IndexStoreError(RuntimeError):
     """An index that cannot be opened or used as asked; the message says why."""
 
 
+class IndexBusy(IndexStoreError):
+    """Another process holds the index's writer lock."""
+
+
 class IndexMismatch(IndexStoreError):
     """The index was built by a different pipeline than the one given."""
 
@@ -432,7 +436,7 @@ class Index:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise IndexStoreError(f"{self.root}: another process is writing this index") from None
+            raise IndexBusy(f"{self.root}: another process is writing this index") from None
         try:
             self._collect_garbage()
             yield self

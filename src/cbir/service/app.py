@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -39,7 +40,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
-from cbir.index import Entry, IndexStoreError, Searcher
+from cbir.index import Entry, IndexBusy, IndexStoreError, Searcher
 
 STATIC = Path(__file__).parent / "static"
 MAX_K = 100
@@ -403,56 +404,54 @@ class Service:
 
     def add(self, uploads: list[Upload], vectors: np.ndarray, meta: dict) -> tuple[list[int], list[int]]:
         """Store the files under uploads/ and add them in one transaction; returns (ids, existing ids)."""
-        with self.write_lock:
-            try:
-                with self.index.writer():
-                    self.uploads.mkdir(exist_ok=True)
-                    ids: list[int | None] = []
-                    new: list[tuple[int, Entry]] = []
-                    paths: dict[str, int] = {}
-                    for i, u in enumerate(uploads):
-                        path = self.uploads / f"{u.sha256}.{FORMATS[u.format]}"
-                        row = self.index.db.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()
-                        if row is not None:
-                            ids.append(row[0])
-                            continue
-                        ids.append(None)
-                        if str(path) in paths:  # the same file twice in one request
-                            continue
-                        paths[str(path)] = i
-                        if not path.exists():
-                            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                            tmp.write_bytes(u.data)
-                            os.replace(tmp, path)
-                        st = path.stat()
-                        new.append((i, Entry(str(path), st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})))
-                    existing = [i for i in ids if i is not None]
-                    if new:
-                        added = self.index.add([e for _, e in new], vectors[[i for i, _ in new]])
-                        by_path = {e.path: id_ for (_, e), id_ in zip(new, added)}
-                        for j, u in enumerate(uploads):
-                            if ids[j] is None:
-                                ids[j] = by_path[str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}")]
-                    return [int(i) for i in ids], existing
-            except IndexStoreError as e:
-                if "another process is writing" in str(e):
-                    raise ServiceError(409, "another process is writing this index (e.g. `cbir index`); try again when it has finished") from None
-                raise ServiceError(409, f"cannot add to the index: {e}") from None
-            except OSError as e:
-                raise ServiceError(409, f"cannot write to the index directory ({e.strerror or e})") from None
+        with self._writing("add to"):
+            self.uploads.mkdir(exist_ok=True)
+            ids: list[int | None] = []
+            new: list[tuple[int, Entry]] = []
+            paths: dict[str, int] = {}
+            for i, u in enumerate(uploads):
+                path = self.uploads / f"{u.sha256}.{FORMATS[u.format]}"
+                row = self.index.db.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()
+                if row is not None:
+                    ids.append(row[0])
+                    continue
+                ids.append(None)
+                if str(path) in paths:  # the same file twice in one request
+                    continue
+                paths[str(path)] = i
+                if not path.exists():
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                    tmp.write_bytes(u.data)
+                    os.replace(tmp, path)
+                st = path.stat()
+                new.append((i, Entry(str(path), st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})))
+            existing = [i for i in ids if i is not None]
+            if new:
+                added = self.index.add([e for _, e in new], vectors[[i for i, _ in new]])
+                by_path = {e.path: id_ for (_, e), id_ in zip(new, added)}
+                for j, u in enumerate(uploads):
+                    if ids[j] is None:
+                        ids[j] = by_path[str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}")]
+            return [int(i) for i in ids], existing
 
     def delete(self, image_id: int) -> None:
+        with self._writing("delete from"):
+            e = self.entry(image_id)
+            self.index.remove(ids=[image_id])
+            if self.is_upload(e):
+                Path(e.path).unlink(missing_ok=True)
+
+    @contextmanager
+    def _writing(self, action: str):
+        """Exclusive write access to the index; its failures become 409s that say why."""
         with self.write_lock:
             try:
                 with self.index.writer():
-                    e = self.entry(image_id)
-                    self.index.remove(ids=[image_id])
-                    if self.is_upload(e):
-                        Path(e.path).unlink(missing_ok=True)
+                    yield
+            except IndexBusy:
+                raise ServiceError(409, "another process is writing this index (e.g. `cbir index`); try again when it has finished") from None
             except IndexStoreError as e:
-                if "another process is writing" in str(e):
-                    raise ServiceError(409, "another process is writing this index (e.g. `cbir index`); try again when it has finished") from None
-                raise ServiceError(409, f"cannot delete from the index: {e}") from None
+                raise ServiceError(409, f"cannot {action} the index: {e}") from None
             except OSError as e:
                 raise ServiceError(409, f"cannot write to the index directory ({e.strerror or e})") from None
 
