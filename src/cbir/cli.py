@@ -57,7 +57,11 @@ def _user_errors():
     from cbir.models import BackboneError
     from cbir.pipeline import PipelineError
 
-    return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, FileNotFoundError)
+    from cbir.localize import LocalizerError
+    from cbir.train import TrainingError
+
+    return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, LocalizerError, TrainingError,
+            FileNotFoundError)
 
 
 def _guard(fn):
@@ -322,6 +326,15 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+def _register_train() -> None:
+    from cbir.train.cli import register
+
+    app.add_typer(register(_guard), name="train")
+
+
+_register_train()
 
 if __name__ == "__main__":
     app()
