@@ -155,11 +155,21 @@ def index(
     ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="With --engine ray: actors (each loads the model once); default one per CPU.")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="With --engine ray: keep the Parquet shards here (default: a temporary folder in the index).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Also serve searches from Milvus: milvus://HOST:PORT/COLLECTION (synced now, stored with the index; 'faiss' to go back).")] = None,
+    localizer: LocalizerOpt = None,
 ) -> None:
-    """Build or update an index: new files added, changed files re-extracted, deleted files dropped."""
+    """Build or update an index: new files added, changed files re-extracted, deleted files dropped.
+
+    --localizer is stored with the index: its searches then find the objects of a query photo
+    and search each. The acceptance threshold for "not in the collection" is calibrated on
+    edits of the indexed images whenever the index changed, and stored with it.
+    """
     from cbir.images import list_images
     from cbir.index import Index, update_index
 
+    if localizer is not None:
+        from cbir.localize import create_localizer
+
+        create_localizer(localizer)  # an unknown name fails before any extraction
     fit = list_images(fit_on) if fit_on else None
     if index_type is not None and (index_dir / "index.json").exists():
         from cbir.index.factory import validate
@@ -179,7 +189,27 @@ def index(
     typer.echo(f"{index_dir}: {report.summary()}")
     if report.failed:
         typer.echo(f"{len(report.failed)} unreadable file(s) skipped (listed above)", err=True)
-    _prepare_search(Index(index_dir), index_type, search_params, backend)
+    idx = Index(index_dir)
+    if localizer is not None:
+        idx.update_info(localizer=None if localizer == "whole" else localizer)
+    changed = report.added + report.updated + report.removed > 0
+    _calibrate(idx, pipeline, weights, engine, force=changed)
+    _prepare_search(idx, index_type, search_params, backend)
+
+
+def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, force: bool) -> None:
+    """Store the index's acceptance threshold (`cbir.identify`), calibrated on its own images."""
+    from cbir.index.builder import calibrate_index
+    from cbir.pipeline import Extractor, resolve_spec
+
+    if (idx.info.get("identify") and not force) or len(idx) < 3:
+        return
+    extractor = Extractor(resolve_spec(idx.pipeline, weights), weights, "onnx" if engine == "ray" else engine)
+    extractor.load_post_state(idx.post_state())
+    cal = calibrate_index(idx, extractor, warn=_warn)
+    idx.update_info(identify=cal.to_json())
+    typer.echo(f"acceptance threshold {cal.threshold:.3f} (calibrated on {cal.n} edited images: "
+               f"{cal.tpr:.0%} accepted, {cal.tnr:.0%} of would-be unknowns rejected)")
 
 
 def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None) -> None:
@@ -219,13 +249,18 @@ def search(
     engine: EngineOpt = "onnx",
     rerank: Annotated[Optional[str], typer.Option("--rerank", help="Re-ranking steps, e.g. 'QE5', 'DBA5,aQE10a3', 'KRR20', 'DIFF10' (see `cbir pipelines`).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Search through milvus://HOST:PORT/COLLECTION, or 'faiss' (the embedded index); default: what the index stores.")] = None,
+    localizer: LocalizerOpt = None,
 ) -> None:
-    """Search an index with an example image; print ranked paths and scores."""
+    """Search an index with an example image; print ranked paths and scores.
+
+    With a localizer (--localizer, or the one stored with the index), the objects of the photo
+    are found first and each is searched: its box, then its results or "not in the collection".
+    """
     from cbir.index import Index, Searcher
 
     box = _parse_bbox(bbox)
     pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
-    searcher = Searcher(index_dir, weights, engine, pipeline=pipeline)
+    searcher = Searcher(index_dir, weights, engine, pipeline=pipeline, localizer=localizer)
     if backend is not None:
         if backend not in ("", "faiss"):
             from cbir.scale.milvus import MilvusURI
@@ -233,16 +268,46 @@ def search(
             MilvusURI.parse(backend)
         searcher.index.use_backend(None if backend in ("", "faiss") else backend)
     t0 = time.perf_counter()
+    if box is None and (localizer is not None or searcher.index.info.get("localizer")):
+        objects = searcher.search_objects(query, k)
+        ms = (time.perf_counter() - t0) * 1000
+        _print_objects(objects, ms, as_json)
+        return
     hits = searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
     if as_json:
-        typer.echo(json.dumps({"results": [{"path": h.path, "score": round(h.score, 6), "id": h.id, "meta": h.meta} for h in hits],
-                               "ms": round(ms, 2)}))
+        typer.echo(json.dumps({"results": [h.to_json() for h in hits], "ms": round(ms, 2)}))
         return
     for rank, h in enumerate(hits, 1):
         extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
         typer.echo(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
     typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+
+
+def _print_objects(objects, ms: float, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"objects": [o.to_json() for o in objects], "ms": round(ms, 2)}))
+        return
+    if not objects:
+        typer.echo("no object found in the photo")
+    for n, o in enumerate(objects, 1):
+        x0, y0, x1, y1 = (round(v) for v in o.region.box)
+        verdict = f"is {o.identified}" if o.identified else "not in the collection"
+        typer.echo(f"object {n}: box {x0},{y0},{x1},{y1}  (score {o.region.score:.2f})  {verdict}")
+        for rank, h in enumerate(o.results, 1):
+            extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
+            typer.echo(f"  {rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
+    typer.echo(f"({len(objects)} object(s) in {ms:.0f} ms)", err=True)
+
+
+@app.command()
+def localizers() -> None:
+    """List the localizers: how a photo is split into the objects that are searched."""
+    from cbir.localize import LOCALIZERS
+
+    for line in LOCALIZERS.describe():
+        typer.echo(line)
+    typer.echo(f"{'gt':22s} the benchmark's ground-truth boxes (cbir eval only: the upper bound)")
 
 
 @app.command("eval")

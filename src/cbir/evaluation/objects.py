@@ -30,7 +30,7 @@ from cbir.datasets import Benchmark, DatasetError, GroundTruthObject, Query
 from cbir.identify import Calibration, calibrate, top2_in
 from cbir.images import ImageError, open_image
 from cbir.localize import Localizer, Region, create_localizer
-from cbir.localize.geometry import crop_region
+from cbir.localize.geometry import extraction_source
 from cbir.metrics.classification import precision_recall_fscore
 from cbir.metrics.detection import DetectionMAP
 from cbir.metrics.retrieval import RetrievalMAP, positive_ranks
@@ -123,16 +123,6 @@ def mask_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
             "iou": float(tp / (tp + fp + fn)) if tp + fp + fn else 1.0}
 
 
-def region_source(path, image: Image.Image, region: Region):
-    """What to extract for a region: the photo's file itself when the region is the whole photo
-    (decoded at reduced scale as `cbir search` always did, so ``whole`` scores what searching the
-    photo scores), else the region's crop, rectified when it has a polygon."""
-    w, h = image.size
-    if region.polygon is None and tuple(region.box) == (0.0, 0.0, float(w), float(h)):
-        return path
-    return crop_region(image, region)
-
-
 @dataclass
 class PhotoResult:
     """One photo: its ground truth, what the localizer found, and each region's similarities."""
@@ -170,7 +160,7 @@ def run_photos(bench: Benchmark, extractor: Extractor, localizer: Localizer, db:
         regions = localizer(image)
         t1 = time.perf_counter()
         if regions:
-            vecs = extractor.extract([region_source(bench.path(q.image), image, r) for r in regions],
+            vecs = extractor.extract([extraction_source(bench.path(q.image), image, r) for r in regions],
                                      on_error=lambda i, e: warn(f"warning: {q.image} region {i}: {e}"))
             sims = similarity(vecs)
         else:
