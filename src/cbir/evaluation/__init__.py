@@ -214,5 +214,40 @@ def _extract(extractor, paths, bboxes, on_error, progress, what):
     return res
 
 
-__all__ = ["EvalResult", "evaluate", "interpolated_pr", "ap_from_positive_ranks", "query_keys",
+def format_summary(s: dict) -> str:
+    if "localizer" in s:
+        return format_objects_summary(s)
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} queries, {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
+             f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
+    lines += [f"{tag:14s} {v:7.4f}" for tag, v in s["map_by_tag"].items()]
+    lines.append("")
+    lines.append("  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
+                 "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items()))
+    if "ukbench_ns" in s:
+        lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
+    if s.get("n_database_unreadable"):
+        lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    return "\n".join(lines)
+
+
+def format_objects_summary(s: dict) -> str:
+    """The multi-object protocol's figures as a short table."""
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} photos, {s['n_objects']} objects in the collection "
+             f"(+{s['n_objects_unknown']} not), {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  localizer {s['localizer']}  "
+             f"({s['localize_ms_per_image']:.0f} ms/photo to localize, {s['search_ms_per_image']:.0f} ms with extraction)", "",
+             f"{'object mAP':18s} {s['object_map']:.4f}   (photo-level mAP {s['map']:.4f})"]
+    lines += [f"  {tag:16s} {v:.4f}" for tag, v in s["object_map_by_tag"].items()]
+    lines += [f"{'detection':18s} AP {s['det_ap']:.4f}  AP50 {s['det_ap50']:.4f}  count accuracy {s['count_accuracy']:.3f}",
+              f"{'masks':18s} precision {s['mask_precision']:.4f}  recall {s['mask_recall']:.4f}  "
+              f"F1 {s['mask_f1']:.4f}  IoU {s['mask_iou']:.4f}",
+              f"{'identification':18s} precision {s['id_precision']:.3f}  recall {s['id_recall']:.3f}  "
+              f"rejection {s['id_rejection']:.3f}  (threshold {s['accept_threshold']:.3f}, calibrated on the database)"]
+    if s.get("n_unreadable_queries"):
+        lines.append(f"{s['n_unreadable_queries']} query photo(s) unreadable, scored as finding nothing")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalResult", "evaluate", "format_summary", "interpolated_pr", "ap_from_positive_ranks", "query_keys",
            "score_vectors", "similarities"]
