@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, IndexBusy, IndexStoreError, Searcher
+from cbir.metadata import MetaError, displayable_meta, parse_meta
 
 STATIC = Path(__file__).parent / "static"
 MAX_K = 100
@@ -358,6 +359,7 @@ class Service:
         return Path(e.path).name
 
     def result(self, image_id: int, path: str, score: float, meta: dict) -> Result:
+        meta = displayable_meta(meta)  # a row stored before meta was checked must not break the search
         e = Entry(path, 0, 0, "", meta, image_id)
         return Result(id=image_id, name=self.name(e), score=round(score, 6), meta=meta,
                       image_url=f"/api/images/{image_id}/file", thumbnail_url=f"/api/images/{image_id}/thumbnail")
@@ -371,7 +373,7 @@ class Service:
                     w, h = h, w
         except Exception:
             pass
-        return ImageInfo(id=e.id, name=self.name(e), meta=e.meta, size=e.size, sha256=e.sha256, width=w, height=h,
+        return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256, width=w, height=h,
                          uploaded=self.is_upload(e), image_url=f"/api/images/{e.id}/file",
                          thumbnail_url=f"/api/images/{e.id}/thumbnail")
 
@@ -634,12 +636,10 @@ def create_app(
             raise ServiceError(422, f"{len(files)} files in one request; at most {MAX_FILES} are accepted")
         extra: dict = {}
         if meta is not None and meta.strip():
-            try:
-                extra = json.loads(meta)
-            except ValueError:
-                extra = None  # type: ignore[assignment]
-            if not isinstance(extra, dict):
-                raise ServiceError(422, 'meta must be a JSON object, e.g. {"title": "..."}')
+            try:  # checked before anything is read or written: a stored bad row would break searches
+                extra = parse_meta(meta)
+            except MetaError as e:
+                raise ServiceError(422, str(e)) from None
             extra.pop("filename", None)
         ups = [check_upload(await f.read(settings.max_upload_bytes + 1), f.filename, f.content_type,
                             settings.max_upload_bytes, settings.max_pixels) for f in files]
