@@ -2,7 +2,8 @@
 
 Queries that share an image and box are extracted once (the Revisited protocols list each
 query three times). Database images that cannot be read are left out of every ranking, with a
-warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
+warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP,
+and is counted in ``n_queries_unreadable``.
 A pipeline's re-ranking steps (`cbir.rerank`) act on the query and database vectors first.
 """
 
@@ -154,10 +155,14 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
             "top1": str(ranking[0]) if len(ranking) else "",
         })
     summary = metric.compute()
+    unreadable_q = np.isnan(q_vecs[:, 0])
     summary.update({
         "benchmark": bench.name,
         "n_database": len(bench.database),
         "n_database_unreadable": int((~valid_db).sum()),
+        # Queries (as counted in n_queries) whose image could not be read: they score AP 0.
+        "n_queries_unreadable": sum(1 for q in bench.queries if unreadable_q[unique[(q.image, q.bbox if crop else None)]]
+                                    and (set(q.positives) - set(q.junk))),
         "dim": int(db.shape[1]),
         "crop_queries": crop,
     })
