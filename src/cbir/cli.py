@@ -61,8 +61,9 @@ def _user_errors():
     from cbir.localize import LocalizerError
     from cbir.train import TrainingError
 
+    # OSError: a path that is a file where a folder is needed, a full disk, no permission...
     return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, LocalizerError, TrainingError,
-            FileNotFoundError)
+            OSError)
 
 
 def _guard(fn):
@@ -73,22 +74,33 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except _user_errors() as e:
-            _fail(str(e))
+            _fail(_one_line(e))
         except ValueError as e:  # e.g. PCA asked for more dims than fitting images
             _fail(str(e))
 
     return wrapper
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line (an OSError's as 'strerror: filename')."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    import math
+
     if text is None:
         return None
     try:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
-    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        _fail(f"--bbox {text!r} must be x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        _fail(f"--bbox {text!r} must be four finite numbers x0,y0,x1,y1 with x1 > x0 and y1 > y0")
     return box  # type: ignore[return-value]
 
 
@@ -242,7 +254,7 @@ def _prepare_search(idx, index_type: str | None, search_params: str | None, back
 def search(
     query: Annotated[Path, typer.Argument(help="Query image.")],
     index_dir: Annotated[Path, typer.Option("--index", "-i", help="Index directory built by `cbir index`.")],
-    k: Annotated[int, typer.Option("-k", min=1, max=10000, help="Number of results.")] = 10,
+    k: Annotated[int, typer.Option("-k", help="Number of results (1 to 10000).")] = 10,
     bbox: Annotated[Optional[str], typer.Option("--bbox", help="Query region x0,y0,x1,y1 in pixels.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: {results: [{path, score}], ms}.")] = False,
     weights: WeightsOpt = None,
@@ -258,6 +270,8 @@ def search(
     """
     from cbir.index import Index, Searcher
 
+    if not 1 <= k <= 10000:  # checked here, not by typer, to be one line like every other error
+        _fail(f"-k {k} must be between 1 and 10000")
     box = _parse_bbox(bbox)
     pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
     searcher = Searcher(index_dir, weights, engine, pipeline=pipeline, localizer=localizer)

@@ -140,12 +140,53 @@ def _load_gt_json(root: Path) -> Benchmark:
     return Benchmark(gt.get("name", root.name), root, database, queries, "gt.json", meta)
 
 
+# What a real gnd_r*.pkl holds: dicts, lists, strings and numbers (opcodes, no look-up), and
+# numpy arrays and scalars. Nothing else may be named, so a crafted file cannot call anything.
+PICKLE_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes (a numpy array's data) from Python 3
+} | {(module, name) for module in ("builtins", "__builtin__")  # containers older protocols name
+     for name in ("set", "frozenset", "bytes", "bytearray", "list", "dict", "tuple", "complex")}
+
+
+class _BenchmarkUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a benchmark file never holds")
+        return super().find_class(module, name)
+
+
+def read_ground_truth_pickle(pkl: Path) -> dict:
+    """A Revisited Oxford/Paris ``gnd_*.pkl``, read without running any code from it."""
+    try:
+        with open(pkl, "rb") as f:
+            cfg = _BenchmarkUnpickler(f).load()
+    except OSError as e:
+        raise DatasetError(f"{pkl}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # a crafted or corrupt pickle can raise almost anything
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DatasetError(f"{pkl}: refused, not a benchmark ground-truth pickle ({msg})") from None
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise DatasetError(f"{pkl}: not a benchmark ground-truth pickle (no imlist, qimlist and gnd)")
+    return cfg
+
+
 def _load_revisited(root: Path, pkl: Path) -> Benchmark:
-    with open(pkl, "rb") as f:
-        cfg = pickle.load(f)
+    cfg = read_ground_truth_pickle(pkl)
     ext = ".jpg"
     img_dir = "jpg/" if (root / "jpg").is_dir() else ""
-    database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
+    try:
+        database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
+        queries = _revisited_queries(cfg, database, img_dir, ext)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{pkl}: not in the expected format ({type(e).__name__}: {e})") from None
+    return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
+
+
+def _revisited_queries(cfg: dict, database: list[str], img_dir: str, ext: str) -> list[Query]:
     queries = []
     for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
         easy = [database[i] for i in g.get("easy", [])]
@@ -160,7 +201,7 @@ def _load_revisited(root: Path, pkl: Path) -> Benchmark:
             ("hard", hard, junk + easy),
         ):
             queries.append(Query(image, tuple(pos), tuple(jk), (tag,), bbox))
-    return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
+    return queries
 
 
 def _load_holidays(root: Path) -> Benchmark:

@@ -5,7 +5,8 @@ shows and scored by the multi-object protocol (`cbir.evaluation.objects`).
 
 Queries that share an image and box are extracted once (the Revisited protocols list each
 query three times). Database images that cannot be read are left out of every ranking, with a
-warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
+warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP,
+and is counted in ``n_queries_unreadable``.
 A pipeline's re-ranking steps (`cbir.rerank`) act on the query and database vectors first.
 """
 
@@ -182,10 +183,14 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
             "top1": str(ranking[0]) if len(ranking) else "",
         })
     summary = metric.compute()
+    unreadable_q = np.isnan(q_vecs[:, 0])
     summary.update({
         "benchmark": bench.name,
         "n_database": len(bench.database),
         "n_database_unreadable": int((~valid_db).sum()),
+        # Queries (as counted in n_queries) whose image could not be read: they score AP 0.
+        "n_queries_unreadable": sum(1 for q in bench.queries if unreadable_q[unique[(q.image, q.bbox if crop else None)]]
+                                    and (set(q.positives) - set(q.junk))),
         "dim": int(db.shape[1]),
         "crop_queries": crop,
     })
@@ -228,6 +233,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
     if s.get("n_database_unreadable"):
         lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    if s.get("n_queries_unreadable"):
+        lines.append(f"{s['n_queries_unreadable']} query image(s) unreadable, scored AP 0 (listed above)")
     return "\n".join(lines)
 
 
@@ -244,8 +251,8 @@ def format_objects_summary(s: dict) -> str:
               f"F1 {s['mask_f1']:.4f}  IoU {s['mask_iou']:.4f}",
               f"{'identification':18s} precision {s['id_precision']:.3f}  recall {s['id_recall']:.3f}  "
               f"rejection {s['id_rejection']:.3f}  (threshold {s['accept_threshold']:.3f}, calibrated on the database)"]
-    if s.get("n_unreadable_queries"):
-        lines.append(f"{s['n_unreadable_queries']} query photo(s) unreadable, scored as finding nothing")
+    if s.get("n_queries_unreadable"):
+        lines.append(f"{s['n_queries_unreadable']} query photo(s) unreadable, scored as finding nothing")
     return "\n".join(lines)
 
 

@@ -255,7 +255,7 @@ def score_photos(bench: Benchmark, photos: list[PhotoResult], db: np.ndarray, th
         "map": photo["map"], "map_by_tag": photo["map_by_tag"],
         "precision_at": photo["precision_at"], "recall_at": photo["recall_at"],
         "n_queries": len(photos), "n_skipped": photo["n_skipped"],
-        "n_unreadable_queries": sum(not p.readable for p in photos),
+        "n_queries_unreadable": sum(not p.readable for p in photos),
         "det_ap": max(0.0, d["map"]), "det_ap50": max(0.0, d.get("map_50", 0.0)),
         "mask_precision": mean([p.mask_scores["precision"] for p in readable]),
         "mask_recall": mean([p.mask_scores["recall"] for p in readable]),
