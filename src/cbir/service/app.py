@@ -81,8 +81,21 @@ class Result(BaseModel):
     thumbnail_url: str
 
 
-class SearchResponse(BaseModel):
+class FoundObject(BaseModel):
+    box: list[float] = Field(description="x0, y0, x1, y1 in pixels of the query as displayed.")
+    polygon: list[list[float]] | None = Field(description="The object's 4 corners when it is tilted or in perspective.")
+    score: float = Field(description="The localizer's confidence that this is an object.")
+    identified: Result | None = Field(description="The database image this object is, when its best match passes "
+                                                  "the index's acceptance threshold; null: not in the collection.")
     results: list[Result]
+
+
+class SearchResponse(BaseModel):
+    results: list[Result] = Field(description="The results of the first (best) object, or of the whole query.")
+    objects: list[FoundObject] = Field(default_factory=list, description="Each object found in the query photo "
+                                       "(by the server's localizer, or the box drawn) with its own results.")
+    localizer: str | None = Field(default=None, description="How the objects were found: a localizer, 'box' for a "
+                                  "box drawn by hand, null for a search by an indexed image.")
     k: int
     count: int = Field(description="Images in the index.")
     ms: float = Field(description="Server time for the whole search, in milliseconds.")
@@ -566,13 +579,15 @@ def create_app(
     threads: int | None = None,
     read_only: bool = False,
     max_uploads: int = DEFAULT_MAX_UPLOADS,
+    localizer: str | None = None,
 ) -> FastAPI:
     """The service over ``index_dir`` (or an existing ``searcher``), model loaded and warmed up."""
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         # ONNX Runtime threads per extraction: share the cores among the concurrent workers.
-        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)))
+        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)),
+                            localizer=localizer)
     if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
         raise ValueError("max_upload_mb and max_megapixels must be positive, workers and max_uploads at least 1")
     settings = Settings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
@@ -671,7 +686,7 @@ def create_app(
         box = parse_bbox(bbox)
         up = check_upload(await file.read(settings.max_upload_bytes + 1), file.filename, file.content_type,
                           settings.max_upload_bytes, settings.max_pixels)
-        return await svc.run_cpu(_search, svc, up.data, box, k, None, up.name)
+        return await svc.run_cpu(_search_objects, svc, up.data, box, k, up.name)
 
     @app.get("/api/images/{image_id}/similar", response_model=SearchResponse, tags=["search"],
              summary="More like this: search by an indexed image", responses=_errors(404, 413, 422))
@@ -756,6 +771,28 @@ def create_app(
 
 
 # -- endpoint bodies that run in worker threads ---------------------------------------------
+def _search_objects(svc: Service, data: bytes, box, k: int, what: str) -> SearchResponse:
+    """Localize the objects of the photo (or take the drawn box), then search each."""
+    t0 = time.perf_counter()
+    timings: dict = {}
+    try:
+        found = svc.searcher.search_objects(data, k, box, timings=timings)
+    except ImageError as e:
+        msg = what + ": " + str(e).split(": ", 1)[-1]
+        raise ServiceError(413 if ("Mpixel" in msg or "ecompression" in msg) else 422, msg) from None
+    objects = []
+    for o in found:
+        results = [svc.result(h.id, h.path, h.score, h.meta) for h in o.results]
+        j = o.region.to_json()
+        objects.append(FoundObject(box=j["box"], polygon=j["polygon"], score=j["score"],
+                                   identified=results[0] if o.identified else None, results=results))
+    return SearchResponse(results=objects[0].results if objects else [], objects=objects,
+                          localizer="box" if box is not None else svc.searcher.localizer.name, k=k,
+                          count=len(svc.index), ms=round((time.perf_counter() - t0) * 1000, 2),
+                          extract_ms=round(timings.get("localize_ms", 0) + timings.get("extract_ms", 0), 2),
+                          search_ms=round(timings.get("search_ms", 0), 2))
+
+
 def _search(svc: Service, source, box, k: int, exclude: int | None, what: str) -> SearchResponse:
     t0 = time.perf_counter()
     v = svc.extract(source, box, what)

@@ -24,6 +24,7 @@ def serve(
     read_only: Annotated[bool, typer.Option("--read-only", help="Refuse to add or delete images.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone, if the index was built with one.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default) or torch.")] = "onnx",
+    localizer: Annotated[Optional[str], typer.Option("--localizer", "-l", help="How a query photo is split into objects, each searched: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); default: the one stored with the index, else whole.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
     """Serve a search page and a JSON API over an index: drop a photo, see what matches."""
@@ -48,7 +49,7 @@ def serve(
     try:
         app = create_app(index, weights=weights, engine=engine, max_upload_mb=max_upload_mb,
                          max_megapixels=max_megapixels, workers=workers, threads=threads, read_only=read_only,
-                         max_uploads=max_uploads)
+                         max_uploads=max_uploads, localizer=localizer)
     except BaseException:
         sock.close()
         raise
