@@ -62,6 +62,7 @@ class SynthConfig:
     perspective: float = 0.16  # max relative shrink of the far edge
     p_stacked: float = 0.2  # two paintings one above the other instead of side by side
     p_cut: float = 0.08  # a single painting partly outside the photo
+    p_closeup: float = 0.3  # a single painting filling most of the photo
     fill: tuple[float, float] = (0.65, 0.98)  # painting size within its slot
     p_background: float = 0.5  # a real background photo, when there are any
     p_floor: float = 0.35
@@ -305,6 +306,8 @@ def load_backgrounds(source: str | Path | Sequence[Path], warn: Callable[[str], 
         except ImageError as e:
             warn(f"warning: skipping background {e}")
             continue
+        if boxes is None and max(img.size) > 1600:  # bounded memory for a folder of big photos
+            img.thumbnail((1600, 1600), Image.BILINEAR)
         if boxes is not None:
             box = boxes[i]
             if box is None:
@@ -460,7 +463,7 @@ def _slots(rng: np.random.Generator, k: int, aspects: list[float], region: tuple
     out, x = [], x0
     for ww in ws:
         # each painting has its own height band: paintings of one wall differ in size
-        hh = (y1 - y0) * rng.uniform(0.7, 1.0)
+        hh = (y1 - y0) * rng.uniform(0.8, 1.0)
         yt = y0 + rng.uniform(0, (y1 - y0) - hh)
         out.append((x, yt, x + ww, yt + hh)); x += ww + gap
     return out
@@ -496,7 +499,8 @@ def _draw_shadow(wall: np.ndarray, poly: np.ndarray, rng: np.random.Generator, d
 
 def _draw_label(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
     x0, y0, x1, y1 = box
-    col = tuple(int(v) for v in rng.choice([[245, 245, 240], [235, 230, 220], [40, 40, 40], [180, 40, 40]]))
+    cols = [[245, 245, 240], [235, 230, 220], [250, 250, 250], [40, 40, 40], [180, 40, 40]]
+    col = tuple(int(v) for v in cols[rng.choice(len(cols), p=[0.35, 0.25, 0.25, 0.1, 0.05])])
     draw.rectangle(box, fill=col)
     ink = (90, 90, 90) if sum(col) > 300 else (220, 220, 220)
     lines = int(rng.integers(2, 6))
@@ -534,26 +538,49 @@ def _draw_bench(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box) -> Non
         draw.rectangle((lx, y0 + seat, lx + lw, y1), fill=tuple(int(c * 0.7) for c in col))
 
 
-def _text_box(photo: Image.Image, rng: np.random.Generator, bbox: Sequence[int], light: bool) -> None:
-    x0, y0, x1, y1 = bbox
+def _row_span(poly: np.ndarray, y: float) -> tuple[float, float] | None:
+    """Where the horizontal line at ``y`` crosses the (convex) polygon: (x_left, x_right)."""
+    xs = []
+    for (ax, ay), (bx, by) in zip(poly, np.roll(poly, -1, 0)):
+        if (ay <= y <= by or by <= y <= ay) and ay != by:
+            xs.append(ax + (y - ay) * (bx - ax) / (by - ay))
+    return (min(xs), max(xs)) if len(xs) >= 2 else None
+
+
+def _text_box(photo: Image.Image, rng: np.random.Generator, poly: np.ndarray, light: bool) -> None:
+    """A burnt-in box with an artist-like name, near the top or bottom of the painting, inside it."""
+    poly = np.asarray(poly, float)
+    x0, y0 = poly.min(0)
+    x1, y1 = poly.max(0)
     bw, bh = x1 - x0, y1 - y0
     if bw < 24 or bh < 24:
         return
     name = _artist_name(rng)
     size = int(max(9, min(bh * rng.uniform(0.05, 0.11), 64)))
+    font = _font(rng, size)
     draw = ImageDraw.Draw(photo)
-    for _ in range(6):
-        font = _font(rng, size)
+    frac = rng.uniform(0.06, 0.18)
+    at_top = rng.random() < 0.6
+    for _ in range(8):
         tb = draw.textbbox((0, 0), name, font=font)
         tw, th = tb[2] - tb[0], tb[3] - tb[1]
-        if tw <= bw * 0.85 or size <= 9:
+        pad = max(2, int(th * 0.35))
+        boxw, boxh = tw + 2 * pad, th + 2 * pad
+        top = y0 + frac * bh if at_top else y1 - frac * bh - boxh
+        spans = [_row_span(poly, top), _row_span(poly, top + boxh)]
+        if None in spans:
+            return
+        lo, hi = max(sp[0] for sp in spans), min(sp[1] for sp in spans)
+        room = (hi - lo) * 0.94
+        if boxw <= room:
             break
-        size = max(9, int(size * bw * 0.8 / tw))
-    pad_x, pad_y = max(2, int(th * 0.35)), max(2, int(th * 0.35))
-    boxw, boxh = tw + 2 * pad_x, th + 2 * pad_y
-    cx = (x0 + x1) / 2 + rng.uniform(-0.05, 0.05) * bw
-    frac = rng.uniform(0.04, 0.16)
-    top = y0 + frac * bh if rng.random() < 0.6 else y1 - frac * bh - boxh
+        if size <= 9:
+            return
+        size = max(9, int(size * room / boxw * 0.97))
+        font = _font(rng, size)
+    else:
+        return
+    cx = (lo + hi) / 2 + rng.uniform(-0.5, 0.5) * (room - boxw) * 0.8
     left = int(round(cx - boxw / 2))
     top = int(round(top))
     if light:
@@ -563,7 +590,7 @@ def _text_box(photo: Image.Image, rng: np.random.Generator, bbox: Sequence[int],
         fill = tuple(int(v) for v in rng.integers(0, 50, 3))
         ink = tuple(int(v) for v in rng.integers(215, 256, 3))
     draw.rectangle((left, top, left + boxw, top + boxh), fill=fill)
-    draw.text((left + pad_x - tb[0], top + pad_y - tb[1]), name, font=font, fill=ink)
+    draw.text((left + pad - tb[0], top + pad - tb[1]), name, font=font, fill=ink)
 
 
 def _hue_shift(arr: np.ndarray, shift: float, sat: float) -> np.ndarray:
@@ -633,8 +660,12 @@ def compose_photo(
     stacked = k == 2 and rng.random() < cfg.p_stacked
     mx, my = rng.uniform(0.02, 0.09) * W, rng.uniform(0.03, 0.1) * H
     region = (mx, my, W - mx, min(H - my, y_floor - 0.03 * H))
+    fill = cfg.fill
     if k == 1 and rng.random() < cfg.p_cut:
         region = (-0.1 * W, -0.1 * H, 1.1 * W, 1.1 * H)
+    elif k == 1 and rng.random() < cfg.p_closeup:
+        region = (0.02 * W, 0.02 * H, 0.98 * W, min(0.98 * H, y_floor))
+        fill = (max(fill[0], 0.85), max(fill[1], 1.0))
     slots = _slots(rng, k, aspects, region, stacked)
     polys, renders = [], []
     for i, (p, slot) in enumerate(zip(paintings, slots)):
@@ -650,7 +681,7 @@ def compose_photo(
         poly0 = _canonical_polygon(fw, fh, proll, yaw0 + rng.normal(0, 0.02), pitch0 + rng.normal(0, 0.01))
         ext = poly0.max(0) - poly0.min(0)
         sx0, sy0, sx1, sy1 = slot
-        s = rng.uniform(*cfg.fill) * min((sx1 - sx0) / ext[0], (sy1 - sy0) / ext[1])
+        s = rng.uniform(*fill) * min((sx1 - sx0) / ext[0], (sy1 - sy0) / ext[1])
         poly = poly0 * s
         ext = ext * s
         lo = poly.min(0)
@@ -751,7 +782,7 @@ def compose_photo(
     light_box = rng.random() < cfg.p_light_text_box
     for o in objects:
         if rng.random() < cfg.p_text:
-            _text_box(photo, rng, o["bbox"], light_box)
+            _text_box(photo, rng, np.asarray(o["polygon"]), light_box)
     arr = np.asarray(photo)
     if rng.random() < cfg.p_hue:
         arr = _hue_shift(arr, rng.uniform(0.05, 0.95), rng.uniform(0.8, 1.5))
@@ -793,15 +824,16 @@ def _collection(collection: Sequence[Path] | Path) -> tuple[list[Path], Path | N
     return paths, None
 
 
-def _held_out(path: Path, root: Path | None, names: set[str]) -> bool:
-    if path.name in names or str(path) in names or path.as_posix() in names:
-        return True
+def _holdout_key(path: Path, root: Path | None, names: set[str]) -> str | None:
+    """The holdout entry that names ``path`` (its file name, its path, or its path under
+    ``root``), or None."""
+    keys = [path.name, str(path), path.as_posix()]
     if root is not None:
         try:
-            return path.relative_to(root).as_posix() in names
+            keys.append(path.relative_to(root).as_posix())
         except ValueError:
-            return False
-    return False
+            pass
+    return next((k for k in keys if k in names), None)
 
 
 def synthesize(
@@ -832,9 +864,12 @@ def synthesize(
     if not 64 <= long_side <= 8192:
         raise SynthError(f"long side {long_side} is outside 64..8192")
     paths, root = _collection(collection)
-    names = {str(h).strip() for h in holdout if str(h).strip()}
-    names |= {Path(h).as_posix() for h in names}
-    paths = [p for p in paths if not _held_out(p, root, names)]
+    names = {Path(str(h).strip()).as_posix() for h in holdout if str(h).strip()}
+    hits = {p: _holdout_key(p, root, names) for p in paths}
+    unmatched = names - set(hits.values())
+    if unmatched:
+        warn(f"warning: {len(unmatched)} --holdout name(s) match no collection image, e.g. {sorted(unmatched)[0]!r}")
+    paths = [p for p in paths if hits[p] is None]
     where = root if root is not None else "the collection list"
     readable = []
     for p in paths:
@@ -853,7 +888,7 @@ def synthesize(
     gt_path = out / "gt.json"
     if gt_path.exists():
         gt_path.unlink()  # an interrupted run must not leave an old gt.json over new files
-    rel = [Path(os.path.relpath(p.resolve(), out.resolve())).as_posix() for p in readable]
+    rel = [Path(os.path.relpath(os.path.abspath(p), os.path.abspath(out))).as_posix() for p in readable]
     cfg = config or SynthConfig()
     cp = np.array(cfg.count_probs, float)
     children = np.random.SeedSequence(seed).spawn(n)
