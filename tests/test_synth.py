@@ -122,7 +122,7 @@ def test_loads_as_a_benchmark(generated):
         assert "synthetic" in q.tags
 
 
-def test_same_seed_same_bytes(collection, generated, tmp_path):
+def test_same_seed_same_bytes(collection, generated, tmp_path, tmp_path_factory):
     again = tmp_path / "synthbench"
     synthesize(collection, again, 10, seed=5, long_side=256, warn=lambda m: None)
     files = sorted(p.relative_to(generated) for p in generated.rglob("*") if p.is_file())
@@ -130,6 +130,11 @@ def test_same_seed_same_bytes(collection, generated, tmp_path):
     # gt.json's paths are relative to the folder, so even it is the same bytes
     for f in files:
         assert (generated / f).read_bytes() == (again / f).read_bytes(), f
+    # the same with two worker processes
+    parallel = tmp_path_factory.mktemp("parallel") / "synthbench"  # same depth: same relative paths
+    synthesize(collection, parallel, 10, seed=5, long_side=256, warn=lambda m: None, workers=2)
+    for f in files:
+        assert (generated / f).read_bytes() == (parallel / f).read_bytes(), f
     other = tmp_path / "other" / "synthbench"
     synthesize(collection, other, 3, seed=6, long_side=256, warn=lambda m: None)
     assert (other / "queries/synth_00000.jpg").read_bytes() != (generated / "queries/synth_00000.jpg").read_bytes()

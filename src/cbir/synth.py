@@ -195,7 +195,7 @@ def _procedural_wall(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     wall += rng.normal(0, rng.uniform(0.5, 2.5), (h, w, 1)).astype(np.float32)
     # a linear gradient in a random direction
     ang = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (a.astype(np.float32) for a in np.ogrid[0:h, 0:w])
     g = ((xx / w - 0.5) * np.cos(ang) + (yy / h - 0.5) * np.sin(ang)) * rng.uniform(0, 0.25)
     return wall * (1 + g[..., None])
 
@@ -203,7 +203,7 @@ def _procedural_wall(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def _floor(rng: np.random.Generator, wall: np.ndarray, y_floor: float, slope: float) -> None:
     """A floor below a (slightly tilted) line, with a skirting board; drawn into ``wall``."""
     h, w, _ = wall.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (a.astype(np.float32) for a in np.ogrid[0:h, 0:w])
     line = y_floor + (xx - w / 2) * slope
     below = yy >= line
     kind = rng.integers(3)
@@ -489,12 +489,17 @@ def _warp_onto(photo: Image.Image, src: Image.Image, poly: np.ndarray, shadow: t
 
 def _draw_shadow(wall: np.ndarray, poly: np.ndarray, rng: np.random.Generator, dx: float, dy: float) -> None:
     h, w, _ = wall.shape
-    m = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(m).polygon([tuple(p) for p in poly + [dx, dy]], fill=255)
     radius = max(1.0, rng.uniform(0.004, 0.015) * max(w, h))
-    m = m.filter(ImageFilter.GaussianBlur(radius))
-    a = np.asarray(m, np.float32)[..., None] / 255.0
-    wall *= 1 - a * rng.uniform(0.25, 0.6)
+    strength = rng.uniform(0.25, 0.6)
+    shifted = poly + [dx, dy]
+    m = int(3 * radius) + 2
+    x0, y0, x1, y1 = _bbox_of(np.vstack([shifted.min(0) - m, shifted.max(0) + m]), w, h)
+    if x1 <= x0 or y1 <= y0:
+        return
+    mask = Image.new("L", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(mask).polygon([(x - x0, y - y0) for x, y in shifted], fill=255)
+    a = np.asarray(mask.filter(ImageFilter.GaussianBlur(radius)), np.float32)[..., None] / 255.0
+    wall[y0:y1, x0:x1] *= 1 - a * strength
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
@@ -700,7 +705,7 @@ def compose_photo(
 
     # spotlights and shadows on the wall
     if k and rng.random() < cfg.p_spotlight:
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        yy, xx = (a.astype(np.float32) for a in np.ogrid[0:H, 0:W])
         light = np.full((H, W), rng.uniform(0.8, 0.92), np.float32)
         for bx in boxes:
             cx, top = (bx[0] + bx[2]) / 2, bx[1]
@@ -763,7 +768,7 @@ def compose_photo(
     arr = np.asarray(photo, np.float32)
     # global light: vignetting / fall-off, colour cast, exposure
     if rng.random() < cfg.p_vignette:
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        yy, xx = (a.astype(np.float32) for a in np.ogrid[0:H, 0:W])
         cx, cy = W * rng.uniform(0.3, 0.7), H * rng.uniform(0.2, 0.6)
         r2 = ((xx - cx) / W) ** 2 + ((yy - cy) / H) ** 2
         arr *= (1 - rng.uniform(0.1, 0.5) * np.clip(r2 / 0.5, 0, 1))[..., None]
@@ -836,6 +841,69 @@ def _holdout_key(path: Path, root: Path | None, names: set[str]) -> str | None:
     return next((k for k in keys if k in names), None)
 
 
+_COUNT_TAGS = ("no-painting", "one-painting", "two-paintings", "three-paintings")
+
+
+@dataclass
+class _Job:
+    """What every photo of one :func:`synthesize` run needs (picklable, for worker processes)."""
+
+    readable: list[Path]
+    rel: list[str]
+    backgrounds: list[Image.Image]
+    out: Path
+    long_side: int
+    config: SynthConfig
+
+    def photo(self, i: int, seed: np.random.SeedSequence) -> tuple[dict, list[str]]:
+        """Compose, write and describe photo ``i``: (its gt.json query, warnings)."""
+        rng = np.random.default_rng(seed)
+        cfg, warnings = self.config, []
+        cp = np.array(cfg.count_probs, float)
+        k = min(int(rng.choice(4, p=cp / cp.sum())), len(self.readable))
+        picks = [int(j) for j in rng.choice(len(self.readable), k, replace=False)] if k else []
+        imgs, used = [], []
+        for j in picks:
+            try:
+                imgs.append(open_image(self.readable[j], Resize("long", max(256, self.long_side))))
+                used.append(j)
+            except ImageError as e:
+                warnings.append(f"warning: skipping {e}")
+        bgs = self.backgrounds
+        bg = bgs[int(rng.integers(len(bgs)))] if bgs else None
+        photo, mask, objs = compose_photo(imgs, rng, long_side=self.long_side, background=bg, config=cfg)
+        name = f"queries/synth_{i:05d}"
+        photo.save(self.out / f"{name}.jpg", "JPEG", quality=92)
+        mask.save(self.out / f"{name}_mask.png")
+        objects = [{"bbox": o["bbox"], "positives": [self.rel[used[o["index"]]]], "polygon": o["polygon"]}
+                   for o in objs]
+        q = {
+            "image": f"{name}.jpg",
+            "positives": sorted({p for o in objects for p in o["positives"]}),
+            "junk": [],
+            "tags": ["synthetic", _COUNT_TAGS[len(objects)]],
+        }
+        if len(objects) == 1:
+            q["bbox"] = objects[0]["bbox"]
+        q["mask"] = f"{name}_mask.png"
+        q["objects"] = objects
+        return q, warnings
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _worker_photo(i: int, seed: np.random.SeedSequence) -> tuple[dict, list[str]]:
+    assert _WORKER_JOB is not None
+    return _WORKER_JOB.photo(i, seed)
+
+
 def synthesize(
     collection: Sequence[Path] | Path,
     out_dir: str | Path,
@@ -848,13 +916,15 @@ def synthesize(
     *,
     config: SynthConfig | None = None,
     warn: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write ``n`` composite photos of ``collection`` and their ground truth to ``out_dir``.
 
     ``collection``: a folder (searched recursively) or a list of image files. ``holdout``:
     collection-relative paths or file names to leave out. ``backgrounds``: a benchmark folder
     (its ``background`` queries, painting removed) or a folder of wall photos. ``progress``: a
-    tqdm-like factory (``progress(total=..., desc=...)``). Unreadable images are skipped with a
+    tqdm-like factory (``progress(total=..., desc=...)``). ``workers`` > 1 composes photos in
+    that many processes (same bytes as one). Unreadable images are skipped with a
     warning; a collection with none readable raises :class:`SynthError`. ``gt.json`` is written
     last, atomically. Returns the path of ``gt.json``.
     """
@@ -890,42 +960,34 @@ def synthesize(
         gt_path.unlink()  # an interrupted run must not leave an old gt.json over new files
     rel = [Path(os.path.relpath(os.path.abspath(p), os.path.abspath(out))).as_posix() for p in readable]
     cfg = config or SynthConfig()
-    cp = np.array(cfg.count_probs, float)
+    job = _Job(readable, rel, bgs, out, long_side, cfg)
     children = np.random.SeedSequence(seed).spawn(n)
     bar = progress(total=n, desc="synth", unit="photo") if progress else None
     queries = []
-    count_tags = ("no-painting", "one-painting", "two-paintings", "three-paintings")
     try:
-        for i, child in enumerate(children):
-            rng = np.random.default_rng(child)
-            k = min(int(rng.choice(4, p=cp / cp.sum())), len(readable))
-            picks = [int(j) for j in rng.choice(len(readable), k, replace=False)] if k else []
-            imgs, used = [], []
-            for j in picks:
-                try:
-                    imgs.append(open_image(readable[j], Resize("long", max(256, long_side))))
-                    used.append(j)
-                except ImageError as e:
-                    warn(f"warning: skipping {e}")
-            bg = bgs[int(rng.integers(len(bgs)))] if bgs else None
-            photo, mask, objs = compose_photo(imgs, rng, long_side=long_side, background=bg, config=cfg)
-            name = f"queries/synth_{i:05d}"
-            photo.save(out / f"{name}.jpg", "JPEG", quality=92)
-            mask.save(out / f"{name}_mask.png")
-            objects = [{"bbox": o["bbox"], "positives": [rel[used[o["index"]]]], "polygon": o["polygon"]} for o in objs]
-            q = {
-                "image": f"{name}.jpg",
-                "positives": sorted({p for o in objects for p in o["positives"]}),
-                "junk": [],
-                "tags": ["synthetic", count_tags[len(objects)]],
-            }
-            if len(objects) == 1:
-                q["bbox"] = objects[0]["bbox"]
-            q["mask"] = f"{name}_mask.png"
-            q["objects"] = objects
-            queries.append(q)
-            if bar is not None:
-                bar.update(1)
+        if workers > 1 and n > 1:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            # fork keeps the decoded backgrounds shared; each photo has its own seed, so the
+            # bytes do not depend on the number of workers
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as ex:
+                results = ex.map(_worker_photo, range(n), children, chunksize=2)
+                for q, warnings in results:
+                    for w in warnings:
+                        warn(w)
+                    queries.append(q)
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            for i, child in enumerate(children):
+                q, warnings = job.photo(i, child)
+                for w in warnings:
+                    warn(w)
+                queries.append(q)
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -961,6 +1023,7 @@ def synth(
     holdout: Annotated[Optional[Path], typer.Option(
         "--holdout", help="File listing collection images to leave out, one collection-relative path or file name per line.")] = None,
     long_side: Annotated[int, typer.Option("--long-side", help="Typical longer side of a photo, in pixels (drawn within +-33%).")] = 768,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Processes composing photos (the output does not depend on it).")] = 1,
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm
@@ -971,5 +1034,5 @@ def synth(
         return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
     gt = synthesize(collection_dir, out_dir, n, seed=seed, backgrounds=backgrounds, holdout=names,
-                    long_side=long_side, progress=progress)
+                    long_side=long_side, progress=progress, workers=workers)
     typer.echo(f"wrote {n} photos and {gt}")
