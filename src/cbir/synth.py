@@ -1016,7 +1016,7 @@ import typer  # noqa: E402
 def synth(
     collection_dir: Annotated[Path, typer.Argument(help="Folder of collection images (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Benchmark folder to write: gt.json, queries/*.jpg and masks.")],
-    n: Annotated[int, typer.Option("-n", "--n", help="Number of photos.")] = 100,
+    n: Annotated[int, typer.Option("-n", "--num", help="Number of photos.")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same bytes.")] = 0,
     backgrounds: Annotated[Optional[Path], typer.Option(
         "--backgrounds", help="Wall photos: a benchmark folder (its 'background' queries, painting removed) or a folder of images.")] = None,
