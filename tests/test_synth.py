@@ -122,7 +122,7 @@ def test_loads_as_a_benchmark(generated):
         assert "synthetic" in q.tags
 
 
-def test_same_seed_same_bytes(collection, generated, tmp_path):
+def test_same_seed_same_bytes(collection, generated, tmp_path, tmp_path_factory):
     again = tmp_path / "synthbench"
     synthesize(collection, again, 10, seed=5, long_side=256, warn=lambda m: None)
     files = sorted(p.relative_to(generated) for p in generated.rglob("*") if p.is_file())
@@ -130,6 +130,11 @@ def test_same_seed_same_bytes(collection, generated, tmp_path):
     # gt.json's paths are relative to the folder, so even it is the same bytes
     for f in files:
         assert (generated / f).read_bytes() == (again / f).read_bytes(), f
+    # the same with two worker processes
+    parallel = tmp_path_factory.mktemp("parallel") / "synthbench"  # same depth: same relative paths
+    synthesize(collection, parallel, 10, seed=5, long_side=256, warn=lambda m: None, workers=2)
+    for f in files:
+        assert (generated / f).read_bytes() == (parallel / f).read_bytes(), f
     other = tmp_path / "other" / "synthbench"
     synthesize(collection, other, 3, seed=6, long_side=256, warn=lambda m: None)
     assert (other / "queries/synth_00000.jpg").read_bytes() != (generated / "queries/synth_00000.jpg").read_bytes()
@@ -137,8 +142,10 @@ def test_same_seed_same_bytes(collection, generated, tmp_path):
 
 def test_holdout_excluded(collection, tmp_path):
     # a file name and a collection-relative path
+    warnings = []
     gt_path = synthesize(collection, tmp_path / "b", 12, seed=1, long_side=200,
-                         holdout=["chelsea.jpg", "sub/coffee.jpg"], warn=lambda m: None)
+                         holdout=["chelsea.jpg", "sub/coffee.jpg", "nowhere.jpg"], warn=warnings.append)
+    assert any("nowhere.jpg" in w for w in warnings)
     gt = json.loads(gt_path.read_text())
     names = {Path(p).name for p in gt["database"]}
     assert names == {"astronaut.jpg", "rocket.jpg"}
@@ -210,6 +217,21 @@ def test_polygon_is_where_the_painting_is():
         want = np.asarray(src, float)[ys.ravel(), xs.ravel()]
         assert np.median(np.abs(got - want)) < 12
         assert np.mean(np.abs(got - want) < 40) > 0.9
+
+
+def test_every_effect_at_once():
+    """Each effect forced on (frames with mats, floor, door, bench, labels, text, noise, hue
+    shift, blur, JPEG, a background photo): the ground truth still agrees with itself."""
+    on = dict(p_mat=1.0, p_floor=1.0, p_label=1.0, p_door=1.0, p_bench=1.0, p_shadow=1.0, p_spotlight=1.0,
+              p_text=1.0, p_blur=1.0, p_gauss=1.0, p_impulse=1.0, p_hue=1.0, p_jpeg=1.0, p_vignette=1.0)
+    wall = skimage_photo("coffee", 300)
+    for seed in range(4):
+        paintings = [skimage_photo(n, 100) for n in PHOTO_NAMES[: 1 + seed % 3]]
+        for bg in (None, wall):
+            cfg = SynthConfig(**on, p_background=1.0 if bg else 0.0)
+            photo, mask, objs = compose_photo(paintings, seed, long_side=320, background=bg, config=cfg)
+            assert len(objs) == len(paintings)
+            _assert_consistent(photo.size, np.asarray(mask), objs)
 
 
 def test_at_most_three_paintings():

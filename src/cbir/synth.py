@@ -62,6 +62,7 @@ class SynthConfig:
     perspective: float = 0.16  # max relative shrink of the far edge
     p_stacked: float = 0.2  # two paintings one above the other instead of side by side
     p_cut: float = 0.08  # a single painting partly outside the photo
+    p_closeup: float = 0.3  # a single painting filling most of the photo
     fill: tuple[float, float] = (0.65, 0.98)  # painting size within its slot
     p_background: float = 0.5  # a real background photo, when there are any
     p_floor: float = 0.35
@@ -194,7 +195,7 @@ def _procedural_wall(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     wall += rng.normal(0, rng.uniform(0.5, 2.5), (h, w, 1)).astype(np.float32)
     # a linear gradient in a random direction
     ang = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (a.astype(np.float32) for a in np.ogrid[0:h, 0:w])
     g = ((xx / w - 0.5) * np.cos(ang) + (yy / h - 0.5) * np.sin(ang)) * rng.uniform(0, 0.25)
     return wall * (1 + g[..., None])
 
@@ -202,7 +203,7 @@ def _procedural_wall(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def _floor(rng: np.random.Generator, wall: np.ndarray, y_floor: float, slope: float) -> None:
     """A floor below a (slightly tilted) line, with a skirting board; drawn into ``wall``."""
     h, w, _ = wall.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = (a.astype(np.float32) for a in np.ogrid[0:h, 0:w])
     line = y_floor + (xx - w / 2) * slope
     below = yy >= line
     kind = rng.integers(3)
@@ -305,6 +306,8 @@ def load_backgrounds(source: str | Path | Sequence[Path], warn: Callable[[str], 
         except ImageError as e:
             warn(f"warning: skipping background {e}")
             continue
+        if boxes is None and max(img.size) > 1600:  # bounded memory for a folder of big photos
+            img.thumbnail((1600, 1600), Image.BILINEAR)
         if boxes is not None:
             box = boxes[i]
             if box is None:
@@ -460,7 +463,7 @@ def _slots(rng: np.random.Generator, k: int, aspects: list[float], region: tuple
     out, x = [], x0
     for ww in ws:
         # each painting has its own height band: paintings of one wall differ in size
-        hh = (y1 - y0) * rng.uniform(0.7, 1.0)
+        hh = (y1 - y0) * rng.uniform(0.8, 1.0)
         yt = y0 + rng.uniform(0, (y1 - y0) - hh)
         out.append((x, yt, x + ww, yt + hh)); x += ww + gap
     return out
@@ -486,17 +489,23 @@ def _warp_onto(photo: Image.Image, src: Image.Image, poly: np.ndarray, shadow: t
 
 def _draw_shadow(wall: np.ndarray, poly: np.ndarray, rng: np.random.Generator, dx: float, dy: float) -> None:
     h, w, _ = wall.shape
-    m = Image.new("L", (w, h), 0)
-    ImageDraw.Draw(m).polygon([tuple(p) for p in poly + [dx, dy]], fill=255)
     radius = max(1.0, rng.uniform(0.004, 0.015) * max(w, h))
-    m = m.filter(ImageFilter.GaussianBlur(radius))
-    a = np.asarray(m, np.float32)[..., None] / 255.0
-    wall *= 1 - a * rng.uniform(0.25, 0.6)
+    strength = rng.uniform(0.25, 0.6)
+    shifted = poly + [dx, dy]
+    m = int(3 * radius) + 2
+    x0, y0, x1, y1 = _bbox_of(np.vstack([shifted.min(0) - m, shifted.max(0) + m]), w, h)
+    if x1 <= x0 or y1 <= y0:
+        return
+    mask = Image.new("L", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(mask).polygon([(x - x0, y - y0) for x, y in shifted], fill=255)
+    a = np.asarray(mask.filter(ImageFilter.GaussianBlur(radius)), np.float32)[..., None] / 255.0
+    wall[y0:y1, x0:x1] *= 1 - a * strength
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
     x0, y0, x1, y1 = box
-    col = tuple(int(v) for v in rng.choice([[245, 245, 240], [235, 230, 220], [40, 40, 40], [180, 40, 40]]))
+    cols = [[245, 245, 240], [235, 230, 220], [250, 250, 250], [40, 40, 40], [180, 40, 40]]
+    col = tuple(int(v) for v in cols[rng.choice(len(cols), p=[0.35, 0.25, 0.25, 0.1, 0.05])])
     draw.rectangle(box, fill=col)
     ink = (90, 90, 90) if sum(col) > 300 else (220, 220, 220)
     lines = int(rng.integers(2, 6))
@@ -534,26 +543,49 @@ def _draw_bench(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box) -> Non
         draw.rectangle((lx, y0 + seat, lx + lw, y1), fill=tuple(int(c * 0.7) for c in col))
 
 
-def _text_box(photo: Image.Image, rng: np.random.Generator, bbox: Sequence[int], light: bool) -> None:
-    x0, y0, x1, y1 = bbox
+def _row_span(poly: np.ndarray, y: float) -> tuple[float, float] | None:
+    """Where the horizontal line at ``y`` crosses the (convex) polygon: (x_left, x_right)."""
+    xs = []
+    for (ax, ay), (bx, by) in zip(poly, np.roll(poly, -1, 0)):
+        if (ay <= y <= by or by <= y <= ay) and ay != by:
+            xs.append(ax + (y - ay) * (bx - ax) / (by - ay))
+    return (min(xs), max(xs)) if len(xs) >= 2 else None
+
+
+def _text_box(photo: Image.Image, rng: np.random.Generator, poly: np.ndarray, light: bool) -> None:
+    """A burnt-in box with an artist-like name, near the top or bottom of the painting, inside it."""
+    poly = np.asarray(poly, float)
+    x0, y0 = poly.min(0)
+    x1, y1 = poly.max(0)
     bw, bh = x1 - x0, y1 - y0
     if bw < 24 or bh < 24:
         return
     name = _artist_name(rng)
     size = int(max(9, min(bh * rng.uniform(0.05, 0.11), 64)))
+    font = _font(rng, size)
     draw = ImageDraw.Draw(photo)
-    for _ in range(6):
-        font = _font(rng, size)
+    frac = rng.uniform(0.06, 0.18)
+    at_top = rng.random() < 0.6
+    for _ in range(8):
         tb = draw.textbbox((0, 0), name, font=font)
         tw, th = tb[2] - tb[0], tb[3] - tb[1]
-        if tw <= bw * 0.85 or size <= 9:
+        pad = max(2, int(th * 0.35))
+        boxw, boxh = tw + 2 * pad, th + 2 * pad
+        top = y0 + frac * bh if at_top else y1 - frac * bh - boxh
+        spans = [_row_span(poly, top), _row_span(poly, top + boxh)]
+        if None in spans:
+            return
+        lo, hi = max(sp[0] for sp in spans), min(sp[1] for sp in spans)
+        room = (hi - lo) * 0.94
+        if boxw <= room:
             break
-        size = max(9, int(size * bw * 0.8 / tw))
-    pad_x, pad_y = max(2, int(th * 0.35)), max(2, int(th * 0.35))
-    boxw, boxh = tw + 2 * pad_x, th + 2 * pad_y
-    cx = (x0 + x1) / 2 + rng.uniform(-0.05, 0.05) * bw
-    frac = rng.uniform(0.04, 0.16)
-    top = y0 + frac * bh if rng.random() < 0.6 else y1 - frac * bh - boxh
+        if size <= 9:
+            return
+        size = max(9, int(size * room / boxw * 0.97))
+        font = _font(rng, size)
+    else:
+        return
+    cx = (lo + hi) / 2 + rng.uniform(-0.5, 0.5) * (room - boxw) * 0.8
     left = int(round(cx - boxw / 2))
     top = int(round(top))
     if light:
@@ -563,7 +595,7 @@ def _text_box(photo: Image.Image, rng: np.random.Generator, bbox: Sequence[int],
         fill = tuple(int(v) for v in rng.integers(0, 50, 3))
         ink = tuple(int(v) for v in rng.integers(215, 256, 3))
     draw.rectangle((left, top, left + boxw, top + boxh), fill=fill)
-    draw.text((left + pad_x - tb[0], top + pad_y - tb[1]), name, font=font, fill=ink)
+    draw.text((left + pad - tb[0], top + pad - tb[1]), name, font=font, fill=ink)
 
 
 def _hue_shift(arr: np.ndarray, shift: float, sat: float) -> np.ndarray:
@@ -633,8 +665,12 @@ def compose_photo(
     stacked = k == 2 and rng.random() < cfg.p_stacked
     mx, my = rng.uniform(0.02, 0.09) * W, rng.uniform(0.03, 0.1) * H
     region = (mx, my, W - mx, min(H - my, y_floor - 0.03 * H))
+    fill = cfg.fill
     if k == 1 and rng.random() < cfg.p_cut:
         region = (-0.1 * W, -0.1 * H, 1.1 * W, 1.1 * H)
+    elif k == 1 and rng.random() < cfg.p_closeup:
+        region = (0.02 * W, 0.02 * H, 0.98 * W, min(0.98 * H, y_floor))
+        fill = (max(fill[0], 0.85), max(fill[1], 1.0))
     slots = _slots(rng, k, aspects, region, stacked)
     polys, renders = [], []
     for i, (p, slot) in enumerate(zip(paintings, slots)):
@@ -650,7 +686,7 @@ def compose_photo(
         poly0 = _canonical_polygon(fw, fh, proll, yaw0 + rng.normal(0, 0.02), pitch0 + rng.normal(0, 0.01))
         ext = poly0.max(0) - poly0.min(0)
         sx0, sy0, sx1, sy1 = slot
-        s = rng.uniform(*cfg.fill) * min((sx1 - sx0) / ext[0], (sy1 - sy0) / ext[1])
+        s = rng.uniform(*fill) * min((sx1 - sx0) / ext[0], (sy1 - sy0) / ext[1])
         poly = poly0 * s
         ext = ext * s
         lo = poly.min(0)
@@ -669,7 +705,7 @@ def compose_photo(
 
     # spotlights and shadows on the wall
     if k and rng.random() < cfg.p_spotlight:
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        yy, xx = (a.astype(np.float32) for a in np.ogrid[0:H, 0:W])
         light = np.full((H, W), rng.uniform(0.8, 0.92), np.float32)
         for bx in boxes:
             cx, top = (bx[0] + bx[2]) / 2, bx[1]
@@ -732,7 +768,7 @@ def compose_photo(
     arr = np.asarray(photo, np.float32)
     # global light: vignetting / fall-off, colour cast, exposure
     if rng.random() < cfg.p_vignette:
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        yy, xx = (a.astype(np.float32) for a in np.ogrid[0:H, 0:W])
         cx, cy = W * rng.uniform(0.3, 0.7), H * rng.uniform(0.2, 0.6)
         r2 = ((xx - cx) / W) ** 2 + ((yy - cy) / H) ** 2
         arr *= (1 - rng.uniform(0.1, 0.5) * np.clip(r2 / 0.5, 0, 1))[..., None]
@@ -751,7 +787,7 @@ def compose_photo(
     light_box = rng.random() < cfg.p_light_text_box
     for o in objects:
         if rng.random() < cfg.p_text:
-            _text_box(photo, rng, o["bbox"], light_box)
+            _text_box(photo, rng, np.asarray(o["polygon"]), light_box)
     arr = np.asarray(photo)
     if rng.random() < cfg.p_hue:
         arr = _hue_shift(arr, rng.uniform(0.05, 0.95), rng.uniform(0.8, 1.5))
@@ -793,15 +829,79 @@ def _collection(collection: Sequence[Path] | Path) -> tuple[list[Path], Path | N
     return paths, None
 
 
-def _held_out(path: Path, root: Path | None, names: set[str]) -> bool:
-    if path.name in names or str(path) in names or path.as_posix() in names:
-        return True
+def _holdout_key(path: Path, root: Path | None, names: set[str]) -> str | None:
+    """The holdout entry that names ``path`` (its file name, its path, or its path under
+    ``root``), or None."""
+    keys = [path.name, str(path), path.as_posix()]
     if root is not None:
         try:
-            return path.relative_to(root).as_posix() in names
+            keys.append(path.relative_to(root).as_posix())
         except ValueError:
-            return False
-    return False
+            pass
+    return next((k for k in keys if k in names), None)
+
+
+_COUNT_TAGS = ("no-painting", "one-painting", "two-paintings", "three-paintings")
+
+
+@dataclass
+class _Job:
+    """What every photo of one :func:`synthesize` run needs (picklable, for worker processes)."""
+
+    readable: list[Path]
+    rel: list[str]
+    backgrounds: list[Image.Image]
+    out: Path
+    long_side: int
+    config: SynthConfig
+
+    def photo(self, i: int, seed: np.random.SeedSequence) -> tuple[dict, list[str]]:
+        """Compose, write and describe photo ``i``: (its gt.json query, warnings)."""
+        rng = np.random.default_rng(seed)
+        cfg, warnings = self.config, []
+        cp = np.array(cfg.count_probs, float)
+        k = min(int(rng.choice(4, p=cp / cp.sum())), len(self.readable))
+        picks = [int(j) for j in rng.choice(len(self.readable), k, replace=False)] if k else []
+        imgs, used = [], []
+        for j in picks:
+            try:
+                imgs.append(open_image(self.readable[j], Resize("long", max(256, self.long_side))))
+                used.append(j)
+            except ImageError as e:
+                warnings.append(f"warning: skipping {e}")
+        bgs = self.backgrounds
+        bg = bgs[int(rng.integers(len(bgs)))] if bgs else None
+        photo, mask, objs = compose_photo(imgs, rng, long_side=self.long_side, background=bg, config=cfg)
+        name = f"queries/synth_{i:05d}"
+        photo.save(self.out / f"{name}.jpg", "JPEG", quality=92)
+        mask.save(self.out / f"{name}_mask.png")
+        objects = [{"bbox": o["bbox"], "positives": [self.rel[used[o["index"]]]], "polygon": o["polygon"]}
+                   for o in objs]
+        q = {
+            "image": f"{name}.jpg",
+            "positives": sorted({p for o in objects for p in o["positives"]}),
+            "junk": [],
+            "tags": ["synthetic", _COUNT_TAGS[len(objects)]],
+        }
+        if len(objects) == 1:
+            q["bbox"] = objects[0]["bbox"]
+        q["mask"] = f"{name}_mask.png"
+        q["objects"] = objects
+        return q, warnings
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _worker_photo(i: int, seed: np.random.SeedSequence) -> tuple[dict, list[str]]:
+    assert _WORKER_JOB is not None
+    return _WORKER_JOB.photo(i, seed)
 
 
 def synthesize(
@@ -816,13 +916,15 @@ def synthesize(
     *,
     config: SynthConfig | None = None,
     warn: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write ``n`` composite photos of ``collection`` and their ground truth to ``out_dir``.
 
     ``collection``: a folder (searched recursively) or a list of image files. ``holdout``:
     collection-relative paths or file names to leave out. ``backgrounds``: a benchmark folder
     (its ``background`` queries, painting removed) or a folder of wall photos. ``progress``: a
-    tqdm-like factory (``progress(total=..., desc=...)``). Unreadable images are skipped with a
+    tqdm-like factory (``progress(total=..., desc=...)``). ``workers`` > 1 composes photos in
+    that many processes (same bytes as one). Unreadable images are skipped with a
     warning; a collection with none readable raises :class:`SynthError`. ``gt.json`` is written
     last, atomically. Returns the path of ``gt.json``.
     """
@@ -832,9 +934,12 @@ def synthesize(
     if not 64 <= long_side <= 8192:
         raise SynthError(f"long side {long_side} is outside 64..8192")
     paths, root = _collection(collection)
-    names = {str(h).strip() for h in holdout if str(h).strip()}
-    names |= {Path(h).as_posix() for h in names}
-    paths = [p for p in paths if not _held_out(p, root, names)]
+    names = {Path(str(h).strip()).as_posix() for h in holdout if str(h).strip()}
+    hits = {p: _holdout_key(p, root, names) for p in paths}
+    unmatched = names - set(hits.values())
+    if unmatched:
+        warn(f"warning: {len(unmatched)} --holdout name(s) match no collection image, e.g. {sorted(unmatched)[0]!r}")
+    paths = [p for p in paths if hits[p] is None]
     where = root if root is not None else "the collection list"
     readable = []
     for p in paths:
@@ -853,44 +958,36 @@ def synthesize(
     gt_path = out / "gt.json"
     if gt_path.exists():
         gt_path.unlink()  # an interrupted run must not leave an old gt.json over new files
-    rel = [Path(os.path.relpath(p.resolve(), out.resolve())).as_posix() for p in readable]
+    rel = [Path(os.path.relpath(os.path.abspath(p), os.path.abspath(out))).as_posix() for p in readable]
     cfg = config or SynthConfig()
-    cp = np.array(cfg.count_probs, float)
+    job = _Job(readable, rel, bgs, out, long_side, cfg)
     children = np.random.SeedSequence(seed).spawn(n)
     bar = progress(total=n, desc="synth", unit="photo") if progress else None
     queries = []
-    count_tags = ("no-painting", "one-painting", "two-paintings", "three-paintings")
     try:
-        for i, child in enumerate(children):
-            rng = np.random.default_rng(child)
-            k = min(int(rng.choice(4, p=cp / cp.sum())), len(readable))
-            picks = [int(j) for j in rng.choice(len(readable), k, replace=False)] if k else []
-            imgs, used = [], []
-            for j in picks:
-                try:
-                    imgs.append(open_image(readable[j], Resize("long", max(256, long_side))))
-                    used.append(j)
-                except ImageError as e:
-                    warn(f"warning: skipping {e}")
-            bg = bgs[int(rng.integers(len(bgs)))] if bgs else None
-            photo, mask, objs = compose_photo(imgs, rng, long_side=long_side, background=bg, config=cfg)
-            name = f"queries/synth_{i:05d}"
-            photo.save(out / f"{name}.jpg", "JPEG", quality=92)
-            mask.save(out / f"{name}_mask.png")
-            objects = [{"bbox": o["bbox"], "positives": [rel[used[o["index"]]]], "polygon": o["polygon"]} for o in objs]
-            q = {
-                "image": f"{name}.jpg",
-                "positives": sorted({p for o in objects for p in o["positives"]}),
-                "junk": [],
-                "tags": ["synthetic", count_tags[len(objects)]],
-            }
-            if len(objects) == 1:
-                q["bbox"] = objects[0]["bbox"]
-            q["mask"] = f"{name}_mask.png"
-            q["objects"] = objects
-            queries.append(q)
-            if bar is not None:
-                bar.update(1)
+        if workers > 1 and n > 1:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            # fork keeps the decoded backgrounds shared; each photo has its own seed, so the
+            # bytes do not depend on the number of workers
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as ex:
+                results = ex.map(_worker_photo, range(n), children, chunksize=2)
+                for q, warnings in results:
+                    for w in warnings:
+                        warn(w)
+                    queries.append(q)
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            for i, child in enumerate(children):
+                q, warnings = job.photo(i, child)
+                for w in warnings:
+                    warn(w)
+                queries.append(q)
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -919,13 +1016,14 @@ import typer  # noqa: E402
 def synth(
     collection_dir: Annotated[Path, typer.Argument(help="Folder of collection images (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Benchmark folder to write: gt.json, queries/*.jpg and masks.")],
-    n: Annotated[int, typer.Option("-n", "--n", help="Number of photos.")] = 100,
+    n: Annotated[int, typer.Option("-n", "--num", help="Number of photos.")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same bytes.")] = 0,
     backgrounds: Annotated[Optional[Path], typer.Option(
         "--backgrounds", help="Wall photos: a benchmark folder (its 'background' queries, painting removed) or a folder of images.")] = None,
     holdout: Annotated[Optional[Path], typer.Option(
         "--holdout", help="File listing collection images to leave out, one collection-relative path or file name per line.")] = None,
     long_side: Annotated[int, typer.Option("--long-side", help="Typical longer side of a photo, in pixels (drawn within +-33%).")] = 768,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Processes composing photos (the output does not depend on it).")] = 1,
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm
@@ -936,5 +1034,5 @@ def synth(
         return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
     gt = synthesize(collection_dir, out_dir, n, seed=seed, backgrounds=backgrounds, holdout=names,
-                    long_side=long_side, progress=progress)
+                    long_side=long_side, progress=progress, workers=workers)
     typer.echo(f"wrote {n} photos and {gt}")
