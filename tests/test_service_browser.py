@@ -149,6 +149,54 @@ def test_phone_sized_screen_and_errors(browser, server, queries, tmp_path):
     ctx.close()
 
 
+@pytest.fixture(scope="module")
+def museum_server(browser, tmp_path_factory):
+    """The museum collection indexed with the saliency localizer stored (needs ../shared)."""
+    import subprocess
+    import sys
+
+    from conftest import shared_benchmark
+
+    museum = shared_benchmark("museum")
+    index = tmp_path_factory.mktemp("museum-index") / "ix"
+    subprocess.run([sys.executable, "-m", "cbir.cli", "index", str(museum / "database"), "--index", str(index),
+                    "--localizer", "saliency"], check=True, capture_output=True)
+    with running_server(index, "--read-only") as url:
+        yield url
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_wall_with_two_paintings_shows_two_outlines_and_a_row_each(browser, museum_server):
+    import json
+
+    from conftest import shared_benchmark
+
+    multi = shared_benchmark("museum-multi")
+    photo = "queries/w2_00002.jpg"  # two paintings side by side, both in the collection
+    gt = next(q for q in json.loads((multi / "gt.json").read_text())["queries"] if q["image"] == photo)
+    want = {Path(o["positives"][0]).name for o in gt["objects"]}
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    search_on_page(page, museum_server, multi / photo, min_results=2)
+    page.wait_for_function("() => document.querySelectorAll('#outlines polygon').length > 0")
+    assert page.locator("#outlines polygon").count() == 2
+    rows = page.locator("#results .object-row")
+    assert rows.count() == 2
+    firsts = {rows.nth(i).locator(".result .name").first.inner_text() for i in range(2)}
+    assert firsts == want
+    assert "not in the collection" not in rows.nth(0).locator("h2").inner_text()
+    assert "2 objects found" in status_text(page)
+    # Thumbnails load lazily: wait for those of the first result of each row.
+    page.wait_for_function("() => [...document.querySelectorAll('.object-row li:first-child img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "service-multi-object.png"))
+    assert not errors, errors
+    page.close()
+
+
 def _screenshot(index: Path, query: Path, out: Path, width: int, height: int, bbox: str | None = None) -> None:
     from playwright.sync_api import sync_playwright
 

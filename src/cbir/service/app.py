@@ -380,6 +380,11 @@ class Service:
         buf = io.BytesIO()
         Image.new("RGB", (96, 64), (128, 128, 128)).save(buf, "PNG")
         self.searcher.search_vector(self.searcher.extractor.extract_one(buf.getvalue()), 1)
+        # The localizer's model and the acceptance threshold, too (a calibration, if the index
+        # stores none, takes seconds).
+        self.searcher.localizer(Image.new("RGB", (96, 64), (128, 128, 128)))
+        if len(self.index) >= 3:
+            self.searcher.calibration  # noqa: B018
 
     # -- catalog ------------------------------------------------------------------
     def entry(self, image_id: int) -> Entry:

@@ -181,7 +181,7 @@ async function search() {
     if (!box && objects.length > 1) renderObjects(objects);
     else render(body.results);
     const what = box ? " for the boxed region"
-      : objects.length > 1 ? ` for each of ${objects.length} objects found` : "";
+      : objects.length > 1 ? ` (best ${Math.min(OBJECT_ROW_LENGTH, body.k)} shown) for each of ${objects.length} objects found` : "";
     const verdict = !box && objects.length === 1 && !objects[0].identified ? " · not in the collection" : "";
     setStatus(`${body.results.length} results${what}${verdict} in ${Math.round(total)} ms ` +
               `(server ${Math.round(body.ms)} ms, of which ${Math.round(body.extract_ms)} ms extracting) · ${body.count} images indexed`);
@@ -209,6 +209,7 @@ function metaLines(r) {
 
 // -- objects found in the query -----------------------------------------------------------
 const SVG = "http://www.w3.org/2000/svg";
+const OBJECT_ROW_LENGTH = 6;
 
 function corners(o) {
   if (o.polygon) return o.polygon;
@@ -258,7 +259,8 @@ function renderObjects(objects) {
     const row = document.createElement("li");
     row.className = "object-row";
     const ol = document.createElement("ol");
-    o.results.forEach((r, j) => ol.append(resultItem(r, j)));
+    // One line of the best matches per object; "more like this" on any of them shows all k.
+    o.results.slice(0, OBJECT_ROW_LENGTH).forEach((r, j) => ol.append(resultItem(r, j)));
     row.append(objectTitle(o, i), ol);
     list.append(row);
   });
