@@ -156,7 +156,7 @@ def test_real_shaped_ground_truth_pickle_with_numpy_arrays_loads(tmp_path, proto
 
 
 def test_unreadable_queries_are_counted_and_reported():
-    from cbir.cli import format_summary
+    from cbir.evaluation import format_summary
     from cbir.datasets import Benchmark, Query
     from cbir.evaluation import score_vectors
 

@@ -346,7 +346,10 @@ class Searcher:
         image = open_image(source)
         if bbox is not None:
             w, h = image.size
-            x0, y0, x1, y1 = bbox
+            x0, y0, x1, y1 = (float(v) for v in bbox)
+            if min(float(w), x1) - max(0.0, x0) < 2 or min(float(h), y1) - max(0.0, y0) < 2:
+                name = "upload" if isinstance(source, bytes) else str(source)
+                raise ImageError(f"{name}: box {list(bbox)} is empty inside the {w}x{h} image")
             regions = [Region((max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)), 1.0)]
         else:
             regions = (localizer or self.localizer)(image)
