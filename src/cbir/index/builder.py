@@ -314,8 +314,12 @@ class Searcher:
         """The index's stored acceptance threshold; calibrated now (in memory) if it has none."""
         if self._calibration is None:
             stored = self.index.info.get("identify")
-            self._calibration = (Calibration.from_json(stored) if stored
-                                 else calibrate_index(self.index, self.extractor, warn=lambda m: None))
+            if stored:
+                self._calibration = Calibration.from_json(stored)
+            elif len(self.index) < 3:  # too few images to calibrate on: name every top-1
+                self._calibration = Calibration(-1.0, 0, 1.0, 0.0, float("nan"), float("nan"))
+            else:
+                self._calibration = calibrate_index(self.index, self.extractor, warn=lambda m: None)
         return self._calibration
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude: int | None = None) -> list[Hit]:
