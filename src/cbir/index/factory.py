@@ -32,6 +32,7 @@ makes latency depend on whatever else the machine runs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -90,12 +91,12 @@ class IndexType:
     def __str__(self) -> str:
         return self.base + (",RFlat" if self.refine else "")
 
-    @property
+    @functools.cached_property  # read on every search: parse once
     def nlist(self) -> int | None:
         m = re.match(r"IVF(\d+)", self.base)
         return int(m.group(1)) if m else None
 
-    @property
+    @functools.cached_property
     def is_hnsw(self) -> bool:
         return self.base.startswith("HNSW")
 
@@ -383,7 +384,7 @@ class SearchIndex:
         (default `SEARCH_THREADS`)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         p = self.effective_params if not params else {**self.effective_params, **params}
-        with search_threads(SEARCH_THREADS if threads is None else threads):
+        with search_threads(SEARCH_THREADS if threads is None else threads, blas=_uses_blas(len(queries))):
             if not self.type.refine or self.vecs is None:
                 return self.index.search(queries, k, params=self._faiss_params(params, p))
             kf = max(1, int(p.get("k_factor", DEFAULT_K_FACTOR)))
@@ -493,13 +494,23 @@ def _blas_controllers() -> list:
     return _blas_libs
 
 
+def _uses_blas(nq: int) -> bool:
+    """Whether FAISS may call BLAS for ``nq`` queries: its exhaustive and coarse-quantizer
+    searches switch to BLAS from ``distance_compute_blas_threshold`` queries (20) on."""
+    import faiss
+
+    return nq >= faiss.cvar.distance_compute_blas_threshold
+
+
 @contextmanager
-def search_threads(n: int):
-    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and ``n`` BLAS threads.
+def search_threads(n: int, blas: bool = True):
+    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
+    ``n`` BLAS threads.
 
     BLAS thread counts are process-wide: the first concurrent caller sets them and the last
-    restores them, so searches running side by side never see each other's changes. Cheap
-    enough to wrap every call (a few microseconds)."""
+    restores them, so searches running side by side never see each other's changes. Setting
+    OpenBLAS's count costs ~0.1 ms (it resizes its pool), so single queries, which FAISS
+    answers without BLAS (`_uses_blas`), leave it alone; OpenMP's costs nothing."""
     import faiss
 
     global _blas_users
@@ -507,6 +518,13 @@ def search_threads(n: int):
     omp_before = faiss.omp_get_max_threads()
     if omp_before != n:
         faiss.omp_set_num_threads(n)
+    if not blas:
+        try:
+            yield
+        finally:
+            if omp_before != n:
+                faiss.omp_set_num_threads(omp_before)
+        return
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved.clear()
