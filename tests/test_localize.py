@@ -16,7 +16,7 @@ from conftest import shared_benchmark, skimage_photo
 
 from cbir.datasets import DatasetError, load_benchmark
 from cbir.identify import balanced_threshold, calibrate, top2_in
-from cbir.localize import LocalizerError, Region, create_localizer, list_localizers
+from cbir.localize import LocalizerError, create_localizer, list_localizers
 from cbir.localize.geometry import (
     min_area_rect,
     order_corners,

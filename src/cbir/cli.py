@@ -162,7 +162,8 @@ def index(
     fit_on: FitOnOpt = None,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Commit to disk after this many images (a killed run keeps every commit).")] = 64,
     index_type: Annotated[Optional[str], typer.Option("--index-type", help="FAISS index type: auto (default for new indexes: Flat below 50k images, then IVF...,PQ...,RFlat), Flat, HNSW32, 'IVF4096,PQ32,RFlat' (RFlat: exact re-ranking). Stored with the index.")] = None,
-    search_params: Annotated[Optional[str], typer.Option("--search-params", help="Stored search parameters, e.g. 'nprobe=32,k_factor=8', 'efSearch=128', 'ondisk=1'.")] = None,
+    search_params: Annotated[Optional[str], typer.Option("--search-params", help="Stored search parameters, e.g. 'nprobe=32,k_factor=8', 'efSearch=128', 'ondisk=1' (fixed: they win over the tuned ones).")] = None,
+    recall: Annotated[Optional[float], typer.Option("--recall", min=0.01, max=1.0, help="Target recall@10 the search parameters are tuned for, on a held-out sample of the index's own vectors (default 0.95; stored with the index).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster (ray://HEAD:10001, or auto); default a local Ray.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="With --engine ray: actors (each loads the model once); default one per CPU.")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="With --engine ray: keep the Parquet shards here (default: a temporary folder in the index).")] = None,
@@ -206,7 +207,7 @@ def index(
         idx.update_info(localizer=None if localizer == "whole" else localizer)
     changed = report.added + report.updated + report.removed > 0
     _calibrate(idx, pipeline, weights, engine, force=changed)
-    _prepare_search(idx, index_type, search_params, backend)
+    _prepare_search(idx, index_type, search_params, backend, recall)
 
 
 def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, force: bool) -> None:
@@ -224,9 +225,11 @@ def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, for
                f"{cal.tpr:.0%} accepted, {cal.tnr:.0%} of would-be unknowns rejected)")
 
 
-def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None) -> None:
+def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None,
+                    recall: float | None = None) -> None:
     """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
-    (large or non-default types), so that the first search does not pay for it."""
+    (large or non-default types) and tune its search parameters to the recall target, so that
+    the first search does not pay for it."""
     import warnings
 
     from cbir.index.factory import FLAT_MAX
@@ -242,8 +245,16 @@ def _prepare_search(idx, index_type: str | None, search_params: str | None, back
             typer.echo(f"{idx.backend}: {inserted} vectors sent, {deleted} deleted")
         elif len(idx) >= FLAT_MAX or idx.factory not in ("auto", "Flat"):
             t0 = time.perf_counter()
+            tuned = idx.tune_search(recall)
             si = idx.search_index()
             typer.echo(f"search index {si.type} over {si.ntotal} vectors ready in {time.perf_counter() - t0:.1f} s")
+            if tuned and tuned.get("params"):
+                setting = ",".join(f"{k}={v}" for k, v in tuned["params"].items())
+                note = "" if tuned.get("reached", True) else f" (target {tuned['target']} not reached)"
+                typer.echo(f"search parameters {setting}: recall@10 {tuned['recall']:.3f} on {tuned['queries']} "
+                           f"held-out vectors, {tuned['ms']:.3f} ms/query{note}")
+        elif recall is not None:
+            idx.tune_search(recall)  # stored for when the collection outgrows exact search
     for w in caught:
         if issubclass(w.category, UserWarning):
             _warn(f"warning: {w.message}")

@@ -13,22 +13,33 @@ An index type is a FAISS factory string, stored in ``index.json`` (``factory``):
   over the centroids to assign vectors fast) and ``m`` = d/4 (at most 64).
   The choice is re-made, and the index rebuilt, when the collection grows past a step.
 
-Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``) have defaults by type
-and can be set per index (``search_params`` in ``index.json``, e.g. ``nprobe=32,k_factor=8``).
+Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``) are chosen by
+measurement when an index is built (`tune`: the cheapest setting whose recall@10 on a held-out
+sample of the index's own vectors reaches a target, 0.95 by default; stored in ``index.json``
+as ``tuned``), can be fixed per index (``search_params`` in ``index.json``, e.g.
+``nprobe=32,k_factor=8``, which win over the tuned ones) and overridden per search call.
 ``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped,
 instead of in RAM.
 
 The vectors in the store stay the source of truth: this module only derives a structure
 from them, and `SearchIndex.sync` brings one up to date with the live ids (add the new ones,
 remove the gone ones, or rebuild where FAISS cannot remove).
+
+Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and BLAS both, set on
+each call): one query per thread is what a server wants, and an unpinned BLAS or OpenMP pool
+makes latency depend on whatever else the machine runs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +53,14 @@ DEFAULT_K_FACTOR = 8
 # after exact re-ranking.
 TRAIN_NITER = 10
 TRAIN_PER_LIST = 40
+# HNSW graphs (the HNSW32 type, and the graph over IVF centroids) are built with this
+# efConstruction: FAISS's default 40 left HNSW32 below recall 0.98 at any efSearch on the
+# benchmark data; 200 is what hnswlib users run.
+EF_CONSTRUCTION = 200
+# Threads per search call (OpenMP and BLAS); see `search_threads`.
+SEARCH_THREADS = 1
+# The recall@10 `tune` aims at unless the index stores another (``cbir index --recall``).
+DEFAULT_RECALL = 0.95
 
 
 class IndexTypeError(ValueError):
@@ -72,12 +91,12 @@ class IndexType:
     def __str__(self) -> str:
         return self.base + (",RFlat" if self.refine else "")
 
-    @property
+    @functools.cached_property  # read on every search: parse once
     def nlist(self) -> int | None:
         m = re.match(r"IVF(\d+)", self.base)
         return int(m.group(1)) if m else None
 
-    @property
+    @functools.cached_property
     def is_hnsw(self) -> bool:
         return self.base.startswith("HNSW")
 
@@ -168,6 +187,23 @@ def _new_index(t: IndexType, d: int):
     return index if t.nlist else faiss.IndexIDMap2(index)
 
 
+def _set_ef_construction(index) -> None:
+    """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
+    import faiss
+
+    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+    if isinstance(base, faiss.IndexHNSW):
+        base.hnsw.efConstruction = max(base.hnsw.efConstruction, EF_CONSTRUCTION)
+        return
+    try:
+        ivf = faiss.extract_index_ivf(base)
+    except RuntimeError:
+        return
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efConstruction = max(quantizer.hnsw.efConstruction, EF_CONSTRUCTION)
+
+
 def _stored_ids(index) -> np.ndarray:
     import faiss
 
@@ -219,6 +255,9 @@ class SearchIndex:
     build_seconds: float = 0.0
     trained_now: bool = False
     mmapped: bool = False  # inverted lists read-only from the cache file (``ondisk=1``)
+    # What `tune` measured for this index ({"type", "params", "recall", "target", "n", ...});
+    # its params apply while ``type`` is the index's type (a retyped index has new defaults).
+    tuning: dict | None = None
 
     # -- building ----------------------------------------------------------------
     def build(self, ids: np.ndarray, vecs: np.ndarray) -> "SearchIndex":
@@ -227,6 +266,7 @@ class SearchIndex:
         n = len(ids)
         t = resolve(self.factory, n, self.dim)
         index = _new_index(t, self.dim)
+        _set_ef_construction(index)
         if not index.is_trained:
             need = max(t.nlist or 1, 256 if "PQ" in t.base else 1)
             if n < need:
@@ -265,7 +305,7 @@ class SearchIndex:
 
         import faiss
 
-        fresh = SearchIndex(self.factory, self.dim, dict(self.params))
+        fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
         if self.index is None or self.type != self.wanted_type(len(ids)) and self._may_retype(len(ids)):
             return fresh.build(ids, vecs), True
         new_mask = ~np.isin(ids, self.ids, assume_unique=True)
@@ -304,7 +344,11 @@ class SearchIndex:
     # -- parameters --------------------------------------------------------------
     @property
     def effective_params(self) -> dict[str, int]:
+        """Defaults by type, then the tuned setting (if tuned for this type), then the
+        index's explicit ``search_params``."""
         p = default_params(self.type, len(self.ids)) if self.type else {}
+        if self.tuning and self.type is not None and self.tuning.get("type") == str(self.type):
+            p.update(self.tuning.get("params", {}))
         p.update({k: v for k, v in self.params.items() if k != "ondisk"})
         return p
 
@@ -314,7 +358,11 @@ class SearchIndex:
         p = self.effective_params
         base = faiss.downcast_index(self.index.index if isinstance(self.index, faiss.IndexIDMap2) else self.index)
         if "nprobe" in p and self.type.nlist:
-            faiss.extract_index_ivf(base).nprobe = int(p["nprobe"])
+            ivf = faiss.extract_index_ivf(base)
+            ivf.nprobe = int(p["nprobe"])
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):  # must explore at least nprobe centroids
+                quantizer.hnsw.efSearch = max(16, int(p["nprobe"]))
         if "efSearch" in p and self.type.is_hnsw:
             hnsw = base if hasattr(base, "hnsw") else None
             if hnsw is not None:
@@ -325,24 +373,50 @@ class SearchIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal) if self.index is not None else 0
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product (re-ranked exactly where the type says ``RFlat``)."""
-        if not self.type.refine or self.vecs is None:
-            return self.index.search(queries, k)
-        kf = max(1, int(self.effective_params.get("k_factor", DEFAULT_K_FACTOR)))
-        _, cand = self.index.search(queries, min(self.ntotal, k * kf))
-        scores = np.full((len(queries), k), -np.inf, np.float32)
-        out = np.full((len(queries), k), -1, np.int64)
-        for qi, row in enumerate(cand):
-            row = row[row >= 0]
-            if not len(row):
-                continue
-            pos = np.searchsorted(self.ids, row)
-            exact = self.vecs[pos] @ queries[qi]
-            top = np.argsort(-exact, kind="stable")[:k]
-            scores[qi, : len(top)] = exact[top]
-            out[qi, : len(top)] = row[top]
-        return scores, out
+    def search(self, queries: np.ndarray, k: int, params: dict[str, int] | None = None,
+               threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)), -1 where fewer were found.
+
+        ``queries`` (Q, d) float32. ``params`` override the index's search parameters for
+        this call only (the shared FAISS object is not touched, so concurrent calls with
+        different settings are safe). ``RFlat`` types re-rank a shortlist of ``k_factor`` x k
+        exactly, in FAISS, all queries in one call. ``threads``: OpenMP/BLAS threads
+        (default `SEARCH_THREADS`)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        p = self.effective_params if not params else {**self.effective_params, **params}
+        with search_threads(SEARCH_THREADS if threads is None else threads, blas=_uses_blas(len(queries))):
+            if not self.type.refine or self.vecs is None:
+                return self.index.search(queries, k, params=self._faiss_params(params, p))
+            kf = max(1, int(p.get("k_factor", DEFAULT_K_FACTOR)))
+            _, cand = self.index.search(queries, min(self.ntotal, k * kf), params=self._faiss_params(params, p))
+            return _rerank_exact(queries, cand, self.ids, self.vecs, k)
+
+    def _faiss_params(self, override: dict[str, int] | None, p: dict[str, int]):
+        """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch, else None
+        (the values set on the index by `_apply_params` are used)."""
+        if not override or not ({"nprobe", "efSearch"} & override.keys()):
+            return None
+        import faiss
+
+        if self.type.nlist and "nprobe" in p:
+            sp = faiss.SearchParametersIVF()
+            sp.nprobe = int(p["nprobe"])
+            if "_HNSW" in self.type.base:  # an HNSW quantizer must explore at least nprobe centroids
+                qp = _hnsw_params(max(int(p["nprobe"]), 16))
+                sp.quantizer_params = qp
+                sp.keep = qp  # SWIG does not keep the Python object alive through the pointer
+            return sp
+        if self.type.is_hnsw and "efSearch" in p:
+            return _hnsw_params(int(p["efSearch"]))
+        return None
+
+    # -- tuning ------------------------------------------------------------------
+    def tune(self, target: float = DEFAULT_RECALL, **kw) -> dict:
+        """Measure and store the cheapest search setting reaching recall@10 ``target``
+        (see `tune`); returns the record kept in ``self.tuning`` and ``index.json``."""
+        self.tuning = tune(self, target, **kw)
+        self._apply_params()
+        return self.tuning
 
     # -- persistence -------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -352,12 +426,248 @@ class SearchIndex:
 
     @classmethod
     def from_file(cls, path, factory: str, dim: int, params: dict[str, int], ids: np.ndarray,
-                  vecs: np.ndarray, resolved: str, mmap: bool = False) -> "SearchIndex":
+                  vecs: np.ndarray, resolved: str, mmap: bool = False, tuning: dict | None = None) -> "SearchIndex":
         """Load a cached index; ``ids``/``vecs`` are the live ones (for re-ranking after sync)."""
         import faiss
 
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
-        si = cls(factory, dim, params, index, IndexType.parse(resolved), mmapped=mmap)
+        si = cls(factory, dim, params, index, IndexType.parse(resolved), mmapped=mmap, tuning=tuning)
         si.ids = np.sort(_stored_ids(index))
         si._apply_params()
         return si
+
+
+# -- the search path ---------------------------------------------------------------
+def _hnsw_params(ef: int):
+    import faiss
+
+    sp = faiss.SearchParametersHNSW()
+    sp.efSearch = int(ef)
+    return sp
+
+
+def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of each query's shortlist, in FAISS (one call for all queries).
+
+    queries (Q, d); cand (Q, S) image ids from the coarse search, -1 padded at the end;
+    ids (N,) sorted image ids and vecs (N, d) their vectors. Returns (scores (Q, k), ids (Q, k)).
+    A candidate that is not in ``ids`` (a deleted id a FAISS index still holds) is dropped:
+    FAISS's routine stops at the first -1, so such holes are moved to the end first.
+    """
+    import faiss
+
+    nq, s = cand.shape
+    rows = np.searchsorted(ids, cand)
+    np.minimum(rows, len(ids) - 1, out=rows)
+    live = (cand >= 0) & (ids[rows] == cand)
+    rows = np.where(live, rows, -1)
+    if not live[:, :1].all() or (live[:, 1:] & ~live[:, :-1]).any():  # a hole before a live one
+        rows = np.take_along_axis(rows, np.argsort(~live, axis=1, kind="stable"), axis=1)
+    rows = np.ascontiguousarray(rows, np.int64)
+    scores = np.empty((nq, k), np.float32)
+    found = np.empty((nq, k), np.int64)
+    # (x, y, ids, d, nx, ny = rows of y, nsubset = shortlist length, k, vals, ids, ld_ids);
+    # ld_ids given explicitly: FAISS's default for it (-1) is ny, not the shortlist length.
+    faiss.knn_inner_products_by_idx(
+        faiss.swig_ptr(queries), faiss.swig_ptr(vecs), faiss.swig_ptr(rows), vecs.shape[1], nq,
+        len(vecs), s, k, faiss.swig_ptr(scores), faiss.swig_ptr(found), s)
+    ok = found >= 0
+    out = np.where(ok, ids[np.where(ok, found, 0)], -1)
+    scores[~ok] = -np.inf
+    return scores, out
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved: list[tuple[object, int]] = []
+_blas_libs: list | None = None
+
+
+def _blas_controllers() -> list:
+    """threadpoolctl's handles on the BLAS libraries loaded now (numpy's, FAISS's)."""
+    global _blas_libs
+    if _blas_libs is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+    return _blas_libs
+
+
+def _uses_blas(nq: int) -> bool:
+    """Whether FAISS may call BLAS for ``nq`` queries: its exhaustive and coarse-quantizer
+    searches switch to BLAS from ``distance_compute_blas_threshold`` queries (20) on."""
+    import faiss
+
+    return nq >= faiss.cvar.distance_compute_blas_threshold
+
+
+@contextmanager
+def search_threads(n: int, blas: bool = True):
+    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
+    ``n`` BLAS threads.
+
+    BLAS thread counts are process-wide: the first concurrent caller sets them and the last
+    restores them, so searches running side by side never see each other's changes. Setting
+    OpenBLAS's count costs ~0.1 ms (it resizes its pool), so single queries, which FAISS
+    answers without BLAS (`_uses_blas`), leave it alone; OpenMP's costs nothing."""
+    import faiss
+
+    global _blas_users
+    n = max(1, int(n))
+    omp_before = faiss.omp_get_max_threads()
+    if omp_before != n:
+        faiss.omp_set_num_threads(n)
+    if not blas:
+        try:
+            yield
+        finally:
+            if omp_before != n:
+                faiss.omp_set_num_threads(omp_before)
+        return
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved.clear()
+            for lib in _blas_controllers():
+                old = lib.get_num_threads()
+                if old != n:
+                    lib.set_num_threads(n)
+                    _blas_saved.append((lib, old))
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, old in _blas_saved:
+                    lib.set_num_threads(old)
+                _blas_saved.clear()
+        if omp_before != n:
+            faiss.omp_set_num_threads(omp_before)
+
+
+# -- tuning ------------------------------------------------------------------------
+TUNE_QUERIES = 500
+NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+K_FACTOR_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A sample of the index's own vectors as queries, and their exact top-``k`` *others*.
+
+    Returns (rows (nq,) into ``vecs``, truth (nq, k) ids). Each query is left out of its own
+    ground truth (and `recall_at` drops it from the answers), so the sample measures what a
+    new query from the same collection would get."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(ids), min(nq, len(ids)), replace=False))
+    _, nn = faiss.knn(np.ascontiguousarray(vecs[rows]), vecs, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = np.empty((len(rows), k), np.int64)
+    for i, (r, row) in enumerate(zip(rows, nn)):
+        row = row[row != r]
+        truth[i] = ids[row[:k]]
+    return rows, truth
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, self_ids: np.ndarray | None = None) -> np.ndarray:
+    """Per-query recall: |first k of ``found`` (without the query's own id) ∩ truth| / k.
+
+    found (Q, >= k) ids, truth (Q, k) ids, self_ids (Q,) the queries' own ids or None."""
+    k = truth.shape[1]
+    keep = found >= 0
+    if self_ids is not None:
+        keep &= found != self_ids[:, None]
+    keep &= np.cumsum(keep, axis=1) <= k
+    hit = (found[:, :, None] == truth[:, None, :]).any(axis=2) & keep
+    return hit.sum(axis=1) / k
+
+
+def _candidates(si: "SearchIndex") -> tuple[str | None, list[list[dict[str, int]]]]:
+    """Search settings to try, as (inner key, chains): along a chain cost and recall both grow,
+    so each chain stops at its first setting that reaches the target; chains go from cheap
+    to dear in their outer parameter, so a later chain is only worth trying with a smaller
+    inner value than the last qualifying one."""
+    t, n = si.type, max(si.ntotal, 1)
+    kfs = [v for v in K_FACTOR_GRID if v * 10 <= max(n, 10)]
+    if t.nlist:
+        nprobes = [v for v in NPROBE_GRID if v <= t.nlist]
+        if not t.refine:
+            return None, [[{"nprobe": v} for v in nprobes]]
+        return "k_factor", [[{"nprobe": v, "k_factor": kf} for kf in kfs] for v in nprobes]
+    if t.is_hnsw:
+        if not t.refine:
+            return None, [[{"efSearch": ef} for ef in EF_GRID]]
+        return "efSearch", [[{"efSearch": ef, "k_factor": kf} for ef in EF_GRID if ef >= 10 * kf] for kf in kfs]
+    return None, []
+
+
+def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
+    """Median over ``repeats`` of the mean ms per query, queries one at a time (as served)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(len(queries)):
+            si.search(queries[i:i + 1], k, params)
+        times.append((time.perf_counter() - t0) / len(queries) * 1000)
+    return float(np.median(times))
+
+
+def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries: int = TUNE_QUERIES,
+         ids: np.ndarray | None = None, vecs: np.ndarray | None = None, timed: int = 100,
+         confidence: float = 1.64) -> dict:
+    """The fastest search setting of ``si`` whose recall@``k`` reaches ``target``, measured.
+
+    Queries are ``queries`` of the index's own vectors (``ids``/``vecs``, default the
+    re-ranking ones), held out of their own ground truth. A setting qualifies when the lower
+    one-sided confidence bound of its mean recall (mean - ``confidence`` x standard error)
+    is at least ``target``: the sample is finite, and new queries should reach the target
+    too. Along each chain (`_candidates`) the first qualifying setting is kept; among those,
+    the one with the lowest measured single-query latency (``timed`` queries) wins. If none
+    qualifies, the setting with the highest recall is kept and ``reached`` is False.
+    Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
+    """
+    t0 = time.perf_counter()
+    ids = si.ids if ids is None else ids
+    vecs = si.vecs if vecs is None else vecs
+    record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
+              "n": int(si.ntotal), "queries": 0, "ms": None}
+    inner, chains = _candidates(si)
+    if not chains or vecs is None or len(ids) <= k + 1:
+        return {**record, "seconds": round(time.perf_counter() - t0, 2)}
+    rows, truth = held_out_truth(ids, vecs, queries, k)
+    q, self_ids = np.ascontiguousarray(vecs[rows]), ids[rows]
+    best_fallback: tuple[float, dict] = (-1.0, {})
+    qualified: list[tuple[dict, float]] = []
+    limit = None
+    for chain in chains:
+        if limit is not None:
+            chain = [p for p in chain if p[inner] < limit]
+        hit = None
+        for params in chain:
+            _, found = si.search(q, k + 1, params, threads=os.cpu_count() or 1)
+            per_query = recall_at(found, truth, self_ids)
+            mean = float(per_query.mean())
+            bound = mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
+            if mean > best_fallback[0]:
+                best_fallback = (mean, params)
+            if bound >= target:
+                hit = params
+                qualified.append((params, mean))
+                break
+        if qualified and (hit is None or inner is None):
+            break  # a dearer outer setting that does not beat the last one: none further will
+        limit = hit[inner] if hit is not None and inner else limit
+    if qualified:
+        timed_q = q[: max(1, timed)]
+        scored = [(_time_ms(si, timed_q, p, k), p, r) for p, r in qualified]
+        ms, params, recall = min(scored, key=lambda x: x[0])
+        reached = True
+    else:
+        recall, params = best_fallback
+        ms, reached = _time_ms(si, q[: max(1, timed)], params, k), False
+    return {**record, "params": dict(params), "recall": round(recall, 4), "reached": reached,
+            "queries": len(rows), "ms": round(ms, 4), "seconds": round(time.perf_counter() - t0, 2)}

@@ -338,6 +338,51 @@ class Index:
 
         return parse_params(self.info.get("search_params"))
 
+    @property
+    def recall_target(self) -> float:
+        """The recall@10 search parameters are tuned for (``cbir index --recall``)."""
+        from cbir.index.factory import DEFAULT_RECALL
+
+        return float(self.info.get("recall_target", DEFAULT_RECALL))
+
+    def _needs_tuning(self, si) -> bool:
+        """Tune when the stored measurement is for another type or target, or for a collection
+        less than half or more than twice this size (the best setting moves with N)."""
+        if si.type is None or str(si.type) == "Flat" or not si.ntotal:
+            return False
+        rec = self.info.get("tuned") or {}
+        n = max(1, int(rec.get("n", 0)))
+        return (rec.get("type") != str(si.type) or rec.get("target") != self.recall_target
+                or not 0.5 <= si.ntotal / n <= 2)
+
+    def _tune(self, si, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Measure ``si``'s search setting (`cbir.index.factory.tune`) and keep it in index.json
+        (best effort: a read-only index keeps it in this process only)."""
+        record = si.tune(self.recall_target, ids=ids, vecs=vecs)
+        info = {**self.info, "tuned": record}
+        try:
+            _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        except OSError:
+            pass
+        self.info = info
+
+    def tune_search(self, recall: float | None = None, force: bool = False) -> dict | None:
+        """Set the recall target (if given) and tune the search parameters now if they are
+        missing or stale (or ``force``); returns the stored measurement (None for Flat)."""
+        if recall is not None:
+            if not 0 < recall <= 1:
+                raise IndexStoreError(f"--recall {recall}: a recall@10 target is in (0, 1]")
+            if float(recall) != self.recall_target:
+                info = {**self.info, "recall_target": float(recall)}
+                _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+                self.info = info
+        si = self._search_index()
+        with self._faiss_lock:
+            if force or self._needs_tuning(si):
+                ids, vecs = self.live()
+                self._tune(si, ids, vecs)
+        return self.info.get("tuned") if si.type is not None and str(si.type) != "Flat" else None
+
     def _cache_dir(self) -> Path:
         return self.root / "faiss"
 
@@ -363,12 +408,14 @@ class Index:
 
         for _, resolved, path in self._cached_files():
             try:
-                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved)
+                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved,
+                                           tuning=self.info.get("tuned"))
             except (RuntimeError, OSError):
                 continue  # unreadable (half-deleted by another reader, older FAISS): next, or rebuild
             if params.get("ondisk") and si.type.nlist and np.array_equal(si.ids, ids):
                 # Up to date: serve the inverted lists from the file instead of RAM.
-                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved, mmap=True)
+                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved, mmap=True,
+                                           tuning=self.info.get("tuned"))
             return si
         return None
 
@@ -399,12 +446,15 @@ class Index:
                 # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
                 si = self._load_cached_inmemory(ids, vecs, params)
             if si is None:
-                si = SearchIndex(self.factory, self.dim, params)
+                si = SearchIndex(self.factory, self.dim, params, tuning=self.info.get("tuned"))
             si, changed = si.sync(ids, vecs)
+            if changed and self._needs_tuning(si):  # built or rebuilt: measure its search setting
+                self._tune(si, ids, vecs)
             if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):
                 path = self._save_cache(si, version)
                 if path is not None and params.get("ondisk") and si.type.nlist:
-                    si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, str(si.type), mmap=True)
+                    si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, str(si.type), mmap=True,
+                                               tuning=si.tuning)
                     si, _ = si.sync(ids, vecs)  # no change: sets the re-ranking vectors
             si.trained_now = False
             self._faiss, self._faiss_version = si, version
@@ -417,16 +467,27 @@ class Index:
         """The derived search structure (`cbir.index.factory.SearchIndex`), built or updated now."""
         return self._search_index()
 
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1."""
+    def search(self, queries: np.ndarray, k: int = 10, params: dict[str, int] | str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1.
+
+        ``params`` (e.g. ``{"nprobe": 8}`` or ``"nprobe=8,k_factor=16"``) override the stored
+        and tuned search parameters for this call (embedded FAISS index only)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise IndexStoreError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         if self._backend_uri:
             return self.backend_client().search(queries, max(1, int(k)))
+        if isinstance(params, str):
+            from cbir.index.factory import IndexTypeError, parse_params
+
+            try:
+                params = parse_params(params)
+            except IndexTypeError as e:
+                raise IndexStoreError(str(e)) from None
         index = self._search_index()
         k = max(1, min(int(k), max(1, index.ntotal)))
-        return index.search(queries, k)
+        return index.search(queries, k, params)
 
     # -- external search backend (Milvus) ------------------------------------------
     @property
