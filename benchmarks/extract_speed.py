@@ -171,7 +171,7 @@ def main() -> None:
 
     from cbir.images import list_images
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
-    from cbir.scale import tuning
+    from cbir.models import batch_size as tuning
 
     pipeline = args.pipeline or DEFAULT_PIPELINE
     if args._rss_child:

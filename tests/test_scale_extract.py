@@ -11,7 +11,7 @@ from PIL import Image
 
 from cbir.images import ImageError
 from cbir.pipeline import Extractor, resolve_spec
-from cbir.scale import tuning
+from cbir.models import batch_size as tuning
 
 SPEC = "efficientnet_lite0/bn2,long128,GeM3,L2"
 

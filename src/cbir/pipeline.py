@@ -251,7 +251,7 @@ class Extractor:
     weights: str | Path | None = None
     engine_name: str = "onnx"
     threads: int | None = None
-    batch_size: int = 8  # 0: sized by measurement (cbir.scale.tuning), cached per machine
+    batch_size: int = 8  # 0: sized by measurement (cbir.models.batch_size), cached per machine
     decode_workers: int = 2
     # Batches in the engine at once: two keep the cores busy while one batch's run winds down
     # (+10-15% images/s on 2 cores, measured). Each gets cores/infer_workers engine threads
@@ -466,7 +466,7 @@ class Extractor:
         """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
         if self.batch_size and self.batch_size > 0:
             return int(self.batch_size)
-        from cbir.scale.tuning import measured_batch_size
+        from cbir.models.batch_size import measured_batch_size
 
         self.batch_size = measured_batch_size(self)
         return self.batch_size

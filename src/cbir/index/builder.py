@@ -81,7 +81,7 @@ def open_or_create(
     return index, extractor
 
 
-def _metadata(images_dir: Path) -> dict[str, dict]:
+def folder_metadata(images_dir: Path) -> dict[str, dict]:
     """Per-image fields from the nearest ``metadata.json`` (in the folder or up to two levels
     above, as in the benchmark layout), re-keyed by path relative to ``images_dir``."""
     for base in (images_dir, images_dir.parent, images_dir.parent.parent):
@@ -188,7 +188,7 @@ def update_index(
     report = UpdateReport()
     with index.writer():
         known, todo = scan_changes(index, images_dir, report, warn)
-        meta = _metadata(images_dir)
+        meta = folder_metadata(images_dir)
 
         bar = progress(total=len(todo), desc="indexing", unit="img") if progress and todo else None
         pending: list[tuple[Entry, np.ndarray]] = []

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cbir.fileio import atomic_write_bytes
 
 FORMAT = "cbir-index/1"
 SCHEMA = """
@@ -94,28 +95,6 @@ class Entry:
     sha256: str
     meta: dict
     id: int | None = None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_meta(text: str) -> dict:
@@ -207,7 +186,7 @@ class Index:
         if post_state:
             buf = io.BytesIO()
             np.savez(buf, **post_state)
-            _atomic_write_bytes(root / "post.npz", buf.getvalue())
+            atomic_write_bytes(root / "post.npz", buf.getvalue())
         con = sqlite3.connect(root / "catalog.sqlite")
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript(SCHEMA + LATER_SCHEMA)
@@ -216,7 +195,7 @@ class Index:
         info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         # index.json last: until it exists, the directory is not an index.
-        _atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
+        atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -279,6 +258,11 @@ class Index:
             prefix = under.rstrip("/") + "/"
             q, args = "SELECT * FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
         return {r["path"]: self._entry(r) for r in self.db.execute(q, args)}
+
+    def id_of(self, path: str) -> int | None:
+        """The id of the catalog row for ``path``, if there is one."""
+        r = self.db.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()
+        return int(r[0]) if r else None
 
     def get(self, image_id: int) -> Entry | None:
         r = self.db.execute("SELECT * FROM images WHERE id = ?", (int(image_id),)).fetchone()
@@ -361,7 +345,7 @@ class Index:
         record = si.tune(self.recall_target, ids=ids, vecs=vecs)
         info = {**self.info, "tuned": record}
         try:
-            _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+            atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
         except OSError:
             pass
         self.info = info
@@ -374,7 +358,7 @@ class Index:
                 raise IndexStoreError(f"--recall {recall}: a recall@10 target is in (0, 1]")
             if float(recall) != self.recall_target:
                 info = {**self.info, "recall_target": float(recall)}
-                _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+                atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
                 self.info = info
         si = self._search_index()
         with self._faiss_lock:
@@ -424,7 +408,7 @@ class Index:
         path = self._cache_dir() / name
         try:
             self._cache_dir().mkdir(exist_ok=True)
-            _atomic_write_bytes(path, si.to_bytes())
+            atomic_write_bytes(path, si.to_bytes())
             for f in self._cache_dir().iterdir():  # older generations, and other index types
                 if f != path and f.suffix == ".faiss":
                     f.unlink(missing_ok=True)
@@ -516,7 +500,7 @@ class Index:
         else:
             info.pop("backend", None)
         if info != self.info:
-            _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+            atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
             self.info = info
         self.use_backend(info.get("backend"))
 
@@ -531,7 +515,7 @@ class Index:
                 info[k] = v
         if info == self.info:
             return False
-        _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
         self.info = info
         return True
 
@@ -554,7 +538,7 @@ class Index:
             raise IndexStoreError(str(e)) from None
         if info == self.info:
             return False
-        _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
         self.info = info
         with self._faiss_lock:
             self._faiss, self._faiss_version = None, None
@@ -588,7 +572,7 @@ class Index:
         con = self.db
         seg_id = (con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0]) + 1
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
-        _atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vectors))
+        atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vectors))
         now = time.time()
         with con:  # one transaction: the vectors become visible all at once, or not at all
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
@@ -673,7 +657,7 @@ class Index:
         con = self.db
         seg_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
-        _atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vecs))
+        atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vecs))
         with con:
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
             con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cbir.fileio import atomic_path
 from cbir.models.backbones import Backbone, BackboneError, OnnxGraphBackbone
 
 # Bump when the export code changes in a way that changes the graph.
@@ -61,15 +62,8 @@ def export_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     path = onnx_cache_path(backbone, layers)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        backbone.export_onnx(layers, Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".onnx.tmp") as tmp:
+        backbone.export_onnx(layers, tmp)
     return path
 
 

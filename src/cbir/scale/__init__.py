@@ -1,6 +1,6 @@
-"""Speed and scale: batch sizing by measurement, FAISS index types, and the cluster path.
+"""Speed and scale: the cluster path (the batch size by measurement is an engine concern:
+`cbir.models.batch_size`).
 
-- `cbir.scale.tuning`: the batch size that runs fastest for an engine on this machine.
 - `cbir.index.factory`: FAISS index types by collection size (``Flat``, ``HNSW32``,
   ``IVF...,PQ...,RFlat`` with exact re-ranking).
 - `cbir.scale.ray_extract`: extraction on Ray Data (``cbir index --engine ray``), written

@@ -117,7 +117,7 @@ class MilvusBackend:
 
     def sync(self, index) -> tuple[int, int]:
         """Make the collection hold exactly the index's live vectors; returns (inserted, deleted)."""
-        from cbir.index.store import _atomic_write_bytes
+        from cbir.fileio import atomic_write_bytes
 
         ids, vecs = index.live()
         state = self._state_file(index.root)
@@ -145,7 +145,7 @@ class MilvusBackend:
             raise MilvusError(f"Milvus at {self.uri.endpoint} refused the sync: {_one_line(e)}") from None
         buf = io.BytesIO()
         np.save(buf, np.sort(ids))
-        _atomic_write_bytes(state, buf.getvalue())  # only after Milvus took every change
+        atomic_write_bytes(state, buf.getvalue())  # only after Milvus took every change
         return int(new.sum()), int(len(gone))
 
     # -- search ----------------------------------------------------------------------

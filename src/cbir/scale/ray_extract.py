@@ -171,7 +171,7 @@ def update_index_ray(
     New and changed files (size or mtime differ) are extracted on Ray; deleted ones dropped.
     Shards go to ``shards_dir`` (kept) or to a folder inside the index (removed after ingest).
     """
-    from cbir.index.builder import UpdateReport, _metadata, open_or_create, scan_changes
+    from cbir.index.builder import UpdateReport, folder_metadata, open_or_create, scan_changes
     from cbir.scale.shards import ingest_shards
 
     t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def update_index_ray(
         out = Path(shards_dir) if keep else Path(index.root) / f".shards-{os.getpid()}-{int(time.time())}"
         try:
             extract_to_shards(todo, out, extractor, workers, batch_size, threads_per_worker, address)
-            added, failed = ingest_shards(index, out, _metadata(images_dir), images_dir, warn)
+            added, failed = ingest_shards(index, out, folder_metadata(images_dir), images_dir, warn)
         finally:
             if not keep:
                 shutil.rmtree(out, ignore_errors=True)

@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cbir.fileio import atomic_write_bytes
 from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, IndexBusy, IndexStoreError, Searcher
 from cbir.metadata import MAX_META_BYTES, SHAPE as META_SHAPE, MetaError, displayable_meta, parse_meta
@@ -495,18 +496,16 @@ class Service:
             paths: dict[str, int] = {}
             for i, u in enumerate(uploads):
                 path = self.uploads / f"{u.sha256}.{FORMATS[u.format]}"
-                row = self.index.db.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()
-                if row is not None:
-                    ids.append(row[0])
+                known = self.index.id_of(str(path))
+                if known is not None:
+                    ids.append(known)
                     continue
                 ids.append(None)
                 if str(path) in paths:  # the same file twice in one request
                     continue
                 paths[str(path)] = i
                 if not path.exists():
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                    tmp.write_bytes(u.data)
-                    os.replace(tmp, path)
+                    atomic_write_bytes(path, u.data)
                 st = path.stat()
                 new.append((i, Entry(str(path), st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})))
             existing = [i for i in ids if i is not None]

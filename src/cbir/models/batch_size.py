@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cbir.fileio import atomic_write_bytes
 
 CANDIDATES = (1, 2, 4, 8, 16)
 TOLERANCE = 1.05
@@ -80,11 +81,7 @@ def measured_batch_size(extractor, refresh: bool = False) -> int:
     cached[key] = {"batch_size": bs, "pipeline": str(extractor.spec), "engine": extractor.engine_name,
                    "ms_per_image": {str(k): round(v * 1000, 2) for k, v in per_image.items()}}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cached, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
     except OSError:
         pass  # a read-only cache only costs a measurement next time
     return bs
