@@ -155,7 +155,8 @@ def test_calibrate_on_a_collection(photos_dir):
 # -- the multi-object protocol -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def multi_bench(tmp_path_factory) -> Path:
-    """4 database photos; 3 wall photos: two known paintings, one known + one unknown, one known."""
+    """4 database photos; 4 wall photos: two known paintings, one known + one unknown, one known,
+    and a bare wall (``objects: []``)."""
     root = tmp_path_factory.mktemp("multi")
     (root / "database").mkdir()
     (root / "queries").mkdir()
@@ -174,6 +175,10 @@ def multi_bench(tmp_path_factory) -> Path:
         objects = [{"bbox": list(b), "positives": p} for b, p in zip(boxes, pos)]
         queries.append({"image": f"queries/wall{i}.jpg", "positives": sum(pos, []), "junk": [],
                         "tags": ["wall", f"n{len(objects)}"], "mask": f"queries/wall{i}_mask.png", "objects": objects})
+    Image.new("RGB", (900, 500), (200, 190, 180)).save(root / "queries" / "bare.jpg")
+    Image.new("L", (900, 500), 0).save(root / "queries" / "bare_mask.png")
+    queries.append({"image": "queries/bare.jpg", "positives": [], "junk": [], "tags": ["wall", "n0"],
+                    "mask": "queries/bare_mask.png", "objects": []})
     gt = {"name": "multi", "database": [f"database/{n}.jpg" for n in names], "queries": queries}
     (root / "gt.json").write_text(json.dumps(gt))
     return root
@@ -200,8 +205,9 @@ def test_ground_truth_boxes_give_the_upper_bound(multi_bench):
 def test_whole_photo_misses_side_by_side_paintings(multi_bench, tmp_path):
     r = evaluate_with(multi_bench, "whole")
     s = r.summary
-    # One box per photo: the two-painting and the known+unknown photos cannot match at IoU 0.5.
-    assert s["count_accuracy"] == pytest.approx(1 / 3)
+    # One box per photo: the two-painting and the known+unknown photos cannot match at IoU 0.5,
+    # and the bare wall gets one object where it has none.
+    assert s["count_accuracy"] == pytest.approx(1 / 4)
     assert s["object_map"] <= 0.5 and s["det_ap50"] < 1.0
     assert s["mask_recall"] == 1.0 and s["mask_precision"] < 0.8
     r.plot(tmp_path / "pr.png")

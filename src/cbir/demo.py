@@ -139,7 +139,7 @@ def run_demo(workdir: str | Path, engine: str = "onnx", echo: Callable[[str], No
     for rank, h in enumerate(hits, 1):
         echo(f"{rank:3d}  {h.score:.4f}  {h.path}")
     walls = load_benchmark(build_wall_benchmark(bench_dir, workdir / "walls"))
-    n_obj = sum(len(q.objects) for q in walls.queries)
+    n_obj = sum(len(q.objects or ()) for q in walls.queries)
     echo(f"\nseveral objects per photo: {walls.root} ({len(walls.queries)} wall photos, {n_obj} photographs "
          f"hung on them, {len(walls.database)} in the collection)")
     echo(f"{'localizer':10s} {'object mAP':>10s} {'det AP50':>9s} {'count acc':>9s} {'ms/photo':>9s}")

@@ -44,7 +44,7 @@ class Query:
     junk: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     bbox: tuple[float, float, float, float] | None = None
-    objects: tuple[GroundTruthObject, ...] = ()
+    objects: tuple[GroundTruthObject, ...] | None = None  # None: not listed; (): a photo of none
     mask: str | None = None  # a PNG of the photo's size, 255 on the object(s)
 
 
@@ -113,7 +113,8 @@ def _object(o: dict, where: str) -> GroundTruthObject:
 
 def _query(q: dict, i: int) -> Query:
     where = f"gt.json query {i} ({q.get('image', '?')})"
-    objects = tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q.get("objects") or ()))
+    objects = (tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q["objects"]))
+               if q.get("objects") is not None else None)
     return Query(
         image=q["image"],
         positives=tuple(q.get("positives", ())),

@@ -52,8 +52,8 @@ class GroundTruthBoxes(Localizer):
 
 
 def photo_objects(q: Query, size: tuple[int, int]) -> list[GroundTruthObject]:
-    """A query's objects: its ``objects``, else its box, else the whole photo (one object)."""
-    if q.objects:
+    """A query's objects: its ``objects`` (maybe none), else its box, else the whole photo."""
+    if q.objects is not None:
         return list(q.objects)
     w, h = size
     return [GroundTruthObject(q.bbox if q.bbox else (0.0, 0.0, float(w), float(h)), q.positives)]
@@ -115,11 +115,16 @@ def ground_truth_mask(bench: Benchmark, q: Query, objects: list[GroundTruthObjec
 
 
 def mask_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """Pixel precision, recall, F1 and IoU of the object class in one photo."""
+    """Pixel precision, recall, F1 and IoU of the object class in one photo.
+
+    Nothing predicted has precision 1 (no wrong pixel); nothing to find has recall 1; so a bare
+    wall answered with nothing scores 1 throughout, and anything else as usual.
+    """
     cm = np.bincount(gt.ravel().astype(np.int64) * 2 + pred.ravel().astype(np.int64), minlength=4).reshape(2, 2)
-    p, r, f1, _ = precision_recall_fscore(cm, None, zero_division=0.0)
+    p, r, _, _ = precision_recall_fscore(cm, None, zero_division=1.0)
+    p, r = float(p[1]), float(r[1])
     tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
-    return {"precision": float(p[1]), "recall": float(r[1]), "f1": float(f1[1]),
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
             "iou": float(tp / (tp + fp + fn)) if tp + fp + fn else 1.0}
 
 
