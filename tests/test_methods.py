@@ -356,7 +356,8 @@ def ref_k_reciprocal(q, db, k1, k2, lam):
 def test_k_reciprocal_against_reference():
     q, db = rand_unit(2, 5, 5), rand_unit(14, 5, 6)
     np.testing.assert_allclose(k_reciprocal(q, db, 4, 3, 0.3), ref_k_reciprocal(q, db, 4, 3, 0.3), rtol=1e-4, atol=1e-5)
-    assert parse_rerank("KRR4-3-0.3") is not None
+    r = parse_rerank("KRR4-3-0.3")
+    assert (r.kind, r.k, r.k2, r.lam) == ("KRR", 4, 3, 0.3)
 
 
 def test_diffusion_against_dense_solve():

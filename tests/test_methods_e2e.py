@@ -54,45 +54,47 @@ def data(tmp_path_factory):
     return bench, fit
 
 
+# (pipeline, descriptor size, mAP measured on this tiny benchmark). Each method must stay
+# within 0.05 of its own figure, so that a broken method fails even where the others are at 1.
 METHODS = [
-    ("efficientnet_lite0/bn2,long96,SUM,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,AVE,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,RMAC3,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,SPP,L2", 21 * 1280),
-    ("efficientnet_lite0/bn2,long96,CroW,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,SCDA,L2", 2 * 1280),
-    ("efficientnet_lite0/bn2,long96,CAM3,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,MS3,GeM3,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,scales1-0.5,MAX,L2", 1280),
-    ("efficientnet_lite0/blocks.5+bn2,long96,GeM3,W0.3-0.7,L2", 192 + 1280),
-    ("efficientnet_lite0/blocks.5+bn2,long96,GeM3,Wlearn,L2", 192 + 1280),
-    ("efficientnet_lite0/head,crop96,L2,PCA8,L2", 8),
-    ("efficientnet_lite0/bn2,long96,GeM3,POW0.5,L2", 1280),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAW8,L2", 8),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAWR8,L2", 8),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAWS8-0.3,L2", 8),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,QE2", 1280),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,aQE3a3", 1280),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,DBA2", 1280),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,KRR3", 1280),
-    ("efficientnet_lite0/bn2,long96,GeM3,L2,DBA2,DIFF3", 1280),
-    ("efficientnet_lite0/head,long96,regions:sliding2@64,BoW8d8,L2", 8),
-    ("efficientnet_lite0/head,long96,regions:sliding2@64,VLAD4d8,L2", 32),
-    ("efficientnet_lite0/bn2,long96,regions:proposals4@64,GeM3,FV2d8,L2", 32),
+    ("efficientnet_lite0/bn2,long96,SUM,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,AVE,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,RMAC3,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,SPP,L2", 21 * 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,CroW,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,SCDA,L2", 2 * 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,CAM3,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,MS3,GeM3,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,scales1-0.5,MAX,L2", 1280, 1.0),
+    ("efficientnet_lite0/blocks.5+bn2,long96,GeM3,W0.3-0.7,L2", 192 + 1280, 1.0),
+    ("efficientnet_lite0/blocks.5+bn2,long96,GeM3,Wlearn,L2", 192 + 1280, 1.0),
+    ("efficientnet_lite0/head,crop96,L2,PCA8,L2", 8, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,POW0.5,L2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAW8,L2", 8, 0.875),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAWR8,L2", 8, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,PCAWS8-0.3,L2", 8, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,QE2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,aQE3a3", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,DBA2", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,KRR3", 1280, 1.0),
+    ("efficientnet_lite0/bn2,long96,GeM3,L2,DBA2,DIFF3", 1280, 1.0),
+    ("efficientnet_lite0/head,long96,regions:sliding2@64,BoW8d8,L2", 8, 0.823),
+    ("efficientnet_lite0/head,long96,regions:sliding2@64,VLAD4d8,L2", 32, 0.948),
+    ("efficientnet_lite0/bn2,long96,regions:proposals4@64,GeM3,FV2d8,L2", 32, 1.0),
 ]
 
 
-@pytest.mark.parametrize("pipeline,dim", METHODS, ids=[m[0].split(",", 1)[1] for m in METHODS])
-def test_method_runs_end_to_end(data, pipeline, dim):
+@pytest.mark.parametrize("pipeline,dim,measured", METHODS, ids=[m[0].split(",", 1)[1] for m in METHODS])
+def test_method_runs_end_to_end(data, pipeline, dim, measured):
     bench_dir, fit_dir = data
     bench = load_benchmark(bench_dir)
     ex = Extractor(resolve_spec(pipeline), threads=1)
     fit, labels = fit_set(fit_dir)
     result = evaluate(bench, ex, fit_on=fit if ex.needs_fit else None, fit_labels=labels, warn=lambda m: None)
     s = result.summary
-    assert s["dim"] == dim and 0.0 <= s["map"] <= 1.0
+    assert s["dim"] == dim
     assert s["pipeline"] == str(ex.spec) == pipeline
-    assert s["map"] >= 0.5, s  # four distinct photos: every method must do better than chance
+    assert s["map"] >= measured - 0.05, s
 
 
 def test_multiscale_is_the_pooling_combination_of_single_scales(data):
