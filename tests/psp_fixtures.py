@@ -9,9 +9,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def make_folder(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240), masks: bool = True) -> Path:
+def make_folder(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240), masks: bool = True,
+                big: bool = False) -> Path:
     """``n`` photos with 1-2 paintings each (bright textured rectangles, some rotated) on a
-    smooth noisy wall; gt.json in the synth layout (objects with bbox and polygon, a mask)."""
+    smooth noisy wall; gt.json in the synth layout (objects with bbox and polygon, a mask).
+    ``big``: one painting per photo, filling about half of it."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "queries").mkdir(exist_ok=True)
@@ -22,11 +24,12 @@ def make_folder(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320,
         img = Image.fromarray(wall)
         mask = Image.new("L", size, 0)
         objs = []
-        k = 1 + i % 2
+        k = 1 if big else 1 + i % 2
         for j in range(k):
             cx = w * (j + 0.5) / k + rng.uniform(-10, 10)
             cy = h / 2 + rng.uniform(-15, 15)
-            pw, ph = rng.uniform(0.25, 0.38) * w, rng.uniform(0.35, 0.6) * h
+            lo, hi = ((0.55, 0.75) if big else (0.25, 0.38))
+            pw, ph = rng.uniform(lo, hi) * w, rng.uniform(lo + 0.1, hi + 0.1) * h
             a = np.deg2rad(rng.uniform(-8, 8))
             c, s = np.cos(a), np.sin(a)
             corners = np.array([[-pw / 2, -ph / 2], [pw / 2, -ph / 2], [pw / 2, ph / 2], [-pw / 2, ph / 2]])

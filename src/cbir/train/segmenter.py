@@ -58,10 +58,10 @@ class SegmenterOptions:
     dice_weight: float = 1.0
     border_weight: float = 5.0  # U-Net's w0 for background pixels between two paintings
     border_sigma: float = 2.0  # in target cells (input / 4)
-    input_size: int = 512
+    input_size: int = 384
     output_stride: int = 16
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: on a shared 2-core machine a second one mostly waits
     limit: int = 0  # use only the first N training photos (0: all)
     ema_decay: float = 0.99
 
@@ -102,10 +102,30 @@ def read_folder(root: str | Path, what: str = "training") -> list[Sample]:
             elif o.get("bbox"):
                 x0, y0, x1, y1 = o["bbox"]
                 inst.append(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64))
+        _check_header(image)
         samples.append(Sample(image, mask, inst))
     if not samples:
         raise TrainingError(f"{root}: gt.json lists no photos")
     return samples
+
+
+def _check_header(path: Path) -> None:
+    """Size checks from the file's header alone, before anything is written."""
+    import warnings
+
+    from cbir.images import DEFAULT_MAX_PIXELS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise TrainingError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if w * h > DEFAULT_MAX_PIXELS:
+        raise TrainingError(f"{path}: {w}x{h} is over the limit of {DEFAULT_MAX_PIXELS / 1e6:.0f} Mpixel")
+    if min(w, h) < 16:
+        raise TrainingError(f"{path}: {w}x{h} is too small to train on (16 px at least)")
 
 
 def _open(path: Path) -> Image.Image:
@@ -356,6 +376,16 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
         train_samples = train_samples[:opts.limit]
     out = Path(out)
     work = out.with_name(out.name + ".train")
+    total = opts.epochs + opts.finetune_epochs
+    ckpt_path = work / "checkpoint.pt"
+    hp = {k: v for k, v in asdict(opts).items() if k != "threads"}
+    data_key = [str(data), str(val), len(train_samples)]
+    state = None
+    if ckpt_path.is_file():  # checked before anything is computed or written
+        state = load_checkpoint(ckpt_path)
+        if state.get("hparams") != hp or state.get("data") != data_key or "model" not in state:
+            raise TrainingError(f"{ckpt_path}: a checkpoint of a run with other options or data; "
+                                "delete it or use another --out")
     work.mkdir(parents=True, exist_ok=True)
     gen = seed_everything(opts.seed)
     config = PSPConfig(input_size=opts.input_size, output_stride=opts.output_stride)
@@ -368,20 +398,12 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
     cache_s = time.time() - t_start
     log(f"cached {len(tr)} training and {len(va)} validation photos in {cache_s:.0f} s")
 
-    total = opts.epochs + opts.finetune_epochs
-    ckpt_path = work / "checkpoint.pt"
     history = History()
     start_epoch, train_s = 0, 0.0
-    hp = asdict(opts)
     seed_everything(opts.seed)
     ema = None
     opt = None
-    state = None
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state.get("hparams") != hp or state.get("data") != [str(data), str(val), len(tr)]:
-            raise TrainingError(f"{ckpt_path}: a checkpoint of a run with other options or data; "
-                                "delete it or use another --out")
+    if state is not None:
         net.load_trained_state(state["model"])
         start_epoch, train_s = state["epoch"] + 1, state["train_s"]
         history.rows = state["history"]
@@ -432,9 +454,9 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
             opt.step()
             ema.update(net)
             seen += len(idx)
-            loss_sum += float(loss_main) * len(idx)
+            loss_sum += float(loss_main.detach()) * len(idx)
             bar.update(len(idx))
-            bar.set_postfix(loss=f"{float(loss_main):.3f}", aux=f"{float(loss_aux):.3f}",
+            bar.set_postfix(loss=f"{loss_main.item():.3f}", aux=f"{loss_aux.item():.3f}",
                             img_s=f"{seen / (time.time() - t0):.0f}")
         bar.close()
         train_s += time.time() - t0
@@ -444,7 +466,7 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
             f"val loss {figs['val_loss']:.4f}, val IoU {figs['val_iou']:.4f}, {seen / (time.time() - t0):.0f} img/s")
         state = {"epoch": epoch, "finetune": finetune, "model": net.trained_state(True), "ema": ema.ema.trained_state(True),
                  "ema_updates": ema.updates, "optimizer": opt.state_dict(), "history": history.rows, "hparams": hp,
-                 "data": [str(data), str(val), len(tr)], "rng": gen.get_state(), "train_s": train_s}
+                 "data": data_key, "rng": gen.get_state(), "train_s": train_s}
         atomic_save(state, ckpt_path)
         history.write(work, title=f"PSPNet on {Path(data).name} (seed {opts.seed})")
 
@@ -462,7 +484,7 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
     weights = {
         "format": "cbir-pspnet", "version": 1, "config": config.to_dict(), "state": trained,
         "threshold": t, "min_area": a, "finetuned": finetuned,
-        "options": hp, "val_figures": figures, "val_grid": {f"{k[0]},{k[1]}": v for k, v in grid.items()},
+        "options": asdict(opts), "val_figures": figures, "val_grid": {f"{k[0]},{k[1]}": v for k, v in grid.items()},
         "history": history.rows,
         "data": {"train": str(data), "train_photos": len(tr), "val": str(val), "val_photos": len(va)},
         "times": {"cache_s": round(cache_s, 1), "train_s": round(train_s, 1), "select_s": round(time.time() - t0, 1)},
@@ -484,10 +506,10 @@ def command(
     finetune_epochs: Annotated[int, typer.Option(help="Then epochs with the backbone's last stage trained too.")] = 0,
     batch: Annotated[int, typer.Option(help="Photos per step.")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the head.")] = 2e-3,
-    input_size: Annotated[int, typer.Option(help="Photos are letterboxed to this square.")] = 512,
+    input_size: Annotated[int, typer.Option(help="Photos are letterboxed to this square.")] = 384,
     output_stride: Annotated[int, typer.Option(help="Backbone output stride (dilated): 16 or 8.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of weights init and data order.")] = 0,
-    threads: Annotated[int, typer.Option(help="PyTorch threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="PyTorch threads.")] = 1,
     limit: Annotated[int, typer.Option(help="Train on the first N photos only (0: all).")] = 0,
 ) -> None:
     """Train the PSPNet localizer (registered as `pspnet`) on synthetic gallery photos."""
