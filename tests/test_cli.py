@@ -39,12 +39,26 @@ def test_models_and_pipelines():
     (["eval", "/no/such/bench"], "no such benchmark directory"),
     (["eval", ".", "-p", "efficientnet_lite0,long512,FOO"], "unknown pipeline step 'FOO'"),
     (["index", ".", "--index", "/tmp/x", "--engine", "tpu"], "unknown engine 'tpu'"),
+    (["search", "q.jpg", "--index", "/no/such/index", "--bbox", "nan,nan,nan,nan"], "--bbox"),
+    (["search", "q.jpg", "--index", "/no/such/index", "-k", "0"], "-k 0 must be between 1 and 10000"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, needle):
     r = cbir(*args)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_os_errors_are_one_line(tmp_path):
+    afile = tmp_path / "not-a-dir"
+    afile.write_text("x")
+    (tmp_path / "bench" / "gt.json").mkdir(parents=True)  # a folder where a file belongs: IsADirectoryError
+    for args, needle in ((["index", str(tmp_path / "bench"), "--index", str(afile)], "not a directory"),
+                         (["eval", str(tmp_path / "bench")], "gt.json: Is a directory")):
+        r = cbir(*args)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_index_then_search_json(photos_dir, tmp_path, chelsea_crop):
@@ -72,6 +86,10 @@ def test_demo_runs_to_the_end_and_eval_json(tmp_path):
     r = cbir("demo", "--workdir", str(work))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mAP" in r.stdout and (work / "pr_curve.png").exists() and "cbir search" in r.stdout
+    # The multi-object part: whole vs saliency on wall photos; localizing must pay.
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("whole ", "saliency "))}
+    assert set(rows) == {"whole", "saliency"}
+    assert float(rows["saliency"][1]) > float(rows["whole"][1]) + 0.3  # measured 0.586 vs 0.0
     r = cbir("eval", str(work / "benchmark"), "--json", "-p", FAST, "--plot", str(tmp_path / "pr.png"),
              "--per-query", str(tmp_path / "q.csv"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -99,7 +99,7 @@ def test_evaluate_small_gt_json_with_crop_and_broken_files(tmp_path):
     s = r.summary
     assert s["map_by_tag"]["pasted"] == 1.0  # the box crops the cat out of the coffee photo
     assert s["map_by_tag"]["gone"] == 0.0  # an unreadable query can never raise the mAP
-    assert s["n_database_unreadable"] == 1 and s["n_queries"] == 2
+    assert s["n_database_unreadable"] == 1 and s["n_queries"] == 2 and s["n_queries_unreadable"] == 1
     assert any("broken.jpg" in w for w in warnings) and any("missing.jpg" in w for w in warnings)
     plot = tmp_path / "pr.png"
     r.plot(plot)
@@ -117,3 +117,55 @@ def test_museum_default_pipeline_reaches_095(museum):
     assert s["n_queries"] == 60
     assert s["map"] >= 0.95, s
     assert set(s["map_by_tag"]) == {"plain", "background"}
+
+
+class _Exploit:
+    """Pickles to a call of os.system: what a crafted benchmark file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_ground_truth_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    gnd = {"imlist": _Exploit(marker), "qimlist": [], "gnd": []}
+    (tmp_path / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
+    with pytest.raises(DatasetError) as e:
+        load_benchmark(tmp_path)
+    assert not marker.exists()
+    msg = str(e.value)
+    assert "gnd_roxford5k.pkl" in msg and "refused" in msg and "system" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_real_shaped_ground_truth_pickle_with_numpy_arrays_loads(tmp_path, protocol):
+    # As in the published gnd_r*.pkl files: lists of names, and numpy arrays of indices and boxes.
+    gnd = {"imlist": ["d0", "d1", "d2"], "qimlist": ["q0"],
+           "gnd": [{"easy": np.array([0], np.int64), "hard": np.array([1], np.int64), "junk": np.array([], np.int64),
+                    "bbx": np.array([1.5, 2.0, 30.0, 40.0])}]}
+    (tmp_path / "gnd_rparis6k.pkl").write_bytes(pickle.dumps(gnd, protocol=protocol))
+    b = load_benchmark(tmp_path)
+    assert b.kind == "revisited" and b.name == "rparis6k" and len(b.queries) == 3
+    medium = next(q for q in b.queries if q.tags == ("medium",))
+    assert medium.positives == ("d0.jpg", "d1.jpg") and medium.bbox == (1.5, 2.0, 30.0, 40.0)
+
+
+def test_unreadable_queries_are_counted_and_reported():
+    from cbir.cli import format_summary
+    from cbir.datasets import Benchmark, Query
+    from cbir.evaluation import score_vectors
+
+    bench = Benchmark("b", Path("."), ["a.jpg", "b.jpg"],
+                      [Query("qa.jpg", ("a.jpg",)), Query("qb.jpg", ("b.jpg",)), Query("qc.jpg", ())])
+    db = np.eye(2, dtype=np.float32)
+    queries = np.array([[1, 0], [np.nan, np.nan], [np.nan, np.nan]], np.float32)  # qb unreadable; qc has no positives
+    s = score_vectors(bench, db, queries).summary
+    assert s["n_queries"] == 2 and s["map"] == 0.5
+    assert s["n_queries_unreadable"] == 1
+    s.update(pipeline="p", dim=2, extract_ms_per_image=1.0)
+    assert "1 query image(s) unreadable, scored AP 0" in format_summary(s)

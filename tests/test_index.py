@@ -189,3 +189,117 @@ def test_interrupted_creation_starts_over(tmp_path, folder):
     (idx / "catalog.sqlite").write_bytes(b"")  # as if killed before index.json was written
     r = update_index(folder, idx, FAST, warn=quiet)
     assert r.added == len(PHOTO_NAMES)
+
+
+def test_one_bad_entry_or_unreadable_folder_never_breaks_a_run(photos_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(photos_dir / "chelsea.jpg", folder / "chelsea.jpg")
+    shutil.copy(photos_dir / "rocket.jpg", folder / "sub" / "rocket.jpg")
+    (folder / "ghost.jpg").symlink_to(tmp_path / "nowhere.jpg")  # dangling, as a file deleted mid-scan
+    idx = tmp_path / "index"
+    warnings: list[str] = []
+    r = update_index(folder, idx, FAST, warn=warnings.append)
+    assert r.added == 2 and r.failed == [str(folder.resolve() / "ghost.jpg")]
+    assert len(warnings) == 1 and "ghost.jpg" in warnings[0] and "\n" not in warnings[0]
+
+    # A folder that cannot be listed: warned about, and its indexed images are not dropped.
+    real_scandir = os.scandir
+    sub = str(folder.resolve() / "sub")
+
+    def scandir(path="."):
+        if os.fspath(path) == sub:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    warnings.clear()
+    r = update_index(folder, idx, warn=warnings.append)
+    assert r.removed == 0 and r.added == 0
+    assert any("sub" in w and "cannot read folder" in w for w in warnings), warnings
+    assert sorted(Path(p).name for p in Index(idx).entries()) == ["chelsea.jpg", "rocket.jpg"]
+    monkeypatch.undo()
+    (folder / "sub" / "rocket.jpg").unlink()  # readable again and really gone: now it is dropped
+    assert update_index(folder, idx, warn=quiet).removed == 1
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    import skimage.data
+    from PIL import Image
+
+    from cbir.images import open_image
+
+    cam = skimage.data.camera()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(cam).save(folder / "camera.png")  # the 8-bit twin
+    skimage_photo("coffee").save(folder / "coffee.jpg")
+    skimage_photo("rocket").save(folder / "rocket.jpg")
+    q16 = tmp_path / "camera16.png"
+    Image.fromarray(cam.astype(np.uint16) * 257).save(q16)
+    assert Image.open(q16).mode == "I;16"
+    twin = np.asarray(open_image(folder / "camera.png"))
+    assert np.array_equal(np.asarray(open_image(q16)), twin)  # not a blank white image
+    big_endian = tmp_path / "camera16b.tif"
+    Image.fromarray((cam.astype(np.uint16) * 257).astype(">u2")).save(big_endian)
+    assert Image.open(big_endian).mode == "I;16B" and np.array_equal(np.asarray(open_image(big_endian)), twin)
+    as_float = tmp_path / "cameraf.tif"
+    Image.fromarray(cam.astype(np.float32) / 255).save(as_float)
+    assert np.abs(np.asarray(open_image(as_float)).astype(int) - twin).max() <= 1
+
+    idx = tmp_path / "index"
+    update_index(folder, idx, FAST, warn=quiet)
+    hit = Searcher(idx).search(q16, k=1)[0]
+    assert Path(hit.path).name == "camera.png" and hit.score > 0.99
+
+
+def test_creating_an_index_takes_the_writer_lock_first(tmp_path):
+    import fcntl
+
+    from cbir.index import IndexBusy
+
+    root = tmp_path / "index"
+    root.mkdir()
+    (root / "catalog.sqlite").write_bytes(b"")  # another process's creation, half done
+    identity = {"pipeline": "p", "weights_sha256": "0" * 64}
+    with open(root / ".lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(IndexBusy):
+            Index.create(root, identity, 4)
+        assert (root / "catalog.sqlite").exists() and not (root / "index.json").exists()
+        fcntl.flock(other, fcntl.LOCK_UN)
+    index = Index.create(root, identity, 4)  # that creation was abandoned: start over
+    assert len(index) == 0 and (root / ".lock").exists()
+    with pytest.raises(IndexStoreError, match="already exists"):
+        Index.create(root, identity, 4)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(IndexStoreError, match="not a directory"):
+        Index.create(afile, identity, 4)
+
+
+def test_a_reader_unmaps_segments_another_writer_deleted(tmp_path):
+    from cbir.index import Entry
+
+    root = tmp_path / "index"
+    writer = Index.create(root, {"pipeline": "p", "weights_sha256": "0" * 64}, 4)
+    rng = np.random.default_rng(0)
+    with writer.writer():
+        a = writer.add([Entry(f"/x/a{i}.jpg", 1, 1, "h", {}) for i in range(3)], rng.random((3, 4), np.float32))
+        writer.add([Entry(f"/x/b{i}.jpg", 1, 1, "h", {}) for i in range(3)], rng.random((3, 4), np.float32))
+    first_segment = {f.name for f in (root / "vectors").iterdir()}
+    reader = Index(root)  # a long-running server
+    reader.search(rng.random((1, 4), np.float32), 2)
+    assert len(reader._mmaps) == 2
+
+    def mapped() -> str:
+        return Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+
+    with writer.writer():
+        writer.remove(ids=a)  # its whole segment is dead: the file is deleted
+    gone = first_segment - {f.name for f in (root / "vectors").iterdir()}
+    assert len(gone) == 1
+    (dead,) = gone
+    scores, ids = reader.search(rng.random((1, 4), np.float32), 6)
+    assert set(ids[0]) - {-1} <= set(range(4, 7)) and dead not in reader._mmaps
+    assert dead not in mapped()

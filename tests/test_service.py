@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import os
 import shutil
 import struct
 import threading
@@ -409,6 +410,186 @@ def test_searches_keep_working_while_images_are_added(client):
     for i in added:
         client.delete(f"/api/images/{i}")
     assert results and all(r == (200, "chelsea.jpg") for r in results), results
+
+
+# -- hardening (issue 10) -------------------------------------------------------------------
+def _count(client) -> int:
+    return client.get("/api/health").json()["count"]
+
+
+@pytest.mark.parametrize("meta, words", [
+    ('{"a": ' * 400 + "1" + "}" * 400, ["meta", "flat"]),  # was stored, then broke every search: 500
+    ('{"a": ' * 5000 + "1" + "}" * 5000, ["meta", "bytes"]),  # was a RecursionError: 500
+    ("[" * 100000, ["meta", "bytes"]),
+    ('{"tags": ["a", "b"]}', ["meta", "tags"]),
+    ('{"x": NaN}', ["meta", "NaN"]),
+    (json.dumps({"note": "x" * 3000}), ["meta", "note"]),
+    (json.dumps({f"k{i}": i for i in range(65)}), ["meta", "keys"]),
+    ('{"n": ' + "9" * 30 + "}", ["meta", "range"]),
+])
+def test_meta_shape_is_checked_before_anything_is_written(client, meta, words):
+    n0 = _count(client)
+    stored = set((client.app.state.service.uploads).glob("*")) if client.app.state.service.uploads.exists() else set()
+    good = ("files", ("ok.jpg", samples.jpeg(samples.photo("camera", 110)), "image/jpeg"))
+    assert_error(client.post("/api/images", files=[good], data={"meta": meta}), 422, *words)
+    assert _count(client) == n0
+    assert (set(client.app.state.service.uploads.glob("*")) if client.app.state.service.uploads.exists() else set()) == stored
+
+
+def test_flat_meta_of_scalars_is_accepted(client):
+    meta = {"title": "Camera man", "year": 1983, "scale": 0.5, "framed": True, "note": None}
+    r = client.post("/api/images", files={"files": ("cam.jpg", samples.jpeg(samples.photo("camera", 130)), "image/jpeg")},
+                    data={"meta": json.dumps(meta)})
+    assert r.status_code == 201, r.text
+    added = r.json()["added"][0]
+    assert {k: added["meta"][k] for k in meta} == meta
+    assert client.delete(f"/api/images/{added['id']}").status_code == 200
+
+
+def test_a_bad_row_already_in_the_catalog_does_not_break_searches(client):
+    """Rows an older version stored (nested 400 deep; or too deep even to parse) are shown without it."""
+    r = client.post("/api/images", files={"files": ("deep.jpg", samples.jpeg(samples.photo("coins", 150)), "image/jpeg")})
+    assert r.status_code == 201, r.text
+    image_id = r.json()["added"][0]["id"]
+    con = client.app.state.service.index.db
+    try:
+        for raw, shown in (('{"title": "kept", "deep": ' + '{"a": ' * 400 + "1" + "}" * 401, {"title": "kept"}),
+                           ("[" * 100000, {})):
+            with con:
+                con.execute("UPDATE images SET meta = ? WHERE id = ?", (raw, image_id))
+            for _ in range(3):
+                body = client.post("/api/search", files=upload(samples.crop_query("chelsea")), data={"k": "100"})
+                assert body.status_code == 200, body.text
+                (hit,) = [h for h in body.json()["results"] if h["id"] == image_id]
+                assert hit["meta"] == shown
+            info = client.get(f"/api/images/{image_id}")
+            assert info.status_code == 200 and info.json()["meta"] == shown
+            assert client.get(f"/api/images/{image_id}/similar", params={"k": 3}).status_code == 200
+    finally:
+        assert client.delete(f"/api/images/{image_id}").status_code == 200
+
+
+def test_upload_replaced_by_a_symlink_or_changed_is_not_served(client, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 100)
+    data = samples.jpeg(samples.photo("camera", 140))
+    info = client.post("/api/images", files={"files": ("s.jpg", data, "image/jpeg")}).json()["added"][0]
+    path = Path(client.app.state.service.index.get(info["id"]).path)
+    try:
+        assert client.get(info["image_url"]).content == data
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same content: still served
+        assert client.get(info["image_url"]).content == data
+        path.write_bytes(data + b"\0" * 10)  # changed since it was added
+        assert_error(client.get(info["image_url"]), 410, "changed")
+        assert_error(client.get(info["thumbnail_url"], params={"size": 100}), 410, "changed")
+        path.unlink()
+        path.symlink_to(secret)
+        for url in (info["image_url"], info["thumbnail_url"] + "?size=80", f"/api/images/{info['id']}/similar?bbox=0,0,20,20"):
+            r = client.get(url)
+            assert_error(r, 404)
+            assert b"root:" not in r.content
+        assert client.get(f"/api/images/{info['id']}").json()["width"] is None
+    finally:
+        assert client.delete(f"/api/images/{info['id']}").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def folder_client(tmp_path_factory):
+    """A private index of a folder of three photos (these tests change the folder's files)."""
+    from cbir.index import update_index
+
+    folder = tmp_path_factory.mktemp("service-folder") / "photos"
+    samples.write_photos(folder)
+    for extra in set(samples.PHOTOS) - {"chelsea", "coffee", "rocket"}:
+        (folder / f"{extra}.jpg").unlink()
+    index = folder.parent / "index"
+    update_index(folder, index, "efficientnet_lite0/bn2,long224,GeM3,L2", warn=lambda *_: None)
+    with TestClient(create_app(searcher=Searcher(index))) as c:
+        yield c, folder.resolve(), index
+
+
+def _id_of(client, name: str) -> int:
+    (e,) = [e for e in client.app.state.service.index.entries().values() if Path(e.path).name == name]
+    return e.id
+
+
+def test_indexed_file_replaced_by_a_symlink_to_etc_passwd_is_not_served(folder_client):
+    client, folder, _ = folder_client
+    i = _id_of(client, "rocket.jpg")
+    original = (folder / "rocket.jpg").read_bytes()
+    assert client.get(f"/api/images/{i}/file").content == original
+    (folder / "rocket.jpg").unlink()
+    (folder / "rocket.jpg").symlink_to("/etc/passwd")
+    try:
+        for url in (f"/api/images/{i}/file", f"/api/images/{i}/thumbnail?size=64", f"/api/images/{i}/similar?bbox=0,0,30,30"):
+            r = client.get(url)
+            assert_error(r, 404, "indexed folder")
+            assert b"root:" not in r.content
+    finally:
+        (folder / "rocket.jpg").unlink()
+        (folder / "rocket.jpg").write_bytes(original)
+
+
+def test_a_delete_through_the_service_is_not_undone_by_the_next_index_run(folder_client):
+    from cbir.index import update_index
+
+    client, folder, index = folder_client
+    spec = client.get("/openapi.json").json()["paths"]["/api/images/{image_id}"]["delete"]
+    assert "left on disk" in spec["description"] and "cbir index" in spec["description"]
+    i = _id_of(client, "coffee.jpg")
+    n0 = _count(client)
+    assert client.delete(f"/api/images/{i}").status_code == 200
+    assert (folder / "coffee.jpg").exists()  # the user's file stays
+    r = update_index(folder, index, warn=lambda *_: None)
+    assert r.added == 0 and r.kept_out == 1 and "deleted through the service" in r.summary()
+    assert _count(client) == n0 - 1
+    os.utime(folder / "coffee.jpg")  # changed (touched) since: indexed again
+    r = update_index(folder, index, warn=lambda *_: None)
+    assert r.added == 1 and r.kept_out == 0 and _count(client) == n0
+
+
+def test_uploads_in_flight_are_bounded(searcher):
+    import asyncio
+
+    import httpx
+
+    app = create_app(searcher=searcher, max_uploads=1)
+    boundary = "cbirtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + samples.crop_query("chelsea") + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+    async def scenario():
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_body():
+            yield body[:1000]
+            started.set()  # the server has read the first chunk: this upload holds its slot
+            await release.wait()
+            yield body[1000:]
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.create_task(c.post("/api/search", content=slow_body(), headers=headers))
+            await started.wait()
+            second = await c.post("/api/search", content=body, headers=headers)
+            health = await c.get("/api/health")  # reads are not uploads: never refused
+            release.set()
+            return await first, second, health, await c.post("/api/search", content=body, headers=headers)
+
+    first, second, health, third = asyncio.run(scenario())
+    assert_error(second, 503, "uploads", "retry")
+    assert second.headers["retry-after"] == "1"
+    assert health.status_code == 200
+    assert first.status_code == 200 and first.json()["results"][0]["name"] == "chelsea.jpg"
+    assert third.status_code == 200  # the slot is free again
+
+
+def test_default_pixel_cap_bounds_decode_work(client):
+    limits = client.get("/api/stats").json()["limits"]
+    assert limits["max_pixels"] == 50_000_000 and limits["max_uploads"] >= 1 and limits["max_meta_bytes"] == 8192
+    r = client.post("/api/search", files=upload(png_bomb(8000, 7000), "big.png", "image/png"))  # 56 Mpixel, tiny file
+    assert_error(r, 413, "big.png", "Mpixel")
 
 
 # -- the command -------------------------------------------------------------------------

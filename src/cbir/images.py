@@ -20,6 +20,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Decompression bombs: a small file that decodes to a huge bitmap. 100 Mpixel is a 40 MP
 # camera photo with room to spare.
 DEFAULT_MAX_PIXELS = 100_000_000
+# Grayscale modes wider than 8 bits, which need scaling (not clipping) to 8 bits.
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 class ImageError(ValueError):
@@ -60,15 +62,20 @@ class Resize:
         return max(1, round(width * s)), max(1, round(height * s))
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Image files under ``root``, recursively, sorted; hidden files and folders skipped."""
+def list_images(root: str | Path, unreadable: list[OSError] | None = None) -> list[Path]:
+    """Image files under ``root``, recursively, sorted; hidden files and folders skipped.
+
+    A folder that cannot be listed is left out; with ``unreadable`` given, its error (whose
+    ``filename`` is the folder) is appended there, so that a caller can tell "empty" from
+    "could not look".
+    """
     root = Path(root)
     if not root.exists():
         raise ImageError(f"{root}: no such directory")
     if root.is_file():
         return [root]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append if unreadable is not None else None):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
@@ -77,16 +84,20 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def open_image(
-    source: str | Path | bytes,
+    source: str | Path | bytes | Image.Image,
     resize: Resize | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Decode ``source`` (a path or encoded bytes) to RGB, crop ``bbox``, scale by ``resize``.
+    """Decode ``source`` (a path, encoded bytes, or a decoded image) to RGB, crop ``bbox``, scale by ``resize``.
 
     JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
     (Pillow's ``draft``), which is faster and, after the final antialiased resize, looks the same.
     """
+    if isinstance(source, Image.Image):  # already decoded (a region of a photo, say)
+        img = source if source.mode == "RGB" else source.convert("RGB")
+        img = crop_box(img, bbox, "image region") if bbox is not None else img
+        return scale(img, resize) if resize is not None else img
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -111,6 +122,8 @@ def open_image(
             # Both return a copy even when there is nothing to do: only call them when needed.
             if img.getexif().get(ImageOps.ExifTags.Base.Orientation, 1) != 1:
                 img = ImageOps.exif_transpose(img)
+            if img.mode in WIDE_MODES:
+                img = to_8bit(img)
             if img.mode != "RGB":
                 img = img.convert("RGB")
     except ImageError:
@@ -126,6 +139,27 @@ def open_image(
     if resize is not None:
         img = scale(img, resize)
     return img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image scaled to 8-bit ``L``.
+
+    Pillow's own conversion clips every value above 255, so a 16-bit photo would become blank
+    white. 16-bit modes (and ``I`` holding 16-bit values, as from a 16-bit PNG) are scaled by
+    their full range, 65535 -> 255, so that a 16-bit copy of an 8-bit image matches it;
+    floats in [0, 1] by 255; anything else is stretched from its minimum to its maximum.
+    """
+    a = np.asarray(img).astype(np.float64)
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535 and hi > 255):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 def crop_box(img: Image.Image, bbox: tuple[float, float, float, float], name: str = "image") -> Image.Image:

@@ -28,12 +28,24 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class GroundTruthObject:
+    """One object of a multi-object photo: its box, what shows it in the database (empty:
+    not in the collection), and, for a tilted or perspective-warped one, its 4 corners."""
+
+    bbox: tuple[float, float, float, float]
+    positives: tuple[str, ...] = ()
+    polygon: tuple[tuple[float, float], ...] | None = None
+
+
+@dataclass(frozen=True)
 class Query:
     image: str
     positives: tuple[str, ...]
     junk: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     bbox: tuple[float, float, float, float] | None = None
+    objects: tuple[GroundTruthObject, ...] = ()
+    mask: str | None = None  # a PNG of the photo's size, 255 on the object(s)
 
 
 @dataclass
@@ -47,6 +59,16 @@ class Benchmark:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def with_tags(self, tags: tuple[str, ...] | list[str]) -> "Benchmark":
+        """The same benchmark with only the queries that carry any of ``tags``."""
+        if not tags:
+            return self
+        queries = [q for q in self.queries if set(tags) & set(q.tags)]
+        if not queries:
+            known = sorted({t for q in self.queries for t in q.tags})
+            raise DatasetError(f"{self.root}: no query is tagged {' or '.join(tags)}; tags: {', '.join(known)}")
+        return Benchmark(self.name, self.root, self.database, queries, self.kind, self.metadata)
 
 
 def load_benchmark(root: str | Path) -> Benchmark:
@@ -72,21 +94,45 @@ def load_benchmark(root: str | Path) -> Benchmark:
     )
 
 
+def _box(value, where: str) -> tuple[float, float, float, float]:
+    box = tuple(float(v) for v in value)
+    if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1]:
+        raise DatasetError(f"{where}: bbox {list(value)} is not [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+    return box  # type: ignore[return-value]
+
+
+def _object(o: dict, where: str) -> GroundTruthObject:
+    polygon = None
+    if o.get("polygon") is not None:
+        pts = o["polygon"]
+        if len(pts) != 4 or any(len(p) != 2 for p in pts):
+            raise DatasetError(f"{where}: polygon has {len(pts)} points, not 4 [x, y] corners")
+        polygon = tuple((float(x), float(y)) for x, y in pts)
+    return GroundTruthObject(_box(o["bbox"], where), tuple(o.get("positives", ())), polygon)
+
+
+def _query(q: dict, i: int) -> Query:
+    where = f"gt.json query {i} ({q.get('image', '?')})"
+    objects = tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q.get("objects") or ()))
+    return Query(
+        image=q["image"],
+        positives=tuple(q.get("positives", ())),
+        junk=tuple(q.get("junk", ())),
+        tags=tuple(q.get("tags", ())),
+        bbox=_box(q["bbox"], where) if q.get("bbox") else None,
+        objects=objects,
+        mask=q.get("mask"),
+    )
+
+
 def _load_gt_json(root: Path) -> Benchmark:
     try:
         gt = json.loads((root / "gt.json").read_text())
-        queries = [
-            Query(
-                image=q["image"],
-                positives=tuple(q.get("positives", ())),
-                junk=tuple(q.get("junk", ())),
-                tags=tuple(q.get("tags", ())),
-                bbox=tuple(q["bbox"]) if q.get("bbox") else None,
-            )
-            for q in gt["queries"]
-        ]
+        queries = [_query(q, i) for i, q in enumerate(gt["queries"])]
         database = list(gt["database"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise DatasetError(f"{root / 'gt.json'}: {e}") from None
         raise DatasetError(f"{root / 'gt.json'}: not in the expected format ({type(e).__name__}: {e})") from None
     meta = {}
     if (root / "metadata.json").exists():
@@ -94,12 +140,53 @@ def _load_gt_json(root: Path) -> Benchmark:
     return Benchmark(gt.get("name", root.name), root, database, queries, "gt.json", meta)
 
 
+# What a real gnd_r*.pkl holds: dicts, lists, strings and numbers (opcodes, no look-up), and
+# numpy arrays and scalars. Nothing else may be named, so a crafted file cannot call anything.
+PICKLE_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes (a numpy array's data) from Python 3
+} | {(module, name) for module in ("builtins", "__builtin__")  # containers older protocols name
+     for name in ("set", "frozenset", "bytes", "bytearray", "list", "dict", "tuple", "complex")}
+
+
+class _BenchmarkUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a benchmark file never holds")
+        return super().find_class(module, name)
+
+
+def read_ground_truth_pickle(pkl: Path) -> dict:
+    """A Revisited Oxford/Paris ``gnd_*.pkl``, read without running any code from it."""
+    try:
+        with open(pkl, "rb") as f:
+            cfg = _BenchmarkUnpickler(f).load()
+    except OSError as e:
+        raise DatasetError(f"{pkl}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # a crafted or corrupt pickle can raise almost anything
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DatasetError(f"{pkl}: refused, not a benchmark ground-truth pickle ({msg})") from None
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise DatasetError(f"{pkl}: not a benchmark ground-truth pickle (no imlist, qimlist and gnd)")
+    return cfg
+
+
 def _load_revisited(root: Path, pkl: Path) -> Benchmark:
-    with open(pkl, "rb") as f:
-        cfg = pickle.load(f)
+    cfg = read_ground_truth_pickle(pkl)
     ext = ".jpg"
     img_dir = "jpg/" if (root / "jpg").is_dir() else ""
-    database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
+    try:
+        database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
+        queries = _revisited_queries(cfg, database, img_dir, ext)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{pkl}: not in the expected format ({type(e).__name__}: {e})") from None
+    return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
+
+
+def _revisited_queries(cfg: dict, database: list[str], img_dir: str, ext: str) -> list[Query]:
     queries = []
     for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
         easy = [database[i] for i in g.get("easy", [])]
@@ -114,7 +201,7 @@ def _load_revisited(root: Path, pkl: Path) -> Benchmark:
             ("hard", hard, junk + easy),
         ):
             queries.append(Query(image, tuple(pos), tuple(jk), (tag,), bbox))
-    return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
+    return queries
 
 
 def _load_holidays(root: Path) -> Benchmark:

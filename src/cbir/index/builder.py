@@ -9,6 +9,7 @@ picks up from there. `Searcher` pairs an index with the extractor of its own pip
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.images import ImageError, list_images, sha256_file
-from cbir.index.store import Entry, Index, IndexStoreError
+from cbir.identify import Calibration, calibrate
+from cbir.images import ImageError, list_images, open_image, sha256_file
+from cbir.index.store import Entry, Index, IndexExists, IndexStoreError
+from cbir.localize import Localizer, Region, create_localizer
+from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
 from cbir.rerank import SHORTLIST, rerank_hits
 
@@ -30,10 +34,13 @@ class UpdateReport:
     unchanged: int = 0
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    kept_out: int = 0  # deleted through the service and unchanged since: not indexed again
 
     def summary(self) -> str:
         s = (f"{self.added} added, {self.updated} re-extracted, {self.removed} removed, "
              f"{self.unchanged} unchanged, {len(self.failed)} skipped as unreadable")
+        if self.kept_out:
+            s += f", {self.kept_out} left out as deleted through the service"
         return s + f" in {self.seconds:.1f} s"
 
 
@@ -65,7 +72,12 @@ def open_or_create(
         extractor.fit(list(fit_on), on_error=lambda i, e: warn(f"warning: {e}"))
     # The dimension is known once one image has gone through; use a tiny probe image.
     dim = extractor.postprocess(extractor.raw_descriptors(np.zeros((1, 64, 64, 3), np.uint8))).shape[1]
-    index = Index.create(index_dir, extractor.identity, dim, extractor.post_state())
+    try:
+        index = Index.create(index_dir, extractor.identity, dim, extractor.post_state())
+    except IndexExists:  # another run created it while this one loaded the model: use that one
+        index = Index(index_dir)
+        index.check_identity(extractor.identity)
+        extractor.load_post_state(index.post_state())
     return index, extractor
 
 
@@ -78,7 +90,7 @@ def _metadata(images_dir: Path) -> dict[str, dict]:
             continue
         try:
             data = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             return {}
         if not isinstance(data, dict):
             return {}
@@ -88,25 +100,70 @@ def _metadata(images_dir: Path) -> dict[str, dict]:
     return {}
 
 
-def scan_changes(index: Index, images_dir: Path, report: UpdateReport) -> tuple[dict[str, Entry], list[tuple[Path, int, int]]]:
+def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
+                 warn: Callable[[str], None] = print) -> tuple[dict[str, Entry], list[tuple[Path, int, int]]]:
     """Compare the folder with the catalog: drop the entries of deleted files (one transaction),
     count the unchanged ones, and return (catalog entries under the folder, files to look at
-    as ``(path, size, mtime_ns)``: new ones, and those whose size or mtime changed)."""
+    as ``(path, size, mtime_ns)``: new ones, and those whose size or mtime changed).
+
+    One bad entry never stops the scan: a file that vanished (or a dangling symlink) is
+    skipped with a warning; a folder that cannot be listed is skipped with a warning and its
+    indexed images are kept, since not seeing them is not their deletion. Files deleted
+    through the service stay out until they change. Call under ``index.writer()``.
+    """
+    index.add_root(str(images_dir))
     known = index.entries(under=str(images_dir))
-    files = list_images(images_dir)
-    on_disk = {str(p) for p in files}
-    gone = [p for p in known if p not in on_disk]
+    unreadable: list[OSError] = []
+    files = list_images(images_dir, unreadable)
+    kept_dirs: list[str] = []  # entries under these, and kept_files, are kept whatever the scan saw
+    kept_files: set[str] = set()
+    for err in unreadable:
+        folder = str(err.filename or images_dir)
+        kept_dirs.append(folder.rstrip("/") + "/")
+        warn(f"warning: cannot read folder {folder} ({err.strerror or err}); its indexed images are kept")
+    stats: dict[str, os.stat_result] = {}
+    for p in files:
+        try:
+            stats[str(p)] = p.stat()
+        except FileNotFoundError:
+            report.failed.append(str(p))
+            warn(f"warning: skipped {p}: no such file (a dangling symlink, or deleted during the scan)")
+        except OSError as e:
+            report.failed.append(str(p))
+            kept_files.add(str(p))  # it is there, only unreadable now: keep its entry
+            warn(f"warning: skipped {p}: cannot read ({e.strerror or e})")
+
+    def seen_gone(path: str) -> bool:
+        return path not in stats and path not in kept_files and not any(path.startswith(k) for k in kept_dirs)
+
+    gone = [p for p in known if seen_gone(p)]
     if gone:
         report.removed = index.remove(paths=gone)
-    todo = []
-    for p in files:
-        st = p.stat()
-        e = known.get(str(p))
+    tombs = index.tombstones(str(images_dir))
+    if tombs:
+        index.forget_tombstones([p for p in tombs if seen_gone(p)])
+    todo, changed_tombs = [], []
+    for path, st in stats.items():
+        p = Path(path)
+        e = known.get(path)
+        if path in tombs:
+            if tombs[path] == (st.st_size, st.st_mtime_ns):
+                report.kept_out += 1  # deleted through the service, unchanged since
+                continue
+            changed_tombs.append(path)  # a new version of a deleted file: index it again
         if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
             report.unchanged += 1
         else:
             todo.append((p, st.st_size, st.st_mtime_ns))
+    if changed_tombs:
+        index.forget_tombstones(changed_tombs)
     return known, todo
+
+
+def check_index_dir(index_dir: str | Path) -> None:
+    """Refuse an index path that is an existing file, before any model is loaded."""
+    if Path(index_dir).exists() and not Path(index_dir).is_dir():
+        raise IndexStoreError(f"{index_dir}: exists and is not a directory; give a new or an index directory")
 
 
 def update_index(
@@ -126,10 +183,11 @@ def update_index(
     images_dir = Path(images_dir).resolve()
     if not images_dir.is_dir():
         raise ImageError(f"{images_dir}: no such directory")
+    check_index_dir(index_dir)
     index, extractor = open_or_create(index_dir, pipeline, weights, engine, fit_on, warn)
     report = UpdateReport()
     with index.writer():
-        known, todo = scan_changes(index, images_dir, report)
+        known, todo = scan_changes(index, images_dir, report, warn)
         meta = _metadata(images_dir)
 
         bar = progress(total=len(todo), desc="indexing", unit="img") if progress and todo else None
@@ -200,12 +258,47 @@ class Hit:
     score: float
     meta: dict
 
+    def to_json(self) -> dict:
+        return {"path": self.path, "score": round(self.score, 6), "id": self.id, "meta": self.meta}
+
+
+@dataclass
+class ObjectHits:
+    """One object found in a query photo and what it matched.
+
+    ``identified``: the path of the database image it is, when the top hit's score passes the
+    index's acceptance threshold (`cbir.identify`); None: "not in the collection".
+    """
+
+    region: Region
+    results: list[Hit]
+    identified: str | None
+
+    def to_json(self) -> dict:
+        return {**self.region.to_json(), "identified": self.identified, "results": [h.to_json() for h in self.results]}
+
+
+def calibrate_index(index: Index, extractor: Extractor, warn: Callable[[str], None] = print) -> Calibration:
+    """Calibrate the acceptance threshold on edits of the index's own images (not stored)."""
+    entries = [e for e in index.entries().values() if Path(e.path).is_file()]
+    pos = {e.id: n for n, e in enumerate(entries)}
+
+    def top2(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = index.search(q, 2)
+        return scores, np.vectorize(lambda i: pos.get(int(i), -1))(ids)
+
+    return calibrate(lambda imgs: extractor.extract(imgs), [e.path for e in entries], top2, warn=warn)
+
 
 class Searcher:
-    """An index and the extractor of its own pipeline: images in, ranked hits out."""
+    """An index and the extractor of its own pipeline: images in, ranked hits out.
+
+    ``localizer``: how `search_objects` finds the objects of a photo; default the one stored
+    with the index (``cbir index --localizer``), else ``whole``.
+    """
 
     def __init__(self, index_dir: str | Path, weights: str | Path | None = None, engine: str = "onnx",
-                 pipeline: str | None = None, threads: int | None = None) -> None:
+                 pipeline: str | None = None, threads: int | None = None, localizer: str | None = None) -> None:
         self.index = Index(index_dir)
         spec = resolve_spec(pipeline or self.index.pipeline, weights)
         # Queries come one at a time: one inference worker, so that the engine's threads are
@@ -213,6 +306,17 @@ class Searcher:
         self.extractor = Extractor(spec, weights, engine, threads=threads, infer_workers=1)
         self.index.check_identity(self.extractor.identity)
         self.extractor.load_post_state(self.index.post_state())
+        self.localizer: Localizer = create_localizer(localizer or self.index.info.get("localizer"))
+        self._calibration: Calibration | None = None
+
+    @property
+    def calibration(self) -> Calibration:
+        """The index's stored acceptance threshold; calibrated now (in memory) if it has none."""
+        if self._calibration is None:
+            stored = self.index.info.get("identify")
+            self._calibration = (Calibration.from_json(stored) if stored
+                                 else calibrate_index(self.index, self.extractor, warn=lambda m: None))
+        return self._calibration
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude: int | None = None) -> list[Hit]:
         n = k + (exclude is not None)
@@ -232,6 +336,33 @@ class Searcher:
     def search(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None) -> list[Hit]:
         """Top-``k`` hits for a query image (path or encoded bytes), optionally cropped to ``bbox``."""
         return self.search_vector(self.extractor.extract_one(source, bbox), k)
+
+    def search_objects(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None,
+                       localizer: Localizer | None = None, timings: dict | None = None) -> list[ObjectHits]:
+        """Find the objects of a photo (the localizer; or the one hand-drawn ``bbox``), then
+        search each: one `ObjectHits` per object, best localized first. ``timings``, if given,
+        receives ``localize_ms``, ``extract_ms`` and ``search_ms``."""
+        t0 = time.perf_counter()
+        image = open_image(source)
+        if bbox is not None:
+            w, h = image.size
+            x0, y0, x1, y1 = bbox
+            regions = [Region((max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)), 1.0)]
+        else:
+            regions = (localizer or self.localizer)(image)
+        t1 = time.perf_counter()
+        threshold = self.calibration.threshold if regions else 0.0
+        vecs = self.extractor.extract([extraction_source(source, image, r) for r in regions]) if regions else []
+        t2 = time.perf_counter()
+        out = []
+        for r, v in zip(regions, vecs):
+            hits = self.search_vector(v, k) if not np.isnan(v[0]) else []
+            named = hits[0].path if hits and hits[0].score >= threshold else None
+            out.append(ObjectHits(r, hits, named))
+        if timings is not None:
+            timings.update(localize_ms=1000 * (t1 - t0), extract_ms=1000 * (t2 - t1),
+                           search_ms=1000 * (time.perf_counter() - t2))
+        return out
 
     def search_id(self, image_id: int, k: int = 10) -> list[Hit]:
         """"More like this": the hits for an indexed image, itself excluded."""

@@ -58,6 +58,13 @@ CREATE INDEX IF NOT EXISTS images_segment ON images(segment);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('generation', 0);
 """
+# Tables added after the first release; every writer makes them, so older indexes gain them.
+# roots: the folders `cbir index` has read (the service serves files only from inside them);
+# deleted: files deleted through the service, which later scans of their folder leave out.
+LATER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS roots (path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS deleted (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+"""
 # What `create` writes before index.json; finding only these means a creation was interrupted.
 CREATION_LEFTOVERS = {"vectors", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "post.npz", ".lock"}
 BUMP = "UPDATE state SET value = value + 1 WHERE key = 'generation'"
@@ -69,6 +76,10 @@ class IndexStoreError(RuntimeError):
 
 class IndexBusy(IndexStoreError):
     """Another process holds the index's writer lock."""
+
+
+class IndexExists(IndexStoreError):
+    """`Index.create` on a directory that already holds an index."""
 
 
 class IndexMismatch(IndexStoreError):
@@ -107,6 +118,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _load_meta(text: str) -> dict:
+    """A row's metadata; one that cannot be read back (nested too deep, not an object) is empty,
+    so that a bad row never breaks a look-up or a search."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+@contextmanager
+def _writer_lock(root: Path):
+    """Hold ``root/.lock`` exclusively (`IndexBusy` at once if another process does)."""
+    lock = open(root / ".lock", "a")  # "a": never truncates a lock file another process holds
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise IndexBusy(f"{root}: another process is writing this index") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
 def _npy_bytes(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(x, dtype=np.float32))
@@ -143,16 +180,29 @@ class Index:
             factory = validate(factory, dim)
         except IndexTypeError as e:
             raise IndexStoreError(str(e)) from None
+        if root.exists() and not root.is_dir():
+            raise IndexStoreError(f"{root}: exists and is not a directory; give a new or an index directory")
         if (root / "index.json").exists():
-            raise IndexStoreError(f"{root}: an index already exists here")
-        if root.exists():
-            found = {p.name for p in root.iterdir()}
-            if found - CREATION_LEFTOVERS:
-                raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
-            # A creation killed before index.json was written: nothing was committed, start over.
-            for name in found:
-                p = root / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            raise IndexExists(f"{root}: an index already exists here")
+        root.mkdir(parents=True, exist_ok=True)
+        # The writer lock first: two runs creating the same index would otherwise delete each
+        # other's half-made files below (and then fail on a catalog with no tables).
+        with _writer_lock(root):
+            if (root / "index.json").exists():  # another process finished creating it meanwhile
+                raise IndexExists(f"{root}: an index already exists here")
+            cls._create_locked(root, identity, dim, post_state, factory)
+        return cls(root)
+
+    @staticmethod
+    def _create_locked(root: Path, identity: dict, dim: int, post_state: dict | None, factory: str) -> None:
+        found = {p.name for p in root.iterdir()}
+        if found - CREATION_LEFTOVERS:
+            raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+        # A creation killed before index.json was written: nothing was committed, start over
+        # (all but the lock file, which is held now).
+        for name in found - {".lock"}:
+            p = root / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         (root / "vectors").mkdir(parents=True, exist_ok=True)
         if post_state:
             buf = io.BytesIO()
@@ -160,14 +210,13 @@ class Index:
             _atomic_write_bytes(root / "post.npz", buf.getvalue())
         con = sqlite3.connect(root / "catalog.sqlite")
         con.execute("PRAGMA journal_mode=WAL")
-        con.executescript(SCHEMA)
+        con.executescript(SCHEMA + LATER_SCHEMA)
         con.commit()
         con.close()
         info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         # index.json last: until it exists, the directory is not an index.
         _atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
-        return cls(root)
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -237,7 +286,7 @@ class Index:
 
     @staticmethod
     def _entry(r: sqlite3.Row) -> Entry:
-        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], json.loads(r["meta"]), r["id"])
+        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], _load_meta(r["meta"]), r["id"])
 
     # -- vectors -------------------------------------------------------------------
     def _segment(self, file: str) -> np.ndarray:
@@ -246,6 +295,13 @@ class Index:
             arr = np.load(self.root / "vectors" / file, mmap_mode="r")
             self._mmaps[file] = arr
         return arr
+
+    def _release_segments(self, live_files: set[str]) -> None:
+        """Unmap segments that no catalog row uses any more (another process deleted or
+        compacted them): a long-running reader would otherwise keep their disk space."""
+        for file in list(self._mmaps):
+            if file not in live_files:
+                self._mmaps.pop(file, None)
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, vectors (N, D) float32) of every image in the catalog, by id."""
@@ -257,6 +313,7 @@ class Index:
         by_file: dict[str, list[tuple[int, int]]] = {}
         for i, (_, file, row) in enumerate(rows):
             by_file.setdefault(file, []).append((i, row))
+        self._release_segments(set(by_file))
         for file, pairs in by_file.items():
             seg = self._segment(file)
             dst, src = zip(*pairs)
@@ -402,6 +459,21 @@ class Index:
             self.info = info
         self.use_backend(info.get("backend"))
 
+    def update_info(self, **changes) -> bool:
+        """Store fields in ``index.json`` (a value of None removes the field); atomically.
+        Returns whether anything changed."""
+        info = dict(self.info)
+        for k, v in changes.items():
+            if v is None:
+                info.pop(k, None)
+            else:
+                info[k] = v
+        if info == self.info:
+            return False
+        _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        self.info = info
+        return True
+
     def set_index_type(self, factory: str | None = None, search_params: str | None = None) -> bool:
         """Change the index type and/or search parameters stored in ``index.json``.
 
@@ -431,18 +503,10 @@ class Index:
     @contextmanager
     def writer(self):
         """Exclusive write access; cleans what a killed writer left behind, then yields."""
-        lock = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise IndexBusy(f"{self.root}: another process is writing this index") from None
-        try:
+        with _writer_lock(self.root):
+            self.db.executescript(LATER_SCHEMA)  # an index made by an older cbir gains the newer tables
             self._collect_garbage()
             yield self
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
 
     def _collect_garbage(self) -> None:
         """Delete segment files that no committed transaction references (a killed run's)."""
@@ -477,16 +541,49 @@ class Index:
         ids = con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,)).fetchall()
         return [r[0] for r in ids]
 
+    def add_root(self, folder: str) -> None:
+        """Record a folder that `cbir index` reads (call under `writer()`)."""
+        with self.db as con:
+            con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (folder,))
+
+    def roots(self) -> list[str]:
+        """The folders recorded by `add_root` (none for an index no newer writer has opened)."""
+        try:
+            return [r[0] for r in self.db.execute("SELECT path FROM roots")]
+        except sqlite3.OperationalError:
+            return []
+
+    def tombstones(self, under: str) -> dict[str, tuple[int, int]]:
+        """Files under a folder deleted through the service: path -> (size, mtime_ns) then."""
+        prefix = under.rstrip("/") + "/"
+        try:
+            rows = self.db.execute("SELECT path, size, mtime_ns FROM deleted WHERE substr(path, 1, ?) = ?",
+                                   (len(prefix), prefix)).fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def forget_tombstones(self, paths: list[str]) -> None:
+        with self.db as con:
+            con.executemany("DELETE FROM deleted WHERE path = ?", [(p,) for p in paths])
+
     def touch(self, path: str, size: int, mtime_ns: int) -> None:
         """Record a new mtime for a file whose content (hash) did not change."""
         with self.db as con:
             con.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?", (size, mtime_ns, path))
             con.execute(BUMP)
 
-    def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> int:
-        """Drop images from the catalog (one transaction); returns how many were removed."""
+    def remove(self, ids: list[int] | None = None, paths: list[str] | None = None, keep_out: bool = False) -> int:
+        """Drop images from the catalog (one transaction); returns how many were removed.
+
+        ``keep_out``: also record the files (as they are now) so that later scans of their
+        folder leave them out until they change (a deletion through the service).
+        """
         with self.db as con:
             n = 0
+            if keep_out and ids:
+                con.executemany("INSERT OR REPLACE INTO deleted (path, size, mtime_ns) "
+                                "SELECT path, size, mtime_ns FROM images WHERE id = ?", [(int(i),) for i in ids])
             if ids:
                 n += con.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in ids]).rowcount
             if paths:

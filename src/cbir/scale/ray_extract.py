@@ -181,7 +181,7 @@ def update_index_ray(
     index, extractor = open_or_create(index_dir, pipeline, weights, engine, fit_on, warn)
     report = UpdateReport()
     with index.writer():
-        known, changed = scan_changes(index, images_dir, report)
+        known, changed = scan_changes(index, images_dir, report, warn)
         todo = [str(p) for p, _, _ in changed]
         keep = shards_dir is not None
         out = Path(shards_dir) if keep else Path(index.root) / f".shards-{os.getpid()}-{int(time.time())}"
@@ -191,7 +191,7 @@ def update_index_ray(
         finally:
             if not keep:
                 shutil.rmtree(out, ignore_errors=True)
-        report.failed = failed
+        report.failed += failed
         report.updated = sum(1 for p in todo if p in known and p not in failed)
         report.added = added - report.updated
         index.compact()

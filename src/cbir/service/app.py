@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import stat
 import threading
 import time
 import warnings
@@ -33,7 +34,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
@@ -41,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, IndexBusy, IndexStoreError, Searcher
+from cbir.metadata import MAX_META_BYTES, SHAPE as META_SHAPE, MetaError, displayable_meta, parse_meta
 
 STATIC = Path(__file__).parent / "static"
 MAX_K = 100
@@ -79,8 +81,21 @@ class Result(BaseModel):
     thumbnail_url: str
 
 
-class SearchResponse(BaseModel):
+class FoundObject(BaseModel):
+    box: list[float] = Field(description="x0, y0, x1, y1 in pixels of the query as displayed.")
+    polygon: list[list[float]] | None = Field(description="The object's 4 corners when it is tilted or in perspective.")
+    score: float = Field(description="The localizer's confidence that this is an object.")
+    identified: Result | None = Field(description="The database image this object is, when its best match passes "
+                                                  "the index's acceptance threshold; null: not in the collection.")
     results: list[Result]
+
+
+class SearchResponse(BaseModel):
+    results: list[Result] = Field(description="The results of the first (best) object, or of the whole query.")
+    objects: list[FoundObject] = Field(default_factory=list, description="Each object found in the query photo "
+                                       "(by the server's localizer, or the box drawn) with its own results.")
+    localizer: str | None = Field(default=None, description="How the objects were found: a localizer, 'box' for a "
+                                  "box drawn by hand, null for a search by an indexed image.")
     k: int
     count: int = Field(description="Images in the index.")
     ms: float = Field(description="Server time for the whole search, in milliseconds.")
@@ -117,6 +132,8 @@ class Limits(BaseModel):
     max_pixels: int
     max_k: int
     max_files: int
+    max_uploads: int = Field(description="Uploads received at once; beyond it, 503 with Retry-After.")
+    max_meta_bytes: int = Field(description="Size of an upload's `meta` JSON (a flat object of scalars).")
 
 
 class Stats(BaseModel):
@@ -137,12 +154,17 @@ class Health(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "Bad request", 403: "Read-only server", 404: "No such image", 409: "The index is busy or not writable",
-            413: "Upload or image too large", 415: "Not an image", 422: "Invalid parameter or unreadable image"}
+            410: "The image's file changed since it was indexed", 413: "Upload or image too large",
+            415: "Not an image", 422: "Invalid parameter or unreadable image",
+            503: "Too many uploads in flight; retry after the Retry-After seconds"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
-# Below Pillow's own decompression-bomb threshold (89.5 Mpixel), which the engine also enforces.
-DEFAULT_SERVICE_MAX_PIXELS = min(80_000_000, DEFAULT_MAX_PIXELS)
+# The pixel cap is checked on the header, before decoding, so it also bounds the decode work
+# of one image (a tiny PNG can declare a huge, slow-to-inflate bitmap): 50 Mpixel takes a 45 MP
+# camera photo and about half the work of Pillow's own bomb threshold (89.5 Mpixel).
+DEFAULT_SERVICE_MAX_PIXELS = min(50_000_000, DEFAULT_MAX_PIXELS)
+DEFAULT_MAX_UPLOADS = 8  # uploads (search or add) received at once; each holds its body in memory
 
 
 # -- the pieces ------------------------------------------------------------------------------
@@ -153,22 +175,39 @@ class Settings:
     workers: int = 2
     read_only: bool = False
     thumbnail_cache: int = 512
+    max_uploads: int = DEFAULT_MAX_UPLOADS
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any parsing.
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any parsing, and
+    at most ``max_inflight`` requests with a body (uploads) are held at once.
 
     A declared Content-Length over the limit is refused at once; a chunked body is counted as
     it streams in. The rest of an oversize body is read and dropped (up to a bound), so the
-    client sees the 413 instead of a reset connection.
+    client sees the 413 instead of a reset connection. Each upload in flight holds up to
+    several copies of its body in memory (buffered, parsed, decoded), so beyond
+    ``max_inflight`` a request gets a 503 with Retry-After before its body is kept.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_inflight: int = 8) -> None:
+        self.app, self.max_bytes, self.max_inflight = app, max_bytes, max_inflight
+        self.inflight = 0  # only touched from the event loop, between awaits: no lock needed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        if self.inflight >= self.max_inflight:
+            await self._drain(receive, None)
+            return await _send_json(send, 503, f"this server is already receiving {self.max_inflight} uploads, its "
+                                               f"limit (set with `cbir serve --max-uploads`); retry shortly",
+                                    [(b"retry-after", b"1")])
+        self.inflight += 1
+        try:
+            return await self._limited(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+    async def _limited(self, scope, receive, send):
         declared = None
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -224,11 +263,11 @@ class BodyLimit:
                 f"(set with `cbir serve --max-upload-mb`)")
 
 
-async def _send_json(send, status: int, detail: str) -> None:
+async def _send_json(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -358,6 +397,7 @@ class Service:
         return Path(e.path).name
 
     def result(self, image_id: int, path: str, score: float, meta: dict) -> Result:
+        meta = displayable_meta(meta)  # a row stored before meta was checked must not break the search
         e = Entry(path, 0, 0, "", meta, image_id)
         return Result(id=image_id, name=self.name(e), score=round(score, 6), meta=meta,
                       image_url=f"/api/images/{image_id}/file", thumbnail_url=f"/api/images/{image_id}/thumbnail")
@@ -365,21 +405,60 @@ class Service:
     def info(self, e: Entry) -> ImageInfo:
         w = h = None
         try:
-            with Image.open(e.path) as img:
+            f, _ = self.open_file(e)
+            with f, Image.open(f) as img:
                 w, h = img.size
                 if _exif_rotated(img):
                     w, h = h, w
-        except Exception:
+        except Exception:  # not servable now, or not decodable: the size is unknown
             pass
-        return ImageInfo(id=e.id, name=self.name(e), meta=e.meta, size=e.size, sha256=e.sha256, width=w, height=h,
+        return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256, width=w, height=h,
                          uploaded=self.is_upload(e), image_url=f"/api/images/{e.id}/file",
                          thumbnail_url=f"/api/images/{e.id}/thumbnail")
 
-    def file_of(self, e: Entry) -> Path:
-        p = Path(e.path)
-        if not p.is_file():
-            raise ServiceError(404, f"image {e.id} is in the catalog but its file is no longer on disk")
-        return p
+    def allowed_dirs(self) -> list[str]:
+        """Where served files may lie: the upload store and the folders `cbir index` read."""
+        return [str(self.uploads)] + [os.path.realpath(r) for r in self.index.roots()]
+
+    def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
+        """The entry's file, opened, if it is still what was indexed; else a 404 or 410.
+
+        The path is resolved (symlinks included) and must lie inside the upload store or an
+        indexed folder (for an entry under no recorded folder, from an older index: it must
+        not be reached through a symlink at all); it must be a regular file; and its size and
+        mtime must match the catalog (or, if only the mtime moved, its SHA-256). Whatever is
+        served is read from the very descriptor that was checked.
+        """
+        catalog = os.path.normpath(e.path)
+        real = os.path.realpath(catalog)
+        homes = [d for d in self.allowed_dirs() if _inside(catalog, d) or _inside(catalog, os.path.realpath(d))]
+        inside = any(_inside(real, os.path.realpath(d)) for d in homes) if homes else real == catalog
+        if not inside:
+            raise ServiceError(404, f"image {e.id}'s file is no longer inside the indexed folder (it leads elsewhere); "
+                                    f"re-run `cbir index`")
+        try:  # O_NOFOLLOW: the resolved path must not have become a symlink since; O_NONBLOCK: no FIFO hangs
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise ServiceError(404, f"image {e.id} is in the catalog but its file is no longer on disk") from None
+        except OSError as err:
+            raise ServiceError(404, f"image {e.id}'s file cannot be read now ({err.strerror or err})") from None
+        f = os.fdopen(fd, "rb")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ServiceError(404, f"image {e.id}'s file is no longer a regular file; re-run `cbir index`")
+            if st.st_size != e.size or (st.st_mtime_ns != e.mtime_ns and _sha256_of(f) != e.sha256):
+                raise ServiceError(410, f"image {e.id}'s file has changed since it was indexed; re-run `cbir index`")
+        except BaseException:
+            f.close()
+            raise
+        return f, st
+
+    def read_file(self, e: Entry) -> bytes:
+        """The bytes of the entry's checked file (see `open_file`)."""
+        f, _ = self.open_file(e)
+        with f:
+            return f.read()
 
     # -- CPU-bound work, bounded -------------------------------------------------------------
     async def run_cpu(self, fn, *args):
@@ -435,10 +514,14 @@ class Service:
             return [int(i) for i in ids], existing
 
     def delete(self, image_id: int) -> None:
+        """Drop an image. An upload's file goes too; an indexed folder's file stays on disk
+        (the service never deletes a user's files) and is recorded as deleted, so that the
+        next `cbir index` of its folder leaves it out until the file changes."""
         with self._writing("delete from"):
             e = self.entry(image_id)
-            self.index.remove(ids=[image_id])
-            if self.is_upload(e):
+            upload = self.is_upload(e)
+            self.index.remove(ids=[image_id], keep_out=not upload)
+            if upload:
                 Path(e.path).unlink(missing_ok=True)
 
     @contextmanager
@@ -454,6 +537,26 @@ class Service:
                 raise ServiceError(409, f"cannot {action} the index: {e}") from None
             except OSError as e:
                 raise ServiceError(409, f"cannot write to the index directory ({e.strerror or e})") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _sha256_of(f) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    f.seek(0)
+    return h.hexdigest()
+
+
+def _stream(f, chunk: int = 1 << 16):
+    """The rest of an open file, in chunks; closes it at the end (or when the client leaves)."""
+    with f:
+        while data := f.read(chunk):
+            yield data
 
 
 def _exif_rotated(img: Image.Image) -> bool:
@@ -475,17 +578,20 @@ def create_app(
     workers: int = 2,
     threads: int | None = None,
     read_only: bool = False,
+    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    localizer: str | None = None,
 ) -> FastAPI:
     """The service over ``index_dir`` (or an existing ``searcher``), model loaded and warmed up."""
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         # ONNX Runtime threads per extraction: share the cores among the concurrent workers.
-        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)))
-    if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1:
-        raise ValueError("max_upload_mb and max_megapixels must be positive, workers at least 1")
+        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)),
+                            localizer=localizer)
+    if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
+        raise ValueError("max_upload_mb and max_megapixels must be positive, workers and max_uploads at least 1")
     settings = Settings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
-                        workers=workers, read_only=read_only)
+                        workers=workers, read_only=read_only, max_uploads=max_uploads)
     svc = Service(searcher, settings)
     svc.warm_up()
 
@@ -497,7 +603,7 @@ def create_app(
                     "Every error is `{\"detail\": sentence}` with a 4xx status.",
     )
     app.state.service = svc
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_SLACK)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_SLACK, max_inflight=settings.max_uploads)
 
     # -- errors: always {"detail": sentence} ------------------------------------------------
     @app.exception_handler(ServiceError)
@@ -566,10 +672,11 @@ def create_app(
         return Stats(count=s["count"], pipeline=s["pipeline"], dim=s["dim"], index_type=str(s["index_type"]),
                      index_type_resolved=resolved, segments=s.get("segments", 0), read_only=settings.read_only,
                      limits=Limits(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                                   max_k=MAX_K, max_files=MAX_FILES))
+                                   max_k=MAX_K, max_files=MAX_FILES, max_uploads=settings.max_uploads,
+                                   max_meta_bytes=MAX_META_BYTES))
 
     @app.post("/api/search", response_model=SearchResponse, tags=["search"],
-              summary="Search by an uploaded image", responses=_errors(413, 415, 422))
+              summary="Search by an uploaded image", responses=_errors(413, 415, 422, 503))
     async def search(
         file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, GIF, BMP, TIFF, WebP, PPM).")],
         k: Annotated[int, Form(ge=1, le=MAX_K, description="Number of results.")] = 10,
@@ -579,7 +686,7 @@ def create_app(
         box = parse_bbox(bbox)
         up = check_upload(await file.read(settings.max_upload_bytes + 1), file.filename, file.content_type,
                           settings.max_upload_bytes, settings.max_pixels)
-        return await svc.run_cpu(_search, svc, up.data, box, k, None, up.name)
+        return await svc.run_cpu(_search_objects, svc, up.data, box, k, up.name)
 
     @app.get("/api/images/{image_id}/similar", response_model=SearchResponse, tags=["search"],
              summary="More like this: search by an indexed image", responses=_errors(404, 413, 422))
@@ -593,8 +700,8 @@ def create_app(
         if box is None:
             return await anyio.to_thread.run_sync(_similar, svc, image_id, k)
         e = await anyio.to_thread.run_sync(svc.entry, image_id)
-        path = svc.file_of(e)
-        return await svc.run_cpu(_search, svc, path, box, k, image_id, f"image {image_id}")
+        data = await anyio.to_thread.run_sync(svc.read_file, e)
+        return await svc.run_cpu(_search, svc, data, box, k, image_id, f"image {image_id}")
 
     @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"],
              summary="An indexed image's catalog entry", responses=_errors(404))
@@ -602,16 +709,17 @@ def create_app(
         return svc.info(svc.entry(image_id))
 
     @app.get("/api/images/{image_id}/file", tags=["images"], summary="An indexed image's file",
-             response_class=FileResponse, responses={200: {"content": {"image/*": {}}}, **_errors(404)})
+             response_class=Response, responses={200: {"content": {"image/*": {}}}, **_errors(404, 410)})
     def image_file(image_id: IdParam):
         e = svc.entry(image_id)
-        p = svc.file_of(e)
-        return FileResponse(p, media_type=MEDIA_TYPES.get(p.suffix.lower(), "application/octet-stream"),
-                            headers={"Cache-Control": "public, max-age=3600", "ETag": f'"{e.sha256}"',
-                                     "Content-Disposition": "inline"})
+        f, st = svc.open_file(e)  # only the checked file, from the descriptor that was checked
+        suffix = Path(e.path).suffix.lower()
+        return StreamingResponse(_stream(f), media_type=MEDIA_TYPES.get(suffix, "application/octet-stream"),
+                                 headers={"Cache-Control": "public, max-age=3600", "ETag": f'"{e.sha256}"',
+                                          "Content-Disposition": "inline", "Content-Length": str(st.st_size)})
 
     @app.get("/api/images/{image_id}/thumbnail", tags=["images"], summary="A JPEG thumbnail of an indexed image",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **_errors(404, 422)})
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **_errors(404, 410, 422)})
     async def thumbnail(
         image_id: IdParam,
         size: Annotated[int, Query(ge=32, le=1024, description="Longer side in pixels.")] = 256,
@@ -621,11 +729,11 @@ def create_app(
                         headers={"Cache-Control": "public, max-age=3600", "ETag": f'"{etag}-{size}"'})
 
     @app.post("/api/images", response_model=AddResponse, status_code=201, tags=["images"],
-              summary="Add images by upload", responses=_errors(403, 409, 413, 415, 422))
+              summary="Add images by upload", responses=_errors(403, 409, 413, 415, 422, 503))
     async def add_images(
         files: Annotated[list[UploadFile], File(description=f"One to {MAX_FILES} images.")],
-        meta: Annotated[str | None, Form(description='Optional JSON object of metadata for these images, '
-                                                     'e.g. {"artist": "...", "title": "..."}.')] = None,
+        meta: Annotated[str | None, Form(description='Optional metadata for these images, e.g. '
+                                                     '{"artist": "...", "title": "..."}: ' + META_SHAPE + '.')] = None,
     ) -> AddResponse:
         svc.writable()
         if not files:
@@ -634,12 +742,10 @@ def create_app(
             raise ServiceError(422, f"{len(files)} files in one request; at most {MAX_FILES} are accepted")
         extra: dict = {}
         if meta is not None and meta.strip():
-            try:
-                extra = json.loads(meta)
-            except ValueError:
-                extra = None  # type: ignore[assignment]
-            if not isinstance(extra, dict):
-                raise ServiceError(422, 'meta must be a JSON object, e.g. {"title": "..."}')
+            try:  # checked before anything is read or written: a stored bad row would break searches
+                extra = parse_meta(meta)
+            except MetaError as e:
+                raise ServiceError(422, str(e)) from None
             extra.pop("filename", None)
         ups = [check_upload(await f.read(settings.max_upload_bytes + 1), f.filename, f.content_type,
                             settings.max_upload_bytes, settings.max_pixels) for f in files]
@@ -651,7 +757,11 @@ def create_app(
         return AddResponse(added=infos, existing=existing, count=len(svc.index))
 
     @app.delete("/api/images/{image_id}", response_model=DeleteResponse, tags=["images"],
-                summary="Delete an image from the index", responses=_errors(403, 404, 409))
+                summary="Delete an image from the index", responses=_errors(403, 404, 409),
+                description="Removes the image from the catalog and the search. An uploaded image's file is "
+                            "deleted too. A file of an indexed folder is left on disk and recorded as deleted: "
+                            "later `cbir index` runs over its folder leave it out until the file changes "
+                            "(touch it to bring it back).")
     def delete_image(image_id: IdParam) -> DeleteResponse:
         svc.writable()
         svc.delete(image_id)  # its cached thumbnails age out of the LRU: ids are never reused
@@ -661,6 +771,28 @@ def create_app(
 
 
 # -- endpoint bodies that run in worker threads ---------------------------------------------
+def _search_objects(svc: Service, data: bytes, box, k: int, what: str) -> SearchResponse:
+    """Localize the objects of the photo (or take the drawn box), then search each."""
+    t0 = time.perf_counter()
+    timings: dict = {}
+    try:
+        found = svc.searcher.search_objects(data, k, box, timings=timings)
+    except ImageError as e:
+        msg = what + ": " + str(e).split(": ", 1)[-1]
+        raise ServiceError(413 if ("Mpixel" in msg or "ecompression" in msg) else 422, msg) from None
+    objects = []
+    for o in found:
+        results = [svc.result(h.id, h.path, h.score, h.meta) for h in o.results]
+        j = o.region.to_json()
+        objects.append(FoundObject(box=j["box"], polygon=j["polygon"], score=j["score"],
+                                   identified=results[0] if o.identified else None, results=results))
+    return SearchResponse(results=objects[0].results if objects else [], objects=objects,
+                          localizer="box" if box is not None else svc.searcher.localizer.name, k=k,
+                          count=len(svc.index), ms=round((time.perf_counter() - t0) * 1000, 2),
+                          extract_ms=round(timings.get("localize_ms", 0) + timings.get("extract_ms", 0), 2),
+                          search_ms=round(timings.get("search_ms", 0), 2))
+
+
 def _search(svc: Service, source, box, k: int, exclude: int | None, what: str) -> SearchResponse:
     t0 = time.perf_counter()
     v = svc.extract(source, box, what)
@@ -688,14 +820,14 @@ def _thumbnail(svc: Service, image_id: int, size: int) -> tuple[bytes, str]:
     key = (image_id, e.sha256, size)
     data = svc.thumbs.get(key)
     if data is None:
-        p = svc.file_of(e)
+        raw = svc.read_file(e)  # the same checks as the file itself
         try:
-            with Image.open(p) as probe:
+            with Image.open(io.BytesIO(raw)) as probe:
                 size = min(size, max(probe.size))  # never enlarge
         except Exception:
             pass
         try:
-            img = open_image(p, Resize("long", max(16, size)))
+            img = open_image(raw, Resize("long", max(16, size)))
         except ImageError as err:
             raise ServiceError(422, f"image {image_id}'s file cannot be decoded ({str(err).split(': ', 1)[-1]})") from None
         buf = io.BytesIO()

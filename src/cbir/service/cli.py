@@ -17,12 +17,14 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest upload accepted, in MiB.")] = 20,
-    max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.001, help="Largest decoded image accepted, in Mpixel (decompression bombs are refused).")] = 80,
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.001, help="Largest image accepted, in Mpixel, checked before decoding (bounds decode work; decompression bombs are refused).")] = 50,
+    max_uploads: Annotated[int, typer.Option("--max-uploads", min=1, max=1024, help="Uploads received at once; beyond it, 503 with Retry-After.")] = 8,
     workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Extractions run at once (CPU-bound); more requests wait their turn.")] = 2,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=256, help="ONNX Runtime threads per extraction (default: cores / workers).")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", help="Refuse to add or delete images.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone, if the index was built with one.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default) or torch.")] = "onnx",
+    localizer: Annotated[Optional[str], typer.Option("--localizer", "-l", help="How a query photo is split into objects, each searched: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); default: the one stored with the index, else whole.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
     """Serve a search page and a JSON API over an index: drop a photo, see what matches."""
@@ -46,7 +48,8 @@ def serve(
         raise typer.Exit(2) from None
     try:
         app = create_app(index, weights=weights, engine=engine, max_upload_mb=max_upload_mb,
-                         max_megapixels=max_megapixels, workers=workers, threads=threads, read_only=read_only)
+                         max_megapixels=max_megapixels, workers=workers, threads=threads, read_only=read_only,
+                         max_uploads=max_uploads, localizer=localizer)
     except BaseException:
         sock.close()
         raise

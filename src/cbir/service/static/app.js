@@ -10,6 +10,7 @@ const state = {
   limits: null,
   seq: 0,
   objectUrl: null,
+  objects: [],      // the objects the server found in the query: [{box, polygon, identified, results}]
 };
 
 function setStatus(text, isError = false) {
@@ -47,6 +48,8 @@ async function loadStats() {
 
 // -- the query ---------------------------------------------------------------------------
 function showQuery(src, caption) {
+  state.objects = [];
+  drawOutlines();
   $("drop").hidden = true;
   $("query").hidden = false;
   $("query-img").src = src;
@@ -70,7 +73,7 @@ function useFile(file) {
   state.query = { kind: "upload", blob: file, name: file.name || "photo" };
   state.size = null;
   const img = $("query-img");
-  img.onload = () => { state.size = { w: img.naturalWidth, h: img.naturalHeight }; };
+  img.onload = () => { state.size = { w: img.naturalWidth, h: img.naturalHeight }; drawOutlines(); };
   img.onerror = () => { state.size = null; };  // the browser cannot show it; the server may still read it
   showQuery(state.objectUrl, state.query.name);
   search();
@@ -172,12 +175,20 @@ async function search() {
     }
     if (seq !== state.seq) return;  // a newer search has started
     const total = performance.now() - t0;
-    render(body.results);
-    const what = box ? " for the boxed region" : "";
-    setStatus(`${body.results.length} results${what} in ${Math.round(total)} ms ` +
+    const objects = body.objects || [];
+    state.objects = box ? [] : objects;
+    drawOutlines();
+    if (!box && objects.length > 1) renderObjects(objects);
+    else render(body.results);
+    const what = box ? " for the boxed region"
+      : objects.length > 1 ? ` for each of ${objects.length} objects found` : "";
+    const verdict = !box && objects.length === 1 && !objects[0].identified ? " · not in the collection" : "";
+    setStatus(`${body.results.length} results${what}${verdict} in ${Math.round(total)} ms ` +
               `(server ${Math.round(body.ms)} ms, of which ${Math.round(body.extract_ms)} ms extracting) · ${body.count} images indexed`);
   } catch (e) {
     if (seq !== state.seq) return;
+    state.objects = [];
+    drawOutlines();
     render([]);
     setStatus(e.message, true);
   }
@@ -196,10 +207,72 @@ function metaLines(r) {
   return lines;
 }
 
+// -- objects found in the query -----------------------------------------------------------
+const SVG = "http://www.w3.org/2000/svg";
+
+function corners(o) {
+  if (o.polygon) return o.polygon;
+  const [x0, y0, x1, y1] = o.box;
+  return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+}
+
+function drawOutlines() {
+  const svg = $("outlines");
+  svg.replaceChildren();
+  if (!state.size || state.objects.length < 1 || (state.objects.length === 1 && isWhole(state.objects[0]))) return;
+  svg.setAttribute("viewBox", `0 0 ${state.size.w} ${state.size.h}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  state.objects.forEach((o, i) => {
+    const poly = document.createElementNS(SVG, "polygon");
+    poly.setAttribute("points", corners(o).map((p) => p.join(",")).join(" "));
+    poly.setAttribute("class", "object" + (o.identified ? "" : " unknown"));
+    const label = document.createElementNS(SVG, "text");
+    label.setAttribute("x", corners(o)[0][0] + 6);
+    label.setAttribute("y", corners(o)[0][1] + 18);
+    label.textContent = String(i + 1);
+    svg.append(poly, label);
+  });
+}
+
+function isWhole(o) {
+  return state.size && o.box[0] <= 0 && o.box[1] <= 0 && o.box[2] >= state.size.w && o.box[3] >= state.size.h;
+}
+
+function objectTitle(o, i) {
+  const h = document.createElement("h2");
+  h.append(`Object ${i + 1}: `);
+  const v = document.createElement("span");
+  v.className = "verdict" + (o.identified ? "" : " unknown");
+  const m = o.identified ? o.identified.meta || {} : {};
+  v.textContent = o.identified ? (m.title ? `${m.title}${m.artist ? " — " + m.artist : ""}` : o.identified.name)
+    : "not in the collection";
+  h.append(v);
+  return h;
+}
+
+function renderObjects(objects) {
+  const list = $("results");
+  list.replaceChildren();
+  list.classList.add("by-object");
+  objects.forEach((o, i) => {
+    const row = document.createElement("li");
+    row.className = "object-row";
+    const ol = document.createElement("ol");
+    o.results.forEach((r, j) => ol.append(resultItem(r, j)));
+    row.append(objectTitle(o, i), ol);
+    list.append(row);
+  });
+}
+
 function render(results) {
   const list = $("results");
   list.replaceChildren();
-  results.forEach((r, i) => {
+  list.classList.remove("by-object");
+  results.forEach((r, i) => list.append(resultItem(r, i)));
+}
+
+function resultItem(r, i) {
+  {
     const li = document.createElement("li");
     li.className = "result";
     li.tabIndex = 0;
@@ -233,8 +306,8 @@ function render(results) {
     li.append(img, info);
     li.addEventListener("click", () => useResult(r));
     li.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); useResult(r); } });
-    list.append(li);
-  });
+    return li;
+  }
 }
 
 // -- wiring ------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """Evaluate a pipeline on a benchmark: extract, rank by inner product, score with `cbir.metrics`.
 
+With a localizer (`cbir.localize`), each query photo is first split into the objects it
+shows and scored by the multi-object protocol (`cbir.evaluation.objects`).
+
 Queries that share an image and box are extracted once (the Revisited protocols list each
 query three times). Database images that cannot be read are left out of every ranking, with a
-warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
+warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP,
+and is counted in ``n_queries_unreadable``.
 A pipeline's re-ranking steps (`cbir.rerank`) act on the query and database vectors first.
 """
 
@@ -28,30 +32,47 @@ RECALL_GRID = np.linspace(0.0, 1.0, 101)
 @dataclass
 class EvalResult:
     summary: dict
-    per_query: list[dict] = field(default_factory=list)
+    per_query: list[dict] = field(default_factory=list)  # one row per query (per object with a localizer)
     pr_curves: dict[str, np.ndarray] = field(default_factory=dict)  # tag -> precision on RECALL_GRID
+    detection_pr: tuple[np.ndarray, np.ndarray] | None = None  # (recall, precision) at IoU 0.5
 
     def write_per_query(self, path: str | Path) -> None:
+        fields = list(self.per_query[0]) if self.per_query else ["query", "tags", "ap"]
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["query", "tags", "ap", "n_positives", "first_positive_rank", "top1"])
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(self.per_query)
 
     def plot(self, path: str | Path) -> None:
-        """Mean interpolated precision-recall curve, overall and per tag."""
+        """Mean interpolated precision-recall curve, overall and per tag; beside it, with a
+        localizer, the detection precision-recall curve at IoU 0.5."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        panels = 2 if self.detection_pr is not None else 1
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+        ax = axes[0, 0]
         for tag, prec in self.pr_curves.items():
             label = f"{tag} (mAP {self.summary['map'] if tag == 'all' else self.summary['map_by_tag'][tag]:.3f})"
             ax.plot(RECALL_GRID, prec, lw=2.5 if tag == "all" else 1.2, label=label)
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-               title=f"{self.summary['benchmark']}: {self.summary['pipeline']}")
+        title = f"{self.summary['benchmark']}: {self.summary['pipeline']}"
+        if "localizer" in self.summary:
+            title += f"\nlocalizer {self.summary['localizer']}: photo-level ranking"
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
+        if self.detection_pr is not None:
+            ax = axes[0, 1]
+            recall, precision = self.detection_pr
+            envelope = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+            ax.plot(recall, precision, lw=1, alpha=0.5, label="precision")
+            ax.plot(recall, envelope, lw=2.5, label=f"envelope (AP50 {self.summary['det_ap50']:.3f})")
+            ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+                   title=f"detection, IoU 0.5 ({self.summary['localizer']})")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -77,10 +98,13 @@ def evaluate(
     warn: Callable[[str], None] = print,
     progress: Callable | None = None,
     fit_labels: list | None = None,
+    localizer=None,
 ) -> EvalResult:
     """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one.
 
     ``fit_labels`` (one per ``fit_on`` image) are for learned layer weights (``Wlearn``).
+    ``localizer`` (a name such as ``"saliency"``, ``"gt"`` or ``"whole"``, or a `Localizer`):
+    score by the multi-object protocol instead, every query photo localized first.
     """
     if extractor.needs_fit:
         if not fit_on:
@@ -96,13 +120,18 @@ def evaluate(
     db_paths = [bench.path(p) for p in bench.database]
     db = _extract(extractor, db_paths, None, on_error, progress, "database")
     t_db = time.perf_counter() - t0
+    info = {"pipeline": str(extractor.spec), "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2)}
+    if localizer is not None:
+        from cbir.evaluation.objects import evaluate_objects
+
+        summary, rows, curves = evaluate_objects(bench, extractor, localizer, db, extractor.rerankers, warn, progress)
+        summary.update({"benchmark": bench.name, "n_database": len(bench.database),
+                        "n_database_unreadable": int(np.isnan(db[:, 0]).sum()), "dim": int(db.shape[1]), **info})
+        return EvalResult(summary, rows, curves["retrieval"], curves["detection"])
     unique = query_keys(bench, crop)
     keys = list(unique)
     q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
-    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, {
-        "pipeline": str(extractor.spec),
-        "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2),
-    })
+    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, info)
 
 
 def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
@@ -154,10 +183,14 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
             "top1": str(ranking[0]) if len(ranking) else "",
         })
     summary = metric.compute()
+    unreadable_q = np.isnan(q_vecs[:, 0])
     summary.update({
         "benchmark": bench.name,
         "n_database": len(bench.database),
         "n_database_unreadable": int((~valid_db).sum()),
+        # Queries (as counted in n_queries) whose image could not be read: they score AP 0.
+        "n_queries_unreadable": sum(1 for q in bench.queries if unreadable_q[unique[(q.image, q.bbox if crop else None)]]
+                                    and (set(q.positives) - set(q.junk))),
         "dim": int(db.shape[1]),
         "crop_queries": crop,
     })
@@ -186,5 +219,42 @@ def _extract(extractor, paths, bboxes, on_error, progress, what):
     return res
 
 
-__all__ = ["EvalResult", "evaluate", "interpolated_pr", "ap_from_positive_ranks", "query_keys",
+def format_summary(s: dict) -> str:
+    if "localizer" in s:
+        return format_objects_summary(s)
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} queries, {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
+             f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
+    lines += [f"{tag:14s} {v:7.4f}" for tag, v in s["map_by_tag"].items()]
+    lines.append("")
+    lines.append("  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
+                 "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items()))
+    if "ukbench_ns" in s:
+        lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
+    if s.get("n_database_unreadable"):
+        lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    if s.get("n_queries_unreadable"):
+        lines.append(f"{s['n_queries_unreadable']} query image(s) unreadable, scored AP 0 (listed above)")
+    return "\n".join(lines)
+
+
+def format_objects_summary(s: dict) -> str:
+    """The multi-object protocol's figures as a short table."""
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} photos, {s['n_objects']} objects in the collection "
+             f"(+{s['n_objects_unknown']} not), {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  localizer {s['localizer']}  "
+             f"({s['localize_ms_per_image']:.0f} ms/photo to localize, {s['search_ms_per_image']:.0f} ms with extraction)", "",
+             f"{'object mAP':18s} {s['object_map']:.4f}   (photo-level mAP {s['map']:.4f})"]
+    lines += [f"  {tag:16s} {v:.4f}" for tag, v in s["object_map_by_tag"].items()]
+    lines += [f"{'detection':18s} AP {s['det_ap']:.4f}  AP50 {s['det_ap50']:.4f}  count accuracy {s['count_accuracy']:.3f}",
+              f"{'masks':18s} precision {s['mask_precision']:.4f}  recall {s['mask_recall']:.4f}  "
+              f"F1 {s['mask_f1']:.4f}  IoU {s['mask_iou']:.4f}",
+              f"{'identification':18s} precision {s['id_precision']:.3f}  recall {s['id_recall']:.3f}  "
+              f"rejection {s['id_rejection']:.3f}  (threshold {s['accept_threshold']:.3f}, calibrated on the database)"]
+    if s.get("n_queries_unreadable"):
+        lines.append(f"{s['n_queries_unreadable']} query photo(s) unreadable, scored as finding nothing")
+    return "\n".join(lines)
+
+
+__all__ = ["EvalResult", "evaluate", "format_summary", "interpolated_pr", "ap_from_positive_ranks", "query_keys",
            "score_vectors", "similarities"]
