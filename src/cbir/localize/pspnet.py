@@ -169,9 +169,45 @@ def split_touching(comp: np.ndarray, min_pixels: int, fill: float = SPLIT_FILL) 
     return [comp]
 
 
+# Probability levels at which a component is looked at again for a valley between two paintings.
+VALLEY_LEVELS = (0.7, 0.8, 0.9, 0.95)
+
+
+def split_at_valley(comp: np.ndarray, prob: np.ndarray, min_pixels: int, levels=VALLEY_LEVELS) -> list[np.ndarray]:
+    """One component -> its pieces when the probability inside it has a valley between two
+    confident cores (two paintings whose gap the stride-16 map blurred), else ``[comp]``.
+
+    The first level in ``levels`` at which the component's pixels above it form two or more
+    cores of ``min_pixels`` / 4 each seeds a watershed of ``-prob`` within the component; the cut
+    is kept if every piece has ``min_pixels``.
+    """
+    from skimage.segmentation import watershed
+
+    sl = ndimage.find_objects(comp.astype(np.uint8))[0]
+    sub, p = comp[sl], prob[sl]
+    for level in levels:
+        cores, n = ndimage.label(sub & (p > level))
+        if n < 2:
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(cores), cores, np.arange(1, n + 1))
+        keep = np.flatnonzero(sizes >= min_pixels / 4) + 1
+        if len(keep) < 2:
+            continue
+        parts = watershed(-p, np.where(np.isin(cores, keep), cores, 0), mask=sub)
+        pieces = []
+        for k in keep:
+            piece = np.zeros_like(comp)
+            piece[sl] = parts == k
+            pieces.append(piece)
+        return pieces if all(x.sum() >= min_pixels for x in pieces) else [comp]
+    return [comp]
+
+
 def regions_from_probability(prob: np.ndarray, threshold: float, min_area: float, split: bool = True,
-                             max_regions: int = 10) -> list[Region]:
-    """Photo-resolution painting probability -> regions (components, touching ones split)."""
+                             max_regions: int = 10, valley: bool = False) -> list[Region]:
+    """Photo-resolution painting probability -> regions (components, touching ones split by
+    shape, and first at a probability valley with ``valley``: off by default, it cost 0.5 point
+    of count accuracy on synth-val, whose paintings rarely hang close together)."""
     mask = prob > threshold
     regions = regions_from_mask(mask, prob, min_area=min_area, max_regions=max_regions, polygons=True)
     if not split:
@@ -179,7 +215,9 @@ def regions_from_probability(prob: np.ndarray, threshold: float, min_area: float
     min_pixels = min_area * mask.size
     out: list[Region] = []
     for r in regions:
-        pieces = split_touching(r.mask, min_pixels)
+        pieces = split_at_valley(r.mask, prob, min_pixels) if valley else [r.mask]
+        if len(pieces) == 1:
+            pieces = split_touching(r.mask, min_pixels)
         if len(pieces) == 1:
             out.append(r)
             continue
@@ -227,11 +265,13 @@ class PSPNetLocalizer(Localizer):
 
     ``weights``: ``default`` / ``holdout`` (shipped) or a path. ``threshold`` and ``min_area``
     override the values chosen on synth-val. ``engine``: ``onnx`` (default) or ``torch``.
-    ``split``: cut touching paintings apart (see `split_touching`).
+    ``split``: cut touching paintings apart (see `split_touching`); ``valley``: also at a
+    probability valley (`split_at_valley`, off: it did not pay on synth-val).
     """
 
     def __init__(self, weights: str | None = None, engine: str = "onnx", threshold: float | None = None,
-                 min_area: float | None = None, split: bool = True, threads: int | None = None) -> None:
+                 min_area: float | None = None, split: bool = True, valley: bool = False,
+                 threads: int | None = None) -> None:
         if engine not in ("onnx", "torch"):
             raise LocalizerError(f"pspnet: unknown engine {engine!r}; choose onnx or torch")
         self.path = weights_path(weights)
@@ -240,7 +280,7 @@ class PSPNetLocalizer(Localizer):
         self.min_area = float(self.weights.get("min_area", 0.01) if min_area is None else min_area)
         if not 0 < self.threshold < 1:
             raise LocalizerError(f"pspnet: threshold {self.threshold} must be within 0..1")
-        self.engine, self.split, self.threads = engine, split, threads
+        self.engine, self.split, self.valley, self.threads = engine, split, valley, threads
         self.input_size = int(self.weights["config"].get("input_size", 512))
         self._net = None
         self._session = None
@@ -270,4 +310,5 @@ class PSPNetLocalizer(Localizer):
         return to_photo(self._run(x), self.input_size, content, image.size)
 
     def localize(self, image: Image.Image) -> list[Region]:
-        return regions_from_probability(self.probability(image), self.threshold, self.min_area, self.split)
+        return regions_from_probability(self.probability(image), self.threshold, self.min_area, self.split,
+                                        valley=self.valley)
