@@ -121,7 +121,9 @@ def _check_header(path: Path) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError:
+        raise TrainingError(f"{path}: over the limit of {DEFAULT_MAX_PIXELS / 1e6:.0f} Mpixel (a decompression bomb?)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise TrainingError(f"{path}: not a readable image ({type(e).__name__})") from None
     if w * h > DEFAULT_MAX_PIXELS:
         raise TrainingError(f"{path}: {w}x{h} is over the limit of {DEFAULT_MAX_PIXELS / 1e6:.0f} Mpixel")
