@@ -103,7 +103,9 @@ class TSCAMLocalizer(Localizer):
 
     # -- maps ----------------------------------------------------------------------------------
 
-    def analyze(self, image: Image.Image, saliency: bool = False) -> CamResult:
+    def analyze(self, image: Image.Image, saliency: bool = False, classes: list[int] | None = None) -> CamResult:
+        """The maps of the photo: attention, and the semantic and coupled maps of the kept
+        classes (the probable ones, or ``classes`` as well when given), and the regions."""
         import torch
 
         from cbir.localize.builtin import letterbox, unletterbox
@@ -131,8 +133,9 @@ class TSCAMLocalizer(Localizer):
             return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
         att_n = normalize_maps(att)[0]
-        semantic = {c: photo(sem[0, c].clamp_min(0).numpy()) for c in top}
-        coupled = {c: photo((att_n * sem[0, c].clamp_min(0)).numpy()) for c in top}
+        wanted = list(dict.fromkeys(top + list(classes or [])))
+        semantic = {c: photo(sem[0, c].clamp_min(0).numpy()) for c in wanted}
+        coupled = {c: photo((att_n * sem[0, c].clamp_min(0)).numpy()) for c in wanted}
         res = CamResult(photo(att_n.numpy()), p, self.classes, top, semantic, coupled, [], [],
                         photo(sal) if sal is not None else None)
         res.regions, res.labels = self._regions(res)
