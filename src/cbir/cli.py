@@ -28,6 +28,7 @@ PipelineOpt = Annotated[
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU), onnx-int8 (quantized), or torch; `cbir index` also takes ray (extraction on Ray Data).")]
+LocalizerOpt = Annotated[Optional[str], typer.Option("--localizer", "-l", help="Find the objects in a photo first, then search each: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); in `cbir eval` also gt (the ground-truth boxes).")]
 FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps, vocabularies and layer weights on (a benchmark folder or a folder per class labels them, for Wlearn).")]
 
 
@@ -154,11 +155,21 @@ def index(
     ray_workers: Annotated[Optional[int], typer.Option("--ray-workers", min=1, help="With --engine ray: actors (each loads the model once); default one per CPU.")] = None,
     shards: Annotated[Optional[Path], typer.Option("--shards", help="With --engine ray: keep the Parquet shards here (default: a temporary folder in the index).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Also serve searches from Milvus: milvus://HOST:PORT/COLLECTION (synced now, stored with the index; 'faiss' to go back).")] = None,
+    localizer: LocalizerOpt = None,
 ) -> None:
-    """Build or update an index: new files added, changed files re-extracted, deleted files dropped."""
+    """Build or update an index: new files added, changed files re-extracted, deleted files dropped.
+
+    --localizer is stored with the index: its searches then find the objects of a query photo
+    and search each. The acceptance threshold for "not in the collection" is calibrated on
+    edits of the indexed images whenever the index changed, and stored with it.
+    """
     from cbir.images import list_images
     from cbir.index import Index, update_index
 
+    if localizer is not None:
+        from cbir.localize import create_localizer
+
+        create_localizer(localizer)  # an unknown name fails before any extraction
     fit = list_images(fit_on) if fit_on else None
     if index_type is not None and (index_dir / "index.json").exists():
         from cbir.index.factory import validate
@@ -178,7 +189,27 @@ def index(
     typer.echo(f"{index_dir}: {report.summary()}")
     if report.failed:
         typer.echo(f"{len(report.failed)} unreadable file(s) skipped (listed above)", err=True)
-    _prepare_search(Index(index_dir), index_type, search_params, backend)
+    idx = Index(index_dir)
+    if localizer is not None:
+        idx.update_info(localizer=None if localizer == "whole" else localizer)
+    changed = report.added + report.updated + report.removed > 0
+    _calibrate(idx, pipeline, weights, engine, force=changed)
+    _prepare_search(idx, index_type, search_params, backend)
+
+
+def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, force: bool) -> None:
+    """Store the index's acceptance threshold (`cbir.identify`), calibrated on its own images."""
+    from cbir.index.builder import calibrate_index
+    from cbir.pipeline import Extractor, resolve_spec
+
+    if (idx.info.get("identify") and not force) or len(idx) < 3:
+        return
+    extractor = Extractor(resolve_spec(idx.pipeline, weights), weights, "onnx" if engine == "ray" else engine)
+    extractor.load_post_state(idx.post_state())
+    cal = calibrate_index(idx, extractor, warn=_warn)
+    idx.update_info(identify=cal.to_json())
+    typer.echo(f"acceptance threshold {cal.threshold:.3f} (calibrated on {cal.n} edited images: "
+               f"{cal.tpr:.0%} accepted, {cal.tnr:.0%} of would-be unknowns rejected)")
 
 
 def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None) -> None:
@@ -218,13 +249,18 @@ def search(
     engine: EngineOpt = "onnx",
     rerank: Annotated[Optional[str], typer.Option("--rerank", help="Re-ranking steps, e.g. 'QE5', 'DBA5,aQE10a3', 'KRR20', 'DIFF10' (see `cbir pipelines`).")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Search through milvus://HOST:PORT/COLLECTION, or 'faiss' (the embedded index); default: what the index stores.")] = None,
+    localizer: LocalizerOpt = None,
 ) -> None:
-    """Search an index with an example image; print ranked paths and scores."""
+    """Search an index with an example image; print ranked paths and scores.
+
+    With a localizer (--localizer, or the one stored with the index), the objects of the photo
+    are found first and each is searched: its box, then its results or "not in the collection".
+    """
     from cbir.index import Index, Searcher
 
     box = _parse_bbox(bbox)
     pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
-    searcher = Searcher(index_dir, weights, engine, pipeline=pipeline)
+    searcher = Searcher(index_dir, weights, engine, pipeline=pipeline, localizer=localizer)
     if backend is not None:
         if backend not in ("", "faiss"):
             from cbir.scale.milvus import MilvusURI
@@ -232,16 +268,46 @@ def search(
             MilvusURI.parse(backend)
         searcher.index.use_backend(None if backend in ("", "faiss") else backend)
     t0 = time.perf_counter()
+    if box is None and (localizer is not None or searcher.index.info.get("localizer")):
+        objects = searcher.search_objects(query, k)
+        ms = (time.perf_counter() - t0) * 1000
+        _print_objects(objects, ms, as_json)
+        return
     hits = searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
     if as_json:
-        typer.echo(json.dumps({"results": [{"path": h.path, "score": round(h.score, 6), "id": h.id, "meta": h.meta} for h in hits],
-                               "ms": round(ms, 2)}))
+        typer.echo(json.dumps({"results": [h.to_json() for h in hits], "ms": round(ms, 2)}))
         return
     for rank, h in enumerate(hits, 1):
         extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
         typer.echo(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
     typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+
+
+def _print_objects(objects, ms: float, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"objects": [o.to_json() for o in objects], "ms": round(ms, 2)}))
+        return
+    if not objects:
+        typer.echo("no object found in the photo")
+    for n, o in enumerate(objects, 1):
+        x0, y0, x1, y1 = (round(v) for v in o.region.box)
+        verdict = f"is {o.identified}" if o.identified else "not in the collection"
+        typer.echo(f"object {n}: box {x0},{y0},{x1},{y1}  (score {o.region.score:.2f})  {verdict}")
+        for rank, h in enumerate(o.results, 1):
+            extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
+            typer.echo(f"  {rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
+    typer.echo(f"({len(objects)} object(s) in {ms:.0f} ms)", err=True)
+
+
+@app.command()
+def localizers() -> None:
+    """List the localizers: how a photo is split into the objects that are searched."""
+    from cbir.localize import LOCALIZERS
+
+    for line in LOCALIZERS.describe():
+        typer.echo(line)
+    typer.echo(f"{'gt':22s} the benchmark's ground-truth boxes (cbir eval only: the upper bound)")
 
 
 @app.command("eval")
@@ -256,17 +322,27 @@ def eval_(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the precision-recall curve (PNG).")] = None,
     per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write per-query AP (CSV).")] = None,
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
+    localizer: LocalizerOpt = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Only the queries with this tag (repeatable), e.g. background.")] = None,
 ) -> None:
-    """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark."""
+    """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark.
+
+    With --localizer, each query photo is split into objects first and scored by the
+    multi-object protocol (detection AP, masks, object mAP, identification, count accuracy).
+    """
     from cbir.datasets import load_benchmark
     from cbir.evaluation import evaluate
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, fit_set, resolve_spec
 
-    bench = load_benchmark(dataset_dir)
+    bench = load_benchmark(dataset_dir).with_tags(tag or ())
     extractor = Extractor(resolve_spec(pipeline or DEFAULT_PIPELINE, weights), weights, engine)
+    if localizer not in (None, "gt"):
+        from cbir.localize import create_localizer
+
+        localizer = create_localizer(localizer)  # an unknown name fails before any extraction
     fit, labels = fit_set(fit_on) if fit_on else (None, None)
     result = evaluate(bench, extractor, crop=not no_crop, fit_on=fit, warn=_warn,
-                      progress=None if as_json else _progress(), fit_labels=labels)
+                      progress=None if as_json else _progress(), fit_labels=labels, localizer=localizer)
     if plot:
         result.plot(plot)
     if per_query:
@@ -280,6 +356,8 @@ def eval_(
 
 
 def format_summary(s: dict) -> str:
+    if "localizer" in s:
+        return format_objects_summary(s)
     lines = [f"benchmark {s['benchmark']}: {s['n_queries']} queries, {s['n_database']} database images",
              f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
              f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
@@ -291,6 +369,24 @@ def format_summary(s: dict) -> str:
         lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
     if s.get("n_database_unreadable"):
         lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    return "\n".join(lines)
+
+
+def format_objects_summary(s: dict) -> str:
+    """The multi-object protocol's figures as a short table."""
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} photos, {s['n_objects']} objects in the collection "
+             f"(+{s['n_objects_unknown']} not), {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  localizer {s['localizer']}  "
+             f"({s['localize_ms_per_image']:.0f} ms/photo to localize, {s['search_ms_per_image']:.0f} ms with extraction)", "",
+             f"{'object mAP':18s} {s['object_map']:.4f}   (photo-level mAP {s['map']:.4f})"]
+    lines += [f"  {tag:16s} {v:.4f}" for tag, v in s["object_map_by_tag"].items()]
+    lines += [f"{'detection':18s} AP {s['det_ap']:.4f}  AP50 {s['det_ap50']:.4f}  count accuracy {s['count_accuracy']:.3f}",
+              f"{'masks':18s} precision {s['mask_precision']:.4f}  recall {s['mask_recall']:.4f}  "
+              f"F1 {s['mask_f1']:.4f}  IoU {s['mask_iou']:.4f}",
+              f"{'identification':18s} precision {s['id_precision']:.3f}  recall {s['id_recall']:.3f}  "
+              f"rejection {s['id_rejection']:.3f}  (threshold {s['accept_threshold']:.3f}, calibrated on the database)"]
+    if s.get("n_unreadable_queries"):
+        lines.append(f"{s['n_unreadable_queries']} query photo(s) unreadable, scored as finding nothing")
     return "\n".join(lines)
 
 
@@ -315,7 +411,8 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),
-                         ("cbir.compare", "compare"), ("cbir.localize.tscam", "cam")):
+                         ("cbir.compare", "compare"), ("cbir.synth", "synth"),
+                         ("cbir.localize.tscam", "cam")):
         try:
             fn = getattr(importlib.import_module(module), name)
         except ModuleNotFoundError as e:

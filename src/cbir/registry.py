@@ -85,4 +85,4 @@ class Registry:
 
     def describe(self) -> list[str]:
         """One line per entry, ``name[:<option>]  summary``, for help texts."""
-        return [f"{(e.name + (f':<{e.option}>' if e.option else '')):18s} {e.summary}" for e in self]
+        return [f"{(e.name + (f':<{e.option}>' if e.option else '')):22s} {e.summary}" for e in self]

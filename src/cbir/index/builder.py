@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.images import ImageError, list_images, sha256_file
+from cbir.identify import Calibration, calibrate
+from cbir.images import ImageError, list_images, open_image, sha256_file
+from cbir.localize import Localizer, Region, create_localizer
+from cbir.localize.geometry import extraction_source
 from cbir.index.store import Entry, Index, IndexStoreError
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
 from cbir.rerank import SHORTLIST, rerank_hits
@@ -200,12 +203,47 @@ class Hit:
     score: float
     meta: dict
 
+    def to_json(self) -> dict:
+        return {"path": self.path, "score": round(self.score, 6), "id": self.id, "meta": self.meta}
+
+
+@dataclass
+class ObjectHits:
+    """One object found in a query photo and what it matched.
+
+    ``identified``: the path of the database image it is, when the top hit's score passes the
+    index's acceptance threshold (`cbir.identify`); None: "not in the collection".
+    """
+
+    region: Region
+    results: list[Hit]
+    identified: str | None
+
+    def to_json(self) -> dict:
+        return {**self.region.to_json(), "identified": self.identified, "results": [h.to_json() for h in self.results]}
+
+
+def calibrate_index(index: Index, extractor: Extractor, warn: Callable[[str], None] = print) -> Calibration:
+    """Calibrate the acceptance threshold on edits of the index's own images (not stored)."""
+    entries = [e for e in index.entries().values() if Path(e.path).is_file()]
+    pos = {e.id: n for n, e in enumerate(entries)}
+
+    def top2(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = index.search(q, 2)
+        return scores, np.vectorize(lambda i: pos.get(int(i), -1))(ids)
+
+    return calibrate(lambda imgs: extractor.extract(imgs), [e.path for e in entries], top2, warn=warn)
+
 
 class Searcher:
-    """An index and the extractor of its own pipeline: images in, ranked hits out."""
+    """An index and the extractor of its own pipeline: images in, ranked hits out.
+
+    ``localizer``: how `search_objects` finds the objects of a photo; default the one stored
+    with the index (``cbir index --localizer``), else ``whole``.
+    """
 
     def __init__(self, index_dir: str | Path, weights: str | Path | None = None, engine: str = "onnx",
-                 pipeline: str | None = None, threads: int | None = None) -> None:
+                 pipeline: str | None = None, threads: int | None = None, localizer: str | None = None) -> None:
         self.index = Index(index_dir)
         spec = resolve_spec(pipeline or self.index.pipeline, weights)
         # Queries come one at a time: one inference worker, so that the engine's threads are
@@ -213,6 +251,17 @@ class Searcher:
         self.extractor = Extractor(spec, weights, engine, threads=threads, infer_workers=1)
         self.index.check_identity(self.extractor.identity)
         self.extractor.load_post_state(self.index.post_state())
+        self.localizer: Localizer = create_localizer(localizer or self.index.info.get("localizer"))
+        self._calibration: Calibration | None = None
+
+    @property
+    def calibration(self) -> Calibration:
+        """The index's stored acceptance threshold; calibrated now (in memory) if it has none."""
+        if self._calibration is None:
+            stored = self.index.info.get("identify")
+            self._calibration = (Calibration.from_json(stored) if stored
+                                 else calibrate_index(self.index, self.extractor, warn=lambda m: None))
+        return self._calibration
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude: int | None = None) -> list[Hit]:
         n = k + (exclude is not None)
@@ -232,6 +281,28 @@ class Searcher:
     def search(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None) -> list[Hit]:
         """Top-``k`` hits for a query image (path or encoded bytes), optionally cropped to ``bbox``."""
         return self.search_vector(self.extractor.extract_one(source, bbox), k)
+
+    def search_objects(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None,
+                       localizer: Localizer | None = None) -> list[ObjectHits]:
+        """Find the objects of a photo (the localizer; or the one hand-drawn ``bbox``), then
+        search each: one `ObjectHits` per object, best localized first."""
+        image = open_image(source)
+        if bbox is not None:
+            w, h = image.size
+            x0, y0, x1, y1 = bbox
+            regions = [Region((max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)), 1.0)]
+        else:
+            regions = (localizer or self.localizer)(image)
+        if not regions:
+            return []
+        threshold = self.calibration.threshold
+        vecs = self.extractor.extract([extraction_source(source, image, r) for r in regions])
+        out = []
+        for r, v in zip(regions, vecs):
+            hits = self.search_vector(v, k) if not np.isnan(v[0]) else []
+            named = hits[0].path if hits and hits[0].score >= threshold else None
+            out.append(ObjectHits(r, hits, named))
+        return out
 
     def search_id(self, image_id: int, k: int = 10) -> list[Hit]:
         """"More like this": the hits for an indexed image, itself excluded."""

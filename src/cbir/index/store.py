@@ -402,6 +402,21 @@ class Index:
             self.info = info
         self.use_backend(info.get("backend"))
 
+    def update_info(self, **changes) -> bool:
+        """Store fields in ``index.json`` (a value of None removes the field); atomically.
+        Returns whether anything changed."""
+        info = dict(self.info)
+        for k, v in changes.items():
+            if v is None:
+                info.pop(k, None)
+            else:
+                info[k] = v
+        if info == self.info:
+            return False
+        _atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
+        self.info = info
+        return True
+
     def set_index_type(self, factory: str | None = None, search_params: str | None = None) -> bool:
         """Change the index type and/or search parameters stored in ``index.json``.
 

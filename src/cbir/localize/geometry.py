@@ -164,3 +164,14 @@ def crop_region(image: Image.Image, region: Region) -> Image.Image:
     x0, y0, x1, y1 = region.box
     w, h = image.size
     return image.crop((max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1))))
+
+
+def extraction_source(source, image: Image.Image, region: Region):
+    """What the extractor gets for a region of the photo ``image`` decoded from ``source``: the
+    source itself when the region is the whole photo and it can be re-read (then decoded at the
+    reduced scale `cbir search` always used, so ``whole`` scores exactly what searching the photo
+    scores), else the region's crop, rectified when it has a polygon."""
+    w, h = image.size
+    if region.polygon is None and tuple(region.box) == (0.0, 0.0, float(w), float(h)):
+        return source
+    return crop_region(image, region)
