@@ -124,8 +124,7 @@ class TSCAMLocalizer(Localizer):
             logits, sem = self._head(patch_grid(t, grid))
             sal = self._model.saliency(t, (self.input_size, self.input_size))[0, 0].numpy() if saliency or self.mode == "saliency" else None
         p = torch.sigmoid(logits[0]).numpy()
-        order = np.argsort(-p)
-        top = [int(c) for c in order[: self.max_classes] if p[c] >= self.prob] or [int(order[0])]
+        top = top_classes(p, self.prob, self.max_classes)
 
         def photo(m) -> np.ndarray:
             m = unletterbox(np.asarray(m, np.float32), self.input_size, content, (w, h))
@@ -142,30 +141,46 @@ class TSCAMLocalizer(Localizer):
         return res
 
     def _regions(self, res: CamResult) -> tuple[list[Region], list[int]]:
-        import torch
-
-        from cbir.localize.geometry import regions_from_mask
-        from cbir.metrics.boxes import nms
-
         if self.mode in ("attention", "saliency"):
+            from cbir.localize.geometry import regions_from_mask
+
             m = res.attention if self.mode == "attention" else res.saliency
             regs = regions_from_mask(m >= self.threshold, m, self.min_area, polygons=False)
             return regs, [res.top[0]] * len(regs)
         maps = res.coupled if self.mode == "coupled" else res.semantic
-        regions, labels = [], []
-        for c in res.top:
-            for r in regions_from_mask(maps[c] >= self.threshold, maps[c], self.min_area, polygons=False):
-                r.score = float(res.probs[c]) * r.score
-                regions.append(r)
-                labels.append(c)
-        if not regions:
-            return [], []
-        keep = nms(torch.tensor([r.box for r in regions], dtype=torch.float64),
-                   torch.tensor([r.score for r in regions], dtype=torch.float64), self.nms_iou).tolist()
-        return [regions[i] for i in keep], [labels[i] for i in keep]
+        return class_regions({c: maps[c] for c in res.top}, res.probs, self.threshold, self.min_area, self.nms_iou)
 
     def localize(self, image: Image.Image) -> list[Region]:
         return self.analyze(image).regions
+
+
+def top_classes(probs: np.ndarray, prob: float, max_classes: int) -> list[int]:
+    """The classes whose probability passes ``prob`` (most probable first, at most
+    ``max_classes``), or the most probable one when none does."""
+    order = np.argsort(-probs)
+    return [int(c) for c in order[:max_classes] if probs[c] >= prob] or [int(order[0])]
+
+
+def class_regions(maps: dict[int, np.ndarray], probs: np.ndarray, threshold: float, min_area: float = 0.01,
+                  nms_iou: float = 0.5) -> tuple[list[Region], list[int]]:
+    """Each class's map (photo-sized, [0, 1]) thresholded into components; a region's score is
+    its class probability x its mean map value; duplicates across classes removed by NMS."""
+    import torch
+
+    from cbir.localize.geometry import regions_from_mask
+    from cbir.metrics.boxes import nms
+
+    regions, labels = [], []
+    for c, m in maps.items():
+        for r in regions_from_mask(m >= threshold, m, min_area, polygons=False):
+            r.score = float(probs[c]) * r.score
+            regions.append(r)
+            labels.append(c)
+    if not regions:
+        return [], []
+    keep = nms(torch.tensor([r.box for r in regions], dtype=torch.float64),
+               torch.tensor([r.score for r in regions], dtype=torch.float64), nms_iou).tolist()
+    return [regions[i] for i in keep], [labels[i] for i in keep]
 
 
 # --- cbir cam ------------------------------------------------------------------------------------

