@@ -93,7 +93,7 @@ def trained(tmp_path_factory):
 
 def test_head_trains_and_map_peaks_on_the_object(trained):
     root, va, w = trained
-    assert w["classes"] == ["database/astronaut.jpg", "database/chelsea.jpg", "database/coffee.jpg", "database/rocket.jpg"]
+    assert w["classes"] == ["database/astronaut.jpg", "database/chelsea.jpg", "database/coffee.jpg", "database/rocket.jpg", "NONE"]
     assert w["val"]["val_map"] > 0.7
     saved = torch.load(root / "w" / "tscam.pt", weights_only=True)
     assert saved["classes"] == w["classes"] and "head" in saved and (root / "w" / "tscam-history" / "curves.png").is_file()

