@@ -401,7 +401,8 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),
-                         ("cbir.compare", "compare"), ("cbir.synth", "synth")):
+                         ("cbir.compare", "compare"), ("cbir.synth", "synth"),
+                         ("cbir.localize.tscam", "cam")):
         try:
             fn = getattr(importlib.import_module(module), name)
         except ModuleNotFoundError as e:

@@ -25,7 +25,8 @@ from PIL import Image
 
 from cbir.registry import Registry
 
-LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet"))
+LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet", "cbir.localize.tscam",
+                                         "cbir.localize.yolo"))
 
 
 class LocalizerError(ValueError):

@@ -5,7 +5,8 @@
   weighted), PR curve and AP (sklearn definitions).
 * :mod:`.detection`: VOC all-point / 11-point and COCO AP and mAP.
 * :mod:`.segmentation`: PA, MPA, IoU, mIoU, FWIoU, Dice from one confusion matrix.
-* :mod:`.localization`: WSOL GT-known / top-1 localization accuracy, mask IoU, PxAP.
+* :mod:`.localization`: WSOL GT-known / top-1 localization accuracy, mask IoU, PxAP,
+  MaxBoxAccV2.
 * :mod:`.boxes`: conversions, IoU / GIoU / DIoU / CIoU, their losses, NMS variants.
 
 Streaming metrics follow torchmetrics: ``update`` batch by batch, ``compute``, ``reset``;
@@ -43,7 +44,14 @@ from cbir.metrics.classification import (
     precision_recall_fscore,
 )
 from cbir.metrics.detection import DetectionMAP, interpolated_ap, mean_average_precision
-from cbir.metrics.localization import LocalizationAccuracy, MaskLocalization, max_box_iou
+from cbir.metrics.localization import (
+    LocalizationAccuracy,
+    MaskLocalization,
+    cam_boxes,
+    max_box_acc_v2,
+    max_box_iou,
+    pxap,
+)
 from cbir.metrics.retrieval import (
     RetrievalMAP,
     ap_from_positive_ranks,
@@ -84,6 +92,9 @@ __all__ = [
     "interpolated_ap",
     "iou_loss",
     "max_box_iou",
+    "max_box_acc_v2",
+    "cam_boxes",
+    "pxap",
     "mean_average_precision",
     "nms",
     "positive_ranks",

@@ -13,6 +13,14 @@ Pixel level: the CAM, normalised to [0, 1], is thresholded at tau in {0, 1/K, ..
 and ``PxAP`` the AP of the pixel-wise precision-recall curve over those thresholds.
 The pixels are kept as two histograms of the quantised CAM (GT-foreground and background),
 one ``bincount`` each per batch.
+
+Functions over a whole evaluation set (Choe et al., "Evaluating WSOL right", CVPR 2020):
+
+* `cam_boxes`: a CAM thresholded at each tau -> the box of every connected component.
+* `max_box_acc_v2`: box accuracy at IoU delta in {0.3, 0.5, 0.7}, boxes from all components
+  (several objects per image), the best over CAM thresholds, and its mean (MaxBoxAccV2);
+  the per-threshold curves let a caller read the accuracy at a threshold chosen elsewhere.
+* `pxap`: PxAP (and the best-threshold mask IoU) of a list of CAMs against masks.
 """
 
 from __future__ import annotations
@@ -147,3 +155,60 @@ class MaskLocalization:
             "iou_per_threshold": iou,
             "pxap": pxap,
         }
+
+
+def cam_boxes(cam, thresholds: Sequence[float], connectivity: int = 1) -> list[np.ndarray]:
+    """One ``(K_t, 4)`` array per threshold: the xyxy box of each connected component of
+    ``cam >= t`` (pixel edges: a component spanning columns 3..5 has x0 = 3, x1 = 6)."""
+    from scipy import ndimage
+
+    cam = to_numpy(cam).astype(np.float64)
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    out = []
+    for t in thresholds:
+        labels, n = ndimage.label(cam >= t, structure)
+        boxes = [(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) for sl in ndimage.find_objects(labels) if sl]
+        out.append(np.asarray(boxes, np.float64).reshape(-1, 4))
+    return out
+
+
+def max_box_acc_v2(cams: Sequence, gt_boxes: Sequence, iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+                   cam_thresholds: Sequence[float] | None = None) -> dict:
+    """MaxBoxAccV2 (Choe et al. 2020) over a set of images.
+
+    ``cams``: per image a ``(H_i, W_i)`` map in [0, 1]; ``gt_boxes``: per image ``(M_i, 4)``
+    xyxy in the CAM's pixel coordinates. At CAM threshold tau an image is correct at IoU delta
+    when some box of a connected component of ``cam >= tau`` has IoU >= delta with some
+    ground-truth box (all components count: the multi-contour variant). Returns
+    ``box_acc`` (T, D) (fraction of images correct), ``max_box_acc`` (D,) and
+    ``best_threshold`` (D,) (the best over tau for each delta), ``max_box_acc_v2`` (their
+    mean), and ``thresholds`` (T,).
+    """
+    if len(cams) != len(gt_boxes):
+        raise ValueError(f"{len(cams)} CAMs for {len(gt_boxes)} images")
+    taus = np.arange(100) / 100 if cam_thresholds is None else np.asarray(cam_thresholds, np.float64)
+    deltas = np.asarray(iou_thresholds, np.float64)
+    best_iou = np.zeros((len(cams), len(taus)))
+    for i, (cam, gt) in enumerate(zip(cams, gt_boxes)):
+        g = to_numpy(gt).astype(np.float64).reshape(-1, 4)
+        if not len(g):
+            continue
+        for k, boxes in enumerate(cam_boxes(cam, taus)):
+            if len(boxes):
+                best_iou[i, k] = box_iou(boxes, g).max().item()
+    acc = (best_iou[:, :, None] >= deltas[None, None, :]).mean(axis=0) if len(cams) else np.zeros((len(taus), len(deltas)))
+    best = acc.argmax(axis=0)
+    mba = acc[best, np.arange(len(deltas))]
+    return {"box_acc": acc, "max_box_acc": mba, "best_threshold": taus[best],
+            "max_box_acc_v2": float(mba.mean()), "thresholds": taus, "iou_thresholds": deltas}
+
+
+def pxap(cams: Sequence, gt_masks: Sequence, num_thresholds: int = 100) -> dict:
+    """PxAP and the best-threshold mask IoU of per-image CAMs (in [0, 1]) against boolean
+    masks of the same sizes (images of different sizes allowed); see `MaskLocalization`."""
+    if len(cams) != len(gt_masks):
+        raise ValueError(f"{len(cams)} CAMs for {len(gt_masks)} masks")
+    m = MaskLocalization(num_thresholds)
+    for cam, mask in zip(cams, gt_masks):
+        m.update(np.asarray(to_numpy(cam))[None], np.asarray(to_numpy(mask))[None])
+    return m.compute()
