@@ -25,8 +25,7 @@ from PIL import Image
 
 from cbir.registry import Registry
 
-LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet", "cbir.localize.tscam",
-                                         "cbir.localize.yolo"))
+LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet", "cbir.localize.tscam"))
 
 
 class LocalizerError(ValueError):
