@@ -25,7 +25,7 @@ from PIL import Image
 
 from cbir.registry import Registry
 
-LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin",))
+LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.yolo"))
 
 
 class LocalizerError(ValueError):
