@@ -28,6 +28,7 @@ PipelineOpt = Annotated[
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU), onnx-int8 (quantized), or torch; `cbir index` also takes ray (extraction on Ray Data).")]
+LocalizerOpt = Annotated[Optional[str], typer.Option("--localizer", "-l", help="Find the objects in a photo first, then search each: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); in `cbir eval` also gt (the ground-truth boxes).")]
 FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps, vocabularies and layer weights on (a benchmark folder or a folder per class labels them, for Wlearn).")]
 
 
@@ -256,17 +257,27 @@ def eval_(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the precision-recall curve (PNG).")] = None,
     per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write per-query AP (CSV).")] = None,
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
+    localizer: LocalizerOpt = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Only the queries with this tag (repeatable), e.g. background.")] = None,
 ) -> None:
-    """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark."""
+    """Measure mAP (overall and per tag), precision@k and recall@k of a pipeline on a benchmark.
+
+    With --localizer, each query photo is split into objects first and scored by the
+    multi-object protocol (detection AP, masks, object mAP, identification, count accuracy).
+    """
     from cbir.datasets import load_benchmark
     from cbir.evaluation import evaluate
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, fit_set, resolve_spec
 
-    bench = load_benchmark(dataset_dir)
+    bench = load_benchmark(dataset_dir).with_tags(tag or ())
     extractor = Extractor(resolve_spec(pipeline or DEFAULT_PIPELINE, weights), weights, engine)
+    if localizer not in (None, "gt"):
+        from cbir.localize import create_localizer
+
+        localizer = create_localizer(localizer)  # an unknown name fails before any extraction
     fit, labels = fit_set(fit_on) if fit_on else (None, None)
     result = evaluate(bench, extractor, crop=not no_crop, fit_on=fit, warn=_warn,
-                      progress=None if as_json else _progress(), fit_labels=labels)
+                      progress=None if as_json else _progress(), fit_labels=labels, localizer=localizer)
     if plot:
         result.plot(plot)
     if per_query:
@@ -280,6 +291,8 @@ def eval_(
 
 
 def format_summary(s: dict) -> str:
+    if "localizer" in s:
+        return format_objects_summary(s)
     lines = [f"benchmark {s['benchmark']}: {s['n_queries']} queries, {s['n_database']} database images",
              f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
              f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
@@ -291,6 +304,24 @@ def format_summary(s: dict) -> str:
         lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
     if s.get("n_database_unreadable"):
         lines.append(f"{s['n_database_unreadable']} database image(s) unreadable, left out")
+    return "\n".join(lines)
+
+
+def format_objects_summary(s: dict) -> str:
+    """The multi-object protocol's figures as a short table."""
+    lines = [f"benchmark {s['benchmark']}: {s['n_queries']} photos, {s['n_objects']} objects in the collection "
+             f"(+{s['n_objects_unknown']} not), {s['n_database']} database images",
+             f"pipeline  {s['pipeline']}  localizer {s['localizer']}  "
+             f"({s['localize_ms_per_image']:.0f} ms/photo to localize, {s['search_ms_per_image']:.0f} ms with extraction)", "",
+             f"{'object mAP':18s} {s['object_map']:.4f}   (photo-level mAP {s['map']:.4f})"]
+    lines += [f"  {tag:16s} {v:.4f}" for tag, v in s["object_map_by_tag"].items()]
+    lines += [f"{'detection':18s} AP {s['det_ap']:.4f}  AP50 {s['det_ap50']:.4f}  count accuracy {s['count_accuracy']:.3f}",
+              f"{'masks':18s} precision {s['mask_precision']:.4f}  recall {s['mask_recall']:.4f}  "
+              f"F1 {s['mask_f1']:.4f}  IoU {s['mask_iou']:.4f}",
+              f"{'identification':18s} precision {s['id_precision']:.3f}  recall {s['id_recall']:.3f}  "
+              f"rejection {s['id_rejection']:.3f}  (threshold {s['accept_threshold']:.3f}, calibrated on the database)"]
+    if s.get("n_unreadable_queries"):
+        lines.append(f"{s['n_unreadable_queries']} query photo(s) unreadable, scored as finding nothing")
     return "\n".join(lines)
 
 

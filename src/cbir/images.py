@@ -77,16 +77,20 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def open_image(
-    source: str | Path | bytes,
+    source: str | Path | bytes | Image.Image,
     resize: Resize | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Decode ``source`` (a path or encoded bytes) to RGB, crop ``bbox``, scale by ``resize``.
+    """Decode ``source`` (a path, encoded bytes, or a decoded image) to RGB, crop ``bbox``, scale by ``resize``.
 
     JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
     (Pillow's ``draft``), which is faster and, after the final antialiased resize, looks the same.
     """
+    if isinstance(source, Image.Image):  # already decoded (a region of a photo, say)
+        img = source if source.mode == "RGB" else source.convert("RGB")
+        img = crop_box(img, bbox, "image region") if bbox is not None else img
+        return scale(img, resize) if resize is not None else img
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")

@@ -28,12 +28,24 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class GroundTruthObject:
+    """One object of a multi-object photo: its box, what shows it in the database (empty:
+    not in the collection), and, for a tilted or perspective-warped one, its 4 corners."""
+
+    bbox: tuple[float, float, float, float]
+    positives: tuple[str, ...] = ()
+    polygon: tuple[tuple[float, float], ...] | None = None
+
+
+@dataclass(frozen=True)
 class Query:
     image: str
     positives: tuple[str, ...]
     junk: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     bbox: tuple[float, float, float, float] | None = None
+    objects: tuple[GroundTruthObject, ...] = ()
+    mask: str | None = None  # a PNG of the photo's size, 255 on the object(s)
 
 
 @dataclass
@@ -47,6 +59,16 @@ class Benchmark:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def with_tags(self, tags: tuple[str, ...] | list[str]) -> "Benchmark":
+        """The same benchmark with only the queries that carry any of ``tags``."""
+        if not tags:
+            return self
+        queries = [q for q in self.queries if set(tags) & set(q.tags)]
+        if not queries:
+            known = sorted({t for q in self.queries for t in q.tags})
+            raise DatasetError(f"{self.root}: no query is tagged {' or '.join(tags)}; tags: {', '.join(known)}")
+        return Benchmark(self.name, self.root, self.database, queries, self.kind, self.metadata)
 
 
 def load_benchmark(root: str | Path) -> Benchmark:
@@ -72,21 +94,45 @@ def load_benchmark(root: str | Path) -> Benchmark:
     )
 
 
+def _box(value, where: str) -> tuple[float, float, float, float]:
+    box = tuple(float(v) for v in value)
+    if len(box) != 4 or not box[2] > box[0] or not box[3] > box[1]:
+        raise DatasetError(f"{where}: bbox {list(value)} is not [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+    return box  # type: ignore[return-value]
+
+
+def _object(o: dict, where: str) -> GroundTruthObject:
+    polygon = None
+    if o.get("polygon") is not None:
+        pts = o["polygon"]
+        if len(pts) != 4 or any(len(p) != 2 for p in pts):
+            raise DatasetError(f"{where}: polygon has {len(pts)} points, not 4 [x, y] corners")
+        polygon = tuple((float(x), float(y)) for x, y in pts)
+    return GroundTruthObject(_box(o["bbox"], where), tuple(o.get("positives", ())), polygon)
+
+
+def _query(q: dict, i: int) -> Query:
+    where = f"gt.json query {i} ({q.get('image', '?')})"
+    objects = tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q.get("objects") or ()))
+    return Query(
+        image=q["image"],
+        positives=tuple(q.get("positives", ())),
+        junk=tuple(q.get("junk", ())),
+        tags=tuple(q.get("tags", ())),
+        bbox=_box(q["bbox"], where) if q.get("bbox") else None,
+        objects=objects,
+        mask=q.get("mask"),
+    )
+
+
 def _load_gt_json(root: Path) -> Benchmark:
     try:
         gt = json.loads((root / "gt.json").read_text())
-        queries = [
-            Query(
-                image=q["image"],
-                positives=tuple(q.get("positives", ())),
-                junk=tuple(q.get("junk", ())),
-                tags=tuple(q.get("tags", ())),
-                bbox=tuple(q["bbox"]) if q.get("bbox") else None,
-            )
-            for q in gt["queries"]
-        ]
+        queries = [_query(q, i) for i, q in enumerate(gt["queries"])]
         database = list(gt["database"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise DatasetError(f"{root / 'gt.json'}: {e}") from None
         raise DatasetError(f"{root / 'gt.json'}: not in the expected format ({type(e).__name__}: {e})") from None
     meta = {}
     if (root / "metadata.json").exists():

@@ -339,6 +339,19 @@ class DetectionMAP:
                         ar[k, a, t, m] = recall[-1] if recall.size else 0.0
         return self._summarize(classes, ap, ar)
 
+    def pr_curve(self, iou_threshold: float = 0.5, label: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision) of one class pooled over the images, one point per detection in
+        decreasing score order, at one IoU threshold (all areas, every detection kept)."""
+        t = int(np.argmin(np.abs(self.iou_thresholds - iou_threshold)))
+        rec = _ClassRecord([], [], [], [], np.zeros(len(self.area_ranges), np.int64))
+        for dt, gt in self._images:
+            d_sel, g_sel = dt["labels"] == label, gt["labels"] == label
+            self._evaluate_image_class({k: v[d_sel] for k, v in dt.items()}, {k: v[g_sel] for k, v in gt.items()}, rec)
+        if not rec.scores or rec.n_gt[0] == 0:
+            return np.zeros(0), np.zeros(0)
+        return _pr_curve(np.concatenate(rec.scores), np.concatenate(rec.tp, axis=-1)[0, t],
+                         np.concatenate(rec.ignored, axis=-1)[0, t], int(rec.n_gt[0]))
+
     def _summarize(self, classes: np.ndarray, ap: np.ndarray, ar: np.ndarray) -> dict:
         def mean(x: np.ndarray) -> float:
             v = x[x > -1]

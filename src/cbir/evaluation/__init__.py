@@ -1,5 +1,8 @@
 """Evaluate a pipeline on a benchmark: extract, rank by inner product, score with `cbir.metrics`.
 
+With a localizer (`cbir.localize`), each query photo is first split into the objects it
+shows and scored by the multi-object protocol (`cbir.evaluation.objects`).
+
 Queries that share an image and box are extracted once (the Revisited protocols list each
 query three times). Database images that cannot be read are left out of every ranking, with a
 warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP.
@@ -28,30 +31,47 @@ RECALL_GRID = np.linspace(0.0, 1.0, 101)
 @dataclass
 class EvalResult:
     summary: dict
-    per_query: list[dict] = field(default_factory=list)
+    per_query: list[dict] = field(default_factory=list)  # one row per query (per object with a localizer)
     pr_curves: dict[str, np.ndarray] = field(default_factory=dict)  # tag -> precision on RECALL_GRID
+    detection_pr: tuple[np.ndarray, np.ndarray] | None = None  # (recall, precision) at IoU 0.5
 
     def write_per_query(self, path: str | Path) -> None:
+        fields = list(self.per_query[0]) if self.per_query else ["query", "tags", "ap"]
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["query", "tags", "ap", "n_positives", "first_positive_rank", "top1"])
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(self.per_query)
 
     def plot(self, path: str | Path) -> None:
-        """Mean interpolated precision-recall curve, overall and per tag."""
+        """Mean interpolated precision-recall curve, overall and per tag; beside it, with a
+        localizer, the detection precision-recall curve at IoU 0.5."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        panels = 2 if self.detection_pr is not None else 1
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+        ax = axes[0, 0]
         for tag, prec in self.pr_curves.items():
             label = f"{tag} (mAP {self.summary['map'] if tag == 'all' else self.summary['map_by_tag'][tag]:.3f})"
             ax.plot(RECALL_GRID, prec, lw=2.5 if tag == "all" else 1.2, label=label)
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-               title=f"{self.summary['benchmark']}: {self.summary['pipeline']}")
+        title = f"{self.summary['benchmark']}: {self.summary['pipeline']}"
+        if "localizer" in self.summary:
+            title += f"\nlocalizer {self.summary['localizer']}: photo-level ranking"
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
+        if self.detection_pr is not None:
+            ax = axes[0, 1]
+            recall, precision = self.detection_pr
+            envelope = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+            ax.plot(recall, precision, lw=1, alpha=0.5, label="precision")
+            ax.plot(recall, envelope, lw=2.5, label=f"envelope (AP50 {self.summary['det_ap50']:.3f})")
+            ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+                   title=f"detection, IoU 0.5 ({self.summary['localizer']})")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -77,10 +97,13 @@ def evaluate(
     warn: Callable[[str], None] = print,
     progress: Callable | None = None,
     fit_labels: list | None = None,
+    localizer=None,
 ) -> EvalResult:
     """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one.
 
     ``fit_labels`` (one per ``fit_on`` image) are for learned layer weights (``Wlearn``).
+    ``localizer`` (a name such as ``"saliency"``, ``"gt"`` or ``"whole"``, or a `Localizer`):
+    score by the multi-object protocol instead, every query photo localized first.
     """
     if extractor.needs_fit:
         if not fit_on:
@@ -96,13 +119,18 @@ def evaluate(
     db_paths = [bench.path(p) for p in bench.database]
     db = _extract(extractor, db_paths, None, on_error, progress, "database")
     t_db = time.perf_counter() - t0
+    info = {"pipeline": str(extractor.spec), "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2)}
+    if localizer is not None:
+        from cbir.evaluation.objects import evaluate_objects
+
+        summary, rows, curves = evaluate_objects(bench, extractor, localizer, db, extractor.rerankers, warn, progress)
+        summary.update({"benchmark": bench.name, "n_database": len(bench.database),
+                        "n_database_unreadable": int(np.isnan(db[:, 0]).sum()), "dim": int(db.shape[1]), **info})
+        return EvalResult(summary, rows, curves["retrieval"], curves["detection"])
     unique = query_keys(bench, crop)
     keys = list(unique)
     q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
-    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, {
-        "pipeline": str(extractor.spec),
-        "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2),
-    })
+    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, info)
 
 
 def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
