@@ -407,11 +407,13 @@ def nms_op(boxes: torch.Tensor, scores: torch.Tensor, iou_thr: float, max_det: i
 class YoloInference(nn.Module):
     """Image ``(1, 3, S, S)`` in [0, 1] -> final detections ``(K, 6)``: x0, y0, x1, y1, score,
     class. Decoding, the score threshold and NMS are inside, so the exported ONNX graph
-    gives final boxes. Score = objectness x class probability (objectness alone for nc = 1)."""
+    gives final boxes. Score = objectness x class probability (objectness alone for nc = 1);
+    only the ``pre_nms`` best-scored candidates enter the NMS (yolov5 caps them too)."""
 
-    def __init__(self, model: YOLO, conf: float = 0.25, iou: float = 0.45, max_det: int = 100) -> None:
+    def __init__(self, model: YOLO, conf: float = 0.25, iou: float = 0.45, max_det: int = 100,
+                 pre_nms: int = 1000) -> None:
         super().__init__()
-        self.model, self.conf, self.iou, self.max_det = model, conf, iou, max_det
+        self.model, self.conf, self.iou, self.max_det, self.pre_nms = model, conf, iou, max_det, pre_nms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         p = self.model.predict(x)[0]  # (N, 5 + nc)
@@ -420,6 +422,9 @@ class YoloInference(nn.Module):
             score = p[:, 4] * cls_p
         else:
             score, cls = p[:, 4], torch.zeros_like(p[:, 4], dtype=torch.long)
+        # the best pre_nms candidates only (N is fixed by the input size, so k is a constant)
+        top = torch.topk(score, min(self.pre_nms, p.shape[0])).indices
+        p, score, cls = p[top], score[top], cls[top]
         keep = torch.nonzero(score > self.conf).view(-1)
         boxes = cxcywh_to_xyxy(p[keep, :4])
         score, cls = score[keep], cls[keep]

@@ -208,7 +208,7 @@ def to_targets(boxes: list[np.ndarray]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def detect_batch(model, raw, conf: float = 0.001, iou: float = 0.6, max_det: int = 100) -> list[np.ndarray]:
+def detect_batch(model, raw, conf: float = 0.001, iou: float = 0.6, max_det: int = 100, pre_nms: int = 1000) -> list[np.ndarray]:
     """Raw head outputs -> per image ``(k, 5)`` x0, y0, x1, y1, score after greedy NMS."""
     from cbir.metrics.boxes import cxcywh_to_xyxy, nms
 
@@ -216,6 +216,8 @@ def detect_batch(model, raw, conf: float = 0.001, iou: float = 0.6, max_det: int
     out = []
     for pi in p:
         score = pi[:, 4] * (pi[:, 5:].max(1).values if pi.shape[1] > 6 else 1.0)
+        top = torch.topk(score, min(pre_nms, score.shape[0])).indices  # as the exported graph does
+        pi, score = pi[top], score[top]
         keep = score > conf
         b, s = cxcywh_to_xyxy(pi[keep, :4]), score[keep]
         k = nms(b, s, iou)[:max_det]
