@@ -121,18 +121,20 @@ def test_training_overfits_a_handful_of_photos(trained):
 
 
 def test_killed_run_resumes_from_its_checkpoint(trained, toy):
+    from cbir.train import TrainingError
     from cbir.train.detector import train
 
     out, best, hp = trained
-    hp2 = type(hp)(**{**hp.__dict__, "epochs": hp.epochs + 1})
     # other settings than the checkpoint's: refused in one line
-    from cbir.train import TrainingError
-
     with pytest.raises(TrainingError, match="other settings"):
-        train(toy[0], toy[0], out, hp2, log=lambda m: None)
+        train(toy[0], toy[0], out, type(hp)(**{**hp.__dict__, "lr": hp.lr * 2}), log=lambda m: None)
+    # the same run, extended by one epoch: resumes after the last complete epoch
     msgs = []
-    train(toy[0], toy[0], out, hp, log=msgs.append)  # the checkpoint is complete: resumes after the last epoch
-    assert any("resuming" in m for m in msgs)
+    train(toy[0], toy[0], out, type(hp)(**{**hp.__dict__, "epochs": hp.epochs + 1}), log=msgs.append)
+    assert any(f"resuming from" in m and f"after epoch {hp.epochs}" in m for m in msgs)
+    assert sum(m.startswith("epoch ") for m in msgs) == 1
+    hist = json.loads((out.parent / "toy-run" / "history.json").read_text())
+    assert [r["epoch"] for r in hist] == list(range(1, hp.epochs + 2))
 
 
 def test_augmentation_keeps_boxes_on_the_objects(toy):

@@ -342,6 +342,7 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
                 img, b = (train_set.images[i], train_set.boxes[i]) if v == 0 else aug(i, rng)
                 view_imgs.append(img)
                 view_boxes.append(b)
+        log(f"made {hp.views} views of each photo ({time.time() - t0:.0f} s so far); caching their features")
         train_cache = FeatureCache(model.backbone, view_imgs, "caching training features")
         del view_imgs
         val_cache = FeatureCache(model.backbone, val_set.images, "caching validation features")
@@ -356,7 +357,9 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
     best = None
     if ckpt_path.exists() and not fresh:
         ck = load_checkpoint(ckpt_path)
-        if ck.get("hparams") != asdict(hp):
+        free = ("epochs", "threads")  # a run may be extended (or cut short) and moved to more cores
+        same = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
+        if same(ck.get("hparams", {})) != same(asdict(hp)):
             raise TrainingError(f"{ckpt_path}: was made with other settings; pass --fresh to start over")
         model.load_state_dict(ck["model"])
         ema.ema.load_state_dict(ck["ema"])
@@ -407,6 +410,9 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
             bar.update(len(idx))
             bar.set_postfix(box=f"{sums[0] / seen:.4f}", obj=f"{sums[1] / seen:.4f}",
                             img_s=f"{seen / (time.time() - t_ep):.1f}")
+            if bar.disable and (it + 1) % max(1, iters_per_epoch // 4) == 0 and it + 1 < iters_per_epoch:
+                log(f"  epoch {epoch + 1} {seen}/{n_train}: box {sums[0] / seen:.4f} obj {sums[1] / seen:.4f} "
+                    f"{seen / (time.time() - t_ep):.1f} img/s")
         bar.close()
         # validation of the EMA weights
         em = ema.ema.eval()
