@@ -25,7 +25,8 @@ from PIL import Image
 
 from cbir.registry import Registry
 
-LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet", "cbir.localize.tscam"))
+LOCALIZERS = Registry("localizer", lazy=("cbir.localize.builtin", "cbir.localize.pspnet", "cbir.localize.yolo",
+                                         "cbir.localize.tscam"))
 
 
 class LocalizerError(ValueError):

@@ -6,11 +6,13 @@
 * :mod:`.activations` - Mish, Swish/SiLU, hard-swish, FRN + TLU
 * :mod:`.dropblock` - DropBlock
 * :mod:`.conv` - ConvBnAct, the shared conv unit
+* :mod:`.csp` - Bottleneck, C3 (YOLOv5's CSP block)
 """
 
 from cbir.toolbox.layers.activations import FRN, HardSwish, Mish, Swish, hard_swish, mish, swish
 from cbir.toolbox.layers.attention import CBAM, ECA, SE, ChannelAttention, SpatialAttention, eca_kernel_size
 from cbir.toolbox.layers.conv import ConvBnAct, make_act
+from cbir.toolbox.layers.csp import C3, Bottleneck
 from cbir.toolbox.layers.dropblock import DropBlock2d, drop_block_2d
 from cbir.toolbox.layers.fusion import ASFF, FPN, PAN, BiFPN, FastNormalizedFusion, resize_to
 from cbir.toolbox.layers.receptive_field import ASPP, PPM, RFB, SPP, SPPF, RFBs
@@ -18,6 +20,8 @@ from cbir.toolbox.layers.receptive_field import ASPP, PPM, RFB, SPP, SPPF, RFBs
 __all__ = [
     "ASFF",
     "ASPP",
+    "Bottleneck",
+    "C3",
     "CBAM",
     "ECA",
     "FPN",

@@ -1,0 +1,273 @@
+"""The YOLOv5 detector: target assignment, loss, training, ONNX export with NMS, shipped weights."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from yolo_toy import make_toy_set  # noqa: E402
+
+from cbir.models.yolo import YOLO, YoloInference, YoloLoss, anchor_fitness, build_targets, kmean_anchors  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ build_targets
+
+
+def test_build_targets_hand_worked_example():
+    # One level, stride 8, a 10 x 10 grid; anchors (8, 8), (40, 40), (100, 20) px = (1, 1),
+    # (5, 5), (12.5, 2.5) cells. Target: centre (26.4, 46.4) px = (3.3, 5.8) cells, 16 x 24 px
+    # = 2 x 3 cells.
+    anchors = torch.tensor([[[8.0, 8.0], [40.0, 40.0], [100.0, 20.0]]])
+    targets = torch.tensor([[0, 0, 26.4, 46.4, 16.0, 24.0]])
+    tcls, tbox, indices, anch = build_targets(targets, anchors, [(10, 10)], strides=[8])
+    b, a, gj, gi = (t.tolist() for t in indices[0])
+    # Anchor ratios: (2, 3) -> max 3 < 4 yes; (0.4, 0.6) -> 1/0.4 = 2.5 < 4 yes;
+    # (0.16, 1.2) -> 6.25 no. So anchors 0 and 1.
+    assert sorted(set(a)) == [0, 1]
+    # Cells: its own (3, 5); x's fraction 0.3 < 0.5 -> also the left cell (2, 5); y's
+    # fraction 0.8 -> not the upper one, but 10 - 5.8 = 4.2 has fraction 0.2 -> the lower (3, 6).
+    cells = sorted(zip(a, gi, gj))
+    assert cells == sorted([(k, x, y) for k in (0, 1) for x, y in ((3, 5), (2, 5), (3, 6))])
+    assert b == [0] * 6 and tcls[0].tolist() == [0] * 6
+    # tbox: centre offset from the assigned cell's corner, size in cells.
+    got = {(ai, x, y): tb for ai, x, y, tb in zip(a, gi, gj, tbox[0].tolist())}
+    assert got[(0, 3, 5)] == pytest.approx([0.3, 0.8, 2.0, 3.0], abs=1e-5)
+    assert got[(0, 2, 5)] == pytest.approx([1.3, 0.8, 2.0, 3.0], abs=1e-5)
+    assert got[(1, 3, 6)] == pytest.approx([0.3, -0.2, 2.0, 3.0], abs=1e-5)
+    assert {tuple(v) for v in anch[0].tolist()} == {(1.0, 1.0), (5.0, 5.0)}
+
+
+def test_build_targets_edges_and_empty():
+    anchors = torch.tensor([[[8.0, 8.0], [16.0, 16.0], [32.0, 32.0]]])
+    # centre in the first cell (0.3, 0.3): no neighbour outside the grid, and none inside
+    # either (fractions 0.3 < 0.5 but the centre is not > 1 cell in).
+    t = torch.tensor([[0, 0, 2.4, 2.4, 8.0, 8.0]])
+    _, _, idx, _ = build_targets(t, anchors, [(4, 4)], strides=[8])
+    assert set(zip(idx[0][3].tolist(), idx[0][2].tolist())) == {(0, 0)}
+    # no targets at all: empty assignments, no error
+    tcls, tbox, idx, anch = build_targets(torch.zeros(0, 6), anchors, [(4, 4)], strides=[8])
+    assert tbox[0].shape == (0, 4) and idx[0][0].numel() == 0
+
+
+# ------------------------------------------------------------------ loss
+
+
+@pytest.mark.parametrize("variant", ["n", "lite0"])
+def test_loss_finite_and_gradients_reach_every_head(variant):
+    torch.manual_seed(0)
+    model = YOLO(variant, pretrained=False).train()
+    x = torch.rand(2, 3, 128, 128)
+    # one box per image, of sizes that match anchors on all three levels
+    targets = torch.tensor([[0, 0, 40, 50, 30, 40], [1, 0, 64, 64, 110, 90], [1, 0, 30, 90, 12, 16]])
+    model.head.anchors.copy_(torch.tensor([[[10, 13], [16, 30], [33, 23]], [[30, 61], [62, 45], [59, 119]],
+                                           [[116, 90], [100, 100], [80, 120]]], dtype=torch.float32))
+    loss, parts = YoloLoss(model.head, 128)(model(x), targets)
+    assert torch.isfinite(loss) and parts[0] > 0 and parts[1] > 0 and parts[2] == 0  # one class: no cls loss
+    loss.backward()
+    for i, conv in enumerate(model.head.m):
+        g = conv.weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, f"no gradient at level {i}"
+    # an image without objects: objectness only, still finite
+    model.zero_grad()
+    loss, parts = YoloLoss(model.head, 128)(model(x), torch.zeros(0, 6))
+    assert torch.isfinite(loss) and parts[0] == 0 and parts[1] > 0
+
+
+def test_autoanchor_kmeans_fits_the_boxes():
+    rng = np.random.default_rng(0)
+    wh = np.concatenate([rng.normal(m, m / 10, (200, 2)) for m in (20, 60, 150)]).clip(3)
+    a = kmean_anchors(wh, 9, seed=0)
+    assert a.shape == (9, 2) and (np.diff(a.prod(1)) >= 0).all()
+    bpr, _ = anchor_fitness(a, wh)
+    assert bpr > 0.99
+    with pytest.raises(ValueError):
+        kmean_anchors(np.zeros((0, 2)))
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    return make_toy_set(d / "train", 8, seed=0), make_toy_set(d / "val", 6, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    from cbir.train.detector import DetectorHParams, train
+
+    out = tmp_path_factory.mktemp("w") / "toy.pt"
+    hp = DetectorHParams(variant="lite0", image_size=128, epochs=12, batch_size=2, lr=5e-3, views=1,
+                         mosaic=0.0, mixup=0.0, flip=0.0, scale=(1.0, 1.0), hsv=(0, 0, 0), warmup_epochs=0.5)
+    best = train(toy[0], toy[0], out, hp, log=lambda m: None)  # validated on its own photos: overfitting
+    return out, best, hp
+
+
+def test_training_overfits_a_handful_of_photos(trained):
+    out, best, _ = trained
+    assert best["map50"] >= 0.8, best
+    hist = json.loads((out.parent / "toy-run" / "history.json").read_text())
+    assert hist[-1]["box_loss"] < hist[0]["box_loss"]
+    assert (out.parent / "toy-run" / "curves.png").stat().st_size > 0
+
+
+def test_killed_run_resumes_from_its_checkpoint(trained, toy):
+    from cbir.train import TrainingError
+    from cbir.train.detector import train
+
+    out, best, hp = trained
+    # other settings than the checkpoint's: refused in one line
+    with pytest.raises(TrainingError, match="other settings"):
+        train(toy[0], toy[0], out, type(hp)(**{**hp.__dict__, "lr": hp.lr * 2}), log=lambda m: None)
+    # the same run, extended by one epoch: resumes after the last complete epoch
+    msgs = []
+    train(toy[0], toy[0], out, type(hp)(**{**hp.__dict__, "epochs": hp.epochs + 1}), log=msgs.append)
+    assert any(f"resuming from" in m and f"after epoch {hp.epochs}" in m for m in msgs)
+    assert sum(m.startswith("epoch ") for m in msgs) == 1
+    hist = json.loads((out.parent / "toy-run" / "history.json").read_text())
+    assert [r["epoch"] for r in hist] == list(range(1, hp.epochs + 2))
+
+
+def test_augmentation_keeps_boxes_on_the_objects(toy):
+    from cbir.train.detector import Augmenter, DetectorHParams, load_set
+
+    data = load_set(toy[0], 128)
+    aug = Augmenter(data, DetectorHParams(image_size=128, mosaic=1.0, mixup=1.0))
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        img, boxes = aug(i % len(data.images), rng)
+        assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+        assert boxes.ndim == 2 and (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes >= -1e-3).all() and (boxes <= 128 + 1e-3).all()
+
+
+# ------------------------------------------------------------------ ONNX with NMS
+
+
+def test_onnx_graph_with_nms_gives_the_torch_boxes(tmp_path):
+    import onnxruntime as ort
+
+    from cbir.localize.yolo import export_onnx
+
+    torch.manual_seed(0)
+    model = YOLO("n", pretrained=False).eval()
+    with torch.no_grad():  # spread-out objectness (no ties) around 0.5, so NMS has work to do
+        for conv in model.head.m:
+            conv.bias.view(3, -1)[:, 4] = 0.0
+            conv.weight.view(3, 6, -1)[:, 4] *= 200.0
+    path = export_onnx(model, 128, tmp_path / "y.onnx", conf=0.3, iou=0.45, max_det=50)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ref = YoloInference(model, 0.3, 0.45, 50)(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x.numpy()})[0]
+    assert 0 < len(ref) <= 50
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    # NMS did suppress: fewer kept than scored
+    with torch.no_grad():
+        n_scored = int((model.predict(x)[0, :, 4] > 0.3).sum())
+    assert len(ref) < n_scored
+    # no box over the threshold: an empty (0, 6) answer from both
+    empty = sess.run(None, {"image": np.zeros((1, 3, 128, 128), np.float32)})[0]
+    assert empty.shape[1] == 6
+
+
+def test_localizer_onnx_equals_torch(trained, toy, monkeypatch, tmp_path):
+    from PIL import Image
+
+    from cbir.localize import create_localizer
+
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
+    out, _, _ = trained
+    photo = Image.open(next((toy[1] / "queries").glob("*.jpg"))).convert("RGB")
+    a = create_localizer(f"yolo:{out}")
+    b = create_localizer(f"yolo:{out}", engine="torch")
+    ra, rb = a(photo), b(photo)
+    assert len(ra) == len(rb) >= 1
+    for p, q in zip(ra, rb):
+        np.testing.assert_allclose(p.box, q.box, atol=0.05)
+    assert all(0 <= v <= max(photo.size) for r in ra for v in r.box)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_are_one_line_errors(toy, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cbir.cli import app
+    from cbir.localize import LocalizerError, create_localizer
+    from cbir.train import TrainingError
+    from cbir.train.detector import load_set
+
+    # an empty label list
+    empty = tmp_path / "empty"
+    make_toy_set(empty, 2)
+    gt = json.loads((empty / "gt.json").read_text())
+    for q in gt["queries"]:
+        q["objects"] = []
+    (empty / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(TrainingError, match="label list is empty"):
+        load_set(empty, 128)
+    r = CliRunner().invoke(app, ["train", "detector", "--data", str(empty), "--val", str(toy[1]),
+                                 "--out", str(tmp_path / "x.pt")])
+    assert r.exit_code != 0 and "label list is empty" in r.output and len(r.output.strip().splitlines()) == 1
+    # a box outside the image
+    gt["queries"][0]["objects"] = [{"bbox": [500, 10, 700, 90]}]
+    (empty / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(TrainingError, match="outside the 320x240 image"):
+        load_set(empty, 128)
+    # a corrupt checkpoint
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(LocalizerError, match="not a readable checkpoint") as e:
+        create_localizer(f"yolo:{bad}")(Image.new("RGB", (64, 48)))  # loads lazily on first use
+    assert "\n" not in str(e.value)
+    with pytest.raises(LocalizerError, match="not found"):
+        create_localizer("yolo:/nonexistent/w.pt")
+
+
+# ------------------------------------------------------------------ shipped weights
+
+
+def test_shipped_weights_reach_the_floor_on_museum_multi():
+    from cbir.train import WEIGHTS_DIR
+
+    from conftest import shared_benchmark
+
+    bench = shared_benchmark("museum-multi")
+    if not (WEIGHTS_DIR / "yolo_lite0.pt").is_file():
+        pytest.skip("no shipped yolo weights")
+    from PIL import Image
+
+    from cbir.localize import create_localizer
+    from cbir.metrics.detection import mean_average_precision
+
+    loc = create_localizer("yolo")
+    gt = json.loads((bench / "gt.json").read_text())
+    preds, targets, counts = [], [], 0
+    for q in gt["queries"]:
+        regions = loc(Image.open(bench / q["image"]).convert("RGB"))
+        boxes = np.asarray([r.box for r in regions], np.float64).reshape(-1, 4)
+        preds.append({"boxes": boxes, "scores": np.asarray([r.score for r in regions]),
+                      "labels": np.zeros(len(regions), int)})
+        g = np.asarray([o["bbox"] for o in q["objects"]], np.float64)
+        targets.append({"boxes": g, "labels": np.zeros(len(g), int)})
+        counts += len(regions) == len(g)
+    m = mean_average_precision(preds, targets)
+    assert m["map_50"] >= FLOOR_AP50 and counts / len(gt["queries"]) >= FLOOR_COUNT, (m["map_50"], counts)
+
+
+FLOOR_AP50 = 0.93
+FLOOR_COUNT = 0.92
