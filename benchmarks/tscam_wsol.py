@@ -63,7 +63,7 @@ def photo_maps(loc: TSCAMLocalizer, img: Image.Image, side: int):
     def to_photo(m) -> np.ndarray:
         return norm(unletterbox(np.asarray(m, np.float32), size, content, out_wh))
 
-    return agn, sem[0].clamp_min(0), torch.sigmoid(logits[0]).numpy(), to_photo(sal), to_photo, s, out_wh
+    return agn, sem[0].clamp_min(0), (logits[0].softmax(-1) if loc.softmax else torch.sigmoid(logits[0])).numpy(), to_photo(sal), to_photo, s, out_wh
 
 
 def collect(loc: TSCAMLocalizer, items: list[dict], side: int, limit: int | None = None) -> dict:
