@@ -66,6 +66,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return obj
 
 
+def read_ground_truth(folder: str | Path) -> list[dict]:
+    """The ``queries`` of a training folder's ``gt.json`` (a `cbir synth` output or any benchmark
+    in that layout); a missing, unreadable or empty one is a one-line `TrainingError`."""
+    folder = Path(folder)
+    gt_path = folder / "gt.json"
+    if not gt_path.is_file():
+        raise TrainingError(f"{folder}: no gt.json (expected a `cbir synth` output or a benchmark folder)")
+    try:
+        queries = json.loads(gt_path.read_text())["queries"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainingError(f"{gt_path}: not a benchmark ground truth ({type(e).__name__}: {e})") from None
+    if not isinstance(queries, list):
+        raise TrainingError(f"{gt_path}: 'queries' is not a list")
+    return queries
+
+
 def hparams_dict(hp: Any) -> dict:
     return asdict(hp) if is_dataclass(hp) else dict(hp)
 

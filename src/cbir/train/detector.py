@@ -20,7 +20,6 @@ weights.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import typer
 from PIL import Image
 
 from cbir.train import (History, ModelEMA, TrainingError, atomic_save, cosine_lr, load_checkpoint, progress,
-                        seed_everything)
+                        read_ground_truth, seed_everything)
 
 GREY = 114
 
@@ -91,14 +90,8 @@ def read_boxes(folder: Path) -> list[tuple[Path, np.ndarray]]:
     """``gt.json`` of a benchmark-format folder -> (photo path, ``(n, 4)`` boxes) per query.
 
     One-line `TrainingError` s: no gt.json, no queries, no box at all, a malformed box."""
-    gt_path = folder / "gt.json"
-    if not gt_path.is_file():
-        raise TrainingError(f"{folder}: no gt.json (expected a `cbir synth` folder)")
-    try:
-        gt = json.loads(gt_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{gt_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    queries = gt.get("queries") or []
+    gt_path = Path(folder) / "gt.json"
+    queries = read_ground_truth(folder)
     if not queries:
         raise TrainingError(f"{gt_path}: no queries")
     out = []

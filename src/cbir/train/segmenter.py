@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import typer
 from PIL import Image
 
-from cbir.train import History, ModelEMA, TrainingError, atomic_save, cosine_lr, load_checkpoint, progress, seed_everything
+from cbir.train import (History, ModelEMA, TrainingError, atomic_save, cosine_lr, load_checkpoint, progress,
+                        read_ground_truth, seed_everything)
 
 CACHE_VERSION = 1
 TARGET_STRIDE = 4  # the loss is computed at input / 4
@@ -80,14 +81,7 @@ class Sample:
 def read_folder(root: str | Path, what: str = "training") -> list[Sample]:
     """A benchmark folder (``gt.json`` with a ``mask`` per query) -> samples; one-line errors."""
     root = Path(root)
-    gt_path = root / "gt.json"
-    if not gt_path.is_file():
-        raise TrainingError(f"{root}: no gt.json; the {what} folder must be a `cbir synth` output")
-    try:
-        gt = json.loads(gt_path.read_text())
-        queries = gt["queries"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrainingError(f"{gt_path}: not a benchmark ground truth ({type(e).__name__})") from None
+    queries = read_ground_truth(root)
     samples = []
     for q in queries:
         if not q.get("mask"):

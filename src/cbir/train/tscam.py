@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import typer
 from PIL import Image
 
-from cbir.train import History, TrainingError, atomic_save, cosine_lr, load_checkpoint, seed_everything
+from cbir.train import (History, TrainingError, atomic_save, cosine_lr, load_checkpoint, read_ground_truth,
+                        seed_everything)
 
 OTHER = "OTHER"  # the class of a painting that is not in the collection
 NONE = "NONE"  # the class of a photo with no painting (always the last class)
@@ -45,14 +46,8 @@ def read_folder(folder: str | Path) -> list[dict]:
     collection name, or OTHER), ``boxes`` (M, 4) and ``mask`` (path or None)."""
     folder = Path(folder)
     gt_path = folder / "gt.json"
-    if not gt_path.is_file():
-        raise TrainingError(f"{folder}: no gt.json (not a `cbir synth` or benchmark folder)")
-    try:
-        gt = json.loads(gt_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{gt_path}: not valid JSON ({e})") from None
     items = []
-    for q in gt.get("queries", []):
+    for q in read_ground_truth(folder):
         objects = q.get("objects")
         if objects is None:  # a single-object query
             objects = [{"bbox": q.get("bbox"), "positives": q.get("positives", [])}]
