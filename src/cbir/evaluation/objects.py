@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cbir.datasets import Benchmark, DatasetError, GroundTruthObject, Query
+from cbir.evaluation.ranking import interpolated_pr, similarities
 from cbir.identify import Calibration, calibrate, top2_in
 from cbir.images import ImageError, open_image
 from cbir.localize import Localizer, Region, create_localizer
@@ -185,8 +186,6 @@ def score_photos(bench: Benchmark, photos: list[PhotoResult], db: np.ndarray, th
     """The protocol's figures from localized, searched photos: (summary, per-object rows, curves)."""
     db_ids = np.asarray(bench.database, dtype=object)
     valid_db = ~np.isnan(db[:, 0])
-    from cbir.evaluation import interpolated_pr
-
     det = DetectionMAP(style="coco")
     obj_metric, photo_metric = RetrievalMAP(), RetrievalMAP()
     pr: dict[str, list[np.ndarray]] = {}
@@ -288,8 +287,6 @@ def evaluate_objects(bench: Benchmark, extractor: Extractor, localizer: str | Lo
     """The multi-object protocol over ``bench``'s queries, with database descriptors ``db``
     already extracted (rows in ``bench.database`` order). ``calibration``: the acceptance
     threshold; by default calibrated now on edits of the database images (`cbir.identify`)."""
-    from cbir.evaluation import similarities
-
     if isinstance(localizer, Localizer):
         loc = localizer
     elif localizer == "gt":

