@@ -151,9 +151,20 @@ def test_index_keeps_learned_state_and_search_reranks(data, tmp_path):
     row = [i for i, e in zip(ids, map(s.index.get, ids)) if e.path == str(db_path)][0]
     np.testing.assert_allclose(s.extractor.extract_one(db_path), s.index.vector(row), atol=1e-5)
     rr = Searcher(tmp_path / "idx", pipeline=s.index.pipeline + ",DBA2,QE1")
+    rr.search(q, k=3)  # the first search builds the FAISS index from every vector, once
+    # A re-ranked search then reads only the rows it needs, never the whole database...
+    rr.index.live = lambda: (_ for _ in ()).throw(AssertionError("re-ranking copied the whole database"))
     hits = rr.search(q, k=3)
     assert len(hits) == 3 and hits[0].score >= hits[-1].score
     assert {h.path for h in hits} <= {e.path for e in s.index.entries().values()}
+    # ...and, with the whole database in the shortlist, equals re-ranking the whole database.
+    from cbir.rerank import rerank
+
+    ref = rerank(s.extractor.extract_one(q)[None], vecs, rr.extractor.rerankers)[0]
+    # (DBA makes each photo and its gray twin near-identical, so compare scores, not tie order.)
+    row = {int(i): n for n, i in enumerate(ids)}
+    np.testing.assert_allclose([h.score for h in hits], np.sort(ref)[::-1][:3], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([h.score for h in hits], [ref[row[h.id]] for h in hits], rtol=1e-4, atol=1e-5)
 
     from typer.testing import CliRunner
 

@@ -220,22 +220,22 @@ def rerank(q: np.ndarray, db: np.ndarray, steps: Sequence[Reranker]) -> np.ndarr
 SHORTLIST = 100  # how many first-search hits a search re-ranks
 
 
-def rerank_shortlist(q: np.ndarray, db_all: np.ndarray, cand: np.ndarray, steps: Sequence[Reranker]) -> np.ndarray:
-    """Re-rank one query's shortlist: scores ``(M,)`` of the candidates ``cand`` (rows of ``db_all``).
+def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reranker],
+                     neighbours=None) -> np.ndarray:
+    """Re-rank one query's shortlist: scores ``(M,)`` of the candidates, vectors ``cand_vecs`` ``(M, D)``.
 
-    DBA augments each candidate with its neighbours in the whole database; the other steps
-    (QE, k-reciprocal, diffusion) work on the shortlist, as an index search would.
+    DBA augments each candidate with its neighbours in the whole database, which
+    ``neighbours(vecs, k) -> (sims (M, k), vectors (M, k, D))`` finds (an index search); the
+    other steps (QE, k-reciprocal, diffusion) work on the shortlist alone.
     """
     check_order(steps)
-    vecs = np.asarray(db_all[cand], np.float32)
+    vecs = np.asarray(cand_vecs, np.float32)
     rest = []
     for s in steps:
         if s.kind == "DBA" and s.k > 1:
-            sims = vecs @ db_all.T
-            nn = _topk(sims, s.k)
-            w = (np.ones(nn.shape, np.float32) if s.alpha == 0
-                 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** s.alpha)
-            vecs = _unit(np.einsum("nk,nkd->nd", w, db_all[nn]))
+            sims, nn_vecs = neighbours(vecs, s.k)  # (M, k) similarities, (M, k, D) vectors
+            w = (np.ones(sims.shape, np.float32) if s.alpha == 0 else np.clip(sims, 0, None) ** s.alpha)
+            vecs = _unit(np.einsum("nk,nkd->nd", w, nn_vecs))
         else:
             rest.append(s)
     return rerank(np.asarray(q, np.float32)[None], vecs, rest)[0]
@@ -246,12 +246,19 @@ def rerank_hits(index, vector: np.ndarray, ids: np.ndarray, steps: Sequence[Rera
 
     Returns (scores (1, M), ids (1, M)) best first, as `Index.search` does.
     """
-    all_ids, vecs = index.live()
     ids = np.asarray([i for i in ids if i >= 0], np.int64)
     if len(ids) == 0:
         return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
-    rows = np.searchsorted(all_ids, ids)
-    scores = rerank_shortlist(vector, vecs, rows, steps)
+
+    def neighbours(vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # DBA's neighbours come from the index itself: only the rows they name are read.
+        sims, nn = index.search(vecs, k)
+        valid = nn >= 0  # an index smaller than k pads with -1: those add nothing
+        vecs = index.vectors(np.where(valid, nn, ids[0])).reshape(nn.shape + (-1,))
+        vecs[~valid] = 0.0
+        return np.where(valid, sims, 0.0).astype(np.float32), vecs
+
+    scores = rerank_shortlist(vector, index.vectors(ids), steps, neighbours)
     order = np.argsort(-scores, kind="stable")
     return scores[order][None], ids[order][None]
 

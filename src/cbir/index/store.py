@@ -304,6 +304,24 @@ class Index:
             out[list(dst)] = seg[list(src)]
         return ids, out
 
+    def vectors(self, image_ids) -> np.ndarray:
+        """The stored vectors ``(n, D)`` of ``image_ids`` (in that order), reading only those rows;
+        KeyError for an id that is not in the catalog."""
+        ids = [int(i) for i in np.asarray(image_ids).reshape(-1)]
+        out = np.empty((len(ids), self.dim), np.float32)
+        where: dict[int, tuple[str, int]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            chunk = sorted(set(ids[start:start + 500]))
+            q = ("SELECT images.id, segments.file, images.row FROM images JOIN segments ON images.segment = segments.id "
+                 f"WHERE images.id IN ({','.join('?' * len(chunk))})")
+            where.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk)})
+        for n, i in enumerate(ids):
+            if i not in where:
+                raise KeyError(i)
+            file, row = where[i]
+            out[n] = self._segment(file)[row]
+        return out
+
     def vector(self, image_id: int) -> np.ndarray:
         r = self.db.execute(
             "SELECT segments.file, images.row FROM images JOIN segments ON images.segment = segments.id WHERE images.id = ?",
