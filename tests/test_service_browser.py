@@ -5,7 +5,7 @@ run here); without them the test is skipped with the command that installs them.
 go to ``artifacts/`` (or $CBIR_ARTIFACTS).
 
 Also a script: ``python tests/test_service_browser.py --index DIR --query IMG --out PNG`` takes
-the README's screenshot of the page over any index.
+the screenshot in docs/service.md of the page over any index.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _screenshot(index: Path, query: Path, out: Path, width: int, height: int, bb
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Screenshot the search page over an index (for the README).")
+    ap = argparse.ArgumentParser(description="Screenshot the search page over an index (for docs/service.md).")
     ap.add_argument("--index", type=Path, required=True)
     ap.add_argument("--query", type=Path, required=True)
     ap.add_argument("--bbox", help="Drag a box on the query first: x0,y0,x1,y1 in its pixels.")
