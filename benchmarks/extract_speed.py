@@ -149,7 +149,7 @@ def rss_child(n: int, images: Path, pipeline: str) -> dict:
     sources = [files[i % len(files)] for i in range(n)]
     ex = Extractor(resolve_spec(pipeline))
     marks, done, trace = sorted({min(n, len(files)), n // 2, 3 * n // 4, n}), 0, {}
-    for keys, _ in ex.iter_raw(sources):
+    for keys, _ in ex.iter_batches(sources):
         done += len(keys)
         while marks and done >= marks[0]:
             trace[marks.pop(0)] = round(rss_mib(), 1)

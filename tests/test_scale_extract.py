@@ -63,7 +63,7 @@ def test_decoding_runs_ahead_by_a_bounded_window(extractor, images, monkeypatch)
     monkeypatch.setattr(Extractor, "raw_descriptors", raw)
     ex = Extractor(resolve_spec(SPEC), batch_size=4, decode_workers=2)
     ex._engine = object()  # not used: raw_descriptors is replaced
-    got = sorted(k for keys, _ in ex.iter_raw(sources) for k in keys)
+    got = sorted(k for keys, _ in ex.iter_batches(sources) for k in keys)
     assert got == list(range(40))
     # Decoded ahead (batch + 2 per decoder), one batch forming, one per decoder finishing, and
     # the batches in the engine (one per inference worker, plus one queued): a constant.

@@ -18,6 +18,7 @@ from cbir.index.factory import (
     pq_m,
     validate,
 )
+from cbir.index.backends import FaissBackend
 from cbir.index.store import Entry, Index, IndexStoreError
 
 IDENTITY = {"pipeline": "test", "weights_sha256": "0" * 64}
@@ -108,7 +109,7 @@ def test_refine_recall_matches_exact(tmp_path):
 
 
 def test_trained_index_is_cached_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr(Index, "CACHE_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(FaissBackend, "CACHE_MIN_SECONDS", 0.0)
     idx, x, ids = make_index(tmp_path, "IVF32,PQ8,RFlat")
     idx.search(x[:1], 1)
     files = list((idx.root / "faiss").glob("*.faiss"))

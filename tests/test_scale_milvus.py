@@ -15,7 +15,7 @@ pytest.importorskip("pymilvus", reason="pymilvus is not installed: pip install '
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'cbir[milvus]' milvus-lite")
 
 from cbir.index.store import Entry, Index  # noqa: E402
-from cbir.scale.milvus import MilvusBackend, MilvusError, MilvusURI  # noqa: E402
+from cbir.index.milvus import MilvusBackend, MilvusError, MilvusURI  # noqa: E402
 
 IDENTITY = {"pipeline": "test", "weights_sha256": "0" * 64}
 D = 16
@@ -73,9 +73,9 @@ def test_sync_and_search_match_faiss(server, tmp_path):
         ids = idx.add([Entry(f"/img/{i}.jpg", 1, 1, "h", {}) for i in range(300)], x)
     uri = f"milvus://127.0.0.1:{server}/cbir_test"
     idx.set_backend(uri)
-    assert Index(idx.root).backend == uri  # stored with the index
+    assert Index(idx.root).backend_uri == uri  # stored with the index
 
-    backend = idx.backend_client()
+    backend = idx.search_backend
     assert backend.sync(idx) == (300, 0)
     assert backend.sync(idx) == (0, 0)  # nothing to send the second time
     assert backend.count() == 300
@@ -92,7 +92,7 @@ def test_sync_and_search_match_faiss(server, tmp_path):
         idx.remove(ids=ids[:10])
         idx.add([Entry("/img/new.jpg", 1, 1, "h", {})], x[:1])
     idx.use_backend(uri)
-    assert idx.backend_client().sync(idx) == (1, 10)
+    assert idx.search_backend.sync(idx) == (1, 10)
     _, found = idx.search(x[:1], 1)
     assert found[0, 0] == max(ids) + 1
 
@@ -112,3 +112,45 @@ def test_unreachable_server_is_one_line():
     s.close()
     with pytest.raises(MilvusError, match="cannot reach Milvus"):
         MilvusBackend(f"milvus://127.0.0.1:{port}/c", D, timeout=2)
+
+
+@pytest.mark.timeout(300)
+def test_images_added_and_deleted_through_the_service_reach_milvus(server, tmp_path_factory):
+    """The store reports every committed change to its backend, so the REST service's adds and
+    deletes reach Milvus without a `cbir index` run; Milvus then answers with the new id."""
+    import shutil
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cbir.index import Searcher
+    from cbir.service import samples
+    from cbir.service.app import create_app
+
+    _, shared = samples.build_index(tmp_path_factory.getbasetemp() / "cbir-service-samples")
+    root = tmp_path_factory.mktemp("milvus-service") / "index"
+    shutil.copytree(shared, root)
+    uri = f"milvus://127.0.0.1:{server}/cbir_service"
+    idx = Index(root)
+    idx.set_backend(uri)
+    assert idx.search_backend.sync(idx) == (len(idx), 0)
+    before = idx.search_backend.count()
+
+    photo = samples.photo("astronaut").rotate(90, expand=True)  # a new image, not a copy of one indexed
+    with TestClient(create_app(searcher=Searcher(root))) as client:
+        r = client.post("/api/images", files={"files": ("new.jpg", samples.jpeg(photo), "image/jpeg")})
+        assert r.status_code == 201, r.text
+        new_id = r.json()["added"][0]["id"]
+        remote = MilvusBackend(uri, idx.dim)
+        assert remote.count() == before + 1
+        v = Index(root).vector(new_id)[None]
+        _, found = remote.search(v, 1)
+        assert found[0, 0] == new_id  # Milvus itself answers with the uploaded image
+
+        assert client.delete(f"/api/images/{new_id}").status_code == 200
+        assert remote.count() == before
+        _, found = remote.search(v, 5)
+        assert new_id not in found[0]
+        # The record of what Milvus holds followed, so the next sync has nothing to send.
+        assert Index(root).search_backend.sync(Index(root)) == (0, 0)
+    remote.drop()

@@ -240,9 +240,9 @@ def _prepare_search(idx, index_type: str | None, search_params: str | None, back
             idx.set_index_type(index_type, search_params)
         if backend is not None:
             idx.set_backend(None if backend in ("", "faiss") else backend)
-        if idx.backend:
-            inserted, deleted = idx.backend_client().sync(idx)
-            typer.echo(f"{idx.backend}: {inserted} vectors sent, {deleted} deleted")
+        if idx.backend_uri:
+            inserted, deleted = idx.search_backend.sync(idx)
+            typer.echo(f"{idx.backend_uri}: {inserted} vectors sent, {deleted} deleted")
         elif len(idx) >= FLAT_MAX or idx.factory not in ("auto", "Flat"):
             t0 = time.perf_counter()
             tuned = idx.tune_search(recall)
@@ -288,7 +288,7 @@ def search(
     searcher = Searcher(index_dir, weights, engine, pipeline=pipeline, localizer=localizer)
     if backend is not None:
         if backend not in ("", "faiss"):
-            from cbir.scale.milvus import MilvusURI
+            from cbir.index.milvus import MilvusURI
 
             MilvusURI.parse(backend)
         searcher.index.use_backend(None if backend in ("", "faiss") else backend)

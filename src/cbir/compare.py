@@ -15,7 +15,6 @@ separate from the benchmark; a benchmark folder there gives labels for ``Wlearn`
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +25,6 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cbir.images import ImageError
-from cbir.local.regions import crop_and_warp
 
 # The standard grid: one line per method family of the literature (docs/methods.md).
 # Learned steps use at most 64 dims, so that a fitting set of ~100 images is enough.
@@ -108,7 +105,7 @@ def compare_pipelines(
     """
     from cbir.evaluation import query_keys, score_vectors
     from cbir.models import create_engine
-    from cbir.pipeline import Extractor, PipelineError, rescale_batch, resolve_spec
+    from cbir.pipeline import Extractor, PipelineError, resolve_spec
 
     rows: list[dict] = [{} for _ in pipelines]
     groups: dict[tuple, list[_Member]] = {}
@@ -121,63 +118,51 @@ def compare_pipelines(
         groups.setdefault(_group_key(ex.spec), []).append(_Member(i, ex))
 
     keys = list(query_keys(bench, crop))
-    parts = {
-        "db": [(bench.path(p), None) for p in bench.database],
-        "q": [(bench.path(k[0]), k[1]) for k in keys],
-        "fit": [(Path(p), None) for p in (fit_paths or [])],
+    parts = {  # part -> (sources, boxes)
+        "db": ([bench.path(p) for p in bench.database], None),
+        "q": ([bench.path(k[0]) for k in keys], [k[1] for k in keys]),
+        "fit": ([Path(p) for p in (fit_paths or [])], None),
     }
 
     for gkey, members in groups.items():
         first = members[0].extractor
+        # One engine taps the union of the group's layers; every member pools its own.
         layers = list(dict.fromkeys(la for m in members for la in m.extractor.spec.layers))
-        eng = create_engine(first.backbone, layers, engine, threads)
-        regions = first.regions
+        eng = create_engine(first.backbone, layers, engine, first.engine_threads())
+        if first.regions is not None:
+            maps_of = lambda batch: [first.region_maps(img, eng) for img in batch]  # noqa: E731
+        else:
+            maps_of = lambda batch: first.forward(batch, eng)  # noqa: E731
         need_fit = any(m.extractor.needs_fit for m in members)
         forward_s, n_timed = 0.0, 0
-        for part, items in parts.items():
+        for part, (sources, bboxes) in parts.items():
             if part == "fit" and not need_fit:
                 continue
             for m in members:
-                m.raw[part] = [None] * len(items)
-            bar = progress(total=len(items), desc=f"{gkey[0]} {gkey[1]} {gkey[2]} {gkey[3]} [{part}]".replace("  ", " "),
+                m.raw[part] = [None] * len(sources)
+            bar = progress(total=len(sources), desc=f"{gkey[0]} {gkey[1]} {gkey[2]} {gkey[3]} [{part}]".replace("  ", " "),
                            unit="img") if progress else None
-
-            def load(i: int, items=items):
-                t = time.perf_counter()
-                try:
-                    return i, first.load(*items[i]), time.perf_counter() - t
-                except ImageError as e:
-                    warn(f"warning: {e}")
-                    return i, None, time.perf_counter() - t
-
-            with cf.ThreadPoolExecutor(2) as pool:
-                for i, img, t_load in pool.map(load, range(len(items))):
-                    if bar:
-                        bar.update(1)
-                    if img is None:
-                        continue
-                    t0 = time.perf_counter()
-                    if regions is not None:
-                        crops = crop_and_warp(img, regions.boxes(img), regions.size)
-                        maps = [[dict(zip(layers, eng.run(crops[j:j + 32])))] for j in range(0, len(crops), 32)]
-                    else:
-                        maps = [dict(zip(layers, eng.run(img[None] if s == 1.0 else rescale_batch(img[None], s))))
-                                for s in first.scales]
+            t_part, own_s = time.perf_counter(), 0.0
+            for keys, maps in first.iter_batches(sources, bboxes, lambda i, e: warn(f"warning: {e}"), maps_of,
+                                                 bar.update if bar else None):
+                t0 = time.perf_counter()
+                for m in members:
                     t1 = time.perf_counter()
+                    try:
+                        if first.regions is not None:
+                            raw = [m.extractor.local_descriptors(one) for one in maps]
+                        else:
+                            raw = m.extractor.raw_from_maps(maps)
+                        for k, r in zip(keys, raw):
+                            m.raw[part][k] = r
+                    except (ValueError, PipelineError) as e:
+                        rows[m.index] = rows[m.index] or {"method": str(m.extractor.spec), "error": str(e)}
                     if part != "fit":
-                        forward_s += t_load + t1 - t0
-                        n_timed += 1
-                    for m in members:
-                        t2 = time.perf_counter()
-                        try:
-                            if regions is not None:
-                                m.raw[part][i] = np.concatenate([m.extractor.raw_from_maps(c) for c in maps])
-                            else:
-                                m.raw[part][i] = m.extractor.raw_from_maps(maps)[0]
-                        except (ValueError, PipelineError) as e:
-                            rows[m.index] = rows[m.index] or {"method": str(m.extractor.spec), "error": str(e)}
-                        if part != "fit":
-                            m.seconds += time.perf_counter() - t2
+                        m.seconds += time.perf_counter() - t1
+                own_s += time.perf_counter() - t0
+            if part != "fit":
+                forward_s += time.perf_counter() - t_part - own_s
+                n_timed += len(sources)
             if bar:
                 bar.close()
 
@@ -200,14 +185,7 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
         ok = [i for i, v in enumerate(fit) if v is not None]
         if not ok:
             raise ValueError("this pipeline has learned steps: give a separate image set with --fit-on DIR")
-        y = np.asarray(fit_labels, dtype=object)[ok] if fit_labels is not None else None
-        if ex.encoder is not None:
-            sets = [fit[i] for i in ok]
-            ex.encoder.fit(sets)
-            x = ex.encoder.encode(sets)
-        else:
-            x = np.stack([fit[i] for i in ok])
-        ex.fit_post(x, y)
+        ex.fit_raw([fit[i] for i in ok], [fit_labels[i] for i in ok] if fit_labels is not None else None)
     t_fit = time.perf_counter() - t0
 
     def finish(part: str) -> np.ndarray:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -280,6 +281,12 @@ class Extractor:
         self.fusion: LayerFusion | None = self.post[0] if self.post and isinstance(self.post[0], LayerFusion) else None
         self.rerankers: list[Reranker] = [parse_rerank(t) for t in self.spec.rerank]
         self._context: dict | None = None
+        if self.fusion is not None:
+            # The block sizes (each layer's pooled width) follow from the spec and the
+            # backbone: measured here on one probe image, so the fusion step is complete
+            # from the start instead of being filled in by the first extraction.
+            maps = self.forward(np.zeros((1, 128, 128, 3), np.uint8))
+            self.fusion.dims_ = np.asarray([self._pool_one(maps[0][la]).shape[1] for la in self.spec.layers], np.int64)
 
     # -- identity ------------------------------------------------------------------
     @property
@@ -333,15 +340,20 @@ class Extractor:
         region descriptors.
         """
         if self.regions is not None:
-            return self.encode_images(batch)
+            return self.encoder.encode(self.local_sets(batch))
         return self.raw_from_maps(self.forward(batch))
 
-    def forward(self, batch: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """The network's tapped layers for ``batch``, one ``{layer: array}`` per scale."""
+    def forward(self, batch: np.ndarray, engine=None) -> list[dict[str, np.ndarray]]:
+        """The tapped layers for ``batch``, one ``{layer: (N, C, h, w)}`` per scale.
+
+        ``engine`` (default this pipeline's own) may tap more layers: `cbir.compare` runs one
+        engine with the union of its pipelines' layers and lets each pool what it needs.
+        """
+        engine = engine or self.engine
         out = []
         for s in self.scales:
             b = batch if s == 1.0 else rescale_batch(batch, s)
-            out.append(dict(zip(self.spec.layers, self.engine.run(b))))
+            out.append(dict(zip(engine.layers, engine.run(b))))
         return out
 
     def raw_from_maps(self, maps: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
@@ -358,8 +370,6 @@ class Extractor:
             else:
                 v = combine_scales(per_scale, method, value)
             parts.append(v.numpy().astype(np.float32))
-        if self.fusion is not None:
-            self.fusion.dims_ = np.asarray([p.shape[1] for p in parts], np.int64)
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def _pool_one(self, out: np.ndarray) -> torch.Tensor:
@@ -384,37 +394,50 @@ class Extractor:
         return self._context
 
     # -- regions ---------------------------------------------------------------------------
-    def local_descriptors(self, image: np.ndarray, chunk: int = 32) -> np.ndarray:
-        """One uint8 ``(H, W, 3)`` image -> its region descriptors ``(R, D)`` (raw, pooled)."""
+    def region_maps(self, image: np.ndarray, engine=None, chunk: int = 32) -> list[list[dict[str, np.ndarray]]]:
+        """One uint8 ``(H, W, 3)`` image -> the tapped maps of its regions, ``chunk`` regions a run."""
         crops = crop_and_warp(image, self.regions.boxes(image), self.regions.size)
-        return np.concatenate([self.raw_from_maps(self.forward(crops[i:i + chunk]))
-                               for i in range(0, len(crops), chunk)])
+        return [self.forward(crops[i:i + chunk], engine) for i in range(0, len(crops), chunk)]
 
-    def encode_images(self, batch: np.ndarray) -> np.ndarray:
-        return self.encoder.encode([self.local_descriptors(img) for img in batch])
+    def local_descriptors(self, maps: list[list[dict[str, np.ndarray]]]) -> np.ndarray:
+        """`region_maps` of one image -> its region descriptors ``(R, D)`` (raw, pooled)."""
+        return np.concatenate([self.raw_from_maps(m) for m in maps])
+
+    def local_sets(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 ``(N, H, W, 3)`` -> each image's region descriptors, the encoder's input."""
+        return [self.local_descriptors(self.region_maps(img)) for img in batch]
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         for t in self.post:
             x = t.transform(x)
         return x.astype(np.float32)
 
-    # -- whole images ----------------------------------------------------------------
-    def iter_raw(
+    # -- the extraction loop -------------------------------------------------------------
+    def iter_batches(
         self,
         sources: Sequence[str | Path | bytes],
         bboxes: Sequence[Sequence[float] | None] | None = None,
         on_error: Callable[[int, ImageError], None] | None = None,
-    ) -> Iterator[tuple[list[int], np.ndarray]]:
-        """Yield ``(indices, raw descriptors)`` batch by batch; bad images go to ``on_error``.
+        compute: Callable[[np.ndarray], object] | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> Iterator[tuple[list[int], object]]:
+        """The one extraction loop: yield ``(indices, compute(batch))`` batch by batch.
 
-        Without ``on_error`` the first bad image raises. A pool of ``decode_workers`` threads
-        decodes and scales images (Pillow releases the GIL) while the engine runs the batch
-        before; only a bounded window of images is decoded ahead, so memory holds about one
-        or two batches of pixels however many sources there are. Batches come out in the
-        order they were formed; ``on_error`` is called from this (the consumer's) thread.
+        ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
+        `raw_descriptors`; `cbir.compare` asks for the feature maps, `fit` for region sets).
+        Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
+        called with the number of images done, good or bad.
+
+        A pool of ``decode_workers`` threads decodes and scales images (Pillow releases the
+        GIL) while the engine runs the batch before; only a bounded window of images is
+        decoded ahead, so memory holds about one or two batches of pixels however many
+        sources there are. Images of equal size after scaling are batched together. Batches
+        come out in the order they were formed; ``on_error`` and ``progress`` are called
+        from this (the consumer's) thread.
         """
         import collections
 
+        compute = compute or self.raw_descriptors
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n
         batch_size = self.resolved_batch_size()
@@ -438,8 +461,15 @@ class Extractor:
                     if on_error is None:
                         raise err
                     on_error(i, err)
+                    if progress:
+                        progress(1)
                     continue
                 yield i, arr
+
+        def done(keys: list[int], result) -> tuple[list[int], object]:
+            if progress:
+                progress(len(keys))
+            return keys, result
 
         if n:
             self.engine  # noqa: B018 - built here, once, not by several inference threads at once
@@ -447,20 +477,59 @@ class Extractor:
             batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
             if self.infer_workers <= 1:
                 for keys, batch in batches:
-                    yield keys, self.raw_descriptors(batch)
+                    yield done(keys, compute(batch))
                 return
             with cf.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="cbir-infer") as infer:
                 # One batch queued beyond the running ones: a worker that finishes out of order
                 # starts the next batch at once instead of idling.
                 running: collections.deque = collections.deque()
                 for keys, batch in batches:
-                    running.append((keys, infer.submit(self.raw_descriptors, batch)))
+                    running.append((keys, infer.submit(compute, batch)))
                     if len(running) > self.infer_workers:
                         k, fut = running.popleft()
-                        yield k, fut.result()
+                        yield done(k, fut.result())
                 while running:
                     k, fut = running.popleft()
-                    yield k, fut.result()
+                    yield done(k, fut.result())
+
+    def iter_vectors(
+        self,
+        sources: Sequence[str | Path | bytes],
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        on_error: Callable[[int, ImageError], None] | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Yield ``(indices, descriptors (n, D))`` batch by batch: `iter_batches`, post-processed."""
+        for keys, raw in self.iter_batches(sources, bboxes, on_error, progress=progress):
+            yield keys, self.postprocess(raw)
+
+    def extract(
+        self,
+        sources: Sequence[str | Path | bytes],
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+        on_error: Callable[[int, ImageError], None] | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> np.ndarray:
+        """Images (paths, encoded bytes or PIL images; each with an optional box) -> descriptors
+        ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN.
+
+        The extraction API every caller uses (index, eval, compare, the service, Ray).
+        """
+        out = None
+        for keys, x in self.iter_vectors(sources, bboxes, on_error, progress):
+            if out is None:
+                out = np.full((len(sources), x.shape[1]), np.nan, np.float32)
+            out[keys] = x
+        return out if out is not None else np.full((len(sources), self.output_dim), np.nan, np.float32)
+
+    def extract_one(self, source: str | Path | bytes, bbox: Sequence[float] | None = None) -> np.ndarray:
+        """One image -> ``(D,)`` descriptor (raises `ImageError` if it cannot be read)."""
+        return self.extract([source], [bbox])[0]
+
+    @functools.cached_property
+    def output_dim(self) -> int:
+        """The descriptor's dimension (learned steps must be fitted), from one tiny probe image."""
+        return self.postprocess(self.raw_descriptors(np.zeros((1, 64, 64, 3), np.uint8))).shape[1]
 
     def resolved_batch_size(self) -> int:
         """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
@@ -475,39 +544,33 @@ class Extractor:
             labels: Sequence | None = None) -> "Extractor":
         """Learn the pipeline's learned steps on ``sources`` (a set separate from the database).
 
-        Vocabularies first (on the region descriptors), then the post-processing steps in
-        order. ``labels`` (one per source) are needed by ``Wlearn`` only; without them the
-        images' folder names are used.
+        ``labels`` (one per source) are needed by ``Wlearn`` only; without them the images'
+        folder names are used.
         """
         if not self.needs_fit:
             return self
         if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):
             labels = [Path(s).parent.name if not isinstance(s, bytes) else "" for s in sources]
-        y = np.asarray(labels, dtype=object) if labels is not None else None
-        if self.encoder is not None:
-            sets, keep = [], []
-            for i, src in enumerate(sources):
-                try:
-                    img = self.load(src)
-                except ImageError as e:
-                    if on_error is None:
-                        raise
-                    on_error(i, e)
-                    continue
-                sets.append(self.local_descriptors(img))
-                keep.append(i)
-            self.encoder.fit(sets)
-            x = self.encoder.encode(sets)
-            y = y[keep] if y is not None else None
-        else:
-            x = self._collect(self.iter_raw(sources, on_error=on_error), len(sources))
-            ok = ~np.isnan(x[:, 0])
-            x, y = x[ok], (y[ok] if y is not None else None)
-        self.fit_post(x, y)
-        return self
+        raw: list = [None] * len(sources)
+        compute = self.local_sets if self.encoder is not None else self.raw_descriptors
+        for keys, part in self.iter_batches(sources, on_error=on_error, compute=compute):
+            for k, r in zip(keys, part):
+                raw[k] = r
+        ok = [i for i, r in enumerate(raw) if r is not None]
+        if not ok:
+            raise PipelineError("no image of the fitting set could be read")
+        return self.fit_raw([raw[i] for i in ok], [labels[i] for i in ok] if labels is not None else None)
 
-    def fit_post(self, x: np.ndarray, y: np.ndarray | None = None) -> "Extractor":
-        """Fit the post-processing steps in order on raw descriptors ``x`` (labels ``y`` for Wlearn)."""
+    def fit_raw(self, raw: Sequence[np.ndarray], labels: Sequence | None = None) -> "Extractor":
+        """Fit on raw descriptors, one per image (region pipelines: each image's region
+        descriptors): the encoder's vocabulary first, then the post-processing steps in
+        order (``labels`` for ``Wlearn``)."""
+        if self.encoder is not None:
+            self.encoder.fit(list(raw))
+            x = self.encoder.encode(list(raw))
+        else:
+            x = np.stack(raw)
+        y = np.asarray(labels, dtype=object) if labels is not None else None
         for t in self.post:
             if getattr(t, "supervised", False):
                 t.fit(x, y)
@@ -515,39 +578,6 @@ class Extractor:
             else:
                 x = t.fit_transform(x)
         return self
-
-    def extract(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-    ) -> np.ndarray:
-        """Descriptors ``(N, D)`` in the order of ``sources``; rows of failed images are NaN."""
-        raw = self._collect(self.iter_raw(sources, bboxes, on_error), len(sources))
-        ok = ~np.isnan(raw[:, 0])
-        out = np.full((len(sources), self.dim(raw.shape[1])), np.nan, np.float32)
-        if ok.any():
-            out[ok] = self.postprocess(raw[ok])
-        return out
-
-    def extract_one(self, source: str | Path | bytes, bbox: Sequence[float] | None = None) -> np.ndarray:
-        """One image -> ``(D,)`` descriptor (raises `ImageError` if it cannot be read)."""
-        return self.postprocess(self.raw_descriptors(self.load(source, bbox)[None]))[0]
-
-    def dim(self, raw_dim: int) -> int:
-        d = raw_dim
-        for t in self.post:
-            d = getattr(t, "n_components", d)
-        return d
-
-    @staticmethod
-    def _collect(batches: Iterable[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
-        out = None
-        for keys, x in batches:
-            if out is None:
-                out = np.full((n, x.shape[1]), np.nan, np.float32)
-            out[keys] = x
-        return out if out is not None else np.full((n, 1), np.nan, np.float32)
 
     # -- learned state -----------------------------------------------------------------
     def post_state(self) -> dict[str, np.ndarray]:

@@ -105,6 +105,8 @@ def evaluate(
     t0 = time.perf_counter()
     db_paths = [bench.path(p) for p in bench.database]
     db = _extract(extractor, db_paths, None, on_error, progress, "database")
+    if np.isnan(db[:, 0]).all():
+        raise ValueError(f"{bench.name}: no database image could be read")
     t_db = time.perf_counter() - t0
     info = {"pipeline": str(extractor.spec), "extract_ms_per_image": round(1000 * t_db / max(1, len(db_paths)), 2)}
     if localizer is not None:
@@ -176,23 +178,12 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
     return EvalResult(summary, per_query, {t: np.mean(v, axis=0) for t, v in curves.items()})
 
 
-def _extract(extractor, paths, bboxes, on_error, progress, what):
-    if progress is None:
-        return extractor.extract(paths, bboxes, on_error)
-    bar = progress(total=len(paths), desc=what, unit="img")
-    out = None
-    for keys, raw in extractor.iter_raw(paths, bboxes, on_error):
-        if out is None:
-            out = np.full((len(paths), raw.shape[1]), np.nan, np.float32)
-        out[keys] = raw
-        bar.update(len(keys))
-    bar.close()
-    if out is None:
-        raise ValueError(f"no {what} image could be read")
-    ok = ~np.isnan(out[:, 0])
-    res = np.full((len(paths), extractor.dim(out.shape[1])), np.nan, np.float32)
-    res[ok] = extractor.postprocess(out[ok])
-    return res
+def _extract(extractor: Extractor, paths, bboxes, on_error, progress, what: str) -> np.ndarray:
+    bar = progress(total=len(paths), desc=what, unit="img") if progress else None
+    out = extractor.extract(paths, bboxes, on_error, bar.update if bar else None)
+    if bar:
+        bar.close()
+    return out
 
 
 def format_summary(s: dict) -> str:

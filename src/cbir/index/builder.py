@@ -70,10 +70,8 @@ def open_or_create(
         if not fit_on:
             raise PipelineError(f"pipeline {spec} has learned steps (PCA): give a separate image set with --fit-on DIR")
         extractor.fit(list(fit_on), on_error=lambda i, e: warn(f"warning: {e}"))
-    # The dimension is known once one image has gone through; use a tiny probe image.
-    dim = extractor.postprocess(extractor.raw_descriptors(np.zeros((1, 64, 64, 3), np.uint8))).shape[1]
     try:
-        index = Index.create(index_dir, extractor.identity, dim, extractor.post_state())
+        index = Index.create(index_dir, extractor.identity, extractor.output_dim, extractor.post_state())
     except IndexExists:  # another run created it while this one loaded the model: use that one
         index = Index(index_dir)
         index.check_identity(extractor.identity)
@@ -204,8 +202,6 @@ def update_index(
         def on_error(i: int, e: ImageError) -> None:
             report.failed.append(str(todo[i][0]))
             warn(f"warning: skipped {e}")
-            if bar:
-                bar.update(1)
 
         # Touched-but-identical files only need their mtime recorded, not a forward pass.
         extract_rows: list[int] = []
@@ -215,6 +211,8 @@ def update_index(
                 digest = sha256_file(p)
             except OSError as e:
                 on_error(i, ImageError(f"{p}: cannot read ({e.strerror})"))
+                if bar:
+                    bar.update(1)
                 hashes.append("")
                 continue
             hashes.append(digest)
@@ -228,8 +226,8 @@ def update_index(
                 extract_rows.append(i)
 
         sources = [todo[i][0] for i in extract_rows]
-        for keys, raw in extractor.iter_raw(sources, on_error=lambda j, e: on_error(extract_rows[j], e)):
-            vecs = extractor.postprocess(raw)
+        for keys, vecs in extractor.iter_vectors(sources, on_error=lambda j, e: on_error(extract_rows[j], e),
+                                                 progress=bar.update if bar else None):
             for j, v in zip(keys, vecs):
                 i = extract_rows[j]
                 p, size, mtime = todo[i]
@@ -239,8 +237,6 @@ def update_index(
                     report.updated += 1
                 else:
                     report.added += 1
-            if bar:
-                bar.update(len(keys))
             if len(pending) >= commit_every or time.monotonic() - last_commit > commit_seconds:
                 commit()
         commit()

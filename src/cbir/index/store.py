@@ -33,6 +33,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.fileio import atomic_write_bytes
+from cbir.index.backends import FaissBackend, SearchBackend
 
 FORMAT = "cbir-index/1"
 SCHEMA = """
@@ -141,12 +143,10 @@ class Index:
         if self.info.get("format") != FORMAT:
             raise IndexStoreError(f"{self.root}: index format {self.info.get('format')!r}, this cbir reads {FORMAT!r}")
         self._local = threading.local()
-        self._faiss = None
-        self._faiss_version = None
-        self._faiss_lock = threading.Lock()
         self._mmaps: dict[str, np.ndarray] = {}
+        self.faiss = FaissBackend(self)
         self._backend_uri: str | None = self.info.get("backend")
-        self._backend = None
+        self._remote: SearchBackend | None = None
 
     # -- creation ------------------------------------------------------------------
     @classmethod
@@ -332,9 +332,6 @@ class Index:
         return np.array(self._segment(r[0])[r[1]])
 
     # -- search --------------------------------------------------------------------
-    # Building a derived index faster than this is not worth a cache file.
-    CACHE_MIN_SECONDS = 1.0
-
     def search_params(self) -> dict[str, int]:
         from cbir.index.factory import parse_params
 
@@ -347,127 +344,18 @@ class Index:
 
         return float(self.info.get("recall_target", DEFAULT_RECALL))
 
-    def _needs_tuning(self, si) -> bool:
-        """Tune when the stored measurement is for another type or target, or for a collection
-        less than half or more than twice this size (the best setting moves with N)."""
-        if si.type is None or str(si.type) == "Flat" or not si.ntotal:
-            return False
-        rec = self.info.get("tuned") or {}
-        n = max(1, int(rec.get("n", 0)))
-        return (rec.get("type") != str(si.type) or rec.get("target") != self.recall_target
-                or not 0.5 <= si.ntotal / n <= 2)
-
-    def _tune(self, si, ids: np.ndarray, vecs: np.ndarray) -> None:
-        """Measure ``si``'s search setting (`cbir.index.factory.tune`) and keep it in index.json
-        (best effort: a read-only index keeps it in this process only)."""
-        record = si.tune(self.recall_target, ids=ids, vecs=vecs)
-        info = {**self.info, "tuned": record}
-        try:
-            atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
-        except OSError:
-            pass
-        self.info = info
-
     def tune_search(self, recall: float | None = None, force: bool = False) -> dict | None:
-        """Set the recall target (if given) and tune the search parameters now if they are
-        missing or stale (or ``force``); returns the stored measurement (None for Flat)."""
+        """Set the recall target (if given) and tune the embedded index's search parameters now
+        if they are missing or stale (or ``force``); returns the stored measurement (None for Flat)."""
         if recall is not None:
             if not 0 < recall <= 1:
                 raise IndexStoreError(f"--recall {recall}: a recall@10 target is in (0, 1]")
-            if float(recall) != self.recall_target:
-                info = {**self.info, "recall_target": float(recall)}
-                atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
-                self.info = info
-        si = self._search_index()
-        with self._faiss_lock:
-            if force or self._needs_tuning(si):
-                ids, vecs = self.live()
-                self._tune(si, ids, vecs)
-        return self.info.get("tuned") if si.type is not None and str(si.type) != "Flat" else None
-
-    def _cache_dir(self) -> Path:
-        return self.root / "faiss"
-
-    def _cache_prefix(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(f"{self.factory}|{self.dim}".encode()).hexdigest()[:12]
-
-    def _cached_files(self) -> list[tuple[int, str, Path]]:
-        """(generation, resolved type, path) of this index type's cache files, newest first."""
-        out = []
-        prefix = self._cache_prefix() + "-g"
-        if self._cache_dir().is_dir():
-            for f in self._cache_dir().iterdir():
-                if f.name.startswith(prefix) and f.suffix == ".faiss":
-                    gen, _, resolved = f.stem[len(prefix):].partition("-")
-                    if gen.isdigit() and resolved:
-                        out.append((int(gen), resolved.replace("+", ","), f))
-        return sorted(out, reverse=True)
-
-    def _load_cached(self, ids: np.ndarray, vecs: np.ndarray, params: dict[str, int]):
-        from cbir.index.factory import SearchIndex
-
-        for _, resolved, path in self._cached_files():
-            try:
-                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved,
-                                           tuning=self.info.get("tuned"))
-            except (RuntimeError, OSError):
-                continue  # unreadable (half-deleted by another reader, older FAISS): next, or rebuild
-            if params.get("ondisk") and si.type.nlist and np.array_equal(si.ids, ids):
-                # Up to date: serve the inverted lists from the file instead of RAM.
-                si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, resolved, mmap=True,
-                                           tuning=self.info.get("tuned"))
-            return si
-        return None
-
-    def _save_cache(self, si, version: int) -> Path | None:
-        name = f"{self._cache_prefix()}-g{version:010d}-{str(si.type).replace(',', '+')}.faiss"
-        path = self._cache_dir() / name
-        try:
-            self._cache_dir().mkdir(exist_ok=True)
-            atomic_write_bytes(path, si.to_bytes())
-            for f in self._cache_dir().iterdir():  # older generations, and other index types
-                if f != path and f.suffix == ".faiss":
-                    f.unlink(missing_ok=True)
-        except OSError:
-            return None  # a read-only index directory: the index is rebuilt by each process
-        return path
-
-    def _search_index(self):
-        from cbir.index.factory import SearchIndex
-
-        version = self.version()
-        with self._faiss_lock:
-            if self._faiss is not None and self._faiss_version == version:
-                return self._faiss
-            ids, vecs = self.live()
-            params = self.search_params()
-            si = self._faiss if self._faiss is not None else self._load_cached(ids, vecs, params)
-            if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
-                # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
-                si = self._load_cached_inmemory(ids, vecs, params)
-            if si is None:
-                si = SearchIndex(self.factory, self.dim, params, tuning=self.info.get("tuned"))
-            si, changed = si.sync(ids, vecs)
-            if changed and self._needs_tuning(si):  # built or rebuilt: measure its search setting
-                self._tune(si, ids, vecs)
-            if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):
-                path = self._save_cache(si, version)
-                if path is not None and params.get("ondisk") and si.type.nlist:
-                    si = SearchIndex.from_file(path, self.factory, self.dim, params, ids, vecs, str(si.type), mmap=True,
-                                               tuning=si.tuning)
-                    si, _ = si.sync(ids, vecs)  # no change: sets the re-ranking vectors
-            si.trained_now = False
-            self._faiss, self._faiss_version = si, version
-            return si
-
-    def _load_cached_inmemory(self, ids, vecs, params):
-        return self._load_cached(ids, vecs, {k: v for k, v in params.items() if k != "ondisk"})
+            self.update_info(recall_target=float(recall))
+        return self.faiss.tune(force)
 
     def search_index(self):
-        """The derived search structure (`cbir.index.factory.SearchIndex`), built or updated now."""
-        return self._search_index()
+        """The embedded FAISS structure (`cbir.index.factory.SearchIndex`), built or updated now."""
+        return self.faiss.search_index()
 
     def search(self, queries: np.ndarray, k: int = 10, params: dict[str, int] | str | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -478,8 +366,6 @@ class Index:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise IndexStoreError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
-        if self._backend_uri:
-            return self.backend_client().search(queries, max(1, int(k)))
         if isinstance(params, str):
             from cbir.index.factory import IndexTypeError, parse_params
 
@@ -487,40 +373,50 @@ class Index:
                 params = parse_params(params)
             except IndexTypeError as e:
                 raise IndexStoreError(str(e)) from None
-        index = self._search_index()
-        k = max(1, min(int(k), max(1, index.ntotal)))
-        return index.search(queries, k, params)
+        return self.search_backend.search(queries, max(1, int(k)), params)
 
-    # -- external search backend (Milvus) ------------------------------------------
+    # -- the search backend ---------------------------------------------------------
     @property
-    def backend(self) -> str | None:
+    def backend_uri(self) -> str | None:
         """``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS)."""
         return self._backend_uri
 
     def use_backend(self, uri: str | None) -> None:
         """Search through ``uri`` in this process (``None``: the embedded FAISS index)."""
-        self._backend_uri, self._backend = uri, None
+        self._backend_uri, self._remote = uri, None
 
-    def backend_client(self):
-        if self._backend is None:
-            from cbir.scale.milvus import MilvusBackend
+    @property
+    def search_backend(self) -> SearchBackend:
+        """The `SearchBackend` searches go to and every committed change is reported to."""
+        if not self._backend_uri:
+            return self.faiss
+        if self._remote is None:
+            from cbir.index.milvus import MilvusBackend
 
-            self._backend = MilvusBackend(self._backend_uri, self.dim)
-        return self._backend
+            self._remote = MilvusBackend(self._backend_uri, self.dim, record=self.root)
+        return self._remote
+
+    def _report(self, added: tuple[list[int], np.ndarray] | None = None, removed: list[int] = ()) -> None:
+        """Tell the backend about a committed change; a backend that cannot take it now is
+        warned about, not fatal: the commit stands, and `cbir index` re-syncs it."""
+        if not self._backend_uri or (added is None and not removed):
+            return
+        try:
+            if len(removed):
+                self.search_backend.remove(np.asarray(removed, np.int64))
+            if added is not None:
+                self.search_backend.add(np.asarray(added[0], np.int64), added[1])
+        except (RuntimeError, ValueError, OSError) as e:
+            warnings.warn(f"{self._backend_uri}: {e}; `cbir index` will send the change again", stacklevel=3)
 
     def set_backend(self, uri: str | None) -> None:
         """Store the backend in ``index.json`` (``cbir search`` then uses it by default)."""
-        info = dict(self.info)
         if uri:
-            from cbir.scale.milvus import MilvusURI
+            from cbir.index.milvus import MilvusURI
 
-            info["backend"] = str(MilvusURI.parse(uri))
-        else:
-            info.pop("backend", None)
-        if info != self.info:
-            atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
-            self.info = info
-        self.use_backend(info.get("backend"))
+            uri = str(MilvusURI.parse(uri))
+        self.update_info(backend=uri or None)
+        self.use_backend(uri or None)
 
     def update_info(self, **changes) -> bool:
         """Store fields in ``index.json`` (a value of None removes the field); atomically.
@@ -558,8 +454,7 @@ class Index:
             return False
         atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
         self.info = info
-        with self._faiss_lock:
-            self._faiss, self._faiss_version = None, None
+        self.faiss = FaissBackend(self)  # the old structure is of the old type
         return True
 
     # -- writing -------------------------------------------------------------------
@@ -592,6 +487,7 @@ class Index:
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
         atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vectors))
         now = time.time()
+        replaced = self._ids_of_paths([e.path for e in entries]) if self._backend_uri else []
         with con:  # one transaction: the vectors become visible all at once, or not at all
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
             con.executemany("DELETE FROM images WHERE path = ?", [(e.path,) for e in entries])
@@ -601,8 +497,12 @@ class Index:
             )
             con.execute(BUMP)
         self._drop_empty_segments()
-        ids = con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,)).fetchall()
-        return [r[0] for r in ids]
+        ids = [r[0] for r in con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
+        self._report((ids, vectors), replaced)
+        return ids
+
+    def _ids_of_paths(self, paths: list[str]) -> list[int]:
+        return [i for p in paths for (i,) in self.db.execute("SELECT id FROM images WHERE path = ?", (p,))]
 
     def add_root(self, folder: str) -> None:
         """Record a folder that `cbir index` reads (call under `writer()`)."""
@@ -642,6 +542,7 @@ class Index:
         ``keep_out``: also record the files (as they are now) so that later scans of their
         folder leave them out until they change (a deletion through the service).
         """
+        gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self._backend_uri else [])
         with self.db as con:
             n = 0
             if keep_out and ids:
@@ -653,6 +554,7 @@ class Index:
                 n += con.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in paths]).rowcount
             con.execute(BUMP)
         self._drop_empty_segments()
+        self._report(removed=gone)
         return n
 
     def _drop_empty_segments(self) -> None:

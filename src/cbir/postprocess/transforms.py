@@ -125,8 +125,8 @@ class LayerFusion(Transform):
 
     Each layer's block is L2-normalised and scaled by ``sqrt(w_i / sum w)``, so that the inner
     product of two fused descriptors is ``sum_i w_i cos_i / sum w`` (a weighted mean of the
-    per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes) is
-    set by the extractor. With ``weights=None`` the weights are learned by `fit` from a
+    per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes)
+    is set by the extractor when it is built, from its layers and pooling. With ``weights=None`` the weights are learned by `fit` from a
     labelled set (``y``): a grid search over the simplex (step 0.1) for the weights whose
     leave-one-out retrieval mAP on the set is highest (ties: the most uniform weights).
     """

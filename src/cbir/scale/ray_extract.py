@@ -129,8 +129,7 @@ def extract_to_shards(
     if workers is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, cpus // max(1, threads_per_worker or 1))
-    dim = extractor.postprocess(extractor.raw_descriptors(np.zeros((1, 64, 64, 3), np.uint8))).shape[1]
-    write_manifest(shards_dir, extractor.identity, dim, {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_manifest(shards_dir, extractor.identity, extractor.output_dim, {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if not paths:
         return shards_dir
     items = [{"path": str(p)} for p in paths]

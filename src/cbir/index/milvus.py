@@ -3,9 +3,11 @@
 ``--backend milvus://HOST:PORT/COLLECTION`` (``milvuss://`` for TLS; a token for an
 authenticated server comes from ``$MILVUS_TOKEN``). The local index directory stays what it
 is: the catalog (paths, metadata) and the vectors, the source of truth. Milvus holds a copy
-of the vectors under the same ids and answers the top-k; `MilvusBackend.sync` brings the
-collection up to date with the catalog (insert new ids, delete gone ones), remembering what
-it sent in ``milvus-<collection>.ids.npy`` so that a sync costs O(changes) on the wire.
+of the vectors under the same ids and answers the top-k. It is the index's `SearchBackend`:
+every committed add and delete (`cbir index`, the service) is sent as it happens, and
+`MilvusBackend.sync` brings the collection up to date with the catalog (insert new ids,
+delete gone ones), remembering what Milvus holds in ``milvus-<collection>.ids.npy`` so that
+a sync costs O(changes) on the wire.
 
 The client code is pymilvus's ``MilvusClient``, the path a Milvus cluster (or Zilliz Cloud)
 takes. Tests run it against ``milvus-lite`` started as a gRPC server on a loopback port:
@@ -16,13 +18,14 @@ Install with ``pip install 'cbir[milvus]'``.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cbir.index.backends import SearchBackend, read_ids, record_ids
 
 _URI = re.compile(r"^(milvus|milvuss)://([^/:]+|\[[^\]]+\]):(\d+)/([A-Za-z_][A-Za-z0-9_]*)$")
 INSERT_CHUNK = 2000
@@ -59,10 +62,14 @@ def is_backend_uri(text: str | None) -> bool:
     return bool(text) and text.startswith(("milvus://", "milvuss://"))
 
 
-class MilvusBackend:
-    """One collection: ``id`` INT64 primary key, ``vector`` FLOAT_VECTOR(dim), inner product."""
+class MilvusBackend(SearchBackend):
+    """One collection: ``id`` INT64 primary key, ``vector`` FLOAT_VECTOR(dim), inner product.
 
-    def __init__(self, uri: str | MilvusURI, dim: int, timeout: float = 30.0) -> None:
+    ``record``: the index directory where the ids the collection holds are remembered
+    (``milvus-<collection>.ids.npy``), updated only after Milvus took a change.
+    """
+
+    def __init__(self, uri: str | MilvusURI, dim: int, timeout: float = 30.0, record: str | Path | None = None) -> None:
         try:
             from pymilvus import MilvusClient
         except ModuleNotFoundError:
@@ -76,6 +83,7 @@ class MilvusBackend:
         except Exception as e:  # pymilvus raises its own MilvusException, or grpc errors
             raise MilvusError(f"cannot reach Milvus at {self.uri.endpoint}: {_one_line(e)}") from None
         self.collection = self.uri.collection
+        self.record = Path(record) / f"milvus-{self.collection}.ids.npy" if record is not None else None
         self._ensure_collection()
 
     def _ensure_collection(self) -> None:
@@ -97,9 +105,32 @@ class MilvusBackend:
             c.create_collection(self.collection, schema=schema, index_params=params)
         c.load_collection(self.collection)
 
-    # -- sync ------------------------------------------------------------------------
-    def _state_file(self, index_root: Path) -> Path:
-        return Path(index_root) / f"milvus-{self.collection}.ids.npy"
+    # -- changes -------------------------------------------------------------------
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._send(np.asarray(ids, np.int64), np.asarray(vectors, np.float32), np.zeros(0, np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        self._send(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.asarray(ids, np.int64))
+
+    def persist(self) -> None:
+        self.client.flush(self.collection)
+
+    def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray) -> None:
+        """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took."""
+        try:
+            for i in range(0, len(gone), INSERT_CHUNK):
+                self.client.delete(self.collection, ids=[int(v) for v in gone[i:i + INSERT_CHUNK]])
+            for i in range(0, len(ids), INSERT_CHUNK):
+                self.client.upsert(self.collection, [{"id": int(j), "vector": v.tolist()}
+                                                     for j, v in zip(ids[i:i + INSERT_CHUNK], vecs[i:i + INSERT_CHUNK])])
+            if len(ids) or len(gone):
+                self.client.flush(self.collection)
+        except Exception as e:
+            raise MilvusError(f"Milvus at {self.uri.endpoint} refused the change: {_one_line(e)}") from None
+        if self.record is not None and (len(ids) or len(gone)):
+            held = read_ids(self.record)
+            if held is not None:
+                record_ids(self.record, np.setdiff1d(np.union1d(held, ids), gone))
 
     def remote_ids(self) -> np.ndarray:
         """Every id in the collection (a full scan: used only when the local record is missing)."""
@@ -117,40 +148,26 @@ class MilvusBackend:
 
     def sync(self, index) -> tuple[int, int]:
         """Make the collection hold exactly the index's live vectors; returns (inserted, deleted)."""
-        from cbir.fileio import atomic_write_bytes
-
         ids, vecs = index.live()
-        state = self._state_file(index.root)
-        sent = None
-        if state.exists():
-            try:
-                sent = np.load(state)
-            except (OSError, ValueError):
-                sent = None
+        record = self.record or Path(index.root) / f"milvus-{self.collection}.ids.npy"
+        sent = read_ids(record)
         if sent is None:
             sent = self.remote_ids()
         new = ~np.isin(ids, sent, assume_unique=True)
         gone = np.setdiff1d(sent, ids, assume_unique=True)
+        saved, self.record = self.record, None  # the full set is recorded below, once
         try:
-            if len(gone):
-                for i in range(0, len(gone), INSERT_CHUNK):
-                    self.client.delete(self.collection, ids=[int(v) for v in gone[i:i + INSERT_CHUNK]])
-            rows = np.flatnonzero(new)
-            for i in range(0, len(rows), INSERT_CHUNK):
-                part = rows[i:i + INSERT_CHUNK]
-                self.client.upsert(self.collection, [{"id": int(ids[r]), "vector": vecs[r].tolist()} for r in part])
-            if len(rows) or len(gone):
-                self.client.flush(self.collection)
-        except Exception as e:
-            raise MilvusError(f"Milvus at {self.uri.endpoint} refused the sync: {_one_line(e)}") from None
-        buf = io.BytesIO()
-        np.save(buf, np.sort(ids))
-        atomic_write_bytes(state, buf.getvalue())  # only after Milvus took every change
+            self._send(ids[new], vecs[new], gone)
+        finally:
+            self.record = saved
+        record_ids(record, ids)  # only after Milvus took every change
         return int(new.sum()), int(len(gone))
 
     # -- search ----------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1."""
+    def search(self, queries: np.ndarray, k: int, params: dict[str, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)); missing slots have id -1.
+        ``params`` (FAISS settings) do not apply: Milvus chooses its own search setting."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
         try:
             res = self.client.search(self.collection, data=queries.tolist(), limit=int(k), output_fields=["id"],
