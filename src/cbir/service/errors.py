@@ -19,6 +19,10 @@ class ServiceError(Exception):
     """A request the service refuses; ``str(e)`` is the one sentence sent back as ``detail``."""
 
 
+class BadRequest(ServiceError):
+    """A request malformed below the API, e.g. in its Content-Length header."""
+
+
 class ReadOnly(ServiceError):
     """A write to a server started with ``--read-only``."""
 
@@ -47,11 +51,15 @@ class Invalid(ServiceError):
     """A malformed parameter or upload."""
 
 
+class Busy(ServiceError):
+    """Too many uploads in flight: the client should retry shortly."""
+
+
 # The one place a refusal gets its status. The first type in an exception's MRO decides, so
 # a `TooManyPixels` is a 413 although it is also an `ImageError`.
 STATUS: dict[type[Exception], int] = {
-    ReadOnly: 403, NotFound: 404, WriteConflict: 409, FileChanged: 410, TooLarge: 413, TooManyPixels: 413,
-    NotAnImage: 415, Invalid: 422, ImageError: 422, MetaError: 422,
+    BadRequest: 400, ReadOnly: 403, NotFound: 404, WriteConflict: 409, FileChanged: 410, TooLarge: 413,
+    TooManyPixels: 413, NotAnImage: 415, Invalid: 422, ImageError: 422, MetaError: 422, Busy: 503,
 }
 DESCRIPTIONS = {403: "Read-only server", 404: "No such image", 409: "The index is busy or not writable",
                 410: "The image's file changed since it was indexed", 413: "Upload or image too large",
@@ -77,9 +85,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
+def status_of(exc: Exception) -> int:
+    """A refusal's status: that of the first type in its MRO that `STATUS` names."""
+    return next(STATUS[t] for t in type(exc).__mro__ if t in STATUS)
+
+
 async def refused(request: Request, exc: Exception) -> JSONResponse:
-    status = next(STATUS[t] for t in type(exc).__mro__ if t in STATUS)
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -201,31 +201,24 @@ class Service:
         """Store the files under uploads/ and add them in one transaction; returns (ids, existing ids)."""
         with self._writing("add to"):
             self.uploads.mkdir(exist_ok=True)
-            ids: list[int | None] = []
-            new: list[tuple[int, Entry]] = []
-            paths: dict[str, int] = {}
-            for i, u in enumerate(uploads):
-                path = self.uploads / f"{u.sha256}.{FORMATS[u.format]}"
-                known = self.index.id_of(str(path))
-                if known is not None:
-                    ids.append(known)
-                    continue
-                ids.append(None)
-                if str(path) in paths:  # the same file twice in one request
-                    continue
-                paths[str(path)] = i
-                if not path.exists():
-                    atomic_write_bytes(path, u.data)
-                st = path.stat()
-                new.append((i, Entry(str(path), st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})))
-            existing = [i for i in ids if i is not None]
+            paths = [str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}") for u in uploads]
+            ids = {p: self.index.id_of(p) for p in paths}
+            existing = [ids[p] for p in paths if ids[p] is not None]
+            new: dict[str, int] = {}  # path -> its first upload: the same file twice is added once
+            for i, p in enumerate(paths):
+                if ids[p] is None:
+                    new.setdefault(p, i)
             if new:
-                added = self.index.add([e for _, e in new], vectors[[i for i, _ in new]])
-                by_path = {e.path: id_ for (_, e), id_ in zip(new, added)}
-                for j, u in enumerate(uploads):
-                    if ids[j] is None:
-                        ids[j] = by_path[str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}")]
-            return [int(i) for i in ids], existing
+                entries = [self._stored(uploads[i], p, meta) for p, i in new.items()]
+                ids.update(zip(new, self.index.add(entries, vectors[list(new.values())])))
+            return [int(ids[p]) for p in paths], existing
+
+    def _stored(self, u: Upload, path: str, meta: dict) -> Entry:
+        """The upload's file in the store (written unless it is there already), as a catalog entry."""
+        if not os.path.exists(path):
+            atomic_write_bytes(path, u.data)
+        st = os.stat(path)
+        return Entry(path, st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})
 
     def delete(self, image_id: int) -> None:
         """Drop an image. An upload's file goes too; an indexed folder's file stays on disk

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from PIL import Image, UnidentifiedImageError
 
 from cbir.images import TooManyPixels
-from cbir.service.errors import Invalid, NotAnImage, TooLarge
+from cbir.service.errors import BadRequest, Busy, Invalid, NotAnImage, ServiceError, TooLarge, status_of
 
 # Pillow format name -> file suffix for stored uploads. Anything else (EPS, PSD, ICO, ...) is refused.
 FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
@@ -44,9 +44,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         if self.inflight >= self.max_inflight:
             await self._drain(receive, None)
-            return await _send_json(send, 503, f"this server is already receiving {self.max_inflight} uploads, its "
-                                               f"limit (set with `cbir serve --max-uploads`); retry shortly",
-                                    [(b"retry-after", b"1")])
+            return await _refuse(send, Busy(f"this server is already receiving {self.max_inflight} uploads, its "
+                                            f"limit (set with `cbir serve --max-uploads`); retry shortly"),
+                                 [(b"retry-after", b"1")])
         self.inflight += 1
         try:
             return await self._limited(scope, receive, send)
@@ -60,10 +60,10 @@ class BodyLimit:
                 try:
                     declared = int(v)
                 except ValueError:
-                    return await _send_json(send, 400, "the Content-Length header is not a number")
+                    return await _refuse(send, BadRequest("the Content-Length header is not a number"))
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, declared)
-            return await _send_json(send, 413, self._message(declared))
+            return await _refuse(send, self._too_large(declared))
         chunks, total, more = [], 0, True
         while more:
             msg = await receive()
@@ -75,7 +75,7 @@ class BodyLimit:
             if total > self.max_bytes:
                 if more:
                     total += await self._drain(receive, None)
-                return await _send_json(send, 413, self._message(total))
+                return await _refuse(send, self._too_large(total))
             chunks.append(body)
         body = b"".join(chunks)
         sent = False
@@ -103,15 +103,16 @@ class BodyLimit:
                 break
         return n
 
-    def _message(self, n: int) -> str:
+    def _too_large(self, n: int) -> TooLarge:
         limit = self.max_bytes - FORM_SLACK
-        return (f"the upload is {_mb(n)}, over this server's limit of {_mb(limit)} per request "
-                f"(set with `cbir serve --max-upload-mb`)")
+        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(limit)} per request "
+                        f"(set with `cbir serve --max-upload-mb`)")
 
 
-async def _send_json(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
+async def _refuse(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Send a refusal as the exception handlers would: this middleware runs outside them."""
+    body = json.dumps({"detail": str(exc)}).encode()
+    await send({"type": "http.response.start", "status": status_of(exc),
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
