@@ -11,6 +11,10 @@ under their SHA-256 and added to the catalog under the index's writer lock.
 
 Extraction (decode + network) is CPU-bound; at most ``workers`` run at once, each with
 ``threads`` ONNX Runtime threads, and further requests wait their turn in the event loop.
+
+The pieces: `routes` (three routers), `state` (the `Service` they share, by dependency),
+`errors` (the exceptions they raise and the one table of statuses), `uploads` (body, file and
+box checks) and `schemas` (the response bodies).
 """
 
 from __future__ import annotations

@@ -251,12 +251,10 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _sha256_of(f) -> str:
-    h = hashlib.sha256()
     f.seek(0)
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
+    digest = hashlib.file_digest(f, "sha256").hexdigest()
     f.seek(0)
-    return h.hexdigest()
+    return digest
 
 
 def _exif_rotated(img: Image.Image) -> bool:
