@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from cbir.index import Searcher
@@ -77,7 +77,7 @@ def create_app(
     return app
 
 
-async def nosniff(request: Request, call_next):
+async def nosniff(request: Request, call_next) -> Response:
     """Every response is what its Content-Type says: browsers must not sniff it."""
     response = await call_next(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")

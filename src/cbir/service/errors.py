@@ -91,6 +91,7 @@ def status_of(exc: Exception) -> int:
 
 
 async def refused(request: Request, exc: Exception) -> JSONResponse:
+    """A refusal raised by a route: its status by `STATUS`, its message as the detail."""
     return JSONResponse({"detail": str(exc)}, status_code=status_of(exc))
 
 

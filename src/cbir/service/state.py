@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class Service:
         return Path(e.path).name
 
     def results(self, hits: list[Hit]) -> list[Result]:
+        """Search hits as the API shows them."""
         out = []
         for h in hits:
             meta = displayable_meta(h.meta)  # a row stored before meta was checked must not break the search
@@ -273,7 +275,7 @@ def no_such_image(image_id: int) -> NotFound:
 
 
 @contextmanager
-def named_as(what: str):
+def named_as(what: str) -> Iterator[None]:
     """An `ImageError` raised inside names the image ``what`` (e.g. the upload's file name), not
     the reader's "upload" or a server path; it keeps its type, which decides the status."""
     try:
