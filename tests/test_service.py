@@ -592,6 +592,20 @@ def test_default_pixel_cap_bounds_decode_work(client):
     assert_error(r, 413, "big.png", "Mpixel")
 
 
+def test_reader_pixel_cap_is_a_413_by_type(searcher):
+    """Past a generous server cap, the image reader's own cap refuses (`TooManyPixels`): a 413, by
+    the exception's type; words in a message never choose a status."""
+    from cbir.images import ImageError, TooManyPixels
+    from cbir.service.errors import status_of
+
+    assert status_of(TooManyPixels("x")) == 413 and status_of(ImageError("x: 9000x9000 Mpixel, a decompression bomb")) == 422
+    with TestClient(create_app(searcher=searcher, max_megapixels=300)) as c:
+        big = png_bomb(12000, 9000)  # 108 Mpixel: under this server's cap, over the reader's 100
+        assert_error(c.post("/api/search", files=upload(big, "h.png", "image/png")), 413, "h.png", "Mpixel")
+        assert_error(c.post("/api/search", files=upload(big, "h.png", "image/png"), data={"bbox": "0,0,9,9"}), 413, "h.png")
+        assert_error(c.post("/api/images", files=[("files", ("h.png", big, "image/png"))]), 413, "h.png", "Mpixel")
+
+
 # -- the command -------------------------------------------------------------------------
 def test_serve_command_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner

@@ -28,6 +28,10 @@ class ImageError(ValueError):
     """An image that cannot be used; ``str(e)`` is one line naming it."""
 
 
+class TooManyPixels(ImageError):
+    """An image over the pixel cap, or a decompression bomb: refused before it is decoded."""
+
+
 @dataclass(frozen=True)
 class Resize:
     """How an image is scaled before the network.
@@ -115,7 +119,7 @@ def open_image(
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} Mpixel, over the limit of {max_pixels / 1e6:.0f}")
+                raise TooManyPixels(f"{name}: {w}x{h} is {w * h / 1e6:.0f} Mpixel, over the limit of {max_pixels / 1e6:.0f}")
             if resize is not None and bbox is None and img.format == "JPEG":
                 img.draft("RGB", resize.target_size(w, h))
             img.load()
@@ -131,7 +135,7 @@ def open_image(
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file, or a format Pillow cannot read") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: decompression bomb refused (too many pixels)") from None
+        raise TooManyPixels(f"{name}: decompression bomb refused (too many pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if bbox is not None:

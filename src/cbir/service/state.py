@@ -1,0 +1,292 @@
+"""What the routes share: the `Service` (searcher, limits, locks, thumbnail cache), reached
+through the `get_service` dependency; and the checks that make a catalog entry's file safe to serve."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import Depends, Request, UploadFile
+from PIL import Image
+
+from cbir.fileio import atomic_write_bytes
+from cbir.images import DEFAULT_MAX_PIXELS, ImageError
+from cbir.index import Entry, Hit, IndexBusy, IndexStoreError, Searcher
+from cbir.metadata import displayable_meta
+from cbir.service.errors import FileChanged, NotFound, ReadOnly, WriteConflict
+from cbir.service.schemas import ImageInfo, Result
+from cbir.service.uploads import FORMATS, Upload, check_upload
+
+# The pixel cap is checked on the header, before decoding, so it also bounds the decode work
+# of one image (a tiny PNG can declare a huge, slow-to-inflate bitmap): 50 Mpixel takes a 45 MP
+# camera photo and about half the work of Pillow's own bomb threshold (89.5 Mpixel).
+DEFAULT_SERVICE_MAX_PIXELS = min(50_000_000, DEFAULT_MAX_PIXELS)
+DEFAULT_MAX_UPLOADS = 8  # uploads (search or add) received at once; each holds its body in memory
+
+
+@dataclass
+class Settings:
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_SERVICE_MAX_PIXELS
+    workers: int = 2
+    read_only: bool = False
+    thumbnail_cache: int = 512
+    max_uploads: int = DEFAULT_MAX_UPLOADS
+
+
+class ThumbnailCache:
+    """A small LRU of encoded JPEG thumbnails, keyed by (id, content hash, size)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key, value: bytes) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.capacity:
+                self._d.popitem(last=False)
+
+
+class Service:
+    """What the endpoints share: the searcher, the limits, the locks."""
+
+    def __init__(self, searcher: Searcher, settings: Settings) -> None:
+        self.searcher, self.settings = searcher, settings
+        self.index = searcher.index
+        self.uploads = (self.index.root / "uploads").resolve()
+        self.write_lock = threading.Lock()
+        self.thumbs = ThumbnailCache(settings.thumbnail_cache)
+        self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
+
+    @property
+    def cpu(self) -> anyio.CapacityLimiter:
+        """The limiter of concurrent extractions, made in (and for) the running event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._cpu is None or self._cpu[0] is not loop:
+            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
+        return self._cpu[1]
+
+    def warm_up(self) -> None:
+        """Create the inference session and the FAISS index now, not on the first request."""
+        buf = io.BytesIO()
+        Image.new("RGB", (96, 64), (128, 128, 128)).save(buf, "PNG")
+        self.searcher.search_vector(self.searcher.extractor.extract_one(buf.getvalue()), 1)
+        # The localizer's model and the acceptance threshold, too (a calibration, if the index
+        # stores none, takes seconds).
+        self.searcher.localizer(Image.new("RGB", (96, 64), (128, 128, 128)))
+        if len(self.index) >= 3:
+            self.searcher.calibration  # noqa: B018
+
+    # -- catalog ------------------------------------------------------------------
+    def entry(self, image_id: int) -> Entry:
+        e = self.index.get(image_id)
+        if e is None:
+            raise no_such_image(image_id)
+        return e
+
+    def is_upload(self, e: Entry) -> bool:
+        return Path(e.path).parent == self.uploads
+
+    def name(self, e: Entry) -> str:
+        if self.is_upload(e) and isinstance(e.meta.get("filename"), str):
+            return e.meta["filename"]
+        return Path(e.path).name
+
+    def results(self, hits: list[Hit]) -> list[Result]:
+        """Search hits as the API shows them."""
+        out = []
+        for h in hits:
+            meta = displayable_meta(h.meta)  # a row stored before meta was checked must not break the search
+            name = self.name(Entry(h.path, 0, 0, "", meta, h.id))
+            out.append(Result(id=h.id, name=name, score=round(h.score, 6), meta=meta, **urls(h.id)))
+        return out
+
+    def info(self, e: Entry) -> ImageInfo:
+        w = h = None
+        try:
+            f, _ = self.open_file(e)
+            with f, Image.open(f) as img:
+                w, h = img.size
+                if _exif_rotated(img):
+                    w, h = h, w
+        except Exception:  # not servable now, or not decodable: the size is unknown
+            pass
+        return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
+                         width=w, height=h, uploaded=self.is_upload(e), **urls(e.id))
+
+    def allowed_dirs(self) -> list[str]:
+        """Where served files may lie: the upload store and the folders `cbir index` read."""
+        return [str(self.uploads)] + [os.path.realpath(r) for r in self.index.roots()]
+
+    def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
+        """The entry's file, opened, if it is still what was indexed; else a 404 or 410.
+
+        The path is resolved (symlinks included) and must lie inside the upload store or an
+        indexed folder (for an entry under no recorded folder, from an older index: it must
+        not be reached through a symlink at all); it must be a regular file; and its size and
+        mtime must match the catalog (or, if only the mtime moved, its SHA-256). Whatever is
+        served is read from the very descriptor that was checked.
+        """
+        catalog = os.path.normpath(e.path)
+        real = os.path.realpath(catalog)
+        homes = [d for d in self.allowed_dirs() if _inside(catalog, d) or _inside(catalog, os.path.realpath(d))]
+        inside = any(_inside(real, os.path.realpath(d)) for d in homes) if homes else real == catalog
+        if not inside:
+            raise NotFound(f"image {e.id}'s file is no longer inside the indexed folder (it leads elsewhere); "
+                           f"re-run `cbir index`")
+        try:  # O_NOFOLLOW: the resolved path must not have become a symlink since; O_NONBLOCK: no FIFO hangs
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise NotFound(f"image {e.id} is in the catalog but its file is no longer on disk") from None
+        except OSError as err:
+            raise NotFound(f"image {e.id}'s file cannot be read now ({err.strerror or err})") from None
+        f = os.fdopen(fd, "rb")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"image {e.id}'s file is no longer a regular file; re-run `cbir index`")
+            if st.st_size != e.size or (st.st_mtime_ns != e.mtime_ns and _sha256_of(f) != e.sha256):
+                raise FileChanged(f"image {e.id}'s file has changed since it was indexed; re-run `cbir index`")
+        except BaseException:
+            f.close()
+            raise
+        return f, st
+
+    def read_file(self, e: Entry) -> bytes:
+        """The bytes of the entry's checked file (see `open_file`)."""
+        f, _ = self.open_file(e)
+        with f:
+            return f.read()
+
+    # -- uploads, and CPU-bound work bounded ---------------------------------------------------
+    async def receive(self, file: UploadFile) -> Upload:
+        """An uploaded file, read (one byte over the limit tells it is over) and checked."""
+        s = self.settings
+        return check_upload(await file.read(s.max_upload_bytes + 1), file.filename, file.content_type,
+                            s.max_upload_bytes, s.max_pixels)
+
+    async def run_cpu(self, fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+
+    def extract(self, data: bytes, bbox, what: str) -> np.ndarray:
+        """The descriptor of an image (or of ``bbox`` of it); an unusable image's error names it ``what``."""
+        with named_as(what):
+            return self.searcher.extractor.extract_one(data, bbox)
+
+    # -- writing ----------------------------------------------------------------------
+    def writable(self) -> None:
+        if self.settings.read_only:
+            raise ReadOnly("this server is read-only (started with --read-only): it does not add or delete images")
+
+    def add(self, uploads: list[Upload], vectors: np.ndarray, meta: dict) -> tuple[list[int], list[int]]:
+        """Store the files under uploads/ and add them in one transaction; returns (ids, existing ids)."""
+        with self._writing("add to"):
+            self.uploads.mkdir(exist_ok=True)
+            paths = [str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}") for u in uploads]
+            ids = {p: self.index.id_of(p) for p in paths}
+            existing = [ids[p] for p in paths if ids[p] is not None]
+            new: dict[str, int] = {}  # path -> its first upload: the same file twice is added once
+            for i, p in enumerate(paths):
+                if ids[p] is None:
+                    new.setdefault(p, i)
+            if new:
+                entries = [self._stored(uploads[i], p, meta) for p, i in new.items()]
+                ids.update(zip(new, self.index.add(entries, vectors[list(new.values())])))
+            return [int(ids[p]) for p in paths], existing
+
+    def _stored(self, u: Upload, path: str, meta: dict) -> Entry:
+        """The upload's file in the store (written unless it is there already), as a catalog entry."""
+        if not os.path.exists(path):
+            atomic_write_bytes(path, u.data)
+        st = os.stat(path)
+        return Entry(path, st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})
+
+    def delete(self, image_id: int) -> None:
+        """Drop an image. An upload's file goes too; an indexed folder's file stays on disk
+        (the service never deletes a user's files) and is recorded as deleted, so that the
+        next `cbir index` of its folder leaves it out until the file changes."""
+        with self._writing("delete from"):
+            e = self.entry(image_id)
+            upload = self.is_upload(e)
+            self.index.remove(ids=[image_id], keep_out=not upload)
+            if upload:
+                Path(e.path).unlink(missing_ok=True)
+
+    @contextmanager
+    def _writing(self, action: str):
+        """Exclusive write access to the index; its failures become 409s that say why."""
+        with self.write_lock:
+            try:
+                with self.index.writer():
+                    yield
+            except IndexBusy:
+                raise WriteConflict("another process is writing this index (e.g. `cbir index`); try again when it has finished") from None
+            except IndexStoreError as e:
+                raise WriteConflict(f"cannot {action} the index: {e}") from None
+            except OSError as e:
+                raise WriteConflict(f"cannot write to the index directory ({e.strerror or e})") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _sha256_of(f) -> str:
+    f.seek(0)
+    digest = hashlib.file_digest(f, "sha256").hexdigest()
+    f.seek(0)
+    return digest
+
+
+def _exif_rotated(img: Image.Image) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:
+        return False
+
+
+def urls(image_id: int) -> dict[str, str]:
+    return {"image_url": f"/api/images/{image_id}/file", "thumbnail_url": f"/api/images/{image_id}/thumbnail"}
+
+
+def no_such_image(image_id: int) -> NotFound:
+    return NotFound(f"there is no image with id {image_id} in the index")
+
+
+@contextmanager
+def named_as(what: str) -> Iterator[None]:
+    """An `ImageError` raised inside names the image ``what`` (e.g. the upload's file name), not
+    the reader's "upload" or a server path; it keeps its type, which decides the status."""
+    try:
+        yield
+    except ImageError as e:
+        raise type(e)(f"{what}: " + str(e).split(": ", 1)[-1]) from None
+
+
+async def get_service(request: Request) -> Service:
+    """The app's `Service` (async: FastAPI then calls it in the event loop, not a worker thread)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]

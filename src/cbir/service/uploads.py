@@ -1,0 +1,176 @@
+"""What clients send, checked before any real work: the request body's size and the number of
+uploads in flight (an ASGI middleware), each uploaded file's type and pixel count (from its
+header, before decoding), and a query box."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from PIL import Image, UnidentifiedImageError
+
+from cbir.images import TooManyPixels
+from cbir.service.errors import BadRequest, Busy, Invalid, NotAnImage, ServiceError, TooLarge, status_of
+
+# Pillow format name -> file suffix for stored uploads. Anything else (EPS, PSD, ICO, ...) is refused.
+FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
+           "WEBP": "webp", "PPM": "ppm"}
+ACCEPTED = "JPEG, PNG, GIF, BMP, TIFF, WebP, PPM"
+FORM_SLACK = 64 * 1024  # multipart framing and small fields on top of the file itself
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any parsing, and
+    at most ``max_inflight`` requests with a body (uploads) are held at once.
+
+    A declared Content-Length over the limit is refused at once; a chunked body is counted as
+    it streams in. The rest of an oversize body is read and dropped (up to a bound), so the
+    client sees the 413 instead of a reset connection. Each upload in flight holds up to
+    several copies of its body in memory (buffered, parsed, decoded), so beyond
+    ``max_inflight`` a request gets a 503 with Retry-After before its body is kept.
+    """
+
+    def __init__(self, app, max_bytes: int, max_inflight: int = 8) -> None:
+        self.app, self.max_bytes, self.max_inflight = app, max_bytes, max_inflight
+        self.inflight = 0  # only touched from the event loop, between awaits: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        if self.inflight >= self.max_inflight:
+            await self._drain(receive, None)
+            return await _refuse(send, Busy(f"this server is already receiving {self.max_inflight} uploads, its "
+                                            f"limit (set with `cbir serve --max-uploads`); retry shortly"),
+                                 [(b"retry-after", b"1")])
+        self.inflight += 1
+        try:
+            return await self._limited(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+    async def _limited(self, scope, receive, send):
+        declared = None
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    return await _refuse(send, BadRequest("the Content-Length header is not a number"))
+        if declared is not None and declared > self.max_bytes:
+            await self._drain(receive, declared)
+            return await _refuse(send, self._too_large(declared))
+        chunks, total, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            total += len(body)
+            more = msg.get("more_body", False)
+            if total > self.max_bytes:
+                if more:
+                    total += await self._drain(receive, None)
+                return await _refuse(send, self._too_large(total))
+            chunks.append(body)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _drain(self, receive, declared: int | None) -> int:
+        """Read and drop the rest of the body, at most 8 times the limit."""
+        n, bound = 0, 8 * self.max_bytes
+        if declared is not None and declared > bound:
+            return 0
+        while n <= bound:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            n += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        return n
+
+    def _too_large(self, n: int) -> TooLarge:
+        limit = self.max_bytes - FORM_SLACK
+        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(limit)} per request "
+                        f"(set with `cbir serve --max-upload-mb`)")
+
+
+async def _refuse(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Send a refusal as the exception handlers would: this middleware runs outside them."""
+    body = json.dumps({"detail": str(exc)}).encode()
+    await send({"type": "http.response.start", "status": status_of(exc),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB" if n >= 100_000 else f"{n} bytes"
+
+
+def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"x0,y0,x1,y1"`` (pixels of the query image) -> a box; `Invalid` with a sentence otherwise."""
+    if text is None or not text.strip():
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        raise Invalid(f"bbox {text[:80]!r} must be four numbers x0,y0,x1,y1 (pixels) with x1 > x0 and y1 > y0")
+    return box  # type: ignore[return-value]
+
+
+@dataclass
+class Upload:
+    """An uploaded file that passed the checks: its bytes, format and name."""
+
+    data: bytes
+    name: str
+    format: str
+    width: int
+    height: int
+    sha256: str
+
+
+def check_upload(data: bytes, filename: str | None, content_type: str | None, max_bytes: int, max_pixels: int) -> Upload:
+    """Size, declared type, sniffed format and pixel count of an upload, checked before any decoding."""
+    name = PurePosixPath((filename or "upload").replace("\\", "/")).name[:200] or "upload"
+    if len(data) > max_bytes:
+        raise TooLarge(f"{name} is {_mb(len(data))}, over this server's limit of {_mb(max_bytes)}")
+    if not data:
+        raise Invalid(f"{name} is empty")
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        raise NotAnImage(f"{name} was sent as {ctype[:60]}; only images are accepted ({ACCEPTED})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            fmt, (w, h) = img.format, img.size
+    except UnidentifiedImageError:
+        raise NotAnImage(f"{name} is not an image file, or not in a format this server reads ({ACCEPTED})") from None
+    except Image.DecompressionBombError as e:
+        raise TooManyPixels(f"{name} declares far too many pixels, a decompression bomb refused ({e})") from None
+    except Exception as e:  # Pillow raises many kinds on malformed headers
+        raise Invalid(f"{name} is a corrupt or truncated image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if fmt not in FORMATS:
+        raise NotAnImage(f"{name} is in {fmt} format; only {ACCEPTED} are accepted")
+    if w * h > max_pixels:
+        raise TooManyPixels(f"{name} is {w}x{h} = {w * h / 1e6:.1f} Mpixel, over this server's limit of "
+                            f"{max_pixels / 1e6:.0f} Mpixel (set with `cbir serve --max-megapixels`)")
+    return Upload(data, name, fmt, w, h, hashlib.sha256(data).hexdigest())
