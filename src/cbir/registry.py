@@ -114,7 +114,7 @@ class Registry:
         """The entry for ``name``; an unknown name is an ``error`` that lists the known ones."""
         self._load()
         if name not in self._entries:
-            raise self.error(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+            raise self.error(f"unknown {self.kind} {name!r}; known: {', '.join(e.usage for e in self)}")
         return self._entries[name]
 
     def create(self, token: str, **kwargs: Any) -> Any:
@@ -137,6 +137,10 @@ class Registry:
                 if m:
                     return entry, m
         return None
+
+    def choices(self) -> str:
+        """``a (summary), b (summary)``: the vocabulary on one line, for ``--help`` texts."""
+        return ", ".join(f"{e.usage} ({e.summary})" for e in self)
 
     def describe(self, width: int = 22) -> list[str]:
         """One line per entry, ``usage  summary``, for help texts and ``cbir`` listings."""

@@ -173,10 +173,11 @@ _FIELD_TYPE = {"k": int, "k2": int, "alpha": float, "lam": float}
 _ALPHA = r"(?:a(?P<alpha>\d*\.?\d+))?"
 
 
-@RERANKERS.register("QE", option="k", pattern=r"(?P<k>\d+)", scores=False,
-                    summary="average query expansion over the top k (Chum et al. 2007)")
+# Decorators apply bottom-up: QE registers (and is listed) before aQE.
 @RERANKERS.register("aQE", option="k", pattern=r"(?P<k>\d+)" + _ALPHA, scores=False, defaults={"alpha": 3.0},
                     summary="alpha query expansion, neighbours weighted by sim^alpha: aQE<k>a<alpha> (alpha=3)")
+@RERANKERS.register("QE", option="k", pattern=r"(?P<k>\d+)", scores=False,
+                    summary="average query expansion over the top k (Chum et al. 2007)")
 def _expand_queries(q: np.ndarray, db: np.ndarray, s: Reranker) -> tuple[np.ndarray, np.ndarray]:
     return query_expansion(q, db, s.k, s.alpha), db
 

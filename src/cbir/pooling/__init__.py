@@ -41,12 +41,12 @@ def register_pooling(name: str, fn: Callable[..., torch.Tensor], param: str | No
 register_pooling("SUM", F.spoc, summary="sum pooling (SPoC)")
 register_pooling("AVE", F.ave, summary="average pooling")
 register_pooling("MAX", F.mac, combine="max", summary="max pooling (MAC)")
-register_pooling("GeM", F.gem, param="p", default=3.0, combine="power", summary="generalised mean, GeM<p>")
-register_pooling("RMAC", F.rmac, param="levels", default=3, summary="regional MAC over <levels> scales, RMAC<L>")
+register_pooling("GeM", F.gem, param="p", default=3.0, combine="power", summary="generalised mean")
+register_pooling("RMAC", F.rmac, param="levels", default=3, summary="regional MAC over <levels> scales")
 register_pooling("SPP", F.spp, param="levels", default=4, combine="max", summary="spatial pyramid of MAX on 1x1,2x2,4x4 grids (21 C dims)")
 register_pooling("CroW", F.crow, summary="cross-dimensional (spatial + channel) weighted SUM")
 register_pooling("SCDA", F.scda, summary="AVE+MAX over the largest above-mean component (2 C dims)")
-register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summary="class-activation-map weighted AVE, top <k> classes, CAM<k>")
+register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summary="class-activation-map weighted AVE, top <k> classes")
 
 
 def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:

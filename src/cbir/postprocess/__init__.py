@@ -49,11 +49,11 @@ def _fusion(arg: str) -> Transform:
 
 
 register_postprocess("L2", lambda _: L2Normalizer(), "L2 normalisation")
-register_postprocess("POW", PowerNormalizer, "signed power normalisation, POW<alpha> (default 0.5)", "alpha", 0.5)
-register_postprocess("PCA", lambda k: PCA(int(k)), "PCA to <k> dims, PCA<k>", "k")
-register_postprocess("PCAW", lambda k: PCA(int(k), whiten=True), "PCA-whitening to <k> dims, PCAW<k>", "k")
+register_postprocess("POW", PowerNormalizer, "signed power normalisation (alpha = 0.5 when not given)", "alpha", 0.5)
+register_postprocess("PCA", lambda k: PCA(int(k)), "PCA to <k> dims", "k")
+register_postprocess("PCAW", lambda k: PCA(int(k), whiten=True), "PCA-whitening to <k> dims", "k")
 register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25),
-                     "square-root PCA-whitening (eigenvalue^-1/4), PCAWR<k>", "k")
+                     "square-root PCA-whitening (eigenvalue^-1/4)", "k")
 register_postprocess("PCAWS", _shrink,
                      "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)", "k",
                      arg=r"\d+(?:-\d*\.?\d+)?")
