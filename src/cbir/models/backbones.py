@@ -1,9 +1,9 @@
 """Backbones: pretrained networks that turn an image batch into named feature maps.
 
-The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``, ``timm:<model>``) to a
-`Backbone`. A backbone knows where its weights come from, how to scale its input, which layers
-it can tap, and how to build either a PyTorch module or an ONNX graph that returns the tapped
-layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
+The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
+``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
+its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
+that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
 own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
 
 Weights never come from the network unless the user asks for a hub model and one is there:
