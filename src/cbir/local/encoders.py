@@ -188,7 +188,7 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
 
 ENCODERS = Registry("encoder")
 _K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
-ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf; BoW<k>[d<dims>]",
+ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
                   option="k", pattern=_K_DIMS)(BoW)
 ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
                   option="k", pattern=_K_DIMS)(VLAD)
