@@ -214,7 +214,7 @@ def test_registry_is_one_function_one_line():
     src = inspect.getsource(P)
     for name in ("RMAC", "SPP", "CroW", "SCDA", "CAM"):
         assert sum(1 for line in src.splitlines() if line.startswith(f'register_pooling("{name}"')) == 1
-        assert POOLINGS[name].fn.__module__ == "cbir.pooling.functional"
+        assert POOLINGS[name].build.__module__ == "cbir.pooling.functional"
 
 
 # ----------------------------------------------------------------------------- post-processing

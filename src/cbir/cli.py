@@ -14,6 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from cbir.localize import LOCALIZERS
+from cbir.models.engine import ENGINES
+
 app = typer.Typer(
     name="cbir",
     help="Content-based image retrieval with deep features: index a folder, search by example, measure mAP.",
@@ -27,8 +30,8 @@ PipelineOpt = Annotated[
     typer.Option("--pipeline", "-p", help="Pipeline string, e.g. 'efficientnet_lite0/bn2,long384,GeM3,L2' (see `cbir pipelines`)."),
 ]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone (a state dict for timm:<model>).")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default, faster on CPU), onnx-int8 (quantized), or torch; `cbir index` also takes ray (extraction on Ray Data).")]
-LocalizerOpt = Annotated[Optional[str], typer.Option("--localizer", "-l", help="Find the objects in a photo first, then search each: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); in `cbir eval` also gt (the ground-truth boxes).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help=f"Inference engine: {ENGINES.choices()}; `cbir index` also takes ray (extraction on Ray Data).")]
+LocalizerOpt = Annotated[Optional[str], typer.Option("--localizer", "-l", help=f"Find the objects in a photo first, then search each: {', '.join(LOCALIZERS.names())} (`cbir localizers`); in `cbir eval` also gt (the ground-truth boxes).")]
 FitOnOpt = Annotated[Optional[Path], typer.Option("--fit-on", help="Folder of images, separate from the database, to learn PCA steps, vocabularies and layer weights on (a benchmark folder or a folder per class labels them, for Wlearn).")]
 
 
@@ -122,33 +125,30 @@ def models() -> None:
 @app.command()
 def pipelines() -> None:
     """Explain the pipeline-string vocabulary: backbone/layer, input size, pooling, post-processing."""
-    from cbir.local import ENCODERS
+    from cbir.local import ENCODERS, REGIONS
+    from cbir.models import BACKBONES
     from cbir.pipeline import DEFAULT_PIPELINE
     from cbir.pooling import POOLINGS
     from cbir.postprocess import POSTPROCESS
+    from cbir.rerank import RERANKERS
 
     typer.echo(f"default: {DEFAULT_PIPELINE}\n")
-    typer.echo("backbone[/layer]   a name from `cbir models`, or timm:<model>; layer 'head' = the backbone's own pooled feature")
-    typer.echo("                   layer a+b taps several layers, fused by a W<wa>-<wb> (or Wlearn) step")
+    _vocabulary("backbone[/layer] (`cbir models`); layer 'head' = the backbone's own pooled feature,\n"
+                "  a+b taps several layers, fused by a W<wa>-<wb> (or Wlearn) step", BACKBONES)
     typer.echo("input              long<S> (longer side to S, aspect kept) | crop<S> (shorter side to S, centre crop)")
     typer.echo("scales (optional)  MS<n> (1, 1/sqrt2, 1/2, ...) | scales<a>-<b>-... ; merged as the pooling requires")
-    typer.echo("regions (optional) regions:sliding<L> | regions:proposals<N> [@size]: each region through the network,")
-    typer.echo("                   then an encoder after the pooling:")
-    for name, (_, summary) in ENCODERS.items():
-        typer.echo(f"  {name:16s} {summary}")
-    typer.echo("pooling:")
-    for name, m in POOLINGS.items():
-        typer.echo(f"  {name + (f'<{m.param}>' if m.param else ''):16s} {m.summary}")
-    typer.echo("post-processing (in order):")
-    for prefix, (_, _, summary, *_) in POSTPROCESS.items():
-        typer.echo(f"  {prefix:16s} {summary}")
-    typer.echo("re-ranking (last; search time, not part of an index's identity):")
-    for token, summary in (("QE<k>", "average query expansion over the top k"),
-                           ("aQE<k>a<alpha>", "alpha query expansion, neighbours weighted by sim^alpha"),
-                           ("DBA<k>[a<alpha>]", "database-side augmentation with the top k"),
-                           ("KRR<k1>[-k2-lam]", "k-reciprocal re-ranking (Jaccard + original distance)"),
-                           ("DIFF<k>[a<alpha>]", "diffusion on the mutual k-NN graph")):
-        typer.echo(f"  {token:16s} {summary}")
+    _vocabulary("regions (optional, [@size]): each region through the network, then an encoder", REGIONS, "regions:")
+    _vocabulary("encoder (after the pooling, with regions)", ENCODERS)
+    _vocabulary("pooling", POOLINGS)
+    _vocabulary("post-processing (in order)", POSTPROCESS)
+    _vocabulary("re-ranking (last; search time, not part of an index's identity)", RERANKERS)
+
+
+def _vocabulary(title: str, registry, prefix: str = "") -> None:
+    """A stage's heading, then one line per registered entry."""
+    typer.echo(f"{title}:")
+    for line in registry.describe(width=20 - len(prefix)):
+        typer.echo(f"  {prefix}{line}")
 
 
 @app.command()
@@ -328,8 +328,6 @@ def _print_objects(objects, ms: float, as_json: bool) -> None:
 @app.command()
 def localizers() -> None:
     """List the localizers: how a photo is split into the objects that are searched."""
-    from cbir.localize import LOCALIZERS
-
     for line in LOCALIZERS.describe():
         typer.echo(line)
     typer.echo(f"{'gt':22s} the benchmark's ground-truth boxes (cbir eval only: the upper bound)")

@@ -20,11 +20,12 @@ vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must com
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from cbir.registry import Registry
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -152,7 +153,7 @@ class Reranker:
     """One parsed re-ranking token."""
 
     token: str
-    kind: str  # "QE" | "aQE" | "DBA" | "KRR" | "DIFF"
+    kind: str  # its entry in `RERANKERS`: "QE" | "aQE" | "DBA" | "KRR" | "DIFF"
     k: int
     alpha: float = 0.0
     k2: int = 6
@@ -161,35 +162,53 @@ class Reranker:
     @property
     def scores(self) -> bool:
         """True for the steps that produce the final similarities (must be last)."""
-        return self.kind in ("KRR", "DIFF")
+        return RERANKERS.get(self.kind).scores
 
 
-_RERANK = {
-    "QE": re.compile(r"QE(\d+)"),
-    "aQE": re.compile(r"aQE(\d+)(?:a(\d*\.?\d+))?"),
-    "DBA": re.compile(r"DBA(\d+)(?:a(\d*\.?\d+))?"),
-    "KRR": re.compile(r"KRR(\d+)(?:-(\d+)-(\d*\.?\d+))?"),
-    "DIFF": re.compile(r"DIFF(\d+)?(?:a(\d*\.?\d+))?"),
-}
+# Each entry's ``build(q, db, step)`` applies a step: a vector step returns the new ``(q, db)``,
+# a score step (``scores=True``) the final similarities. The pattern's named groups are
+# `Reranker` fields; ``default`` (k's) and ``defaults`` fill those a token leaves out.
+RERANKERS = Registry("re-ranking step")
+_FIELD_TYPE = {"k": int, "k2": int, "alpha": float, "lam": float}
+_ALPHA = r"(?:a(?P<alpha>\d*\.?\d+))?"
+
+
+# Decorators apply bottom-up: QE registers (and is listed) before aQE.
+@RERANKERS.register("aQE", option="k", pattern=r"(?P<k>\d+)" + _ALPHA, scores=False, defaults={"alpha": 3.0},
+                    summary="alpha query expansion, neighbours weighted by sim^alpha: aQE<k>a<alpha> (alpha=3)")
+@RERANKERS.register("QE", option="k", pattern=r"(?P<k>\d+)", scores=False,
+                    summary="average query expansion over the top k (Chum et al. 2007)")
+def _expand_queries(q: np.ndarray, db: np.ndarray, s: Reranker) -> tuple[np.ndarray, np.ndarray]:
+    return query_expansion(q, db, s.k, s.alpha), db
+
+
+@RERANKERS.register("DBA", option="k", pattern=r"(?P<k>\d+)" + _ALPHA, scores=False,
+                    summary="database-side augmentation with the top k: DBA<k>[a<alpha>]")
+def _augment_database(q: np.ndarray, db: np.ndarray, s: Reranker) -> tuple[np.ndarray, np.ndarray]:
+    return q, database_augmentation(db, s.k, s.alpha)
+
+
+@RERANKERS.register("KRR", option="k1", pattern=r"(?P<k>\d+)(?:-(?P<k2>\d+)-(?P<lam>\d*\.?\d+))?", scores=True,
+                    summary="k-reciprocal re-ranking (Jaccard + original distance): KRR<k1>[-k2-lam] (6, 0.3)")
+def _k_reciprocal(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
+    return k_reciprocal(q, db, s.k, s.k2, s.lam)
+
+
+@RERANKERS.register("DIFF", option="k", default=10, pattern=r"(?P<k>\d+)?" + _ALPHA, scores=True,
+                    defaults={"alpha": 0.99}, summary="diffusion on the mutual k-NN graph: DIFF[<k>][a<alpha>] (10, 0.99)")
+def _diffusion(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
+    return diffusion(q, db, s.k, s.alpha)
 
 
 def parse_rerank(token: str) -> Reranker | None:
     """``"aQE10a3"`` -> Reranker(aQE, k=10, alpha=3); not a re-ranking token -> None."""
-    for kind, rx in _RERANK.items():
-        m = rx.fullmatch(token)
-        if not m:
-            continue
-        g = m.groups()
-        if kind == "QE":
-            return Reranker(token, kind, int(g[0]))
-        if kind == "aQE":
-            return Reranker(token, kind, int(g[0]), float(g[1]) if g[1] else 3.0)
-        if kind == "DBA":
-            return Reranker(token, kind, int(g[0]), float(g[1]) if g[1] else 0.0)
-        if kind == "KRR":
-            return Reranker(token, kind, int(g[0]), 0.0, int(g[1]) if g[1] else 6, float(g[2]) if g[2] else 0.3)
-        return Reranker(token, kind, int(g[0]) if g[0] else 10, float(g[1]) if g[1] else 0.99)
-    return None
+    found = RERANKERS.match(token)
+    if found is None:
+        return None
+    entry, m = found
+    given = {name: text for name, text in m.groupdict().items() if text}
+    values = {"k": entry.default, **entry.extra.get("defaults", {}), **given}
+    return Reranker(token, entry.name, **{name: _FIELD_TYPE[name](v) for name, v in values.items()})
 
 
 def check_order(steps: Sequence[Reranker]) -> None:
@@ -204,16 +223,10 @@ def rerank(q: np.ndarray, db: np.ndarray, steps: Sequence[Reranker]) -> np.ndarr
     check_order(steps)
     q, db = np.asarray(q, np.float32), np.asarray(db, np.float32)
     for s in steps:
-        if s.kind == "DBA":
-            db = database_augmentation(db, s.k, s.alpha)
-        elif s.kind == "QE":
-            q = query_expansion(q, db, s.k)
-        elif s.kind == "aQE":
-            q = query_expansion(q, db, s.k, s.alpha)
-        elif s.kind == "KRR":
-            return k_reciprocal(q, db, s.k, s.k2, s.lam)
-        elif s.kind == "DIFF":
-            return diffusion(q, db, s.k, s.alpha)
+        out = RERANKERS.get(s.kind).build(q, db, s)
+        if s.scores:
+            return out
+        q, db = out
     return q @ db.T
 
 
@@ -263,5 +276,5 @@ def rerank_hits(index, vector: np.ndarray, ids: np.ndarray, steps: Sequence[Rera
     return scores[order][None], ids[order][None]
 
 
-__all__ = ["SHORTLIST", "rerank_hits", "rerank_shortlist", "Reranker", "check_order", "database_augmentation", "diffusion", "k_reciprocal",
+__all__ = ["RERANKERS", "SHORTLIST", "rerank_hits", "rerank_shortlist", "Reranker", "check_order", "database_augmentation", "diffusion", "k_reciprocal",
            "parse_rerank", "query_expansion", "rerank"]

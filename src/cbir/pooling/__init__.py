@@ -4,7 +4,7 @@
 strings (``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to
 them. Adding a method is one function in `functional` plus one `register_pooling` line.
 
-A registration may say:
+A registration (an entry of the `POOLINGS` `cbir.registry.Registry`) may say:
 
 - ``param``/``default``: the one number the token may carry (``GeM3``: p = 3);
 - ``needs``: context the function takes besides the map, supplied by the extractor
@@ -16,56 +16,46 @@ A registration may say:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from cbir.pooling import functional as F
+from cbir.registry import Entry, Registry
 
+POOLINGS = Registry("pooling")
+PoolingMethod = Entry  # a parsed pooling is its registry entry (``build`` is the function)
 
-@dataclass(frozen=True)
-class PoolingMethod:
-    name: str
-    fn: Callable[..., torch.Tensor]
-    param: str | None = None  # name of the one numeric parameter the token may carry
-    default: float | None = None
-    summary: str = ""
-    needs: tuple[str, ...] = ()
-    combine: str = "mean"
-
-
-POOLINGS: dict[str, PoolingMethod] = {}
+# The number glued to the name; [0-9], not \d: other scripts' digits are not a pooling's.
+_NUMBER = r"([0-9]+(?:\.[0-9]+)?)?"
 
 
 def register_pooling(name: str, fn: Callable[..., torch.Tensor], param: str | None = None,
                      default: float | None = None, summary: str = "", needs: tuple[str, ...] = (),
                      combine: str = "mean") -> None:
-    POOLINGS[name] = PoolingMethod(name, fn, param, default, summary, tuple(needs), combine)
+    """Add ``fn`` as pooling ``name``; ``param``: the keyword the token's number is passed as."""
+    POOLINGS.register(name, summary=summary, option=param, default=default, pattern=_NUMBER,
+                      needs=tuple(needs), combine=combine)(fn)
 
 
 register_pooling("SUM", F.spoc, summary="sum pooling (SPoC)")
 register_pooling("AVE", F.ave, summary="average pooling")
 register_pooling("MAX", F.mac, combine="max", summary="max pooling (MAC)")
-register_pooling("GeM", F.gem, param="p", default=3.0, combine="power", summary="generalised mean, GeM<p>")
-register_pooling("RMAC", F.rmac, param="levels", default=3, summary="regional MAC over <levels> scales, RMAC<L>")
+register_pooling("GeM", F.gem, param="p", default=3.0, combine="power", summary="generalised mean")
+register_pooling("RMAC", F.rmac, param="levels", default=3, summary="regional MAC over <levels> scales")
 register_pooling("SPP", F.spp, param="levels", default=4, combine="max", summary="spatial pyramid of MAX on 1x1,2x2,4x4 grids (21 C dims)")
 register_pooling("CroW", F.crow, summary="cross-dimensional (spatial + channel) weighted SUM")
 register_pooling("SCDA", F.scda, summary="AVE+MAX over the largest above-mean component (2 C dims)")
-register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summary="class-activation-map weighted AVE, top <k> classes, CAM<k>")
-
-_TOKEN = re.compile(r"^([A-Za-z][A-Za-z\-]*?)([0-9]+(?:\.[0-9]+)?)?$")
+register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summary="class-activation-map weighted AVE, top <k> classes")
 
 
 def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
     """``"GeM3"`` -> (GeM, 3.0); ``"MAX"`` -> (MAX, None); not a pooling token -> None."""
-    m = _TOKEN.match(token)
-    if not m or m.group(1) not in POOLINGS:
+    found = POOLINGS.match(token)
+    if found is None:
         return None
-    method = POOLINGS[m.group(1)]
-    value = m.group(2)
-    if value is not None and method.param is None:
+    method, value = found[0], found[1].group(1)
+    if value is not None and method.option is None:
         raise ValueError(f"pooling {method.name} takes no parameter (got {token!r})")
     return method, (float(value) if value is not None else method.default)
 
@@ -76,9 +66,9 @@ def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context)
     ``context`` holds what methods with ``needs`` take (e.g. ``weight``/``bias`` for CAM).
     """
     kwargs = {k: v for k, v in context.items() if k in _context_args(method)}
-    if method.param is not None:
-        kwargs[method.param] = value
-    return method.fn(x, **kwargs)
+    if method.option is not None:
+        kwargs[method.option] = value
+    return method.build(x, **kwargs)
 
 
 _NEEDS_ARGS = {"classifier": ("weight", "bias")}

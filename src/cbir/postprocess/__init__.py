@@ -2,12 +2,12 @@
 
 The registry maps pipeline tokens (``L2``, ``PCA128``, ``PCAW128``, ``PCAWR128``,
 ``PCAWS128``, ``POW0.5``, ``W0.3-0.7``, ``Wlearn``) to transform factories. Adding a step is
-one class in `transforms` plus one `register_postprocess` line.
+one class in `transforms` plus one `register_postprocess` line (an entry of the `POSTPROCESS`
+`cbir.registry.Registry`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from cbir.postprocess.transforms import (
@@ -19,16 +19,22 @@ from cbir.postprocess.transforms import (
     Transform,
     WhiteningPCA,
 )
+from cbir.registry import Registry
 
-# token prefix -> (factory, needs a number, summary, argument pattern or None)
-# Without a pattern the factory takes the token's number (float) or None; with one, it takes
-# the argument text that matched the pattern.
-POSTPROCESS: dict[str, tuple[Callable, bool, str, str | None]] = {}
+POSTPROCESS = Registry("post-processing step")
+
+_NUMBER = r"\d+(?:\.\d+)?"
 
 
-def register_postprocess(prefix: str, factory: Callable, needs_number: bool, summary: str,
-                         arg: str | None = None) -> None:
-    POSTPROCESS[prefix] = (factory, needs_number, summary, arg)
+def register_postprocess(prefix: str, factory: Callable, summary: str, option: str | None = None,
+                         default: float | None = None, arg: str | None = None) -> None:
+    """Add a step ``<prefix>[<option>]``: an option without a default must be given.
+
+    ``factory`` takes the token's number (float; the default, or None, when absent) or, with an
+    ``arg`` pattern, the argument text that matched it.
+    """
+    POSTPROCESS.register(prefix, summary=summary, option=option, default=default, pattern=arg or _NUMBER,
+                         text=arg is not None)(factory)
 
 
 def _shrink(arg: str) -> Transform:
@@ -42,42 +48,32 @@ def _fusion(arg: str) -> Transform:
     return LayerFusion(tuple(float(v) for v in arg.split("-")))
 
 
-register_postprocess("L2", lambda _: L2Normalizer(), False, "L2 normalisation")
-register_postprocess("POW", lambda a: PowerNormalizer(a if a is not None else 0.5), False,
-                     "signed power normalisation, POW<alpha> (default 0.5)")
-register_postprocess("PCA", lambda k: PCA(int(k)), True, "PCA to <k> dims, PCA<k>")
-register_postprocess("PCAW", lambda k: PCA(int(k), whiten=True), True, "PCA-whitening to <k> dims, PCAW<k>")
-register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25), True,
-                     "square-root PCA-whitening (eigenvalue^-1/4), PCAWR<k>")
-register_postprocess("PCAWS", _shrink, True,
-                     "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)",
+register_postprocess("L2", lambda _: L2Normalizer(), "L2 normalisation")
+register_postprocess("POW", PowerNormalizer, "signed power normalisation (alpha = 0.5 when not given)", "alpha", 0.5)
+register_postprocess("PCA", lambda k: PCA(int(k)), "PCA to <k> dims", "k")
+register_postprocess("PCAW", lambda k: PCA(int(k), whiten=True), "PCA-whitening to <k> dims", "k")
+register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25),
+                     "square-root PCA-whitening (eigenvalue^-1/4)", "k")
+register_postprocess("PCAWS", _shrink,
+                     "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)", "k",
                      arg=r"\d+(?:-\d*\.?\d+)?")
-register_postprocess("W", _fusion, True,
-                     "multi-layer fusion weights, one per layer: W0.3-0.7, or Wlearn (from a labelled set)",
+register_postprocess("W", _fusion,
+                     "multi-layer fusion weights, one per layer: W0.3-0.7, or Wlearn (from a labelled set)", "weights",
                      arg=r"learn|\d*\.?\d+(?:-\d*\.?\d+)*")
-
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def parse_postprocess(token: str) -> Transform | None:
     """``"PCAW128"`` -> PCA(128, whiten=True); not a post-processing token -> None."""
-    if token == "L2":  # "L2" is a name, not L with parameter 2
-        return L2Normalizer()
-    for prefix in sorted(POSTPROCESS, key=len, reverse=True):
-        if not token.startswith(prefix):
-            continue
-        factory, needs_number, _, arg = POSTPROCESS[prefix]
-        rest = token[len(prefix):]
-        if not rest:
-            if needs_number:
-                raise ValueError(f"{token!r} needs a number, e.g. {prefix}128")
-            return factory(None)
-        if arg is not None:
-            if re.fullmatch(arg, rest):
-                return factory(rest)
-        elif _NUMBER.fullmatch(rest):
-            return factory(float(rest))
-    return None
+    if token in POSTPROCESS:  # the bare name ("L2" is a name, not L with parameter 2)
+        step = POSTPROCESS.get(token)
+        if step.option is not None and step.default is None:
+            raise ValueError(f"{token!r} needs a number, e.g. {token}128")
+        return step.build(step.default)
+    found = POSTPROCESS.match(token)
+    if found is None:
+        return None
+    step, m = found
+    return step.build(m.group(0) if step.text else float(m.group(0)))
 
 
 __all__ = ["PCA", "L2Normalizer", "LayerFusion", "NotFittedError", "POSTPROCESS", "PowerNormalizer",

@@ -11,6 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from cbir.localize import LOCALIZERS
+from cbir.models.engine import ENGINES
+
 
 def serve(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index directory built by `cbir index`.")],
@@ -23,8 +26,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=256, help="ONNX Runtime threads per extraction (default: cores / workers).")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", help="Refuse to add or delete images.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone, if the index was built with one.")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="Inference engine: onnx (default) or torch.")] = "onnx",
-    localizer: Annotated[Optional[str], typer.Option("--localizer", "-l", help="How a query photo is split into objects, each searched: whole, saliency, pspnet, yolo, tscam (`cbir localizers`); default: the one stored with the index, else whole.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help=f"Inference engine: {ENGINES.choices()}.")] = "onnx",
+    localizer: Annotated[Optional[str], typer.Option("--localizer", "-l", help=f"How a query photo is split into objects, each searched: {', '.join(LOCALIZERS.names())} (`cbir localizers`); default: the one stored with the index, else whole.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
     """Serve a search page and a JSON API over an index: drop a photo, see what matches."""

@@ -11,6 +11,6 @@
 """
 
 from cbir.toolbox import layers
-from cbir.toolbox.registry import create_module, get_entry, list_modules, register_module
+from cbir.toolbox.registry import MODULES, create_module, get_entry, list_modules, register_module
 
-__all__ = ["create_module", "get_entry", "layers", "list_modules", "register_module"]
+__all__ = ["MODULES", "create_module", "get_entry", "layers", "list_modules", "register_module"]

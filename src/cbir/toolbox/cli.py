@@ -36,20 +36,20 @@ def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch
         entry = None
     if entry is not None:
         if entry.input_kind == "none":
-            return entry.constructor(), torch.randn(shape)
+            return entry.build(), torch.randn(shape)
         if len(shape) != 4:
             raise ValueError(
                 f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}"
             )
         b, c, h, w = shape
         if entry.input_kind == "channels":
-            return entry.constructor(c), torch.randn(shape)
+            return entry.build(c), torch.randn(shape)
         chans = [c, 2 * c, 4 * c]
         feats = []
         for ci in chans:
             feats.append(torch.randn(b, ci, h, w))
             h, w = (h + 1) // 2, (w + 1) // 2
-        return entry.constructor(chans), feats
+        return entry.build(chans), feats
     import timm
 
     timm_name = MODEL_ALIASES.get(name, name)
