@@ -25,6 +25,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from cbir.models.engine import ENGINES
+
 
 # The standard grid: one line per method family of the literature (docs/methods.md).
 # Learned steps use at most 64 dims, so that a fitting set of ~100 images is enough.
@@ -261,7 +263,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown to FILE.")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone.")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="Inference engine: onnx or torch.")] = "onnx",
+    engine: Annotated[str, typer.Option("--engine", help=f"Inference engine: {ENGINES.choices()}.")] = "onnx",
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
 ) -> None:
     """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
