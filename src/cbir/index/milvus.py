@@ -58,10 +58,6 @@ class MilvusURI:
         return f"{'milvuss' if self.secure else 'milvus'}://{self.host}:{self.port}/{self.collection}"
 
 
-def is_backend_uri(text: str | None) -> bool:
-    return bool(text) and text.startswith(("milvus://", "milvuss://"))
-
-
 class MilvusBackend(SearchBackend):
     """One collection: ``id`` INT64 primary key, ``vector`` FLOAT_VECTOR(dim), inner product.
 
