@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,46 +132,57 @@ class TimmBackbone(Backbone):
     mean: tuple[float, float, float] | None = None  # in 0..1 units, as timm's configs give
     std: tuple[float, float, float] | None = None
     _model: object = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The input normalisation is known from timm's config without building the model, so
+        # it is fixed here: an ONNX engine never needs the PyTorch model at all.
+        if self.mean is None or self.std is None:
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(self.timm_name)
+            self.mean = self.mean or tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406))
+            self.std = self.std or tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225))
 
     def model(self):
-        """The timm model in eval mode with its weights loaded (built once)."""
-        if self._model is None:
-            import timm
-            import torch
+        """The timm model in eval mode with its weights loaded (built once, under a lock: the
+        backbone is shared by every extractor of the process and their threads)."""
+        with self._lock:
+            return self._model if self._model is not None else self._build()
 
+    def _build(self):
+        import timm
+        import torch
+
+        try:
+            if self.weights is None:
+                model = timm.create_model(self.timm_name, pretrained=True)
+            else:
+                model = timm.create_model(self.timm_name, pretrained=False)
+        except RuntimeError as e:  # unknown name
+            raise BackboneError(f"timm has no model {self.timm_name!r}") from e
+        except Exception as e:  # hub unreachable: say so in one line
+            raise BackboneError(
+                f"could not download weights for {self.timm_name!r} from the hub "
+                f"({type(e).__name__}); pass --weights PATH to a local state dict"
+            ) from e
+        if self.weights is not None:
+            state = torch.load(self.weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            if self.key_map is not None:
+                state = self.key_map(state, model.state_dict())
             try:
-                if self.weights is None:
-                    model = timm.create_model(self.timm_name, pretrained=True)
-                else:
-                    model = timm.create_model(self.timm_name, pretrained=False)
-            except RuntimeError as e:  # unknown name
-                raise BackboneError(f"timm has no model {self.timm_name!r}") from e
-            except Exception as e:  # hub unreachable: say so in one line
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                first = str(e).splitlines()[0]
                 raise BackboneError(
-                    f"could not download weights for {self.timm_name!r} from the hub "
-                    f"({type(e).__name__}); pass --weights PATH to a local state dict"
+                    f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}"
                 ) from e
-            if self.weights is not None:
-                state = torch.load(self.weights, map_location="cpu", weights_only=True)
-                if isinstance(state, dict) and "state_dict" in state:
-                    state = state["state_dict"]
-                if self.key_map is not None:
-                    state = self.key_map(state, model.state_dict())
-                try:
-                    model.load_state_dict(state, strict=True)
-                except RuntimeError as e:
-                    first = str(e).splitlines()[0]
-                    raise BackboneError(
-                        f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}"
-                    ) from e
-            self._model = model.eval()
-            cfg = model.pretrained_cfg
-            self.mean = self.mean or tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-            self.std = self.std or tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self._model = model.eval()
         return self._model
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        self.model()  # resolves mean/std from the model's config
         mean = np.asarray(self.mean, np.float32) * 255.0
         std = np.asarray(self.std, np.float32) * 255.0
         x = (batch.astype(np.float32) - mean) / std
