@@ -143,13 +143,16 @@ def test_fine_tuning_starts_from_the_given_weights_at_another_size(trained, toy,
 
     out, best, hp = trained
     # one epoch at 160 from the trained 128 weights, at a learning rate too small to move
-    # anything: it already finds the toy paintings (from scratch, one epoch finds nothing)
+    # anything: it finds the toy paintings as the trained weights do;
+    # two training folders make one training set
     ft = DetectorHParams(**{**hp.__dict__, "image_size": 160, "epochs": 1, "lr": 1e-9, "init": str(out)})
-    got = train(toy[0], toy[0], tmp_path / "ft.pt", ft, log=lambda m: None)
+    msgs = []
+    got = train([toy[0], toy[1]], toy[0], tmp_path / "ft.pt", ft, log=msgs.append)
     assert got["map50"] >= 0.5 * best["map50"], (got, best)
+    assert any(m.startswith("data: 14 training photos") for m in msgs) and any("fine-tuning from" in m for m in msgs)
     w = load_checkpoint(tmp_path / "ft.pt")
     assert w["image_size"] == 160 and w["hparams"]["init"] == str(out)
-    assert torch.equal(w["anchors"], load_checkpoint(out)["anchors"])  # the init's anchors, kept
+    assert torch.allclose(w["anchors"], load_checkpoint(out)["anchors"], atol=0.05)  # the init's anchors, kept (fp16 in the state)
     # the NMS IoU travels with the score cut, chosen on the validation set
     assert w["iou"] in (0.3, 0.4, 0.45, 0.5, 0.6, 0.7) and 0 < w["conf"] < 1
     # a file that is not YOLO weights: one line
@@ -195,7 +198,8 @@ def test_nms_iou_is_chosen_by_count_and_used_by_the_localizer(trained, toy, tmp_
     a, b = create_localizer(f"yolo:{tmp_path / 'iou.pt'}"), create_localizer(f"yolo:{tmp_path / 'iou.pt'}", engine="torch")
     ra, rb = a(photo), b(photo)
     assert a.iou == b.iou == 0.3 and b._model.iou == 0.3
-    assert [r.box for r in ra] == pytest.approx([r.box for r in rb], abs=0.05)
+    assert len(ra) == len(rb) >= 1
+    np.testing.assert_allclose([r.box for r in ra], [r.box for r in rb], atol=0.05)
 
 
 def test_augmentation_keeps_boxes_on_the_objects(toy):

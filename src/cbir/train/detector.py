@@ -314,7 +314,7 @@ def fit_anchors(boxes: list[np.ndarray], seed: int, thr: float) -> tuple[np.ndar
     return new.reshape(3, 3, 2), {"bpr_coco": bpr_old, "bpr_kmeans": bpr_new, "fitness": fit}
 
 
-def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_dir: Path | None = None,
+def train(train_dir: Path | list[Path], val_dir: Path, out: Path, hp: DetectorHParams, run_dir: Path | None = None,
           fresh: bool = False, log=print) -> dict:
     """Train, validate every epoch, checkpoint, and write the final (EMA) weights to ``out``."""
     from cbir.models.yolo import YOLO, YoloLoss
@@ -326,7 +326,11 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
     ckpt_path = run_dir / "last.pt"
     seed_everything(hp.seed)
     t0 = time.time()
-    train_set = load_set(train_dir, hp.image_size, hp.max_train)
+    dirs = [train_dir] if isinstance(train_dir, (str, Path)) else list(train_dir)
+    sets = [load_set(d, hp.image_size) for d in dirs]  # several folders: one training set
+    train_set = DetSet(*([x for d in sets for x in getattr(d, f)] for f in ("images", "boxes", "names")))
+    if hp.max_train:
+        train_set = DetSet(train_set.images[:hp.max_train], train_set.boxes[:hp.max_train], train_set.names[:hp.max_train])
     val_set = load_set(val_dir, hp.image_size, hp.val_images)
     n_boxes = sum(len(b) for b in train_set.boxes)
     log(f"data: {len(train_set.images)} training photos ({n_boxes} boxes), {len(val_set.images)} validation photos")
@@ -477,7 +481,7 @@ def _weights_payload(model, hp: DetectorHParams, ev: dict, anchor_info: dict, n_
 
 
 def command(
-    data: Annotated[Path, typer.Option("--data", help="training folder (`cbir synth` output: gt.json, queries/)")],
+    data: Annotated[list[Path], typer.Option("--data", help="training folder (`cbir synth` output: gt.json, queries/); repeat to train on several")],
     val: Annotated[Path, typer.Option("--val", help="validation folder, same format")],
     out: Annotated[Path, typer.Option("--out", help="weights file to write (e.g. src/cbir/weights/yolo_lite0.pt)")],
     variant: Annotated[str, typer.Option(help="lite0 (frozen ImageNet EfficientNet-Lite0, cached features) or n (yolov5n from scratch)")] = "lite0",
