@@ -332,7 +332,11 @@ def test_shipped_weights_reach_the_floor_on_museum_multi():
         counts += len(regions) == len(g)
     m = mean_average_precision(preds, targets)
     assert m["map_50"] >= FLOOR_AP50 and counts / len(gt["queries"]) >= FLOOR_COUNT, (m["map_50"], counts)
+    assert m["map"] >= FLOOR_AP, m["map"]  # the boxes' tightness (AP@[.5:.95])
 
 
+# about 0.02-0.03 under what `cbir eval ../shared/datasets/museum-multi --localizer yolo` measured
+# for the shipped weights (det AP50 0.960, AP@[.5:.95] 0.763, count accuracy 0.956; docs/yolo.md)
 FLOOR_AP50 = 0.93
-FLOOR_COUNT = 0.92
+FLOOR_AP = 0.74
+FLOOR_COUNT = 0.93

@@ -13,9 +13,10 @@ yolov5's habits: autoanchor (k-means on the training boxes) when the COCO anchor
 possible recall is low (here: always refitted), EMA of the weights (the EMA copy is
 validated and shipped), linear warm-up then cosine learning rate, a checkpoint every epoch
 (a killed run resumes from it), ``history.json`` and ``curves.png`` (losses, mAP50,
-mAP50-95 on the validation set) in the run folder. The score threshold the localizer uses is
-chosen on the validation set (best count accuracy, then F1 at IoU 0.5) and stored with the
-weights.
+mAP50-95 on the validation set) in the run folder. The score threshold and the NMS IoU the
+localizer uses are chosen on the validation set (best count accuracy, then F1 at IoU 0.5) and
+stored with the weights. ``--init WEIGHTS`` fine-tunes from a weights file (its anchors kept,
+at any input size); ``--data`` may be repeated.
 """
 
 from __future__ import annotations
