@@ -266,6 +266,23 @@ def test_cli(collection, tmp_path):
     assert r.exit_code == 0, r.output
     gt = json.loads((tmp_path / "o" / "gt.json").read_text())
     assert len(gt["queries"]) == 2 and not any("chelsea" in p for p in gt["database"])
+    # --closeup 1: every photo of one painting is a close-up; --closeup 0: none is. The same
+    # seed draws the same paintings, so the close-ups' paintings are the larger ones.
+    fracs = {}
+    for p in (0, 1):
+        r = CliRunner().invoke(app, ["synth", str(collection), str(tmp_path / f"c{p}"), "-n", "12", "--seed", "3",
+                                     "--long-side", "200", "--closeup", str(p)])
+        assert r.exit_code == 0, r.output
+        fracs[p] = []
+        for q in json.loads((tmp_path / f"c{p}" / "gt.json").read_text())["queries"]:
+            if len(q["objects"]) == 1:
+                w, h = Image.open(tmp_path / f"c{p}" / q["image"]).size
+                x0, y0, x1, y1 = q["objects"][0]["bbox"]
+                fracs[p].append(max((x1 - x0) / w, (y1 - y0) / h))
+    assert len(fracs[1]) == len(fracs[0]) > 0
+    assert min(fracs[1]) >= 0.6 and np.mean(fracs[1]) > np.mean(fracs[0]) + 0.05, fracs
+    r = CliRunner().invoke(app, ["synth", str(collection), str(tmp_path / "o3"), "-n", "1", "--closeup", "2"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
     empty = tmp_path / "nothing"
     empty.mkdir()
     r = CliRunner().invoke(app, ["synth", str(empty), str(tmp_path / "o2"), "-n", "1"])

@@ -137,6 +137,71 @@ def test_killed_run_resumes_from_its_checkpoint(trained, toy):
     assert [r["epoch"] for r in hist] == list(range(1, hp.epochs + 2))
 
 
+def test_fine_tuning_starts_from_the_given_weights_at_another_size(trained, toy, tmp_path):
+    from cbir.train import TrainingError, load_checkpoint
+    from cbir.train.detector import DetectorHParams, train
+
+    out, best, hp = trained
+    # one epoch at 160 from the trained 128 weights, at a learning rate too small to move
+    # anything: it finds the toy paintings as the trained weights do;
+    # two training folders make one training set
+    ft = DetectorHParams(**{**hp.__dict__, "image_size": 160, "epochs": 1, "lr": 1e-9, "init": str(out)})
+    msgs = []
+    got = train([toy[0], toy[1]], toy[0], tmp_path / "ft.pt", ft, log=msgs.append)
+    assert got["map50"] >= 0.5 * best["map50"], (got, best)
+    assert any(m.startswith("data: 14 training photos") for m in msgs) and any("fine-tuning from" in m for m in msgs)
+    w = load_checkpoint(tmp_path / "ft.pt")
+    assert w["image_size"] == 160 and w["hparams"]["init"] == str(out)
+    assert torch.allclose(w["anchors"], load_checkpoint(out)["anchors"], atol=0.05)  # the init's anchors, kept (fp16 in the state)
+    # the NMS IoU travels with the score cut, chosen on the validation set
+    assert w["iou"] in (0.3, 0.4, 0.45, 0.5, 0.6, 0.7) and 0 < w["conf"] < 1
+    # a file that is not YOLO weights: one line
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": "something else"}, bad)
+    with pytest.raises(TrainingError, match="not cbir YOLO lite0 weights"):
+        train(toy[0], toy[0], tmp_path / "x.pt", DetectorHParams(**{**ft.__dict__, "init": str(bad)}),
+              run_dir=tmp_path / "x-run", log=lambda m: None)
+
+
+def test_nms_iou_is_chosen_by_count_and_used_by_the_localizer(trained, toy, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cbir.localize import create_localizer
+    from cbir.train import load_checkpoint
+    from cbir.train.detector import evaluate_nms
+
+    # photo 1: one painting and a duplicate of it shifted by 10 px (IoU 0.6); photo 2: two
+    # paintings overlapping by IoU 0.48, each found once. Scores 0.9 / 0.89, so no score cut
+    # separates the pairs: only an NMS IoU in [0.48, 0.6) counts both photos right.
+    class Fake:
+        class head:
+            @staticmethod
+            def decode(raw):
+                return raw
+
+    raws = [torch.tensor([[[50.0, 50.0, 40.0, 40.0, 0.9], [60.0, 50.0, 40.0, 40.0, 0.89]]]),
+            torch.tensor([[[50.0, 50.0, 40.0, 40.0, 0.9], [64.0, 50.0, 40.0, 40.0, 0.89]]])]
+    gts = [np.array([[30.0, 30.0, 70.0, 70.0]], np.float32),
+           np.array([[30.0, 30.0, 70.0, 70.0], [44.0, 30.0, 84.0, 70.0]], np.float32)]
+    ev = evaluate_nms(Fake, raws, gts)
+    assert ev["count_acc"] == 1.0 and ev["iou"] == 0.5
+    # ties go to the default 0.45: photo 1 alone counts right at 0.3-0.5
+    ev = evaluate_nms(Fake, raws[:1], gts[:1])
+    assert ev["count_acc"] == 1.0 and ev["iou"] == 0.45
+    # the localizer applies the stored IoU (in ONNX and torch alike)
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
+    out, _, _ = trained
+    w = load_checkpoint(out)
+    w["iou"] = 0.3
+    torch.save(w, tmp_path / "iou.pt")
+    photo = Image.open(next((toy[1] / "queries").glob("*.jpg"))).convert("RGB")
+    a, b = create_localizer(f"yolo:{tmp_path / 'iou.pt'}"), create_localizer(f"yolo:{tmp_path / 'iou.pt'}", engine="torch")
+    ra, rb = a(photo), b(photo)
+    assert a.iou == b.iou == 0.3 and b._model.iou == 0.3
+    assert len(ra) == len(rb) >= 1
+    np.testing.assert_allclose([r.box for r in ra], [r.box for r in rb], atol=0.05)
+
+
 def test_augmentation_keeps_boxes_on_the_objects(toy):
     from cbir.train.detector import Augmenter, DetectorHParams, load_set
 
@@ -267,7 +332,11 @@ def test_shipped_weights_reach_the_floor_on_museum_multi():
         counts += len(regions) == len(g)
     m = mean_average_precision(preds, targets)
     assert m["map_50"] >= FLOOR_AP50 and counts / len(gt["queries"]) >= FLOOR_COUNT, (m["map_50"], counts)
+    assert m["map"] >= FLOOR_AP, m["map"]  # the boxes' tightness (AP@[.5:.95])
 
 
+# about 0.02-0.03 under what `cbir eval ../shared/datasets/museum-multi --localizer yolo` measured
+# for the shipped weights (det AP50 0.960, AP@[.5:.95] 0.763, count accuracy 0.956; docs/yolo.md)
 FLOOR_AP50 = 0.93
-FLOOR_COUNT = 0.92
+FLOOR_AP = 0.74
+FLOOR_COUNT = 0.93

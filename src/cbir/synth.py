@@ -1024,6 +1024,7 @@ def synth(
         "--holdout", help="File listing collection images to leave out, one collection-relative path or file name per line.")] = None,
     long_side: Annotated[int, typer.Option("--long-side", help="Typical longer side of a photo, in pixels (drawn within +-33%).")] = 768,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Processes composing photos (the output does not depend on it).")] = 1,
+    closeup: Annotated[float, typer.Option("--closeup", min=0.0, max=1.0, help="Probability that a photo of one painting is a close-up (the painting fills most of it).")] = SynthConfig.p_closeup,
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm
@@ -1034,5 +1035,6 @@ def synth(
         return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
     gt = synthesize(collection_dir, out_dir, n, seed=seed, backgrounds=backgrounds, holdout=names,
-                    long_side=long_side, progress=progress, workers=workers)
+                    long_side=long_side, progress=progress, workers=workers,
+                    config=replace(SynthConfig(), p_closeup=closeup))
     typer.echo(f"wrote {n} photos and {gt}")

@@ -124,17 +124,18 @@ class YoloLocalizer(Localizer):
             model, meta = load_model(self.path)
             self.size = int(meta["image_size"])
             self.conf = float(self._conf if self._conf is not None else meta.get("conf", 0.25))
+            self.iou = float(meta.get("iou", EXPORT_IOU))  # chosen on synth-val with the score cut
             if self.engine == "torch":
                 from cbir.models.yolo import YoloInference
 
-                self._model = YoloInference(model, EXPORT_CONF, EXPORT_IOU, MAX_DET).eval()
+                self._model = YoloInference(model, EXPORT_CONF, self.iou, MAX_DET).eval()
             else:
                 from cbir.models.engine import cache_dir, onnx_session
 
                 digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
                 onnx_path = cache_dir() / "onnx" / f"yolo-{meta['variant']}-{self.size}-{digest}.onnx"
                 if not onnx_path.exists():
-                    export_onnx(model, self.size, onnx_path)
+                    export_onnx(model, self.size, onnx_path, iou=self.iou)
                 self._session = onnx_session(str(onnx_path), self.threads or 0)
             self._meta = meta
 

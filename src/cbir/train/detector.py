@@ -13,9 +13,10 @@ yolov5's habits: autoanchor (k-means on the training boxes) when the COCO anchor
 possible recall is low (here: always refitted), EMA of the weights (the EMA copy is
 validated and shipped), linear warm-up then cosine learning rate, a checkpoint every epoch
 (a killed run resumes from it), ``history.json`` and ``curves.png`` (losses, mAP50,
-mAP50-95 on the validation set) in the run folder. The score threshold the localizer uses is
-chosen on the validation set (best count accuracy, then F1 at IoU 0.5) and stored with the
-weights.
+mAP50-95 on the validation set) in the run folder. The score threshold and the NMS IoU the
+localizer uses are chosen on the validation set (best count accuracy, then F1 at IoU 0.5) and
+stored with the weights. ``--init WEIGHTS`` fine-tunes from a weights file (its anchors kept,
+at any input size); ``--data`` may be repeated.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class DetectorHParams:
     seed: int = 0
     threads: int = 1
     max_train: int = 0  # 0: all photos
+    init: str = ""  # a weights file to start the neck and head from (fine-tuning; its anchors are kept)
 
 
 # ------------------------------------------------------------------ data
@@ -251,6 +253,22 @@ def evaluate(dets: list[np.ndarray], gts: list[np.ndarray]) -> dict:
             "conf": best[2]}
 
 
+NMS_IOUS = (0.3, 0.4, 0.45, 0.5, 0.6, 0.7)
+
+
+def evaluate_nms(model, raws: list, gts: list[np.ndarray], ious=NMS_IOUS, default: float = 0.45) -> dict:
+    """`evaluate` at every NMS IoU in ``ious``: the AP figures are those at IoU 0.6 (as yolov5's
+    validation), the localizer's NMS IoU and score cut the pair with the best count accuracy,
+    then F1 at IoU 0.5 (ties: the IoU nearest ``default``)."""
+    evs = {}
+    for t in sorted(set(ious) | {0.6}):
+        dets = [d for raw in raws for d in detect_batch(model, raw, iou=t)]
+        evs[t] = evaluate(dets, gts)
+    pick = max(ious, key=lambda t: (evs[t]["count_acc"], evs[t]["f1"], -abs(t - default)))
+    return {**evs[0.6], "count_acc": evs[pick]["count_acc"], "f1": evs[pick]["f1"], "conf": evs[pick]["conf"],
+            "iou": float(pick)}
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -297,7 +315,7 @@ def fit_anchors(boxes: list[np.ndarray], seed: int, thr: float) -> tuple[np.ndar
     return new.reshape(3, 3, 2), {"bpr_coco": bpr_old, "bpr_kmeans": bpr_new, "fitness": fit}
 
 
-def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_dir: Path | None = None,
+def train(train_dir: Path | list[Path], val_dir: Path, out: Path, hp: DetectorHParams, run_dir: Path | None = None,
           fresh: bool = False, log=print) -> dict:
     """Train, validate every epoch, checkpoint, and write the final (EMA) weights to ``out``."""
     from cbir.models.yolo import YOLO, YoloLoss
@@ -309,7 +327,11 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
     ckpt_path = run_dir / "last.pt"
     seed_everything(hp.seed)
     t0 = time.time()
-    train_set = load_set(train_dir, hp.image_size, hp.max_train)
+    dirs = [train_dir] if isinstance(train_dir, (str, Path)) else list(train_dir)
+    sets = [load_set(d, hp.image_size) for d in dirs]  # several folders: one training set
+    train_set = DetSet(*([x for d in sets for x in getattr(d, f)] for f in ("images", "boxes", "names")))
+    if hp.max_train:
+        train_set = DetSet(train_set.images[:hp.max_train], train_set.boxes[:hp.max_train], train_set.names[:hp.max_train])
     val_set = load_set(val_dir, hp.image_size, hp.val_images)
     n_boxes = sum(len(b) for b in train_set.boxes)
     log(f"data: {len(train_set.images)} training photos ({n_boxes} boxes), {len(val_set.images)} validation photos")
@@ -317,8 +339,21 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
     log(f"autoanchor: best possible recall {anchor_info['bpr_coco']:.3f} (COCO anchors) -> "
         f"{anchor_info['bpr_kmeans']:.3f} (k-means): {np.round(anchors.reshape(-1, 2)).astype(int).tolist()}")
 
+    init = None
+    if hp.init:
+        init = load_checkpoint(Path(hp.init))
+        if init.get("format") != "cbir-yolo-1" or init.get("variant") != hp.variant:
+            raise TrainingError(f"{hp.init}: not cbir YOLO {hp.variant} weights")
+        anchors = init["anchors"].float().numpy()  # kept: the head's sizes are learnt against them
+        log(f"fine-tuning from {hp.init} (trained at {init['image_size']}), with its anchors")
     model = YOLO(hp.variant, nc=1, anchors=anchors, pretrained=True)
-    model.head.init_bias(hp.image_size)
+    if init is not None:
+        missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                                     for k, v in init["state"].items()}, strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise TrainingError(f"{hp.init}: weights do not fit the {hp.variant} model")
+    else:
+        model.head.init_bias(hp.image_size)
     cached = hp.variant == "lite0"
     if cached:
         for p in model.backbone.parameters():
@@ -409,13 +444,12 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
         bar.close()
         # validation of the EMA weights
         em = ema.ema.eval()
-        dets = []
+        raws = []
         with torch.no_grad():
             for k in range(0, len(val_set.images), 32):
-                raw = (em.head_forward(val_cache.get(slice(k, k + 32))) if cached
-                       else em(to_tensor(val_set.images[k:k + 32])))
-                dets += detect_batch(em, raw)
-        ev = evaluate(dets, val_set.boxes)
+                raws.append(em.head_forward(val_cache.get(slice(k, k + 32))) if cached
+                            else em(to_tensor(val_set.images[k:k + 32])))
+        ev = evaluate_nms(em, raws, val_set.boxes)
         row = dict(epoch=epoch + 1, box_loss=sums[0] / seen, obj_loss=sums[1] / seen, val_mAP50=ev["map50"],
                    val_mAP50_95=ev["map"], val_count_acc=ev["count_acc"], lr=hp.lr * f,
                    img_s=seen / (time.time() - t_ep), elapsed_s=time.time() - t0)
@@ -430,7 +464,7 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
                      "hparams": asdict(hp), "best": best}, ckpt_path)
         log(f"epoch {epoch + 1}/{hp.epochs}: box {row['box_loss']:.4f} obj {row['obj_loss']:.4f} "
             f"val mAP50 {ev['map50']:.3f} mAP50-95 {ev['map']:.3f} count acc {ev['count_acc']:.3f} "
-            f"(conf {ev['conf']}) {row['img_s']:.1f} img/s, {row['elapsed_s']:.0f} s")
+            f"(conf {ev['conf']}, NMS IoU {ev['iou']}) {row['img_s']:.1f} img/s, {row['elapsed_s']:.0f} s")
     final = load_checkpoint(run_dir / "best.pt")
     final["train_s"] = time.time() - t0 if start == 0 else final.get("train_s", 0.0)
     final["history"] = history.rows
@@ -442,13 +476,13 @@ def train(train_dir: Path, val_dir: Path, out: Path, hp: DetectorHParams, run_di
 
 def _weights_payload(model, hp: DetectorHParams, ev: dict, anchor_info: dict, n_train: int, secs: float) -> dict:
     return {"format": "cbir-yolo-1", "variant": hp.variant, "nc": model.nc, "image_size": hp.image_size,
-            "anchors": model.head.anchors.clone(), "conf": ev["conf"],
+            "anchors": model.head.anchors.clone(), "conf": ev["conf"], "iou": ev["iou"],
             "state": {k: (v.half() if v.dtype.is_floating_point else v) for k, v in model.trainable_state().items()},
             "val": ev, "autoanchor": anchor_info, "hparams": asdict(hp), "n_train": n_train, "train_s": secs}
 
 
 def command(
-    data: Annotated[Path, typer.Option("--data", help="training folder (`cbir synth` output: gt.json, queries/)")],
+    data: Annotated[list[Path], typer.Option("--data", help="training folder (`cbir synth` output: gt.json, queries/); repeat to train on several")],
     val: Annotated[Path, typer.Option("--val", help="validation folder, same format")],
     out: Annotated[Path, typer.Option("--out", help="weights file to write (e.g. src/cbir/weights/yolo_lite0.pt)")],
     variant: Annotated[str, typer.Option(help="lite0 (frozen ImageNet EfficientNet-Lite0, cached features) or n (yolov5n from scratch)")] = "lite0",
@@ -461,6 +495,7 @@ def command(
     max_train: Annotated[int, typer.Option("--max-train", min=0, help="use only the first N photos (0: all)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(min=1)] = 1,
+    init: Annotated[Path | None, typer.Option("--init", help="fine-tune: start the neck and head from this weights file (e.g. the shipped one)")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="checkpoint and curves folder (default OUT's stem + -run)")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore an existing checkpoint")] = False,
 ) -> None:
@@ -468,7 +503,8 @@ def command(
     if image_size % 32:
         raise TrainingError(f"--image-size {image_size} must be a multiple of 32")
     hp = DetectorHParams(variant=variant, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-                         views=views, val_images=val_images, max_train=max_train, seed=seed, threads=threads)
+                         views=views, val_images=val_images, max_train=max_train, seed=seed, threads=threads,
+                         init=str(init) if init else "")
     if variant not in ("lite0", "n", "s", "m"):
         raise TrainingError(f"unknown variant {variant!r}; choose lite0, n, s or m")
     train(data, val, out, hp, run_dir=run_dir, fresh=fresh, log=lambda m: typer.echo(m, err=True))
