@@ -94,17 +94,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    import math
+    from cbir.images import parse_box
 
     if text is None:
         return None
     try:
-        box = tuple(float(v) for v in text.split(","))
+        return parse_box(text)
     except ValueError:
-        box = ()
-    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
         _fail(f"--bbox {text!r} must be four finite numbers x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-    return box  # type: ignore[return-value]
 
 
 @app.command()

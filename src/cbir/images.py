@@ -7,6 +7,7 @@ Every failure (missing file, not an image, truncated or corrupt data, too many p
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -228,3 +229,15 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x0,y0,x1,y1"`` -> four finite numbers with x1 > x0 and y1 > y0; ValueError otherwise
+    (each caller words the error for its own user: a CLI option, a form field)."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"not a box: {text!r}")
+    return box  # type: ignore[return-value]

@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from cbir.images import TooManyPixels
+from cbir.images import TooManyPixels, parse_box
 from cbir.service.errors import BadRequest, Busy, Invalid, NotAnImage, ServiceError, TooLarge, status_of
 
 # Pillow format name -> file suffix for stored uploads. Anything else (EPS, PSD, ICO, ...) is refused.
@@ -127,12 +126,9 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     if text is None or not text.strip():
         return None
     try:
-        box = tuple(float(v) for v in text.split(","))
+        return parse_box(text)
     except ValueError:
-        box = ()
-    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
-        raise Invalid(f"bbox {text[:80]!r} must be four numbers x0,y0,x1,y1 (pixels) with x1 > x0 and y1 > y0")
-    return box  # type: ignore[return-value]
+        raise Invalid(f"bbox {text[:80]!r} must be four numbers x0,y0,x1,y1 (pixels) with x1 > x0 and y1 > y0") from None
 
 
 @dataclass
