@@ -424,7 +424,8 @@ class Extractor:
         """The one extraction loop: yield ``(indices, compute(batch))`` batch by batch.
 
         ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
-        `raw_descriptors`; `cbir.compare` asks for the feature maps, `fit` for region sets).
+        `raw_descriptors`; `cbir.compare` asks for the feature maps of its own engine, `fit` for
+        region sets; a caller whose ``compute`` uses this pipeline's engine builds it first).
         Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
         called with the number of images done, good or bad.
 
@@ -471,7 +472,7 @@ class Extractor:
                 progress(len(keys))
             return keys, result
 
-        if n:
+        if n and compute == self.raw_descriptors:
             self.engine  # noqa: B018 - built here, once, not by several inference threads at once
         with cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_:
             batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
@@ -552,7 +553,10 @@ class Extractor:
         if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):
             labels = [Path(s).parent.name if not isinstance(s, bytes) else "" for s in sources]
         raw: list = [None] * len(sources)
-        compute = self.local_sets if self.encoder is not None else self.raw_descriptors
+        compute = None
+        if self.encoder is not None:
+            compute = self.local_sets
+            self.engine  # noqa: B018 - built once here, not by the inference threads
         for keys, part in self.iter_batches(sources, on_error=on_error, compute=compute):
             for k, r in zip(keys, part):
                 raw[k] = r

@@ -111,8 +111,9 @@ class MilvusBackend(SearchBackend):
     def persist(self) -> None:
         self.client.flush(self.collection)
 
-    def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray) -> None:
-        """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took."""
+    def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray, record: bool = True) -> None:
+        """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took
+        (``record=False``: the caller records the whole set itself)."""
         try:
             for i in range(0, len(gone), INSERT_CHUNK):
                 self.client.delete(self.collection, ids=[int(v) for v in gone[i:i + INSERT_CHUNK]])
@@ -123,7 +124,7 @@ class MilvusBackend(SearchBackend):
                 self.client.flush(self.collection)
         except Exception as e:
             raise MilvusError(f"Milvus at {self.uri.endpoint} refused the change: {_one_line(e)}") from None
-        if self.record is not None and (len(ids) or len(gone)):
+        if record and self.record is not None and (len(ids) or len(gone)):
             held = read_ids(self.record)
             if held is not None:
                 record_ids(self.record, np.setdiff1d(np.union1d(held, ids), gone))
@@ -151,11 +152,7 @@ class MilvusBackend(SearchBackend):
             sent = self.remote_ids()
         new = ~np.isin(ids, sent, assume_unique=True)
         gone = np.setdiff1d(sent, ids, assume_unique=True)
-        saved, self.record = self.record, None  # the full set is recorded below, once
-        try:
-            self._send(ids[new], vecs[new], gone)
-        finally:
-            self.record = saved
+        self._send(ids[new], vecs[new], gone, record=False)
         record_ids(record, ids)  # only after Milvus took every change
         return int(new.sum()), int(len(gone))
 
