@@ -18,7 +18,7 @@ pinned to one thread), timed interleaved round by round:
   with the search setting its own tuning picks for each recall target (held-out sample of
   the index's own vectors), measured on the benchmark's queries.
 - ``hnswlib`` (M 16, efConstruction 200), ``faiss-HNSW32`` (efConstruction 200) and
-  ``faiss-IVF-Flat`` (nlist as auto's): each at its first ef / nprobe whose recall@10 on the
+  ``faiss-IVF-Flat`` (nlist ~ sqrt(N), as auto's IVF): each at its first ef / nprobe whose recall@10 on the
   benchmark's own queries reaches the target (an oracle choice, in the peers' favour).
 
 Reported per system and target (0.95, 0.99): build s, memory MiB, recall@10, ms/query one at
@@ -285,7 +285,7 @@ def time_batch(system, q, k, s) -> float:
 def run(n: int, dist: str, gen: dict, args) -> list[dict]:
     import faiss
 
-    from cbir.index.factory import auto_factory, resolve
+    from cbir.index.factory import auto_factory, ivf_nlist
 
     d, k = args.dim, 10
     t0 = time.perf_counter()
@@ -296,7 +296,7 @@ def run(n: int, dist: str, gen: dict, args) -> list[dict]:
     gt = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)[1] + 1
     print(f"\n== {dist} ({gen}): {n:,} x {d}, {args.queries} queries; auto -> {auto_factory(n, d)}; "
           f"data + ground truth {time.perf_counter() - t0:.0f} s", flush=True)
-    nlist = resolve("auto", max(n, 50_000), d).nlist
+    nlist = ivf_nlist(n)
     makers = {
         "cbir": lambda: Cbir(x, ids),
         "hnswlib": lambda: Hnswlib(x, ids, threads=args.build_threads),

@@ -43,8 +43,9 @@ def make_index(tmp_path, factory: str, n: int = 3000, params: str | None = None,
 
 def test_auto_choice_by_size():
     assert auto_factory(10_000, 1280) == "Flat"
-    assert auto_factory(1_000_000, 256) == "IVF1024_HNSW32,PQ64,RFlat"
     assert auto_factory(100_000, 1280) == "IVF256_HNSW32,PQ64,RFlat"
+    assert auto_factory(199_999, 256) == "IVF512_HNSW32,PQ64,RFlat"
+    assert auto_factory(200_000, 256) == auto_factory(1_000_000, 256) == "HNSW32"
     assert pq_m(1280) == 64 and pq_m(256) == 64 and pq_m(100) == 25 and pq_m(32) == 8
     t = IndexType.parse("IVF4096,PQ32,RFlat")
     assert t.base == "IVF4096,PQ32" and t.refine and t.nlist == 4096 and t.can_remove
@@ -83,16 +84,53 @@ def test_incremental_add_and_delete(tmp_path, factory, params):
         _, found = idx.search(x[:5], 3)
     assert not set(found.ravel()) & set(ids[:5].tolist())
     msgs = [str(w.message) for w in caught if issubclass(w.category, IndexTypeWarning)]
+    assert not msgs  # a graph keeps the deleted vectors as tombstones instead of rebuilding
     if factory.startswith("HNSW"):
-        assert msgs and "cannot delete" in msgs[0] and "rebuilding" in msgs[0]
-    else:
-        assert not msgs
+        assert idx.search_index().dead.tolist() == sorted(ids[:5].tolist())
 
     with idx.writer():
         new = idx.add([Entry(f"/new/{i}.jpg", 1, 1, "h", {}) for i in range(5)], x[:5])
     _, found = idx.search(x[:5], 1)
     assert found[:, 0].tolist() == new
     assert idx.search_index().ntotal == len(idx)
+
+
+def test_graph_deletes_are_tombstones_until_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr(FaissBackend, "CACHE_MIN_SECONDS", 0.0)
+    idx, x, ids = make_index(tmp_path, "HNSW32", n=2000, params="efSearch=64")
+    idx.search(x[:1], 1)
+    built = idx.search_index()
+    gone = ids[10:150]  # 7 %: under TOMBSTONE_MAX
+    with idx.writer():
+        idx.remove(ids=[int(i) for i in gone])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IndexTypeWarning)  # no rebuild
+        scores, found = idx.search(x[:200], 10)
+    si = idx.search_index()
+    assert si.index.ntotal == 2000 and si.ntotal == len(idx) == 1860 and len(si.dead) == 140
+    assert not np.isin(found, gone).any() and (found >= 0).all()
+    # Live vectors still find themselves; a deleted one's nearest live neighbour is exact.
+    assert (found[:10, 0] == ids[:10]).all()
+    exact = SearchIndex("Flat", 32).build(np.setdiff1d(ids, gone), x[np.isin(ids, gone, invert=True)])
+    assert recall10(found[10:150], exact.search(x[10:150], 10)[1]) >= 0.95
+    # Per-call parameter overrides keep skipping the tombstones.
+    _, found = idx.search(x[10:150], 5, params={"efSearch": 16})
+    assert not np.isin(found, gone).any()
+    # A fresh process reads the cached graph and tombstones what the store no longer has.
+    again = Index(idx.root)
+    monkeypatch.setattr(SearchIndex, "build", lambda self, *a: pytest.fail("rebuilt"))
+    _, found = again.search(x[10:150], 10)
+    assert len(again.search_index().dead) == 140 and not np.isin(found, gone).any()
+    monkeypatch.undo()
+
+    # Past TOMBSTONE_MAX (10 % of the live vectors) the graph is rebuilt without them.
+    with idx.writer():
+        idx.remove(ids=[int(i) for i in ids[150:250]])
+    with pytest.warns(IndexTypeWarning, match="240 deleted vectors.*rebuilding"):
+        _, found = idx.search(x[:5], 3)
+    si = idx.search_index()
+    assert si is not built and si.index.ntotal == si.ntotal == 1760 and not len(si.dead)
+    assert (found[:, 0] == ids[:5]).all()
 
 
 def test_refine_recall_matches_exact(tmp_path):
@@ -212,6 +250,32 @@ def test_tuned_setting_reaches_target_recall_on_50k(tmp_path):
             > tuned["params"]["nprobe"] * tuned["params"]["k_factor"])
     _, got = idx.search(q, 10)
     assert recall10(got, want) >= 0.98
+
+
+def test_graph_tuned_efsearch_reaches_target_recall(tmp_path):
+    n, d = 20_000, 64
+    idx = Index.create(tmp_path / "idx", IDENTITY, d, factory="HNSW32")
+    x = hard(n, d)
+    with idx.writer():
+        ids = np.asarray(idx.add([Entry(f"/img/{i}.jpg", 1, 1, "h", {}) for i in range(n)], x))
+    tuned = idx.tune_search(0.95)
+    assert tuned["reached"] and tuned["params"].keys() == {"efSearch"}
+    q = hard(300, d, seed=5)
+    _, want = SearchIndex("Flat", d).build(ids, x).search(q, 10)
+    _, got = Index(idx.root).search(q, 10)
+    assert recall10(got, want) >= 0.95
+    _, cheap = idx.search(q, 10, params="efSearch=10")
+    assert recall10(cheap, want) < recall10(got, want)
+    # Deleting every query's nearest neighbour (the worst case for a graph walk) keeps the
+    # tuned setting and nearly its recall over what is left (tombstones, no rebuild; 0.947
+    # measured).
+    gone = want[:, 0]
+    with idx.writer():
+        idx.remove(ids=[int(i) for i in np.unique(gone)])
+    live = ~np.isin(ids, gone)
+    _, want = SearchIndex("Flat", d).build(ids[live], x[live]).search(q, 10)
+    _, got = idx.search(q, 10)
+    assert len(idx.search_index().dead) == len(np.unique(gone)) and recall10(got, want) >= 0.93
 
 
 def test_explicit_and_per_call_params_win_over_tuned(tmp_path):

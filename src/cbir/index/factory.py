@@ -3,15 +3,17 @@
 An index type is a FAISS factory string, stored in ``index.json`` (``factory``):
 
 - ``Flat``: exact inner product. Best up to ~50k vectors (a few ms per query there).
-- ``HNSW32``: a graph; fast and no training, but FAISS cannot delete from it, so any delete
-  rebuilds it from the vectors (a warning says so).
+- ``HNSW32``: a graph; fast and no training. FAISS cannot delete from it, so a deleted
+  vector stays in the graph as a tombstone that searches skip (an id filter); once
+  tombstones pass `TOMBSTONE_MAX` of the graph it is rebuilt from the live vectors.
 - ``IVF<nlist>,PQ<m>``: inverted lists of product-quantized codes; with the cbir suffix
   ``,RFlat`` the shortlist (``k_factor`` x k) is re-ranked exactly with the stored vectors.
   Training runs on a sample; adds and deletes afterwards are incremental.
-- ``auto`` (the default for new indexes): ``Flat`` below `FLAT_MAX` vectors, else
+- ``auto`` (the default for new indexes): ``Flat`` below `FLAT_MAX` vectors, then
   ``IVF<nlist>_HNSW32,PQ<m>,RFlat`` with ``nlist`` ~ sqrt(N) (a power of two, an HNSW graph
-  over the centroids to assign vectors fast) and ``m`` = d/4 (at most 64).
-  The choice is re-made, and the index rebuilt, when the collection grows past a step.
+  over the centroids to assign vectors fast) and ``m`` = d/4 (at most 64), and ``HNSW32``
+  from `GRAPH_MIN` on. The choice is re-made, and the index rebuilt, when the collection
+  grows past a step.
 
 Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``) are chosen by
 measurement when an index is built (`tune`: the cheapest setting whose recall@10 on a held-out
@@ -46,6 +48,11 @@ import numpy as np
 
 AUTO = "auto"
 FLAT_MAX = 50_000
+# From this size on `auto` builds an HNSW graph instead of IVF + PQ: on data with real
+# descriptors' statistics the graph answers 2-12x faster at 300k-1M vectors for the same
+# recall, while at 100k IVF + PQ is faster and the graph cannot reach recall 0.99
+# (benchmarks/search_speed.py, docs/scaling.md).
+GRAPH_MIN = 200_000
 REFINE_SUFFIXES = ("RFlat", "Refine")
 DEFAULT_K_FACTOR = 8
 # k-means for the coarse lists and the PQ codebooks: 10 iterations on ~40 points per list
@@ -57,6 +64,10 @@ TRAIN_PER_LIST = 40
 # efConstruction: FAISS's default 40 left HNSW32 below recall 0.98 at any efSearch on the
 # benchmark data; 200 is what hnswlib users run.
 EF_CONSTRUCTION = 200
+# Tombstones (deleted vectors an HNSW graph still holds, skipped by searches) allowed, as a
+# fraction of the live vectors, before the graph is rebuilt without them: each one still costs
+# a visit during the walk, and the graph's routes through them age.
+TOMBSTONE_MAX = 0.1
 # Threads per search call (OpenMP and BLAS); see `search_threads`.
 SEARCH_THREADS = 1
 # The recall@10 `tune` aims at unless the index stores another (``cbir index --recall``).
@@ -102,7 +113,8 @@ class IndexType:
 
     @property
     def can_remove(self) -> bool:
-        """FAISS implements ``remove_ids`` for flat, PQ and IVF indexes, not for HNSW graphs."""
+        """FAISS implements ``remove_ids`` for flat, PQ and IVF indexes, not for HNSW graphs
+        (those keep tombstones instead, see `SearchIndex.sync`)."""
         return not self.is_hnsw
 
 
@@ -118,13 +130,18 @@ def pq_m(d: int) -> int:
     return 1
 
 
+def ivf_nlist(n: int) -> int:
+    """Inverted lists for ``n`` vectors: ~sqrt(N), a power of two, in [256, 65536]."""
+    return int(min(max(2 ** round(math.log2(math.sqrt(max(n, 1)))), 256), 65536))
+
+
 def auto_factory(n: int, d: int) -> str:
     """The index type `auto` resolves to for ``n`` vectors of dimension ``d``."""
     if n < FLAT_MAX:
         return "Flat"
-    nlist = 2 ** round(math.log2(math.sqrt(n)))
-    nlist = int(min(max(nlist, 256), 65536))
-    return f"IVF{nlist}_HNSW32,PQ{pq_m(d)},RFlat"
+    if n >= GRAPH_MIN:
+        return "HNSW32"
+    return f"IVF{ivf_nlist(n)}_HNSW32,PQ{pq_m(d)},RFlat"
 
 
 def resolve(factory: str, n: int, d: int) -> IndexType:
@@ -250,7 +267,9 @@ class SearchIndex:
     params: dict[str, int] = field(default_factory=dict)  # overrides of the defaults
     index: object = None  # faiss.IndexIDMap2
     type: IndexType | None = None
-    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # sorted, live
+    # Deleted ids the FAISS index still holds (graphs cannot remove), sorted; searches skip them.
+    dead: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     vecs: np.ndarray | None = None  # rows of ``ids`` (only kept when re-ranking)
     build_seconds: float = 0.0
     trained_now: bool = False
@@ -258,6 +277,7 @@ class SearchIndex:
     # What `tune` measured for this index ({"type", "params", "recall", "target", "n", ...});
     # its params apply while ``type`` is the index's type (a retyped index has new defaults).
     tuning: dict | None = None
+    _skip: object = field(default=None, repr=False, compare=False)  # see `_tombstone_filter`
 
     # -- building ----------------------------------------------------------------
     def build(self, ids: np.ndarray, vecs: np.ndarray) -> "SearchIndex":
@@ -297,9 +317,10 @@ class SearchIndex:
         """The index brought up to date with the live ``(ids, vecs)``: (index, changed).
 
         Never modifies ``self`` (other threads may be searching it): a change gives a new
-        object. New ids are added and gone ones removed on a copy; a rebuild happens where the
-        type should change (``auto`` crossed a size step), where FAISS cannot remove (HNSW,
-        with a warning), or where the index was never built.
+        object. New ids are added and gone ones removed on a copy (an HNSW graph keeps them as
+        tombstones, `dead`); a rebuild happens where the type should change (``auto`` crossed a
+        size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
+        index was never built.
         """
         import copy
 
@@ -316,16 +337,21 @@ class SearchIndex:
                 out.vecs = np.ascontiguousarray(vecs[np.argsort(ids, kind="stable")])
                 return out, False
             return self, False
+        dead = self.dead
         if len(gone) and not self.type.can_remove:
-            warnings.warn(IndexTypeWarning(
-                f"FAISS cannot delete from a {self.type} index: rebuilding it from {len(ids)} vectors "
-                f"after {len(gone)} deletion(s) (use an IVF type for collections with frequent deletes)"),
-                stacklevel=3)
-            return fresh.build(ids, vecs), True
+            dead = np.union1d(self.dead, gone)
+            if len(dead) > TOMBSTONE_MAX * max(len(ids), 1) or np.isin(ids[new_mask], dead).any():
+                warnings.warn(IndexTypeWarning(
+                    f"{len(dead)} deleted vectors in the {self.type} graph (FAISS cannot delete from it): "
+                    f"rebuilding it from the {len(ids)} live ones"), stacklevel=3)
+                return fresh.build(ids, vecs), True
+        elif new_mask.any() and np.isin(ids[new_mask], self.dead).any():
+            return fresh.build(ids, vecs), True  # a deleted id back: its stale vector is in the graph
         t0 = time.perf_counter()
         out = copy.copy(self)
         out.index, out.mmapped, out.trained_now = faiss.clone_index(self.index), False, False
-        if len(gone):
+        out.dead, out._skip = dead, None
+        if len(gone) and self.type.can_remove:
             out.index.remove_ids(np.ascontiguousarray(gone, np.int64))
         if new_mask.any():
             out.index.add_with_ids(np.ascontiguousarray(vecs[new_mask]), np.ascontiguousarray(ids[new_mask]))
@@ -371,7 +397,8 @@ class SearchIndex:
     # -- search ------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal) if self.index is not None else 0
+        """Live vectors (tombstones not counted)."""
+        return int(self.index.ntotal) - len(self.dead) if self.index is not None else 0
 
     def search(self, queries: np.ndarray, k: int, params: dict[str, int] | None = None,
                threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -392,8 +419,12 @@ class SearchIndex:
             return _rerank_exact(queries, cand, self.ids, self.vecs, k)
 
     def _faiss_params(self, override: dict[str, int] | None, p: dict[str, int]):
-        """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch, else None
-        (the values set on the index by `_apply_params` are used)."""
+        """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch or there are
+        tombstones to skip, else None (the values set on the index by `_apply_params` are used)."""
+        if len(self.dead):
+            sp = _hnsw_params(int(p.get("efSearch", 16)))
+            sp.sel = self._tombstone_filter()
+            return sp
         if not override or not ({"nprobe", "efSearch"} & override.keys()):
             return None
         import faiss
@@ -409,6 +440,18 @@ class SearchIndex:
         if self.type.is_hnsw and "efSearch" in p:
             return _hnsw_params(int(p["efSearch"]))
         return None
+
+    def _tombstone_filter(self):
+        """A FAISS id selector passing every id but the tombstones (built once per object: the
+        object never changes after `sync`, so concurrent searches can share it)."""
+        if self._skip is None:
+            import faiss
+
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.dead, np.int64))
+            skip = faiss.IDSelectorNot(batch)
+            skip.keep = batch  # SWIG does not keep the inner selector alive through the pointer
+            self._skip = skip
+        return self._skip
 
     # -- tuning ------------------------------------------------------------------
     def tune(self, target: float = DEFAULT_RECALL, **kw) -> dict:
