@@ -16,8 +16,11 @@ pinned to one thread), timed interleaved round by round:
 
 - ``cbir``: the index ``auto`` builds (`cbir.index.factory`, the code `cbir search` runs),
   with the search setting its own tuning picks for each recall target (held-out sample of
-  the index's own vectors), measured on the benchmark's queries.
-- ``hnswlib`` (M 16, efConstruction 200), ``faiss-HNSW32`` (efConstruction 200) and
+  the index's own vectors), measured on the benchmark's queries. ``cbir-ivf``: the same for
+  auto's IVF + PQ + re-rank type at any size (what auto builds below ``GRAPH_MIN``, where it
+  switches to an HNSW graph), to measure the crossover.
+- ``hnswlib`` (M 16, efConstruction 200), ``faiss-HNSW32`` (efConstruction 200; where
+  ``auto`` built an HNSW32 graph, that same graph searched through FAISS directly) and
   ``faiss-IVF-Flat`` (nlist ~ sqrt(N), as auto's IVF): each at its first ef / nprobe whose recall@10 on the
   benchmark's own queries reaches the target (an oracle choice, in the peers' favour).
 
@@ -168,15 +171,13 @@ def recall10(found: np.ndarray, gt: np.ndarray) -> float:
 
 
 class Cbir:
-    """cbir's default index (`auto`), through `cbir.index.factory.SearchIndex`."""
+    """cbir's default index (`auto`), or another type, through `cbir.index.factory.SearchIndex`."""
 
-    name = "cbir auto"
-
-    def __init__(self, x, ids):
+    def __init__(self, x, ids, factory: str = "auto"):
         from cbir.index.factory import SearchIndex
 
         self.ids, self.x = ids, x
-        self.si = SearchIndex("auto", x.shape[1], {}).build(ids, x)
+        self.si = SearchIndex(factory, x.shape[1], {}).build(ids, x, tune_target=TARGETS[0])
         self.desc = str(self.si.type)
 
     def nbytes(self) -> int:
@@ -223,10 +224,14 @@ class Hnswlib:
 class Faiss:
     """A plain FAISS index (ids = the benchmark's ids through an IDMap where needed)."""
 
-    def __init__(self, name, factory, x, ids, knob):
+    def __init__(self, name, factory, x, ids, knob, index=None):
         import faiss
 
         self.name, self.desc, self.knob = name, factory, knob
+        if index is not None:  # the same FAISS structure cbir built: searched directly
+            self.index = self.base = index
+            self.desc = f"{factory} (cbir's graph)"
+            return
         base = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if "HNSW" in factory:
             faiss.downcast_index(base).hnsw.efConstruction = 200
@@ -285,7 +290,7 @@ def time_batch(system, q, k, s) -> float:
 def run(n: int, dist: str, gen: dict, args) -> list[dict]:
     import faiss
 
-    from cbir.index.factory import auto_factory, ivf_nlist
+    from cbir.index.factory import auto_factory, ivf_nlist, pq_m
 
     d, k = args.dim, 10
     t0 = time.perf_counter()
@@ -299,16 +304,26 @@ def run(n: int, dist: str, gen: dict, args) -> list[dict]:
     nlist = ivf_nlist(n)
     makers = {
         "cbir": lambda: Cbir(x, ids),
+        # auto's IVF + PQ type at any size (what auto builds below GRAPH_MIN): the crossover
+        "cbir-ivf": lambda: Cbir(x, ids, f"IVF{nlist}_HNSW32,PQ{pq_m(d)},RFlat"),
         "hnswlib": lambda: Hnswlib(x, ids, threads=args.build_threads),
-        "faiss-HNSW32": lambda: Faiss("faiss HNSW32", "HNSW32", x, ids, "efSearch"),
+        # Where auto built HNSW32 (efConstruction 200, as here) the peer searches that very
+        # graph through FAISS directly: the same structure, without building it twice.
+        "faiss-HNSW32": lambda: Faiss("faiss HNSW32", "HNSW32", x, ids, "efSearch",
+                                      index=systems["cbir"].si.index if shared_graph() else None),
         "faiss-IVF-Flat": lambda: Faiss("faiss IVF-Flat", f"IVF{nlist},Flat", x, ids, "nprobe"),
     }
     systems, builds = {}, {}
+
+    def shared_graph() -> bool:
+        return "cbir" in systems and systems["cbir"].desc == "HNSW32"
+
     for key in args.systems.split(","):
         faiss.omp_set_num_threads(args.build_threads)
         t1 = time.perf_counter()
+        shared = key == "faiss-HNSW32" and shared_graph()
         systems[key] = makers[key]()
-        builds[key] = (time.perf_counter() - t1, systems[key].nbytes() / 2**20)
+        builds[key] = builds["cbir"] if shared else (time.perf_counter() - t1, systems[key].nbytes() / 2**20)
         print(f"built {key:15s} {systems[key].desc:28s} in {builds[key][0]:6.1f} s, {builds[key][1]:7.0f} MiB",
               flush=True)
 

@@ -259,11 +259,18 @@ def test_graph_tuned_efsearch_reaches_target_recall(tmp_path):
     with idx.writer():
         ids = np.asarray(idx.add([Entry(f"/img/{i}.jpg", 1, 1, "h", {}) for i in range(n)], x))
     tuned = idx.tune_search(0.95)
-    assert tuned["reached"] and tuned["params"].keys() == {"efSearch"}
+    # Measured on vectors held out of the graph while it was built (its own vectors would
+    # pick efSearch 10, which gives new queries 0.90), and stored with the curve.
+    assert tuned["reached"] and tuned["held_out"] and tuned["params"].keys() == {"efSearch"}
+    assert Index(idx.root).info["tuned"]["curve"] == tuned["curve"]
     q = hard(300, d, seed=5)
     _, want = SearchIndex("Flat", d).build(ids, x).search(q, 10)
     _, got = Index(idx.root).search(q, 10)
-    assert recall10(got, want) >= 0.95
+    assert recall10(got, want) >= 0.94  # 0.951 measured; the graph's build is multi-threaded
+    # Another target is read off the stored curve: no rebuild.
+    si = idx.search_index()
+    assert idx.tune_search(0.99)["params"]["efSearch"] > tuned["params"]["efSearch"]
+    assert idx.search_index().index is si.index
     _, cheap = idx.search(q, 10, params="efSearch=10")
     assert recall10(cheap, want) < recall10(got, want)
     # Deleting every query's nearest neighbour (the worst case for a graph walk) keeps the

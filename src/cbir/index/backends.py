@@ -181,7 +181,7 @@ class FaissBackend(SearchBackend):
                 si = self._load_cached(ids, vecs, {k: v for k, v in params.items() if k != "ondisk"})
             if si is None:
                 si = SearchIndex(self.index.factory, self.index.dim, params, tuning=self.index.info.get("tuned"))
-            si, changed = si.sync(ids, vecs)
+            si, changed = si.sync(ids, vecs, self.index.recall_target)
             if changed and self._needs_tuning(si):  # built or rebuilt: measure its search setting
                 self._tune(si, ids, vecs)
             if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):

@@ -280,8 +280,11 @@ class SearchIndex:
     _skip: object = field(default=None, repr=False, compare=False)  # see `_tombstone_filter`
 
     # -- building ----------------------------------------------------------------
-    def build(self, ids: np.ndarray, vecs: np.ndarray) -> "SearchIndex":
-        """Build from scratch (training on a sample where the type needs it)."""
+    def build(self, ids: np.ndarray, vecs: np.ndarray, tune_target: float | None = None) -> "SearchIndex":
+        """Build from scratch (training on a sample where the type needs it).
+
+        With ``tune_target``, a graph is tuned while it is built: a sample of the vectors is
+        added last, and measured as queries just before (see `graph_curve`)."""
         t0 = time.perf_counter()
         n = len(ids)
         t = resolve(self.factory, n, self.dim)
@@ -300,8 +303,22 @@ class SearchIndex:
                 _set_training(index, t)
                 index.train(_train_sample(vecs, t))
                 self.trained_now = True
-        if n:
-            index.add_with_ids(vecs, ids)
+        held = _holdout_rows(t, n) if tune_target is not None else None
+        if held is None:
+            if n:
+                index.add_with_ids(vecs, ids)
+        else:
+            rest = np.ones(n, bool)
+            rest[held] = False
+            rest_vecs, rest_ids = np.ascontiguousarray(vecs[rest]), ids[rest]
+            index.add_with_ids(rest_vecs, rest_ids)
+            self.index, self.type, self.tuning = index, t, None
+            q = np.ascontiguousarray(vecs[held])
+            _, nn = _exact_knn(q, rest_vecs, TUNE_K)
+            curve = graph_curve(self, q, rest_ids[nn])
+            index.add_with_ids(q, ids[held])
+            self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
+            self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
         self.index, self.type = index, t
         order = np.argsort(ids, kind="stable")
         self.ids = np.ascontiguousarray(ids[order], np.int64)
@@ -313,14 +330,15 @@ class SearchIndex:
     def wanted_type(self, n: int) -> IndexType:
         return resolve(self.factory, n, self.dim)
 
-    def sync(self, ids: np.ndarray, vecs: np.ndarray) -> tuple["SearchIndex", bool]:
+    def sync(self, ids: np.ndarray, vecs: np.ndarray, tune_target: float | None = None
+             ) -> tuple["SearchIndex", bool]:
         """The index brought up to date with the live ``(ids, vecs)``: (index, changed).
 
         Never modifies ``self`` (other threads may be searching it): a change gives a new
         object. New ids are added and gone ones removed on a copy (an HNSW graph keeps them as
         tombstones, `dead`); a rebuild happens where the type should change (``auto`` crossed a
         size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
-        index was never built.
+        index was never built; a graph built then is tuned to ``tune_target`` on the way.
         """
         import copy
 
@@ -328,7 +346,7 @@ class SearchIndex:
 
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
         if self.index is None or self.type != self.wanted_type(len(ids)) and self._may_retype(len(ids)):
-            return fresh.build(ids, vecs), True
+            return fresh.build(ids, vecs, tune_target), True
         new_mask = ~np.isin(ids, self.ids, assume_unique=True)
         gone = np.setdiff1d(self.ids, ids, assume_unique=True)
         if not new_mask.any() and not len(gone):
@@ -344,9 +362,9 @@ class SearchIndex:
                 warnings.warn(IndexTypeWarning(
                     f"{len(dead)} deleted vectors in the {self.type} graph (FAISS cannot delete from it): "
                     f"rebuilding it from the {len(ids)} live ones"), stacklevel=3)
-                return fresh.build(ids, vecs), True
+                return fresh.build(ids, vecs, tune_target), True
         elif new_mask.any() and np.isin(ids[new_mask], self.dead).any():
-            return fresh.build(ids, vecs), True  # a deleted id back: its stale vector is in the graph
+            return fresh.build(ids, vecs, tune_target), True  # a deleted id back: its stale vector is in the graph
         t0 = time.perf_counter()
         out = copy.copy(self)
         out.index, out.mmapped, out.trained_now = faiss.clone_index(self.index), False, False
@@ -456,8 +474,17 @@ class SearchIndex:
     # -- tuning ------------------------------------------------------------------
     def tune(self, target: float = DEFAULT_RECALL, **kw) -> dict:
         """Measure and store the cheapest search setting reaching recall@10 ``target``
-        (see `tune`); returns the record kept in ``self.tuning`` and ``index.json``."""
-        self.tuning = tune(self, target, **kw)
+        (see `tune`); returns the record kept in ``self.tuning`` and ``index.json``.
+
+        A graph without a current held-out measurement (`graph_curve`) is rebuilt from
+        ``ids``/``vecs`` (the live ones) to take one: its own vectors are no test of it."""
+        vecs = kw.get("vecs")
+        if vecs is not None and _current_curve(self) is None and _holdout_rows(self.type, len(vecs)) is not None:
+            fresh = SearchIndex(str(self.type), self.dim, dict(self.params)).build(kw["ids"], vecs, target)
+            self.index, self.ids, self.dead, self._skip = fresh.index, fresh.ids, fresh.dead, None
+            self.tuning = fresh.tuning
+        else:
+            self.tuning = tune(self, target, **kw)
         self._apply_params()
         return self.tuning
 
@@ -594,7 +621,8 @@ def search_threads(n: int, blas: bool = True):
 TUNE_QUERIES = 500
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 K_FACTOR_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# As fine as benchmarks/search_speed.py sweeps its peers: a coarse step costs latency for nothing.
+EF_GRID = (10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
 
 def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int = 0
@@ -648,6 +676,53 @@ def _candidates(si: "SearchIndex") -> tuple[str | None, list[list[dict[str, int]
     return None, []
 
 
+TUNE_K = 10
+
+
+def _holdout_rows(t: IndexType | None, n: int) -> np.ndarray | None:
+    """Rows of an ``n``-vector build to hold out of a graph and tune it on (None: not a plain
+    graph, or too small to spare them)."""
+    nq = min(TUNE_QUERIES, n // 4)
+    if t is None or not t.is_hnsw or t.refine or nq < 20:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, nq, replace=False))
+
+
+def _exact_knn(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    return faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def _current_curve(si: "SearchIndex") -> list | None:
+    """The graph's held-out measurement, while it still describes the graph (same type, at
+    most 2x smaller or larger)."""
+    rec = si.tuning or {}
+    if "curve" not in rec or si.type is None or rec.get("type") != str(si.type):
+        return None
+    return rec["curve"] if 0.5 <= si.ntotal / max(1, int(rec.get("n", 0))) <= 2 else None
+
+
+def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence: float = 1.64,
+                stop: float = 0.999) -> list[list[float]]:
+    """Recall@k of a graph at each efSearch of `EF_GRID`, on queries it does not hold.
+
+    A graph answers its own vectors far too well (the walk lands on the query's node, whose
+    edges are its neighbours), so held-out index vectors, the test `tune` uses for IVF,
+    would pick too small an efSearch. q (Q, d) and truth (Q, k) their exact neighbours among
+    the graph's vectors. Returns [[efSearch, mean recall, lower confidence bound], ...], up to
+    the first whose bound reaches ``stop``."""
+    curve = []
+    for ef in EF_GRID:
+        _, found = si.search(q, truth.shape[1], {"efSearch": ef}, threads=os.cpu_count() or 1)
+        per_query = recall_at(found, truth)
+        bound = float(per_query.mean() - confidence * per_query.std(ddof=1) / np.sqrt(len(per_query)))
+        curve.append([ef, round(float(per_query.mean()), 4), round(bound, 4)])
+        if bound >= stop:
+            break
+    return curve
+
+
 def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
     """Median over ``repeats`` of the mean ms per query, queries one at a time (as served)."""
     times = []
@@ -678,6 +753,15 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
     vecs = si.vecs if vecs is None else vecs
     record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
               "n": int(si.ntotal), "queries": 0, "ms": None}
+    curve = _current_curve(si)
+    if curve is not None:  # a graph, measured on vectors held out of it: pick from that
+        hit = next((c for c in curve if c[2] >= target), None)
+        ef, recall, _ = hit or max(curve, key=lambda c: c[1])
+        timed_q = np.ascontiguousarray(vecs[: max(1, timed)]) if vecs is not None else None
+        ms = _time_ms(si, timed_q, {"efSearch": ef}, k) if timed_q is not None else None
+        return {**record, "params": {"efSearch": int(ef)}, "recall": recall, "reached": hit is not None,
+                "n": si.tuning["n"], "queries": si.tuning["queries"], "ms": None if ms is None else round(ms, 4),
+                "curve": curve, "held_out": True, "seconds": round(time.perf_counter() - t0, 2)}
     inner, chains = _candidates(si)
     if not chains or vecs is None or len(ids) <= k + 1:
         return {**record, "seconds": round(time.perf_counter() - t0, 2)}
