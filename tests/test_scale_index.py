@@ -220,12 +220,17 @@ def recall10(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / want.shape[1] for a, b in zip(got, want)]))
 
 
-def test_tuned_setting_reaches_target_recall_on_50k(tmp_path):
-    n, d = 50_000, 64
-    idx = Index.create(tmp_path / "idx", IDENTITY, d, factory="auto")
+def hard_index(tmp_path, n: int, d: int, factory: str) -> tuple[Index, np.ndarray, np.ndarray]:
+    idx = Index.create(tmp_path / "idx", IDENTITY, d, factory=factory)
     x = hard(n, d)
     with idx.writer():
         ids = np.asarray(idx.add([Entry(f"/img/{i}.jpg", 1, 1, "h", {}) for i in range(n)], x))
+    return idx, x, ids
+
+
+def test_tuned_setting_reaches_target_recall_on_50k(tmp_path):
+    n, d = 50_000, 64
+    idx, x, ids = hard_index(tmp_path, n, d, "auto")
     tuned = idx.tune_search(0.95)
     si = idx.search_index()
     assert str(si.type) == "IVF256_HNSW32,PQ16,RFlat" and tuned["type"] == str(si.type)
@@ -253,11 +258,8 @@ def test_tuned_setting_reaches_target_recall_on_50k(tmp_path):
 
 
 def test_graph_tuned_efsearch_reaches_target_recall(tmp_path):
-    n, d = 20_000, 64
-    idx = Index.create(tmp_path / "idx", IDENTITY, d, factory="HNSW32")
-    x = hard(n, d)
-    with idx.writer():
-        ids = np.asarray(idx.add([Entry(f"/img/{i}.jpg", 1, 1, "h", {}) for i in range(n)], x))
+    d = 64
+    idx, x, ids = hard_index(tmp_path, 20_000, d, "HNSW32")
     tuned = idx.tune_search(0.95)
     # Measured on vectors held out of the graph while it was built (its own vectors would
     # pick efSearch 10, which gives new queries 0.90), and stored with the curve.
