@@ -287,6 +287,18 @@ def test_graph_tuned_efsearch_reaches_target_recall(tmp_path):
     assert len(idx.search_index().dead) == len(np.unique(gone)) and recall10(got, want) >= 0.93
 
 
+def test_graph_retuned_on_held_out_vectors_after_doubling(tmp_path):
+    idx, x, ids = make_index(tmp_path, "HNSW32", n=1000)
+    first = idx.tune_search(0.95)
+    assert first["held_out"] and first["n"] == 1000 and first["queries"] == 250
+    with idx.writer():
+        idx.add([Entry(f"/more/{i}.jpg", 1, 1, "h", {}) for i in range(1500)], clustered(1500, seed=11))
+    idx.search(x[:1], 1)  # the graph takes the new vectors; its measurement is now for 2.5x fewer
+    again = idx.info["tuned"]
+    assert again["held_out"] and again["n"] == 2500 and again["queries"] == 500
+    assert idx.search_index().ntotal == 2500 and not len(idx.search_index().dead)
+
+
 def test_explicit_and_per_call_params_win_over_tuned(tmp_path):
     idx, x, ids = make_index(tmp_path, "IVF32,PQ8,RFlat", n=4000)
     tuned = idx.tune_search()
