@@ -158,7 +158,7 @@ def index(
     engine: EngineOpt = "onnx",
     fit_on: FitOnOpt = None,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Commit to disk after this many images (a killed run keeps every commit).")] = 64,
-    index_type: Annotated[Optional[str], typer.Option("--index-type", help="FAISS index type: auto (default for new indexes: Flat below 50k images, then IVF...,PQ...,RFlat), Flat, HNSW32, 'IVF4096,PQ32,RFlat' (RFlat: exact re-ranking). Stored with the index.")] = None,
+    index_type: Annotated[Optional[str], typer.Option("--index-type", help="FAISS index type: auto (default for new indexes: Flat below 50k images, IVF...,PQ...,RFlat below 200k, then HNSW32), Flat, HNSW32, 'IVF4096,PQ32,RFlat' (RFlat: exact re-ranking). Stored with the index.")] = None,
     search_params: Annotated[Optional[str], typer.Option("--search-params", help="Stored search parameters, e.g. 'nprobe=32,k_factor=8', 'efSearch=128', 'ondisk=1' (fixed: they win over the tuned ones).")] = None,
     recall: Annotated[Optional[float], typer.Option("--recall", min=0.01, max=1.0, help="Target recall@10 the search parameters are tuned for, on a held-out sample of the index's own vectors (default 0.95; stored with the index).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the cluster (ray://HEAD:10001, or auto); default a local Ray.")] = None,
