@@ -745,7 +745,9 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
     is at least ``target``: the sample is finite, and new queries should reach the target
     too. Along each chain (`_candidates`) the first qualifying setting is kept; among those,
     the one with the lowest measured single-query latency (``timed`` queries) wins. If none
-    qualifies, the setting with the highest recall is kept and ``reached`` is False.
+    qualifies, the setting with the highest recall is kept and ``reached`` is False. A graph
+    with a current held-out curve (`graph_curve`, taken when it was built) is read off that
+    instead: its first efSearch whose bound reaches ``target``.
     Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
     """
     t0 = time.perf_counter()
