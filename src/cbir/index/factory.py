@@ -303,23 +303,25 @@ class SearchIndex:
                 _set_training(index, t)
                 index.train(_train_sample(vecs, t))
                 self.trained_now = True
+        self.index, self.type = index, t
         held = _holdout_rows(t, n) if tune_target is not None else None
         if held is None:
             if n:
                 index.add_with_ids(vecs, ids)
         else:
+            import faiss
+
             rest = np.ones(n, bool)
             rest[held] = False
             rest_vecs, rest_ids = np.ascontiguousarray(vecs[rest]), ids[rest]
             index.add_with_ids(rest_vecs, rest_ids)
-            self.index, self.type, self.tuning = index, t, None
             q = np.ascontiguousarray(vecs[held])
-            _, nn = _exact_knn(q, rest_vecs, TUNE_K)
+            _, nn = faiss.knn(q, rest_vecs, TUNE_K, metric=faiss.METRIC_INNER_PRODUCT)
             curve = graph_curve(self, q, rest_ids[nn])
             index.add_with_ids(q, ids[held])
+            # The curve is the measurement; `tune` reads the target's setting off it.
             self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
             self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
-        self.index, self.type = index, t
         order = np.argsort(ids, kind="stable")
         self.ids = np.ascontiguousarray(ids[order], np.int64)
         self.vecs = np.ascontiguousarray(vecs[order]) if t.refine else None
@@ -619,6 +621,7 @@ def search_threads(n: int, blas: bool = True):
 
 # -- tuning ------------------------------------------------------------------------
 TUNE_QUERIES = 500
+TUNE_K = 10  # recall@10 is what the targets mean
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 K_FACTOR_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # As fine as benchmarks/search_speed.py sweeps its peers: a coarse step costs latency for nothing.
@@ -676,9 +679,6 @@ def _candidates(si: "SearchIndex") -> tuple[str | None, list[list[dict[str, int]
     return None, []
 
 
-TUNE_K = 10
-
-
 def _holdout_rows(t: IndexType | None, n: int) -> np.ndarray | None:
     """Rows of an ``n``-vector build to hold out of a graph and tune it on (None: not a plain
     graph, or too small to spare them)."""
@@ -686,12 +686,6 @@ def _holdout_rows(t: IndexType | None, n: int) -> np.ndarray | None:
     if t is None or not t.is_hnsw or t.refine or nq < 20:
         return None
     return np.sort(np.random.default_rng(0).choice(n, nq, replace=False))
-
-
-def _exact_knn(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    return faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def _current_curve(si: "SearchIndex") -> list | None:
