@@ -163,6 +163,32 @@ def test_fine_tuning_starts_from_the_given_weights_at_another_size(trained, toy,
               run_dir=tmp_path / "x-run", log=lambda m: None)
 
 
+def test_score_cut_is_the_middle_of_the_pooled_plateau():
+    from cbir.train.detector import CUTS, choose_cut, cut_table, evaluate, tolerance
+
+    # ten photos, one painting each, found at these scores; six extra boxes elsewhere, one of
+    # them at 0.62. Errors (missed + extra) by cut: 6 5 4 4 3 3 2 2 1 1 1 1 0 0 0 3 5 7 9
+    tp = [0.97, 0.95, 0.93, 0.9, 0.88, 0.85, 0.83, 0.8, 0.78, 0.76]
+    fp = [0.62, 0.41, 0.33, 0.21, 0.12, 0.07]
+    gts = [np.array([[10.0, 10.0, 50.0, 50.0]], np.float32) for _ in tp]
+    dets = [np.array([[11.0, 10.0, 50.0, 51.0, s]], np.float32) for s in tp]
+    for i, s in enumerate(fp):  # an extra box far from the painting
+        dets[i] = np.concatenate([dets[i], np.array([[60.0, 60.0, 90.0, 90.0, s]], np.float32)])
+    table = cut_table(dets, gts)
+    assert table["errors"].tolist() == [6, 5, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1, 0, 0, 0, 3, 5, 7, 9]
+    # the plateau (errors <= 0 + 2) runs 0.35-0.75: its middle, 0.55, not its lower end 0.65
+    # (the one extra box at 0.62 no longer decides), nor the lowest zero-error cut
+    assert CUTS[choose_cut(table["errors"])] == 0.55
+    ev = evaluate(dets, gts)
+    assert ev["conf"] == 0.55 and ev["errors"] == 1 and ev["f1"] == 20 / 21 and ev["count_acc"] == 0.9
+    # the tolerance grows as the square root of the least error count, at least 2 boxes
+    assert [tolerance(e) for e in (0, 1, 4, 9, 10)] == [2, 2, 2, 3, 4]
+    assert choose_cut([20, 16, 12, 10, 9, 9, 12, 14, 30]) == 4  # 9 + 3: cuts 2-6
+    # runs of equal length: the one holding the least errors, then the lower; even runs: lower middle
+    assert choose_cut([0, 9, 9, 1, 9]) == 0 and choose_cut([3, 9, 9, 0, 9]) == 3 and choose_cut([0, 0, 9]) == 0
+    assert choose_cut([9, 0, 9, 9, 0, 1, 9], tau=1) == 4
+
+
 def test_nms_iou_is_chosen_by_count_and_used_by_the_localizer(trained, toy, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -172,7 +198,8 @@ def test_nms_iou_is_chosen_by_count_and_used_by_the_localizer(trained, toy, tmp_
 
     # photo 1: one painting and a duplicate of it shifted by 10 px (IoU 0.6); photo 2: two
     # paintings overlapping by IoU 0.48, each found once. Scores 0.9 / 0.89, so no score cut
-    # separates the pairs: only an NMS IoU in [0.48, 0.6) counts both photos right.
+    # separates the pairs: only an NMS IoU in [0.48, 0.6) counts both photos right. Three copies
+    # of each, so the other IoUs make 3 errors, more than the tolerance (2).
     class Fake:
         class head:
             @staticmethod
@@ -183,11 +210,13 @@ def test_nms_iou_is_chosen_by_count_and_used_by_the_localizer(trained, toy, tmp_
             torch.tensor([[[50.0, 50.0, 40.0, 40.0, 0.9], [64.0, 50.0, 40.0, 40.0, 0.89]]])]
     gts = [np.array([[30.0, 30.0, 70.0, 70.0]], np.float32),
            np.array([[30.0, 30.0, 70.0, 70.0], [44.0, 30.0, 84.0, 70.0]], np.float32)]
-    ev = evaluate_nms(Fake, raws, gts)
-    assert ev["count_acc"] == 1.0 and ev["iou"] == 0.5
-    # ties go to the default 0.45: photo 1 alone counts right at 0.3-0.5
-    ev = evaluate_nms(Fake, raws[:1], gts[:1])
+    ev = evaluate_nms(Fake, raws * 3, gts * 3)
+    assert ev["count_acc"] == 1.0 and ev["iou"] == 0.5 and ev["errors"] == 0
+    # ties go to the default 0.45: photo 1 alone counts right at 0.3-0.5; and so do
+    # differences within the tolerance: one copy of each photo (1 error at every other IoU)
+    ev = evaluate_nms(Fake, raws[:1] * 3, gts[:1] * 3)
     assert ev["count_acc"] == 1.0 and ev["iou"] == 0.45
+    assert evaluate_nms(Fake, raws, gts)["iou"] == 0.45
     # the localizer applies the stored IoU (in ONNX and torch alike)
     monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
     out, _, _ = trained

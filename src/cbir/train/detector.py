@@ -143,6 +143,12 @@ def load_set(folder: Path, size: int, limit: int = 0) -> DetSet:
     return DetSet(images, boxes, names)
 
 
+def load_sets(folders: Path | list[Path], size: int, limit: int = 0) -> DetSet:
+    """`load_set` of each folder (``limit`` photos each), as one set."""
+    sets = [load_set(d, size, limit) for d in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    return DetSet(*([x for d in sets for x in getattr(d, f)] for f in ("images", "boxes", "names")))
+
+
 class Augmenter:
     """yolov5's training augmentation from the toolbox (boxes kept consistent): mosaic of four
     photos (2S canvas, a random S crop after a random scale), mixup of two such samples, HSV
@@ -220,53 +226,97 @@ def detect_batch(model, raw, conf: float = 0.001, iou: float = 0.6, max_det: int
     return out
 
 
-def evaluate(dets: list[np.ndarray], gts: list[np.ndarray]) -> dict:
-    """COCO AP (pycocotools-equal) and the threshold table for the localizer's score cut."""
-    from cbir.metrics.detection import mean_average_precision
+CUTS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # score cuts tried: a box is kept if its score > cut
+NMS_IOUS = (0.3, 0.4, 0.45, 0.5, 0.6, 0.7)
+
+
+def cut_table(dets: list[np.ndarray], gts: list[np.ndarray]) -> dict:
+    """Per score cut in `CUTS`: photos whose box count is right (``count_ok``), paintings found
+    at IoU 0.5 (greedy, ``tp``), boxes kept (``npred``), and ``errors`` = missed paintings +
+    extra boxes (the numerator of 1 - F1)."""
     from cbir.metrics.boxes import box_iou
+
+    ok, tp, npred = (np.zeros(len(CUTS), int) for _ in range(3))
+    ngt = sum(len(g) for g in gts)
+    for d, g in zip(dets, gts):
+        d = d[np.argsort(-d[:, 4], kind="stable")]
+        iou = box_iou(torch.as_tensor(g), torch.as_tensor(d[:, :4])).numpy() if len(d) and len(g) else None
+        for i, t in enumerate(CUTS):
+            k = int((d[:, 4] > t).sum())  # the boxes kept are the k best
+            ok[i] += k == len(g)
+            npred[i] += k
+            if iou is not None and k:
+                used = set()
+                for r in range(len(g)):
+                    for c in np.argsort(-iou[r, :k]):
+                        if iou[r, c] >= 0.5 and c not in used:
+                            used.add(c)
+                            tp[i] += 1
+                            break
+    return {"count_ok": ok, "tp": tp, "npred": npred, "ngt": ngt, "n": len(gts), "errors": npred + ngt - 2 * tp}
+
+
+def tolerance(e_min: int) -> int:
+    """Error counts within this many boxes of the least are ties: one Poisson standard deviation
+    of ``e_min``, at least two boxes (docs/yolo-round4-rule.md)."""
+    return max(2, int(np.ceil(np.sqrt(e_min))))
+
+
+def choose_cut(errors, tau: int | None = None) -> int:
+    """Index of the score cut: the middle of the plateau, i.e. of the longest run of consecutive
+    cuts whose errors are within ``tau`` (default `tolerance`) of the least (ties between runs:
+    the one holding the least errors, then the lower; an even run: the lower middle)."""
+    e = np.asarray(errors)
+    ok = e <= e.min() + (tolerance(int(e.min())) if tau is None else tau)
+    runs, i = [], 0
+    while i < len(e):
+        j = i
+        while ok[i] and j + 1 < len(e) and ok[j + 1]:
+            j += 1
+        if ok[i]:
+            runs.append((i, j))
+        i = j + 1
+    a, b = max(runs, key=lambda r: (r[1] - r[0], -e[r[0]:r[1] + 1].min(), -r[0]))
+    return (a + b) // 2
+
+
+def at_cut(table: dict, i: int) -> dict:
+    """Count accuracy, F1 at IoU 0.5 and errors of `cut_table` row ``i``."""
+    return {"count_acc": float(table["count_ok"][i] / max(1, table["n"])), "conf": CUTS[i],
+            "f1": float(2 * table["tp"][i] / max(1, table["npred"][i] + table["ngt"])), "errors": int(table["errors"][i])}
+
+
+def evaluate(dets: list[np.ndarray], gts: list[np.ndarray]) -> dict:
+    """COCO AP (pycocotools-equal), the `cut_table` and the figures at the cut `choose_cut` picks."""
+    from cbir.metrics.detection import mean_average_precision
 
     preds = [{"boxes": d[:, :4], "scores": d[:, 4], "labels": np.zeros(len(d), int)} for d in dets]
     targets = [{"boxes": g, "labels": np.zeros(len(g), int)} for g in gts]
     m = mean_average_precision(preds, targets)
-    best = (-1.0, -1.0, 0.25)
-    for t in np.arange(0.05, 0.96, 0.05):
-        counts_ok, tp, npred, ngt = 0, 0, 0, 0
-        for d, g in zip(dets, gts):
-            d = d[d[:, 4] > t]
-            counts_ok += len(d) == len(g)
-            npred += len(d)
-            ngt += len(g)
-            if len(d) and len(g):
-                iou = box_iou(torch.as_tensor(g), torch.as_tensor(d[:, :4])).numpy()
-                used = set()
-                for r in range(len(g)):
-                    for c in np.argsort(-iou[r]):
-                        if iou[r, c] >= 0.5 and c not in used:
-                            used.add(c)
-                            tp += 1
-                            break
-        f1 = 2 * tp / max(1, npred + ngt)
-        key = (counts_ok / max(1, len(gts)), f1, float(round(t, 2)))
-        if key[:2] > best[:2]:
-            best = key
-    return {"map": float(m["map"]), "map50": float(m["map_50"]), "count_acc": best[0], "f1": best[1],
-            "conf": best[2]}
+    table = cut_table(dets, gts)
+    return {"map": float(m["map"]), "map50": float(m["map_50"]), **at_cut(table, choose_cut(table["errors"])),
+            "table": table}
 
 
-NMS_IOUS = (0.3, 0.4, 0.45, 0.5, 0.6, 0.7)
+def pick_iou_cut(evs: dict, default: float = 0.45) -> dict:
+    """The localizer's NMS IoU and score cut from `evaluate` at each NMS IoU (``evs``): among the
+    IoUs whose least errors are within `tolerance` of the least overall, the nearest ``default``
+    (ties: the lower); then `choose_cut` at that IoU with the same tolerance."""
+    least = {t: int(ev["table"]["errors"].min()) for t, ev in evs.items()}
+    tau = tolerance(min(least.values()))
+    t = min((t for t in evs if least[t] <= min(least.values()) + tau), key=lambda t: (abs(t - default), t))
+    table = evs[t]["table"]
+    return {**at_cut(table, choose_cut(table["errors"], tau)), "iou": float(t)}
 
 
 def evaluate_nms(model, raws: list, gts: list[np.ndarray], ious=NMS_IOUS, default: float = 0.45) -> dict:
     """`evaluate` at every NMS IoU in ``ious``: the AP figures are those at IoU 0.6 (as yolov5's
-    validation), the localizer's NMS IoU and score cut the pair with the best count accuracy,
-    then F1 at IoU 0.5 (ties: the IoU nearest ``default``)."""
+    validation), the localizer's NMS IoU and score cut `pick_iou_cut`'s."""
     evs = {}
     for t in sorted(set(ious) | {0.6}):
-        dets = [d for raw in raws for d in detect_batch(model, raw, iou=t)]
-        evs[t] = evaluate(dets, gts)
-    pick = max(ious, key=lambda t: (evs[t]["count_acc"], evs[t]["f1"], -abs(t - default)))
-    return {**evs[0.6], "count_acc": evs[pick]["count_acc"], "f1": evs[pick]["f1"], "conf": evs[pick]["conf"],
-            "iou": float(pick)}
+        evs[t] = evaluate([d for raw in raws for d in detect_batch(model, raw, iou=t)], gts)
+    ev = {k: v for k, v in evs[0.6].items() if k != "table"}
+    return {**ev, **pick_iou_cut({t: evs[t] for t in ious}, default)}
 
 
 # ------------------------------------------------------------------ training
@@ -315,7 +365,7 @@ def fit_anchors(boxes: list[np.ndarray], seed: int, thr: float) -> tuple[np.ndar
     return new.reshape(3, 3, 2), {"bpr_coco": bpr_old, "bpr_kmeans": bpr_new, "fitness": fit}
 
 
-def train(train_dir: Path | list[Path], val_dir: Path, out: Path, hp: DetectorHParams, run_dir: Path | None = None,
+def train(train_dir: Path | list[Path], val_dir: Path | list[Path], out: Path, hp: DetectorHParams, run_dir: Path | None = None,
           fresh: bool = False, log=print) -> dict:
     """Train, validate every epoch, checkpoint, and write the final (EMA) weights to ``out``."""
     from cbir.models.yolo import YOLO, YoloLoss
@@ -327,12 +377,10 @@ def train(train_dir: Path | list[Path], val_dir: Path, out: Path, hp: DetectorHP
     ckpt_path = run_dir / "last.pt"
     seed_everything(hp.seed)
     t0 = time.time()
-    dirs = [train_dir] if isinstance(train_dir, (str, Path)) else list(train_dir)
-    sets = [load_set(d, hp.image_size) for d in dirs]  # several folders: one training set
-    train_set = DetSet(*([x for d in sets for x in getattr(d, f)] for f in ("images", "boxes", "names")))
+    train_set = load_sets(train_dir, hp.image_size)  # several folders: one training set
     if hp.max_train:
         train_set = DetSet(train_set.images[:hp.max_train], train_set.boxes[:hp.max_train], train_set.names[:hp.max_train])
-    val_set = load_set(val_dir, hp.image_size, hp.val_images)
+    val_set = load_sets(val_dir, hp.image_size, hp.val_images)  # several: pooled
     n_boxes = sum(len(b) for b in train_set.boxes)
     log(f"data: {len(train_set.images)} training photos ({n_boxes} boxes), {len(val_set.images)} validation photos")
     anchors, anchor_info = fit_anchors(train_set.boxes, hp.seed, hp.anchor_t)
@@ -483,7 +531,7 @@ def _weights_payload(model, hp: DetectorHParams, ev: dict, anchor_info: dict, n_
 
 def command(
     data: Annotated[list[Path], typer.Option("--data", help="training folder (`cbir synth` output: gt.json, queries/); repeat to train on several")],
-    val: Annotated[Path, typer.Option("--val", help="validation folder, same format")],
+    val: Annotated[list[Path], typer.Option("--val", help="validation folder, same format; repeat to pool several (the score cut and NMS IoU are chosen on the pool)")],
     out: Annotated[Path, typer.Option("--out", help="weights file to write (e.g. src/cbir/weights/yolo_lite0.pt)")],
     variant: Annotated[str, typer.Option(help="lite0 (frozen ImageNet EfficientNet-Lite0, cached features) or n (yolov5n from scratch)")] = "lite0",
     epochs: Annotated[int, typer.Option(min=1)] = 30,
@@ -491,7 +539,7 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     lr: Annotated[float, typer.Option(min=0.0)] = 2e-3,
     views: Annotated[int, typer.Option(min=1, help="lite0: augmented views cached per photo")] = 3,
-    val_images: Annotated[int, typer.Option("--val-images", min=1)] = 300,
+    val_images: Annotated[int, typer.Option("--val-images", min=1, help="at most this many photos of each --val folder")] = 300,
     max_train: Annotated[int, typer.Option("--max-train", min=0, help="use only the first N photos (0: all)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(min=1)] = 1,
