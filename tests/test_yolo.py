@@ -365,7 +365,7 @@ def test_shipped_weights_reach_the_floor_on_museum_multi():
 
 
 # about 0.02-0.03 under what `cbir eval ../shared/datasets/museum-multi --localizer yolo` measured
-# for the shipped weights (round 4: det AP50 0.960, AP@[.5:.95] 0.774, count accuracy 0.956; docs/yolo.md)
+# for the shipped weights (det AP50 0.960, AP@[.5:.95] 0.763, count accuracy 0.956; docs/yolo.md)
 FLOOR_AP50 = 0.93
 FLOOR_AP = 0.74
 FLOOR_COUNT = 0.93
