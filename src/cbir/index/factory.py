@@ -41,7 +41,7 @@ import re
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,21 +204,26 @@ def _new_index(t: IndexType, d: int):
     return index if t.nlist else faiss.IndexIDMap2(index)
 
 
-def _set_ef_construction(index) -> None:
-    """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
+def _parts(index):
+    """(base, ivf, graph quantizer) of ``index``: the FAISS index inside its id map, its IVF
+    part and that part's HNSW quantizer, downcast; None where it has no such part."""
     import faiss
 
     base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
-    if isinstance(base, faiss.IndexHNSW):
-        base.hnsw.efConstruction = max(base.hnsw.efConstruction, EF_CONSTRUCTION)
-        return
     try:
-        ivf = faiss.extract_index_ivf(base)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
     except RuntimeError:
-        return
+        return base, None, None
     quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efConstruction = max(quantizer.hnsw.efConstruction, EF_CONSTRUCTION)
+    return base, ivf, quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def _set_ef_construction(index) -> None:
+    """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
+    base, _, quantizer = _parts(index)
+    for graph in (base, quantizer):
+        if hasattr(graph, "hnsw"):
+            graph.hnsw.efConstruction = max(graph.hnsw.efConstruction, EF_CONSTRUCTION)
 
 
 def _stored_ids(index) -> np.ndarray:
@@ -236,11 +241,9 @@ def _stored_ids(index) -> np.ndarray:
 
 
 def _set_training(index, t: IndexType) -> None:
-    import faiss
-
-    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    base, ivf, _ = _parts(index)
     if t.nlist:
-        base = faiss.downcast_index(faiss.extract_index_ivf(base))
+        base = ivf
         base.cp.niter = TRAIN_NITER
     if hasattr(base, "do_polysemous_training"):
         base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
@@ -322,15 +325,16 @@ class SearchIndex:
             # The curve is the measurement; `tune` reads the target's setting off it.
             self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
             self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
+        return self._set_live(ids, vecs, t0)
+
+    def _set_live(self, ids: np.ndarray, vecs: np.ndarray, t0: float) -> "SearchIndex":
+        """Keep the live ids sorted (and their vectors, to re-rank), apply the search parameters."""
         order = np.argsort(ids, kind="stable")
         self.ids = np.ascontiguousarray(ids[order], np.int64)
-        self.vecs = np.ascontiguousarray(vecs[order]) if t.refine else None
+        self.vecs = np.ascontiguousarray(vecs[order]) if self.type.refine else None
         self._apply_params()
         self.build_seconds = time.perf_counter() - t0
         return self
-
-    def wanted_type(self, n: int) -> IndexType:
-        return resolve(self.factory, n, self.dim)
 
     def sync(self, ids: np.ndarray, vecs: np.ndarray, tune_target: float | None = None
              ) -> tuple["SearchIndex", bool]:
@@ -347,7 +351,10 @@ class SearchIndex:
         import faiss
 
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
-        if self.index is None or self.type != self.wanted_type(len(ids)) and self._may_retype(len(ids)):
+        # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
+        # an explicit type never changes otherwise; auto follows the size steps.
+        may_retype = self.factory == AUTO or self.type == IndexType("Flat", False)
+        if self.index is None or may_retype and self.type != resolve(self.factory, len(ids), self.dim):
             return fresh.build(ids, vecs, tune_target), True
         new_mask = ~np.isin(ids, self.ids, assume_unique=True)
         gone = np.setdiff1d(self.ids, ids, assume_unique=True)
@@ -357,16 +364,15 @@ class SearchIndex:
                 out.vecs = np.ascontiguousarray(vecs[np.argsort(ids, kind="stable")])
                 return out, False
             return self, False
-        dead = self.dead
-        if len(gone) and not self.type.can_remove:
-            dead = np.union1d(self.dead, gone)
-            if len(dead) > TOMBSTONE_MAX * max(len(ids), 1) or np.isin(ids[new_mask], dead).any():
+        tombs = len(gone) and not self.type.can_remove
+        dead = np.union1d(self.dead, gone) if tombs else self.dead
+        back = np.isin(ids[new_mask], dead).any()  # a deleted id back: its stale vector is in the graph
+        if back or tombs and len(dead) > TOMBSTONE_MAX * max(len(ids), 1):
+            if tombs:
                 warnings.warn(IndexTypeWarning(
                     f"{len(dead)} deleted vectors in the {self.type} graph (FAISS cannot delete from it): "
                     f"rebuilding it from the {len(ids)} live ones"), stacklevel=3)
-                return fresh.build(ids, vecs, tune_target), True
-        elif new_mask.any() and np.isin(ids[new_mask], self.dead).any():
-            return fresh.build(ids, vecs, tune_target), True  # a deleted id back: its stale vector is in the graph
+            return fresh.build(ids, vecs, tune_target), True
         t0 = time.perf_counter()
         out = copy.copy(self)
         out.index, out.mmapped, out.trained_now = faiss.clone_index(self.index), False, False
@@ -375,17 +381,7 @@ class SearchIndex:
             out.index.remove_ids(np.ascontiguousarray(gone, np.int64))
         if new_mask.any():
             out.index.add_with_ids(np.ascontiguousarray(vecs[new_mask]), np.ascontiguousarray(ids[new_mask]))
-        order = np.argsort(ids, kind="stable")
-        out.ids = np.ascontiguousarray(ids[order], np.int64)
-        out.vecs = np.ascontiguousarray(vecs[order]) if out.type.refine else None
-        out._apply_params()
-        out.build_seconds = time.perf_counter() - t0
-        return out, True
-
-    def _may_retype(self, n: int) -> bool:
-        # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
-        # an explicit type never changes otherwise; auto follows the size steps.
-        return self.factory == AUTO or self.type == IndexType("Flat", False)
+        return out._set_live(ids, vecs, t0), True
 
     # -- parameters --------------------------------------------------------------
     @property
@@ -399,20 +395,14 @@ class SearchIndex:
         return p
 
     def _apply_params(self) -> None:
-        import faiss
-
         p = self.effective_params
-        base = faiss.downcast_index(self.index.index if isinstance(self.index, faiss.IndexIDMap2) else self.index)
+        base, ivf, quantizer = _parts(self.index)
         if "nprobe" in p and self.type.nlist:
-            ivf = faiss.extract_index_ivf(base)
             ivf.nprobe = int(p["nprobe"])
-            quantizer = faiss.downcast_index(ivf.quantizer)
-            if isinstance(quantizer, faiss.IndexHNSW):  # must explore at least nprobe centroids
+            if quantizer is not None:  # must explore at least nprobe centroids
                 quantizer.hnsw.efSearch = max(16, int(p["nprobe"]))
-        if "efSearch" in p and self.type.is_hnsw:
-            hnsw = base if hasattr(base, "hnsw") else None
-            if hnsw is not None:
-                hnsw.hnsw.efSearch = int(p["efSearch"])
+        if "efSearch" in p and self.type.is_hnsw and hasattr(base, "hnsw"):
+            base.hnsw.efSearch = int(p["efSearch"])
 
     # -- search ------------------------------------------------------------------
     @property
@@ -575,28 +565,10 @@ def _uses_blas(nq: int) -> bool:
 
 
 @contextmanager
-def search_threads(n: int, blas: bool = True):
-    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
-    ``n`` BLAS threads.
-
-    BLAS thread counts are process-wide: the first concurrent caller sets them and the last
-    restores them, so searches running side by side never see each other's changes. Setting
-    OpenBLAS's count costs ~0.1 ms (it resizes its pool), so single queries, which FAISS
-    answers without BLAS (`_uses_blas`), leave it alone; OpenMP's costs nothing."""
-    import faiss
-
+def _blas_threads(n: int):
+    """``n`` BLAS threads for the body. The counts are process-wide: the first concurrent caller
+    sets them and the last restores them, so searches side by side never see each other's."""
     global _blas_users
-    n = max(1, int(n))
-    omp_before = faiss.omp_get_max_threads()
-    if omp_before != n:
-        faiss.omp_set_num_threads(n)
-    if not blas:
-        try:
-            yield
-        finally:
-            if omp_before != n:
-                faiss.omp_set_num_threads(omp_before)
-        return
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved.clear()
@@ -615,6 +587,24 @@ def search_threads(n: int, blas: bool = True):
                 for lib, old in _blas_saved:
                     lib.set_num_threads(old)
                 _blas_saved.clear()
+
+
+@contextmanager
+def search_threads(n: int, blas: bool = True):
+    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
+    ``n`` BLAS threads (`_blas_threads`). Setting OpenBLAS's count costs ~0.1 ms (it resizes
+    its pool), so single queries, which FAISS answers without BLAS (`_uses_blas`), leave it
+    alone; OpenMP's costs nothing."""
+    import faiss
+
+    n = max(1, int(n))
+    omp_before = faiss.omp_get_max_threads()
+    if omp_before != n:
+        faiss.omp_set_num_threads(n)
+    try:
+        with _blas_threads(n) if blas else nullcontext():
+            yield
+    finally:
         if omp_before != n:
             faiss.omp_set_num_threads(omp_before)
 
@@ -708,13 +698,21 @@ def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence:
     the first whose bound reaches ``stop``."""
     curve = []
     for ef in EF_GRID:
-        _, found = si.search(q, truth.shape[1], {"efSearch": ef}, threads=os.cpu_count() or 1)
-        per_query = recall_at(found, truth)
-        bound = float(per_query.mean() - confidence * per_query.std(ddof=1) / np.sqrt(len(per_query)))
-        curve.append([ef, round(float(per_query.mean()), 4), round(bound, 4)])
+        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth, confidence)
+        curve.append([ef, round(mean, 4), round(bound, 4)])
         if bound >= stop:
             break
     return curve
+
+
+def _recall(si: "SearchIndex", q: np.ndarray, k: int, params: dict[str, int], truth: np.ndarray,
+            confidence: float, self_ids: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower one-sided
+    confidence bound (mean - ``confidence`` x standard error)."""
+    _, found = si.search(q, k, params, threads=os.cpu_count() or 1)
+    per_query = recall_at(found, truth, self_ids)
+    mean = float(per_query.mean())
+    return mean, mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
 
 
 def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
@@ -763,7 +761,7 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         return {**record, "seconds": round(time.perf_counter() - t0, 2)}
     rows, truth = held_out_truth(ids, vecs, queries, k)
     q, self_ids = np.ascontiguousarray(vecs[rows]), ids[rows]
-    best_fallback: tuple[float, dict] = (-1.0, {})
+    fallback: tuple[dict, float] = ({}, -1.0)
     qualified: list[tuple[dict, float]] = []
     limit = None
     for chain in chains:
@@ -771,12 +769,9 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
             chain = [p for p in chain if p[inner] < limit]
         hit = None
         for params in chain:
-            _, found = si.search(q, k + 1, params, threads=os.cpu_count() or 1)
-            per_query = recall_at(found, truth, self_ids)
-            mean = float(per_query.mean())
-            bound = mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
-            if mean > best_fallback[0]:
-                best_fallback = (mean, params)
+            mean, bound = _recall(si, q, k + 1, params, truth, confidence, self_ids)
+            if mean > fallback[1]:
+                fallback = (params, mean)
             if bound >= target:
                 hit = params
                 qualified.append((params, mean))
@@ -784,13 +779,8 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         if qualified and (hit is None or inner is None):
             break  # a dearer outer setting that does not beat the last one: none further will
         limit = hit[inner] if hit is not None and inner else limit
-    if qualified:
-        timed_q = q[: max(1, timed)]
-        scored = [(_time_ms(si, timed_q, p, k), p, r) for p, r in qualified]
-        ms, params, recall = min(scored, key=lambda x: x[0])
-        reached = True
-    else:
-        recall, params = best_fallback
-        ms, reached = _time_ms(si, q[: max(1, timed)], params, k), False
+    reached = bool(qualified)
+    scored = [(_time_ms(si, q[: max(1, timed)], p, k), p, r) for p, r in qualified or [fallback]]
+    ms, params, recall = min(scored, key=lambda x: x[0])
     return {**record, "params": dict(params), "recall": round(recall, 4), "reached": reached,
             "queries": len(rows), "ms": round(ms, 4), "seconds": round(time.perf_counter() - t0, 2)}
