@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbir.fileio import atomic_write_bytes
+from cbir.fileio import atomic_write_bytes, atomic_write_npy
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbir.index.store import Index
@@ -196,11 +196,7 @@ class FaissBackend(SearchBackend):
 
 def record_ids(path: Path, ids: np.ndarray) -> None:
     """Atomically store a sorted id set (what a remote backend holds)."""
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.unique(np.asarray(ids, np.int64)))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_npy(path, np.unique(np.asarray(ids, np.int64)))
 
 
 def read_ids(path: Path) -> np.ndarray | None:
