@@ -2,8 +2,7 @@
 
 The index directory (`cbir.index.store`) keeps the catalog and the vectors, the source of
 truth; a `SearchBackend` answers the top-k over them. The store talks to it only through
-this interface: it reports every committed change (`add`, `remove`), asks it to `search`,
-and to `persist` what it has built.
+this interface: it reports every committed change (`add`, `remove`) and asks it to `search`.
 
 - `FaissBackend`: the embedded FAISS index of the type ``index.json`` names (see
   `cbir.index.factory`), derived from the vectors when first needed, tuned to the recall
@@ -51,10 +50,6 @@ class SearchBackend(ABC):
     def count(self) -> int:
         """Vectors the backend holds."""
 
-    @abstractmethod
-    def persist(self) -> None:
-        """Make what the backend holds durable (and up to date) now, not at the first search."""
-
 
 class FaissBackend(SearchBackend):
     """The embedded FAISS index, derived from the vectors of ``index`` (see the module doc)."""
@@ -82,9 +77,6 @@ class FaissBackend(SearchBackend):
 
     def count(self) -> int:
         return self.search_index().ntotal
-
-    def persist(self) -> None:
-        self.search_index()  # built, tuned and (when it took a while to build) cached
 
     # -- tuning ----------------------------------------------------------------------
     def _needs_tuning(self, si) -> bool:

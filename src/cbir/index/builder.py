@@ -19,7 +19,7 @@ import numpy as np
 
 from cbir.identify import Calibration, calibrate
 from cbir.images import ImageError, list_images, open_image, sha256_file
-from cbir.index.store import Entry, Index, IndexExists, IndexStoreError
+from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir
 from cbir.localize import Localizer, Region, create_localizer
 from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
@@ -158,12 +158,6 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
     return known, todo
 
 
-def check_index_dir(index_dir: str | Path) -> None:
-    """Refuse an index path that is an existing file, before any model is loaded."""
-    if Path(index_dir).exists() and not Path(index_dir).is_dir():
-        raise IndexStoreError(f"{index_dir}: exists and is not a directory; give a new or an index directory")
-
-
 def update_index(
     images_dir: str | Path,
     index_dir: str | Path,
@@ -211,19 +205,17 @@ def update_index(
                 digest = sha256_file(p)
             except OSError as e:
                 on_error(i, ImageError(f"{p}: cannot read ({e.strerror})"))
-                if bar:
-                    bar.update(1)
-                hashes.append("")
-                continue
+                digest = ""
             hashes.append(digest)
             e = known.get(str(p))
-            if e is not None and e.sha256 == digest:
+            if digest and e is not None and e.sha256 == digest:
                 index.touch(str(p), size, mtime)
                 report.unchanged += 1
-                if bar:
-                    bar.update(1)
-            else:
+            elif digest:
                 extract_rows.append(i)
+                continue
+            if bar:
+                bar.update(1)
 
         sources = [todo[i][0] for i in extract_rows]
         for keys, vecs in extractor.iter_vectors(sources, on_error=lambda j, e: on_error(extract_rows[j], e),

@@ -34,6 +34,7 @@ makes latency depend on whatever else the machine runs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -44,6 +45,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 
 AUTO = "auto"
@@ -152,8 +154,6 @@ def validate(factory: str, d: int) -> str:
     """Check ``factory`` builds for dimension ``d``; returns it (``auto`` passes)."""
     if factory == AUTO:
         return factory
-    import faiss
-
     t = IndexType.parse(factory)
     try:
         faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
@@ -184,7 +184,7 @@ def parse_params(text: str | None) -> dict[str, int]:
     return out
 
 
-def default_params(t: IndexType, n: int) -> dict[str, int]:
+def default_params(t: IndexType) -> dict[str, int]:
     p: dict[str, int] = {}
     if t.nlist:
         p["nprobe"] = max(4, min(t.nlist, t.nlist // 256))
@@ -198,8 +198,6 @@ def default_params(t: IndexType, n: int) -> dict[str, int]:
 def _new_index(t: IndexType, d: int):
     """IVF indexes store ids themselves (and renumber nothing on delete); the others get an
     id map (FAISS's IndexIDMap assumes, rightly for them, that a delete shifts later rows)."""
-    import faiss
-
     index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
     return index if t.nlist else faiss.IndexIDMap2(index)
 
@@ -207,8 +205,6 @@ def _new_index(t: IndexType, d: int):
 def _parts(index):
     """(base, ivf, graph quantizer) of ``index``: the FAISS index inside its id map, its IVF
     part and that part's HNSW quantizer, downcast; None where it has no such part."""
-    import faiss
-
     base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
     try:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
@@ -227,17 +223,12 @@ def _set_ef_construction(index) -> None:
 
 
 def _stored_ids(index) -> np.ndarray:
-    import faiss
-
     if isinstance(index, faiss.IndexIDMap):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     invlists = faiss.extract_index_ivf(index).invlists
-    parts = []
-    for lst in range(invlists.nlist):
-        size = invlists.list_size(lst)
-        if size:
-            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+             for lst in range(invlists.nlist) if invlists.list_size(lst)]
+    return np.concatenate([np.empty(0, np.int64), *parts]).astype(np.int64)
 
 
 def _set_training(index, t: IndexType) -> None:
@@ -312,8 +303,6 @@ class SearchIndex:
             if n:
                 index.add_with_ids(vecs, ids)
         else:
-            import faiss
-
             rest = np.ones(n, bool)
             rest[held] = False
             rest_vecs, rest_ids = np.ascontiguousarray(vecs[rest]), ids[rest]
@@ -346,10 +335,6 @@ class SearchIndex:
         size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
         index was never built; a graph built then is tuned to ``tune_target`` on the way.
         """
-        import copy
-
-        import faiss
-
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
         # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
         # an explicit type never changes otherwise; auto follows the size steps.
@@ -388,7 +373,7 @@ class SearchIndex:
     def effective_params(self) -> dict[str, int]:
         """Defaults by type, then the tuned setting (if tuned for this type), then the
         index's explicit ``search_params``."""
-        p = default_params(self.type, len(self.ids)) if self.type else {}
+        p = default_params(self.type) if self.type else {}
         if self.tuning and self.type is not None and self.tuning.get("type") == str(self.type):
             p.update(self.tuning.get("params", {}))
         p.update({k: v for k, v in self.params.items() if k != "ondisk"})
@@ -431,32 +416,25 @@ class SearchIndex:
     def _faiss_params(self, override: dict[str, int] | None, p: dict[str, int]):
         """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch or there are
         tombstones to skip, else None (the values set on the index by `_apply_params` are used)."""
+        # (Sub-objects given to the constructors are kept alive by FAISS's Python wrapper.)
         if len(self.dead):
-            sp = _hnsw_params(int(p.get("efSearch", 16)))
-            sp.sel = self._tombstone_filter()
-            return sp
+            return faiss.SearchParametersHNSW(efSearch=int(p.get("efSearch", 16)), sel=self._tombstone_filter())
         if not override or not ({"nprobe", "efSearch"} & override.keys()):
             return None
-        import faiss
-
         if self.type.nlist and "nprobe" in p:
-            sp = faiss.SearchParametersIVF()
-            sp.nprobe = int(p["nprobe"])
-            if "_HNSW" in self.type.base:  # an HNSW quantizer must explore at least nprobe centroids
-                qp = _hnsw_params(max(int(p["nprobe"]), 16))
-                sp.quantizer_params = qp
-                sp.keep = qp  # SWIG does not keep the Python object alive through the pointer
-            return sp
+            if "_HNSW" not in self.type.base:
+                return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
+            # an HNSW quantizer must explore at least nprobe centroids
+            graph = faiss.SearchParametersHNSW(efSearch=max(int(p["nprobe"]), 16))
+            return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]), quantizer_params=graph)
         if self.type.is_hnsw and "efSearch" in p:
-            return _hnsw_params(int(p["efSearch"]))
+            return faiss.SearchParametersHNSW(efSearch=int(p["efSearch"]))
         return None
 
     def _tombstone_filter(self):
         """A FAISS id selector passing every id but the tombstones (built once per object: the
         object never changes after `sync`, so concurrent searches can share it)."""
         if self._skip is None:
-            import faiss
-
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.dead, np.int64))
             skip = faiss.IDSelectorNot(batch)
             skip.keep = batch  # SWIG does not keep the inner selector alive through the pointer
@@ -482,16 +460,12 @@ class SearchIndex:
 
     # -- persistence -------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        import faiss
-
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
     def from_file(cls, path, factory: str, dim: int, params: dict[str, int], ids: np.ndarray,
                   vecs: np.ndarray, resolved: str, mmap: bool = False, tuning: dict | None = None) -> "SearchIndex":
         """Load a cached index; ``ids``/``vecs`` are the live ones (for re-ranking after sync)."""
-        import faiss
-
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         si = cls(factory, dim, params, index, IndexType.parse(resolved), mmapped=mmap, tuning=tuning)
         si.ids = np.sort(_stored_ids(index))
@@ -500,14 +474,6 @@ class SearchIndex:
 
 
 # -- the search path ---------------------------------------------------------------
-def _hnsw_params(ef: int):
-    import faiss
-
-    sp = faiss.SearchParametersHNSW()
-    sp.efSearch = int(ef)
-    return sp
-
-
 def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each query's shortlist, in FAISS (one call for all queries).
@@ -517,8 +483,6 @@ def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: 
     A candidate that is not in ``ids`` (a deleted id a FAISS index still holds) is dropped:
     FAISS's routine stops at the first -1, so such holes are moved to the end first.
     """
-    import faiss
-
     nq, s = cand.shape
     rows = np.searchsorted(ids, cand)
     np.minimum(rows, len(ids) - 1, out=rows)
@@ -559,8 +523,6 @@ def _blas_controllers() -> list:
 def _uses_blas(nq: int) -> bool:
     """Whether FAISS may call BLAS for ``nq`` queries: its exhaustive and coarse-quantizer
     searches switch to BLAS from ``distance_compute_blas_threshold`` queries (20) on."""
-    import faiss
-
     return nq >= faiss.cvar.distance_compute_blas_threshold
 
 
@@ -595,8 +557,6 @@ def search_threads(n: int, blas: bool = True):
     ``n`` BLAS threads (`_blas_threads`). Setting OpenBLAS's count costs ~0.1 ms (it resizes
     its pool), so single queries, which FAISS answers without BLAS (`_uses_blas`), leave it
     alone; OpenMP's costs nothing."""
-    import faiss
-
     n = max(1, int(n))
     omp_before = faiss.omp_get_max_threads()
     if omp_before != n:
@@ -625,8 +585,6 @@ def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int
     Returns (rows (nq,) into ``vecs``, truth (nq, k) ids). Each query is left out of its own
     ground truth (and `recall_at` drops it from the answers), so the sample measures what a
     new query from the same collection would get."""
-    import faiss
-
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(ids), min(nq, len(ids)), replace=False))
     _, nn = faiss.knn(np.ascontiguousarray(vecs[rows]), vecs, k + 1, metric=faiss.METRIC_INNER_PRODUCT)

@@ -108,9 +108,6 @@ class MilvusBackend(SearchBackend):
     def remove(self, ids: np.ndarray) -> None:
         self._send(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.asarray(ids, np.int64))
 
-    def persist(self) -> None:
-        self.client.flush(self.collection)
-
     def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray, record: bool = True) -> None:
         """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took
         (``record=False``: the caller records the whole set itself)."""

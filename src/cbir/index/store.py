@@ -110,6 +110,12 @@ def _load_meta(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def check_index_dir(index_dir: str | Path) -> None:
+    """Refuse an index path that is an existing file (`cbir index` checks before loading a model)."""
+    if Path(index_dir).exists() and not Path(index_dir).is_dir():
+        raise IndexStoreError(f"{index_dir}: exists and is not a directory; give a new or an index directory")
+
+
 @contextmanager
 def _writer_lock(root: Path):
     """Hold ``root/.lock`` exclusively (`IndexBusy` at once if another process does)."""
@@ -154,8 +160,7 @@ class Index:
             factory = validate(factory, dim)
         except IndexTypeError as e:
             raise IndexStoreError(str(e)) from None
-        if root.exists() and not root.is_dir():
-            raise IndexStoreError(f"{root}: exists and is not a directory; give a new or an index directory")
+        check_index_dir(root)
         if (root / "index.json").exists():
             raise IndexExists(f"{root}: an index already exists here")
         root.mkdir(parents=True, exist_ok=True)
@@ -275,13 +280,6 @@ class Index:
             self._mmaps[file] = arr
         return arr
 
-    def _release_segments(self, live_files: set[str]) -> None:
-        """Unmap segments that no catalog row uses any more (another process deleted or
-        compacted them): a long-running reader would otherwise keep their disk space."""
-        for file in list(self._mmaps):
-            if file not in live_files:
-                self._mmaps.pop(file, None)
-
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, vectors (N, D) float32) of every image in the catalog, by id."""
         rows = self.db.execute(WHERE_VECTORS + " ORDER BY images.id").fetchall()
@@ -290,7 +288,10 @@ class Index:
         by_file: dict[str, list[tuple[int, int]]] = {}
         for i, (_, file, row) in enumerate(rows):
             by_file.setdefault(file, []).append((i, row))
-        self._release_segments(set(by_file))
+        # Unmap segments no row uses any more (another process deleted or compacted them): a
+        # long-running reader would otherwise keep their disk space.
+        for file in set(self._mmaps) - set(by_file):
+            self._mmaps.pop(file, None)
         for file, pairs in by_file.items():
             seg = self._segment(file)
             dst, src = zip(*pairs)
