@@ -6,7 +6,8 @@ this interface: it reports every committed change (`add`, `remove`) and asks it 
 
 - `FaissBackend`: the embedded FAISS index of the type ``index.json`` names (see
   `cbir.index.factory`), derived from the vectors when first needed, tuned to the recall
-  target, cached in ``faiss/``. It does not need the change reports: it catches up from the
+  target, cached in ``faiss/`` (trained or slow-to-build ones; keyed by the type, labelled
+  with the catalog generation). It ignores the change reports: it catches up from the
   catalog's generation at the next search, which covers other processes' writes too.
 - `cbir.index.milvus.MilvusBackend`: a Milvus collection holding a copy of the vectors under
   the same ids; each committed change is sent at once (so images added or deleted through

@@ -142,7 +142,6 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
         index.forget_tombstones([p for p in tombs if seen_gone(p)])
     todo, changed_tombs = [], []
     for path, st in stats.items():
-        p = Path(path)
         e = known.get(path)
         if path in tombs:
             if tombs[path] == (st.st_size, st.st_mtime_ns):
@@ -152,7 +151,7 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
         if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
             report.unchanged += 1
         else:
-            todo.append((p, st.st_size, st.st_mtime_ns))
+            todo.append((Path(path), st.st_size, st.st_mtime_ns))
     if changed_tombs:
         index.forget_tombstones(changed_tombs)
     return known, todo

@@ -303,9 +303,7 @@ class SearchIndex:
             if n:
                 index.add_with_ids(vecs, ids)
         else:
-            rest = np.ones(n, bool)
-            rest[held] = False
-            rest_vecs, rest_ids = np.ascontiguousarray(vecs[rest]), ids[rest]
+            rest_vecs, rest_ids = np.delete(vecs, held, axis=0), np.delete(ids, held)
             index.add_with_ids(rest_vecs, rest_ids)
             q = np.ascontiguousarray(vecs[held])
             _, nn = faiss.knn(q, rest_vecs, TUNE_K, metric=faiss.METRIC_INNER_PRODUCT)

@@ -15,12 +15,9 @@ deletes; killed after, everything it added is there. Deletes and replacements ar
 transactions. So at any instant the catalog names only complete vectors, and whatever an
 earlier run committed survives.
 
-The FAISS index is derived from the live vectors when first needed, of the type
-``index.json`` names (``factory``: ``auto``, ``Flat``, ``HNSW32``, ``IVF...,PQ...,RFlat``; see
-`cbir.index.factory`), and kept up to date incrementally (adds, and deletes where FAISS
-allows them). A trained or slow-to-build one is cached in ``faiss/``, keyed by the type and
-labelled with the catalog generation, written atomically; a missing or stale cache only
-costs a rebuild from the vectors, which stay the source of truth.
+Searches go to a `SearchBackend` (`cbir.index.backends`): by default a FAISS index of the
+type ``index.json`` names, derived from the live vectors and cached in ``faiss/``; a missing
+or stale cache only costs a rebuild from the vectors, which stay the source of truth.
 """
 
 from __future__ import annotations
