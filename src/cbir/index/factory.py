@@ -20,16 +20,12 @@ measurement when an index is built (`tune`: the cheapest setting whose recall@10
 sample of the index's own vectors reaches a target, 0.95 by default; stored in ``index.json``
 as ``tuned``), can be fixed per index (``search_params`` in ``index.json``, e.g.
 ``nprobe=32,k_factor=8``, which win over the tuned ones) and overridden per search call.
-``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped,
-instead of in RAM.
+``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped.
 
-The vectors in the store stay the source of truth: this module only derives a structure
-from them, and `SearchIndex.sync` brings one up to date with the live ids (add the new ones,
-remove the gone ones, or rebuild where FAISS cannot remove).
-
-Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and BLAS both, set on
-each call): one query per thread is what a server wants, and an unpinned BLAS or OpenMP pool
-makes latency depend on whatever else the machine runs.
+`SearchIndex.sync` keeps the structure up to date with the live vectors of the store, the
+source of truth. Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and
+BLAS both): one query per thread is what a server wants, and an unpinned pool makes latency
+depend on whatever else the machine runs.
 """
 
 from __future__ import annotations
@@ -172,10 +168,7 @@ _PARAM = re.compile(r"^(nprobe|efSearch|k_factor|ondisk)=(\d+)$")
 def parse_params(text: str | None) -> dict[str, int]:
     """``"nprobe=32,k_factor=8"`` -> dict; unknown names are refused with the list of known ones."""
     out: dict[str, int] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in filter(None, (i.strip() for i in (text or "").split(","))):
         m = _PARAM.match(item)
         if not m:
             raise IndexTypeError(f"search parameter {item!r}: use name=integer with name one of nprobe, efSearch, "
@@ -395,13 +388,10 @@ class SearchIndex:
 
     def search(self, queries: np.ndarray, k: int, params: dict[str, int] | None = None,
                threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)), -1 where fewer were found.
-
-        ``queries`` (Q, d) float32. ``params`` override the index's search parameters for
-        this call only (the shared FAISS object is not touched, so concurrent calls with
-        different settings are safe). ``RFlat`` types re-rank a shortlist of ``k_factor`` x k
-        exactly, in FAISS, all queries in one call. ``threads``: OpenMP/BLAS threads
-        (default `SEARCH_THREADS`)."""
+        """Top-``k`` by inner product of ``queries`` (Q, d): (scores (Q, k), ids (Q, k)), -1 where
+        fewer were found. ``params`` override the search parameters for this call only (the
+        shared FAISS object is not touched, so concurrent calls are safe). ``RFlat`` types
+        re-rank a shortlist of ``k_factor`` x k exactly. ``threads``: default `SEARCH_THREADS`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         p = self.effective_params if not params else {**self.effective_params, **params}
         with search_threads(SEARCH_THREADS if threads is None else threads, blas=_uses_blas(len(queries))):
@@ -416,7 +406,8 @@ class SearchIndex:
         tombstones to skip, else None (the values set on the index by `_apply_params` are used)."""
         # (Sub-objects given to the constructors are kept alive by FAISS's Python wrapper.)
         if len(self.dead):
-            return faiss.SearchParametersHNSW(efSearch=int(p.get("efSearch", 16)), sel=self._tombstone_filter())
+            ef = int(p.get("efSearch", 16))
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=self._tombstone_filter())
         if not override or not ({"nprobe", "efSearch"} & override.keys()):
             return None
         if self.type.nlist and "nprobe" in p:
@@ -505,17 +496,14 @@ def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: 
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_saved: list[tuple[object, int]] = []
-_blas_libs: list | None = None
 
 
+@functools.cache
 def _blas_controllers() -> list:
-    """threadpoolctl's handles on the BLAS libraries loaded now (numpy's, FAISS's)."""
-    global _blas_libs
-    if _blas_libs is None:
-        from threadpoolctl import ThreadpoolController
+    """threadpoolctl's handles on the BLAS libraries loaded at the first call (numpy's, FAISS's)."""
+    from threadpoolctl import ThreadpoolController
 
-        _blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
-    return _blas_libs
+    return [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
 
 
 def _uses_blas(nq: int) -> bool:
@@ -663,8 +651,7 @@ def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence:
 
 def _recall(si: "SearchIndex", q: np.ndarray, k: int, params: dict[str, int], truth: np.ndarray,
             confidence: float, self_ids: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower one-sided
-    confidence bound (mean - ``confidence`` x standard error)."""
+    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (see `tune`)."""
     _, found = si.search(q, k, params, threads=os.cpu_count() or 1)
     per_query = recall_at(found, truth, self_ids)
     mean = float(per_query.mean())

@@ -68,7 +68,9 @@ CREATE TABLE IF NOT EXISTS deleted (path TEXT PRIMARY KEY, size INTEGER NOT NULL
 # What `create` writes before index.json; finding only these means a creation was interrupted.
 CREATION_LEFTOVERS = {"vectors", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "post.npz", ".lock"}
 BUMP = "UPDATE state SET value = value + 1 WHERE key = 'generation'"
-WHERE_VECTORS = "SELECT images.id, segments.file, images.row FROM images JOIN segments ON images.segment = segments.id"
+# Where each image's vector is: (id, segment file, row).
+VECTOR_ROWS = ("SELECT images.id, segments.file, images.row "
+               "FROM images JOIN segments ON images.segment = segments.id")
 
 
 class IndexStoreError(RuntimeError):
@@ -279,7 +281,7 @@ class Index:
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, vectors (N, D) float32) of every image in the catalog, by id."""
-        rows = self.db.execute(WHERE_VECTORS + " ORDER BY images.id").fetchall()
+        rows = self.db.execute(VECTOR_ROWS + " ORDER BY images.id").fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         out = np.empty((len(rows), self.dim), np.float32)
         by_file: dict[str, list[tuple[int, int]]] = {}
@@ -303,7 +305,7 @@ class Index:
         where: dict[int, tuple[str, int]] = {}
         for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
             chunk = sorted(set(ids[start:start + 500]))
-            q = WHERE_VECTORS + f" WHERE images.id IN ({','.join('?' * len(chunk))})"
+            q = VECTOR_ROWS + f" WHERE images.id IN ({','.join('?' * len(chunk))})"
             where.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk)})
         for n, i in enumerate(ids):
             if i not in where:
