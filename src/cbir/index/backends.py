@@ -119,12 +119,10 @@ class FaissBackend(SearchBackend):
         """(generation, resolved type, path) of this index type's cache files, newest first."""
         out = []
         prefix = self._cache_prefix() + "-g"
-        if self._cache_dir().is_dir():
-            for f in self._cache_dir().iterdir():
-                if f.name.startswith(prefix) and f.suffix == ".faiss":
-                    gen, _, resolved = f.stem[len(prefix):].partition("-")
-                    if gen.isdigit() and resolved:
-                        out.append((int(gen), resolved.replace("+", ","), f))
+        for f in self._cache_dir().glob(prefix + "*.faiss"):
+            gen, _, resolved = f.stem[len(prefix):].partition("-")
+            if gen.isdigit() and resolved:
+                out.append((int(gen), resolved.replace("+", ","), f))
         return sorted(out, reverse=True)
 
     def _from_file(self, path: Path, resolved: str, ids, vecs, params, mmap: bool = False, tuning=None):
