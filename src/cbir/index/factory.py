@@ -404,8 +404,7 @@ class SearchIndex:
     def _faiss_params(self, override: dict[str, int] | None, p: dict[str, int]):
         """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch or there are
         tombstones to skip, else None (the values set on the index by `_apply_params` are used)."""
-        # (Sub-objects given to the constructors are kept alive by FAISS's Python wrapper.)
-        if len(self.dead):
+        if len(self.dead):  # (the selector lives as long as ``self``)
             ef = int(p.get("efSearch", 16))
             return faiss.SearchParametersHNSW(efSearch=ef, sel=self._tombstone_filter())
         if not override or not ({"nprobe", "efSearch"} & override.keys()):
@@ -415,7 +414,9 @@ class SearchIndex:
                 return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
             # an HNSW quantizer must explore at least nprobe centroids
             graph = faiss.SearchParametersHNSW(efSearch=max(int(p["nprobe"]), 16))
-            return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]), quantizer_params=graph)
+            sp = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]), quantizer_params=graph)
+            sp.keep = graph  # SWIG does not keep the Python object alive through the pointer
+            return sp
         if self.type.is_hnsw and "efSearch" in p:
             return faiss.SearchParametersHNSW(efSearch=int(p["efSearch"]))
         return None
