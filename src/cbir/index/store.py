@@ -484,10 +484,11 @@ class Index:
         return ids
 
     def _write_segment(self, vectors: np.ndarray) -> tuple[int, str]:
-        """Write the next segment file (durably, before any transaction names it): (id, file)."""
+        """Write ``vectors`` (n, D) float32 as the next segment file (durably, before any
+        transaction names it): (segment id, file name)."""
         seg_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
-        atomic_write_npy(self.root / "vectors" / file, np.ascontiguousarray(vectors, dtype=np.float32))
+        atomic_write_npy(self.root / "vectors" / file, vectors)
         return seg_id, file
 
     def _ids_of_paths(self, paths: list[str]) -> list[int]:
@@ -563,9 +564,8 @@ class Index:
         if not total[0] or (1 - live / total[0] < min_dead_fraction and total[1] < min_segments):
             return False
         ids, vecs = self.live()
-        con = self.db
         seg_id, file = self._write_segment(vecs)
-        with con:
+        with self.db as con:
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
             con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
                             [(seg_id, r, int(i)) for r, i in enumerate(ids)])
