@@ -125,21 +125,21 @@ class FaissBackend(SearchBackend):
                 out.append((int(gen), resolved.replace("+", ","), f))
         return sorted(out, reverse=True)
 
-    def _from_file(self, path: Path, resolved: str, ids, vecs, params, mmap: bool = False, tuning=None):
+    def _from_file(self, path: Path, resolved: str, params, mmap: bool = False, tuning=None):
         from cbir.index.factory import SearchIndex
 
-        return SearchIndex.from_file(path, self.index.factory, self.index.dim, params, ids, vecs, resolved,
-                                     mmap=mmap, tuning=tuning if tuning is not None else self.index.info.get("tuned"))
+        return SearchIndex.from_file(path, self.index.factory, self.index.dim, params, resolved, mmap=mmap,
+                                     tuning=tuning if tuning is not None else self.index.info.get("tuned"))
 
-    def _load_cached(self, ids: np.ndarray, vecs: np.ndarray, params: dict[str, int]):
+    def _load_cached(self, ids: np.ndarray, params: dict[str, int]):
         for _, resolved, path in self._cached_files():
             try:
-                si = self._from_file(path, resolved, ids, vecs, params)
+                si = self._from_file(path, resolved, params)
             except (RuntimeError, OSError):
                 continue  # unreadable (half-deleted by another reader, older FAISS): next, or rebuild
             if params.get("ondisk") and si.type.nlist and np.array_equal(si.ids, ids):
                 # Up to date: serve the inverted lists from the file instead of RAM.
-                si = self._from_file(path, resolved, ids, vecs, params, mmap=True)
+                si = self._from_file(path, resolved, params, mmap=True)
             return si
         return None
 
@@ -166,10 +166,10 @@ class FaissBackend(SearchBackend):
                 return self._si
             ids, vecs = self.index.live()
             params = self.index.search_params()
-            si = self._si if self._si is not None else self._load_cached(ids, vecs, params)
+            si = self._si if self._si is not None else self._load_cached(ids, params)
             if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
                 # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
-                si = self._load_cached(ids, vecs, {k: v for k, v in params.items() if k != "ondisk"})
+                si = self._load_cached(ids, {k: v for k, v in params.items() if k != "ondisk"})
             if si is None:
                 si = SearchIndex(self.index.factory, self.index.dim, params, tuning=self.index.info.get("tuned"))
             si, changed = si.sync(ids, vecs, self.index.recall_target)
@@ -178,7 +178,7 @@ class FaissBackend(SearchBackend):
             if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):
                 path = self._save_cache(si, version)
                 if path is not None and params.get("ondisk") and si.type.nlist:
-                    si = self._from_file(path, str(si.type), ids, vecs, params, mmap=True, tuning=si.tuning)
+                    si = self._from_file(path, str(si.type), params, mmap=True, tuning=si.tuning)
                     si, _ = si.sync(ids, vecs)  # no change: sets the re-ranking vectors
             si.trained_now = False
             self._si, self._version = si, version

@@ -453,9 +453,10 @@ class SearchIndex:
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def from_file(cls, path, factory: str, dim: int, params: dict[str, int], ids: np.ndarray,
-                  vecs: np.ndarray, resolved: str, mmap: bool = False, tuning: dict | None = None) -> "SearchIndex":
-        """Load a cached index; ``ids``/``vecs`` are the live ones (for re-ranking after sync)."""
+    def from_file(cls, path, factory: str, dim: int, params: dict[str, int], resolved: str, mmap: bool = False,
+                  tuning: dict | None = None) -> "SearchIndex":
+        """Load a cached index of type ``resolved``; `sync` then brings it up to date (and sets
+        the re-ranking vectors)."""
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         si = cls(factory, dim, params, index, IndexType.parse(resolved), mmapped=mmap, tuning=tuning)
         si.ids = np.sort(_stored_ids(index))
