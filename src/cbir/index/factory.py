@@ -394,7 +394,10 @@ class SearchIndex:
         re-rank a shortlist of ``k_factor`` x k exactly. ``threads``: default `SEARCH_THREADS`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         p = self.effective_params if not params else {**self.effective_params, **params}
-        with search_threads(SEARCH_THREADS if threads is None else threads, blas=_uses_blas(len(queries))):
+        # FAISS's exhaustive and coarse-quantizer searches call BLAS only from
+        # ``distance_compute_blas_threshold`` queries (20) on.
+        blas = len(queries) >= faiss.cvar.distance_compute_blas_threshold
+        with search_threads(SEARCH_THREADS if threads is None else threads, blas=blas):
             if not self.type.refine or self.vecs is None:
                 return self.index.search(queries, k, params=self._faiss_params(params, p))
             kf = max(1, int(p.get("k_factor", DEFAULT_K_FACTOR)))
@@ -508,12 +511,6 @@ def _blas_controllers() -> list:
     return [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
 
 
-def _uses_blas(nq: int) -> bool:
-    """Whether FAISS may call BLAS for ``nq`` queries: its exhaustive and coarse-quantizer
-    searches switch to BLAS from ``distance_compute_blas_threshold`` queries (20) on."""
-    return nq >= faiss.cvar.distance_compute_blas_threshold
-
-
 @contextmanager
 def _blas_threads(n: int):
     """``n`` BLAS threads for the body. The counts are process-wide: the first concurrent caller
@@ -543,8 +540,8 @@ def _blas_threads(n: int):
 def search_threads(n: int, blas: bool = True):
     """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
     ``n`` BLAS threads (`_blas_threads`). Setting OpenBLAS's count costs ~0.1 ms (it resizes
-    its pool), so single queries, which FAISS answers without BLAS (`_uses_blas`), leave it
-    alone; OpenMP's costs nothing."""
+    its pool), so single queries, which FAISS answers without BLAS, leave it alone (``blas``
+    False); OpenMP's costs nothing."""
     n = max(1, int(n))
     omp_before = faiss.omp_get_max_threads()
     if omp_before != n:
