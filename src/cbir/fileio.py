@@ -7,6 +7,7 @@ folder (so the rename itself survives a power cut). Every file cbir writes for l
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def fsync_dir(path: str | Path) -> None:
+def _fsync(path: str | Path) -> None:
+    """fsync a file, or a folder (which makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -32,13 +34,9 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -49,3 +47,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def atomic_write_npy(path: str | Path, array) -> None:
+    """`atomic_write_bytes` of ``array`` in ``.npy`` format."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())

@@ -40,11 +40,6 @@ def parse_meta(text: str) -> dict[str, Any]:
         raise
     except (ValueError, RecursionError):  # RecursionError: '[[[[...' within the byte limit
         raise MetaError(f'meta is not valid JSON; it must be {SHAPE}, e.g. {{"title": "..."}}') from None
-    return check_meta(obj)
-
-
-def check_meta(obj: object) -> dict[str, Any]:
-    """``obj`` itself if it has the catalog's metadata shape, else `MetaError`."""
     if not isinstance(obj, dict):
         raise MetaError(f'meta must be a JSON object, e.g. {{"title": "..."}}: {SHAPE}')
     if len(obj) > MAX_META_KEYS:
@@ -78,7 +73,5 @@ def displayable_meta(obj: object) -> dict[str, Any]:
     """
     if not isinstance(obj, dict):
         return {}
-    if len(obj) <= MAX_META_KEYS and all(_problem(k, v) is None for k, v in obj.items()):
-        return obj
     good = {k: v for k, v in obj.items() if _problem(k, v) is None}
-    return dict(list(good.items())[:MAX_META_KEYS])
+    return obj if len(good) == len(obj) <= MAX_META_KEYS else dict(list(good.items())[:MAX_META_KEYS])

@@ -2,12 +2,12 @@
 
 The index directory (`cbir.index.store`) keeps the catalog and the vectors, the source of
 truth; a `SearchBackend` answers the top-k over them. The store talks to it only through
-this interface: it reports every committed change (`add`, `remove`), asks it to `search`,
-and to `persist` what it has built.
+this interface: it reports every committed change (`add`, `remove`) and asks it to `search`.
 
 - `FaissBackend`: the embedded FAISS index of the type ``index.json`` names (see
   `cbir.index.factory`), derived from the vectors when first needed, tuned to the recall
-  target, cached in ``faiss/``. It does not need the change reports: it catches up from the
+  target, cached in ``faiss/`` (trained or slow-to-build ones; keyed by the type, labelled
+  with the catalog generation). It ignores the change reports: it catches up from the
   catalog's generation at the next search, which covers other processes' writes too.
 - `cbir.index.milvus.MilvusBackend`: a Milvus collection holding a copy of the vectors under
   the same ids; each committed change is sent at once (so images added or deleted through
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbir.fileio import atomic_write_bytes
+from cbir.fileio import atomic_write_bytes, atomic_write_npy
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbir.index.store import Index
@@ -50,10 +50,6 @@ class SearchBackend(ABC):
     @abstractmethod
     def count(self) -> int:
         """Vectors the backend holds."""
-
-    @abstractmethod
-    def persist(self) -> None:
-        """Make what the backend holds durable (and up to date) now, not at the first search."""
 
 
 class FaissBackend(SearchBackend):
@@ -82,9 +78,6 @@ class FaissBackend(SearchBackend):
 
     def count(self) -> int:
         return self.search_index().ntotal
-
-    def persist(self) -> None:
-        self.search_index()  # built, tuned and (when it took a while to build) cached
 
     # -- tuning ----------------------------------------------------------------------
     def _needs_tuning(self, si) -> bool:
@@ -126,29 +119,27 @@ class FaissBackend(SearchBackend):
         """(generation, resolved type, path) of this index type's cache files, newest first."""
         out = []
         prefix = self._cache_prefix() + "-g"
-        if self._cache_dir().is_dir():
-            for f in self._cache_dir().iterdir():
-                if f.name.startswith(prefix) and f.suffix == ".faiss":
-                    gen, _, resolved = f.stem[len(prefix):].partition("-")
-                    if gen.isdigit() and resolved:
-                        out.append((int(gen), resolved.replace("+", ","), f))
+        for f in self._cache_dir().glob(prefix + "*.faiss"):
+            gen, _, resolved = f.stem[len(prefix):].partition("-")
+            if gen.isdigit() and resolved:
+                out.append((int(gen), resolved.replace("+", ","), f))
         return sorted(out, reverse=True)
 
-    def _from_file(self, path: Path, resolved: str, ids, vecs, params, mmap: bool = False, tuning=None):
+    def _from_file(self, path: Path, resolved: str, params, mmap: bool = False, tuning=None):
         from cbir.index.factory import SearchIndex
 
-        return SearchIndex.from_file(path, self.index.factory, self.index.dim, params, ids, vecs, resolved,
-                                     mmap=mmap, tuning=tuning if tuning is not None else self.index.info.get("tuned"))
+        return SearchIndex.from_file(path, self.index.factory, self.index.dim, params, resolved, mmap=mmap,
+                                     tuning=tuning if tuning is not None else self.index.info.get("tuned"))
 
-    def _load_cached(self, ids: np.ndarray, vecs: np.ndarray, params: dict[str, int]):
+    def _load_cached(self, ids: np.ndarray, params: dict[str, int]):
         for _, resolved, path in self._cached_files():
             try:
-                si = self._from_file(path, resolved, ids, vecs, params)
+                si = self._from_file(path, resolved, params)
             except (RuntimeError, OSError):
                 continue  # unreadable (half-deleted by another reader, older FAISS): next, or rebuild
             if params.get("ondisk") and si.type.nlist and np.array_equal(si.ids, ids):
                 # Up to date: serve the inverted lists from the file instead of RAM.
-                si = self._from_file(path, resolved, ids, vecs, params, mmap=True)
+                si = self._from_file(path, resolved, params, mmap=True)
             return si
         return None
 
@@ -175,10 +166,10 @@ class FaissBackend(SearchBackend):
                 return self._si
             ids, vecs = self.index.live()
             params = self.index.search_params()
-            si = self._si if self._si is not None else self._load_cached(ids, vecs, params)
+            si = self._si if self._si is not None else self._load_cached(ids, params)
             if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
                 # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
-                si = self._load_cached(ids, vecs, {k: v for k, v in params.items() if k != "ondisk"})
+                si = self._load_cached(ids, {k: v for k, v in params.items() if k != "ondisk"})
             if si is None:
                 si = SearchIndex(self.index.factory, self.index.dim, params, tuning=self.index.info.get("tuned"))
             si, changed = si.sync(ids, vecs, self.index.recall_target)
@@ -187,7 +178,7 @@ class FaissBackend(SearchBackend):
             if changed and (si.trained_now or si.build_seconds >= self.CACHE_MIN_SECONDS or params.get("ondisk")):
                 path = self._save_cache(si, version)
                 if path is not None and params.get("ondisk") and si.type.nlist:
-                    si = self._from_file(path, str(si.type), ids, vecs, params, mmap=True, tuning=si.tuning)
+                    si = self._from_file(path, str(si.type), params, mmap=True, tuning=si.tuning)
                     si, _ = si.sync(ids, vecs)  # no change: sets the re-ranking vectors
             si.trained_now = False
             self._si, self._version = si, version
@@ -196,11 +187,7 @@ class FaissBackend(SearchBackend):
 
 def record_ids(path: Path, ids: np.ndarray) -> None:
     """Atomically store a sorted id set (what a remote backend holds)."""
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.unique(np.asarray(ids, np.int64)))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_npy(path, np.unique(np.asarray(ids, np.int64)))
 
 
 def read_ids(path: Path) -> np.ndarray | None:

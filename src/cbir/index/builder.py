@@ -19,7 +19,7 @@ import numpy as np
 
 from cbir.identify import Calibration, calibrate
 from cbir.images import ImageError, list_images, open_image, sha256_file
-from cbir.index.store import Entry, Index, IndexExists, IndexStoreError
+from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir
 from cbir.localize import Localizer, Region, create_localizer
 from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
@@ -57,25 +57,22 @@ def open_or_create(
     For an existing index, ``pipeline`` (if given) must match the index's own.
     """
     index_dir = Path(index_dir)
-    if (index_dir / "index.json").exists():
-        index = Index(index_dir)
-        spec = resolve_spec(pipeline or index.pipeline, weights)
-        extractor = Extractor(spec, weights, engine)
-        index.check_identity(extractor.identity)
-        extractor.load_post_state(index.post_state())
-        return index, extractor
-    spec = resolve_spec(pipeline or DEFAULT_PIPELINE, weights)
+    index = Index(index_dir) if (index_dir / "index.json").exists() else None
+    spec = resolve_spec(pipeline or (index.pipeline if index else DEFAULT_PIPELINE), weights)
     extractor = Extractor(spec, weights, engine)
-    if extractor.needs_fit:
-        if not fit_on:
-            raise PipelineError(f"pipeline {spec} has learned steps (PCA): give a separate image set with --fit-on DIR")
-        extractor.fit(list(fit_on), on_error=lambda i, e: warn(f"warning: {e}"))
-    try:
-        index = Index.create(index_dir, extractor.identity, extractor.output_dim, extractor.post_state())
-    except IndexExists:  # another run created it while this one loaded the model: use that one
-        index = Index(index_dir)
-        index.check_identity(extractor.identity)
-        extractor.load_post_state(index.post_state())
+    if index is None:
+        if extractor.needs_fit:
+            if not fit_on:
+                raise PipelineError(f"pipeline {spec} has learned steps (PCA): give a separate image set with "
+                                    f"--fit-on DIR")
+            extractor.fit(list(fit_on), on_error=lambda i, e: warn(f"warning: {e}"))
+        try:
+            index = Index.create(index_dir, extractor.identity, extractor.output_dim, extractor.post_state())
+            return index, extractor
+        except IndexExists:  # another run created it while this one loaded the model: use that one
+            index = Index(index_dir)
+    index.check_identity(extractor.identity)
+    extractor.load_post_state(index.post_state())
     return index, extractor
 
 
@@ -138,30 +135,22 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
     if gone:
         report.removed = index.remove(paths=gone)
     tombs = index.tombstones(str(images_dir))
-    if tombs:
-        index.forget_tombstones([p for p in tombs if seen_gone(p)])
-    todo, changed_tombs = [], []
+    forget = [p for p in tombs if seen_gone(p)]
+    todo = []
     for path, st in stats.items():
-        p = Path(path)
-        e = known.get(path)
         if path in tombs:
             if tombs[path] == (st.st_size, st.st_mtime_ns):
                 report.kept_out += 1  # deleted through the service, unchanged since
                 continue
-            changed_tombs.append(path)  # a new version of a deleted file: index it again
+            forget.append(path)  # a new version of a deleted file: index it again
+        e = known.get(path)
         if e is not None and e.size == st.st_size and e.mtime_ns == st.st_mtime_ns:
             report.unchanged += 1
         else:
-            todo.append((p, st.st_size, st.st_mtime_ns))
-    if changed_tombs:
-        index.forget_tombstones(changed_tombs)
+            todo.append((Path(path), st.st_size, st.st_mtime_ns))
+    if forget:
+        index.forget_tombstones(forget)
     return known, todo
-
-
-def check_index_dir(index_dir: str | Path) -> None:
-    """Refuse an index path that is an existing file, before any model is loaded."""
-    if Path(index_dir).exists() and not Path(index_dir).is_dir():
-        raise IndexStoreError(f"{index_dir}: exists and is not a directory; give a new or an index directory")
 
 
 def update_index(
@@ -211,19 +200,17 @@ def update_index(
                 digest = sha256_file(p)
             except OSError as e:
                 on_error(i, ImageError(f"{p}: cannot read ({e.strerror})"))
-                if bar:
-                    bar.update(1)
-                hashes.append("")
-                continue
+                digest = ""
             hashes.append(digest)
             e = known.get(str(p))
-            if e is not None and e.sha256 == digest:
+            if digest and e is not None and e.sha256 == digest:
                 index.touch(str(p), size, mtime)
                 report.unchanged += 1
-                if bar:
-                    bar.update(1)
-            else:
+            elif digest:
                 extract_rows.append(i)
+                continue
+            if bar:
+                bar.update(1)
 
         sources = [todo[i][0] for i in extract_rows]
         for keys, vecs in extractor.iter_vectors(sources, on_error=lambda j, e: on_error(extract_rows[j], e),

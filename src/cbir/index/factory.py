@@ -20,20 +20,17 @@ measurement when an index is built (`tune`: the cheapest setting whose recall@10
 sample of the index's own vectors reaches a target, 0.95 by default; stored in ``index.json``
 as ``tuned``), can be fixed per index (``search_params`` in ``index.json``, e.g.
 ``nprobe=32,k_factor=8``, which win over the tuned ones) and overridden per search call.
-``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped,
-instead of in RAM.
+``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped.
 
-The vectors in the store stay the source of truth: this module only derives a structure
-from them, and `SearchIndex.sync` brings one up to date with the live ids (add the new ones,
-remove the gone ones, or rebuild where FAISS cannot remove).
-
-Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and BLAS both, set on
-each call): one query per thread is what a server wants, and an unpinned BLAS or OpenMP pool
-makes latency depend on whatever else the machine runs.
+`SearchIndex.sync` keeps the structure up to date with the live vectors of the store, the
+source of truth. Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and
+BLAS both): one query per thread is what a server wants, and an unpinned pool makes latency
+depend on whatever else the machine runs.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -41,9 +38,10 @@ import re
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 
 AUTO = "auto"
@@ -152,8 +150,6 @@ def validate(factory: str, d: int) -> str:
     """Check ``factory`` builds for dimension ``d``; returns it (``auto`` passes)."""
     if factory == AUTO:
         return factory
-    import faiss
-
     t = IndexType.parse(factory)
     try:
         faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
@@ -172,10 +168,7 @@ _PARAM = re.compile(r"^(nprobe|efSearch|k_factor|ondisk)=(\d+)$")
 def parse_params(text: str | None) -> dict[str, int]:
     """``"nprobe=32,k_factor=8"`` -> dict; unknown names are refused with the list of known ones."""
     out: dict[str, int] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in filter(None, (i.strip() for i in (text or "").split(","))):
         m = _PARAM.match(item)
         if not m:
             raise IndexTypeError(f"search parameter {item!r}: use name=integer with name one of nprobe, efSearch, "
@@ -184,7 +177,7 @@ def parse_params(text: str | None) -> dict[str, int]:
     return out
 
 
-def default_params(t: IndexType, n: int) -> dict[str, int]:
+def default_params(t: IndexType) -> dict[str, int]:
     p: dict[str, int] = {}
     if t.nlist:
         p["nprobe"] = max(4, min(t.nlist, t.nlist // 256))
@@ -198,49 +191,43 @@ def default_params(t: IndexType, n: int) -> dict[str, int]:
 def _new_index(t: IndexType, d: int):
     """IVF indexes store ids themselves (and renumber nothing on delete); the others get an
     id map (FAISS's IndexIDMap assumes, rightly for them, that a delete shifts later rows)."""
-    import faiss
-
     index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
     return index if t.nlist else faiss.IndexIDMap2(index)
 
 
+def _parts(index):
+    """(base, ivf, graph quantizer) of ``index``: the FAISS index inside its id map, its IVF
+    part and that part's HNSW quantizer, downcast; None where it has no such part."""
+    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
+    except RuntimeError:
+        return base, None, None
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    return base, ivf, quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
 def _set_ef_construction(index) -> None:
     """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
-    import faiss
-
-    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
-    if isinstance(base, faiss.IndexHNSW):
-        base.hnsw.efConstruction = max(base.hnsw.efConstruction, EF_CONSTRUCTION)
-        return
-    try:
-        ivf = faiss.extract_index_ivf(base)
-    except RuntimeError:
-        return
-    quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efConstruction = max(quantizer.hnsw.efConstruction, EF_CONSTRUCTION)
+    base, _, quantizer = _parts(index)
+    for graph in (base, quantizer):
+        if hasattr(graph, "hnsw"):
+            graph.hnsw.efConstruction = max(graph.hnsw.efConstruction, EF_CONSTRUCTION)
 
 
 def _stored_ids(index) -> np.ndarray:
-    import faiss
-
     if isinstance(index, faiss.IndexIDMap):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     invlists = faiss.extract_index_ivf(index).invlists
-    parts = []
-    for lst in range(invlists.nlist):
-        size = invlists.list_size(lst)
-        if size:
-            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+    parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+             for lst in range(invlists.nlist) if invlists.list_size(lst)]
+    return np.concatenate([np.empty(0, np.int64), *parts]).astype(np.int64)
 
 
 def _set_training(index, t: IndexType) -> None:
-    import faiss
-
-    base = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    base, ivf, _ = _parts(index)
     if t.nlist:
-        base = faiss.downcast_index(faiss.extract_index_ivf(base))
+        base = ivf
         base.cp.niter = TRAIN_NITER
     if hasattr(base, "do_polysemous_training"):
         base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
@@ -309,11 +296,7 @@ class SearchIndex:
             if n:
                 index.add_with_ids(vecs, ids)
         else:
-            import faiss
-
-            rest = np.ones(n, bool)
-            rest[held] = False
-            rest_vecs, rest_ids = np.ascontiguousarray(vecs[rest]), ids[rest]
+            rest_vecs, rest_ids = np.delete(vecs, held, axis=0), np.delete(ids, held)
             index.add_with_ids(rest_vecs, rest_ids)
             q = np.ascontiguousarray(vecs[held])
             _, nn = faiss.knn(q, rest_vecs, TUNE_K, metric=faiss.METRIC_INNER_PRODUCT)
@@ -322,15 +305,16 @@ class SearchIndex:
             # The curve is the measurement; `tune` reads the target's setting off it.
             self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
             self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
+        return self._set_live(ids, vecs, t0)
+
+    def _set_live(self, ids: np.ndarray, vecs: np.ndarray, t0: float) -> "SearchIndex":
+        """Keep the live ids sorted (and their vectors, to re-rank), apply the search parameters."""
         order = np.argsort(ids, kind="stable")
         self.ids = np.ascontiguousarray(ids[order], np.int64)
-        self.vecs = np.ascontiguousarray(vecs[order]) if t.refine else None
+        self.vecs = np.ascontiguousarray(vecs[order]) if self.type.refine else None
         self._apply_params()
         self.build_seconds = time.perf_counter() - t0
         return self
-
-    def wanted_type(self, n: int) -> IndexType:
-        return resolve(self.factory, n, self.dim)
 
     def sync(self, ids: np.ndarray, vecs: np.ndarray, tune_target: float | None = None
              ) -> tuple["SearchIndex", bool]:
@@ -342,12 +326,11 @@ class SearchIndex:
         size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
         index was never built; a graph built then is tuned to ``tune_target`` on the way.
         """
-        import copy
-
-        import faiss
-
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
-        if self.index is None or self.type != self.wanted_type(len(ids)) and self._may_retype(len(ids)):
+        # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
+        # an explicit type never changes otherwise; auto follows the size steps.
+        may_retype = self.factory == AUTO or self.type == IndexType("Flat", False)
+        if self.index is None or may_retype and self.type != resolve(self.factory, len(ids), self.dim):
             return fresh.build(ids, vecs, tune_target), True
         new_mask = ~np.isin(ids, self.ids, assume_unique=True)
         gone = np.setdiff1d(self.ids, ids, assume_unique=True)
@@ -357,16 +340,15 @@ class SearchIndex:
                 out.vecs = np.ascontiguousarray(vecs[np.argsort(ids, kind="stable")])
                 return out, False
             return self, False
-        dead = self.dead
-        if len(gone) and not self.type.can_remove:
-            dead = np.union1d(self.dead, gone)
-            if len(dead) > TOMBSTONE_MAX * max(len(ids), 1) or np.isin(ids[new_mask], dead).any():
+        tombs = len(gone) and not self.type.can_remove
+        dead = np.union1d(self.dead, gone) if tombs else self.dead
+        back = np.isin(ids[new_mask], dead).any()  # a deleted id back: its stale vector is in the graph
+        if back or tombs and len(dead) > TOMBSTONE_MAX * max(len(ids), 1):
+            if tombs:
                 warnings.warn(IndexTypeWarning(
                     f"{len(dead)} deleted vectors in the {self.type} graph (FAISS cannot delete from it): "
                     f"rebuilding it from the {len(ids)} live ones"), stacklevel=3)
-                return fresh.build(ids, vecs, tune_target), True
-        elif new_mask.any() and np.isin(ids[new_mask], self.dead).any():
-            return fresh.build(ids, vecs, tune_target), True  # a deleted id back: its stale vector is in the graph
+            return fresh.build(ids, vecs, tune_target), True
         t0 = time.perf_counter()
         out = copy.copy(self)
         out.index, out.mmapped, out.trained_now = faiss.clone_index(self.index), False, False
@@ -375,44 +357,28 @@ class SearchIndex:
             out.index.remove_ids(np.ascontiguousarray(gone, np.int64))
         if new_mask.any():
             out.index.add_with_ids(np.ascontiguousarray(vecs[new_mask]), np.ascontiguousarray(ids[new_mask]))
-        order = np.argsort(ids, kind="stable")
-        out.ids = np.ascontiguousarray(ids[order], np.int64)
-        out.vecs = np.ascontiguousarray(vecs[order]) if out.type.refine else None
-        out._apply_params()
-        out.build_seconds = time.perf_counter() - t0
-        return out, True
-
-    def _may_retype(self, n: int) -> bool:
-        # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
-        # an explicit type never changes otherwise; auto follows the size steps.
-        return self.factory == AUTO or self.type == IndexType("Flat", False)
+        return out._set_live(ids, vecs, t0), True
 
     # -- parameters --------------------------------------------------------------
     @property
     def effective_params(self) -> dict[str, int]:
         """Defaults by type, then the tuned setting (if tuned for this type), then the
         index's explicit ``search_params``."""
-        p = default_params(self.type, len(self.ids)) if self.type else {}
+        p = default_params(self.type) if self.type else {}
         if self.tuning and self.type is not None and self.tuning.get("type") == str(self.type):
             p.update(self.tuning.get("params", {}))
         p.update({k: v for k, v in self.params.items() if k != "ondisk"})
         return p
 
     def _apply_params(self) -> None:
-        import faiss
-
         p = self.effective_params
-        base = faiss.downcast_index(self.index.index if isinstance(self.index, faiss.IndexIDMap2) else self.index)
+        base, ivf, quantizer = _parts(self.index)
         if "nprobe" in p and self.type.nlist:
-            ivf = faiss.extract_index_ivf(base)
             ivf.nprobe = int(p["nprobe"])
-            quantizer = faiss.downcast_index(ivf.quantizer)
-            if isinstance(quantizer, faiss.IndexHNSW):  # must explore at least nprobe centroids
+            if quantizer is not None:  # must explore at least nprobe centroids
                 quantizer.hnsw.efSearch = max(16, int(p["nprobe"]))
-        if "efSearch" in p and self.type.is_hnsw:
-            hnsw = base if hasattr(base, "hnsw") else None
-            if hnsw is not None:
-                hnsw.hnsw.efSearch = int(p["efSearch"])
+        if "efSearch" in p and self.type.is_hnsw and hasattr(base, "hnsw"):
+            base.hnsw.efSearch = int(p["efSearch"])
 
     # -- search ------------------------------------------------------------------
     @property
@@ -422,16 +388,16 @@ class SearchIndex:
 
     def search(self, queries: np.ndarray, k: int, params: dict[str, int] | None = None,
                threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: (scores (Q, k), ids (Q, k)), -1 where fewer were found.
-
-        ``queries`` (Q, d) float32. ``params`` override the index's search parameters for
-        this call only (the shared FAISS object is not touched, so concurrent calls with
-        different settings are safe). ``RFlat`` types re-rank a shortlist of ``k_factor`` x k
-        exactly, in FAISS, all queries in one call. ``threads``: OpenMP/BLAS threads
-        (default `SEARCH_THREADS`)."""
+        """Top-``k`` by inner product of ``queries`` (Q, d): (scores (Q, k), ids (Q, k)), -1 where
+        fewer were found. ``params`` override the search parameters for this call only (the
+        shared FAISS object is not touched, so concurrent calls are safe). ``RFlat`` types
+        re-rank a shortlist of ``k_factor`` x k exactly. ``threads``: default `SEARCH_THREADS`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         p = self.effective_params if not params else {**self.effective_params, **params}
-        with search_threads(SEARCH_THREADS if threads is None else threads, blas=_uses_blas(len(queries))):
+        # FAISS's exhaustive and coarse-quantizer searches call BLAS only from
+        # ``distance_compute_blas_threshold`` queries (20) on.
+        blas = len(queries) >= faiss.cvar.distance_compute_blas_threshold
+        with search_threads(SEARCH_THREADS if threads is None else threads, blas=blas):
             if not self.type.refine or self.vecs is None:
                 return self.index.search(queries, k, params=self._faiss_params(params, p))
             kf = max(1, int(p.get("k_factor", DEFAULT_K_FACTOR)))
@@ -441,32 +407,27 @@ class SearchIndex:
     def _faiss_params(self, override: dict[str, int] | None, p: dict[str, int]):
         """A FAISS SearchParameters object when ``override`` changes nprobe/efSearch or there are
         tombstones to skip, else None (the values set on the index by `_apply_params` are used)."""
-        if len(self.dead):
-            sp = _hnsw_params(int(p.get("efSearch", 16)))
-            sp.sel = self._tombstone_filter()
-            return sp
+        if len(self.dead):  # (the selector lives as long as ``self``)
+            ef = int(p.get("efSearch", 16))
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=self._tombstone_filter())
         if not override or not ({"nprobe", "efSearch"} & override.keys()):
             return None
-        import faiss
-
         if self.type.nlist and "nprobe" in p:
-            sp = faiss.SearchParametersIVF()
-            sp.nprobe = int(p["nprobe"])
-            if "_HNSW" in self.type.base:  # an HNSW quantizer must explore at least nprobe centroids
-                qp = _hnsw_params(max(int(p["nprobe"]), 16))
-                sp.quantizer_params = qp
-                sp.keep = qp  # SWIG does not keep the Python object alive through the pointer
+            if "_HNSW" not in self.type.base:
+                return faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
+            # an HNSW quantizer must explore at least nprobe centroids
+            graph = faiss.SearchParametersHNSW(efSearch=max(int(p["nprobe"]), 16))
+            sp = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]), quantizer_params=graph)
+            sp.keep = graph  # SWIG does not keep the Python object alive through the pointer
             return sp
         if self.type.is_hnsw and "efSearch" in p:
-            return _hnsw_params(int(p["efSearch"]))
+            return faiss.SearchParametersHNSW(efSearch=int(p["efSearch"]))
         return None
 
     def _tombstone_filter(self):
         """A FAISS id selector passing every id but the tombstones (built once per object: the
         object never changes after `sync`, so concurrent searches can share it)."""
         if self._skip is None:
-            import faiss
-
             batch = faiss.IDSelectorBatch(np.ascontiguousarray(self.dead, np.int64))
             skip = faiss.IDSelectorNot(batch)
             skip.keep = batch  # SWIG does not keep the inner selector alive through the pointer
@@ -492,16 +453,13 @@ class SearchIndex:
 
     # -- persistence -------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        import faiss
-
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def from_file(cls, path, factory: str, dim: int, params: dict[str, int], ids: np.ndarray,
-                  vecs: np.ndarray, resolved: str, mmap: bool = False, tuning: dict | None = None) -> "SearchIndex":
-        """Load a cached index; ``ids``/``vecs`` are the live ones (for re-ranking after sync)."""
-        import faiss
-
+    def from_file(cls, path, factory: str, dim: int, params: dict[str, int], resolved: str, mmap: bool = False,
+                  tuning: dict | None = None) -> "SearchIndex":
+        """Load a cached index of type ``resolved``; `sync` then brings it up to date (and sets
+        the re-ranking vectors)."""
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
         si = cls(factory, dim, params, index, IndexType.parse(resolved), mmapped=mmap, tuning=tuning)
         si.ids = np.sort(_stored_ids(index))
@@ -510,14 +468,6 @@ class SearchIndex:
 
 
 # -- the search path ---------------------------------------------------------------
-def _hnsw_params(ef: int):
-    import faiss
-
-    sp = faiss.SearchParametersHNSW()
-    sp.efSearch = int(ef)
-    return sp
-
-
 def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each query's shortlist, in FAISS (one call for all queries).
@@ -527,8 +477,6 @@ def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: 
     A candidate that is not in ``ids`` (a deleted id a FAISS index still holds) is dropped:
     FAISS's routine stops at the first -1, so such holes are moved to the end first.
     """
-    import faiss
-
     nq, s = cand.shape
     rows = np.searchsorted(ids, cand)
     np.minimum(rows, len(ids) - 1, out=rows)
@@ -553,50 +501,21 @@ def _rerank_exact(queries: np.ndarray, cand: np.ndarray, ids: np.ndarray, vecs: 
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_saved: list[tuple[object, int]] = []
-_blas_libs: list | None = None
 
 
+@functools.cache
 def _blas_controllers() -> list:
-    """threadpoolctl's handles on the BLAS libraries loaded now (numpy's, FAISS's)."""
-    global _blas_libs
-    if _blas_libs is None:
-        from threadpoolctl import ThreadpoolController
+    """threadpoolctl's handles on the BLAS libraries loaded at the first call (numpy's, FAISS's)."""
+    from threadpoolctl import ThreadpoolController
 
-        _blas_libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
-    return _blas_libs
-
-
-def _uses_blas(nq: int) -> bool:
-    """Whether FAISS may call BLAS for ``nq`` queries: its exhaustive and coarse-quantizer
-    searches switch to BLAS from ``distance_compute_blas_threshold`` queries (20) on."""
-    import faiss
-
-    return nq >= faiss.cvar.distance_compute_blas_threshold
+    return [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
 
 
 @contextmanager
-def search_threads(n: int, blas: bool = True):
-    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
-    ``n`` BLAS threads.
-
-    BLAS thread counts are process-wide: the first concurrent caller sets them and the last
-    restores them, so searches running side by side never see each other's changes. Setting
-    OpenBLAS's count costs ~0.1 ms (it resizes its pool), so single queries, which FAISS
-    answers without BLAS (`_uses_blas`), leave it alone; OpenMP's costs nothing."""
-    import faiss
-
+def _blas_threads(n: int):
+    """``n`` BLAS threads for the body. The counts are process-wide: the first concurrent caller
+    sets them and the last restores them, so searches side by side never see each other's."""
     global _blas_users
-    n = max(1, int(n))
-    omp_before = faiss.omp_get_max_threads()
-    if omp_before != n:
-        faiss.omp_set_num_threads(n)
-    if not blas:
-        try:
-            yield
-        finally:
-            if omp_before != n:
-                faiss.omp_set_num_threads(omp_before)
-        return
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved.clear()
@@ -615,6 +534,22 @@ def search_threads(n: int, blas: bool = True):
                 for lib, old in _blas_saved:
                     lib.set_num_threads(old)
                 _blas_saved.clear()
+
+
+@contextmanager
+def search_threads(n: int, blas: bool = True):
+    """Run the body on ``n`` OpenMP threads (FAISS's; per calling thread) and, with ``blas``,
+    ``n`` BLAS threads (`_blas_threads`). Setting OpenBLAS's count costs ~0.1 ms (it resizes
+    its pool), so single queries, which FAISS answers without BLAS, leave it alone (``blas``
+    False); OpenMP's costs nothing."""
+    n = max(1, int(n))
+    omp_before = faiss.omp_get_max_threads()
+    if omp_before != n:
+        faiss.omp_set_num_threads(n)
+    try:
+        with _blas_threads(n) if blas else nullcontext():
+            yield
+    finally:
         if omp_before != n:
             faiss.omp_set_num_threads(omp_before)
 
@@ -635,8 +570,6 @@ def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int
     Returns (rows (nq,) into ``vecs``, truth (nq, k) ids). Each query is left out of its own
     ground truth (and `recall_at` drops it from the answers), so the sample measures what a
     new query from the same collection would get."""
-    import faiss
-
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(ids), min(nq, len(ids)), replace=False))
     _, nn = faiss.knn(np.ascontiguousarray(vecs[rows]), vecs, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
@@ -708,13 +641,20 @@ def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence:
     the first whose bound reaches ``stop``."""
     curve = []
     for ef in EF_GRID:
-        _, found = si.search(q, truth.shape[1], {"efSearch": ef}, threads=os.cpu_count() or 1)
-        per_query = recall_at(found, truth)
-        bound = float(per_query.mean() - confidence * per_query.std(ddof=1) / np.sqrt(len(per_query)))
-        curve.append([ef, round(float(per_query.mean()), 4), round(bound, 4)])
+        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth, confidence)
+        curve.append([ef, round(mean, 4), round(bound, 4)])
         if bound >= stop:
             break
     return curve
+
+
+def _recall(si: "SearchIndex", q: np.ndarray, k: int, params: dict[str, int], truth: np.ndarray,
+            confidence: float, self_ids: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (see `tune`)."""
+    _, found = si.search(q, k, params, threads=os.cpu_count() or 1)
+    per_query = recall_at(found, truth, self_ids)
+    mean = float(per_query.mean())
+    return mean, mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
 
 
 def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
@@ -763,7 +703,7 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         return {**record, "seconds": round(time.perf_counter() - t0, 2)}
     rows, truth = held_out_truth(ids, vecs, queries, k)
     q, self_ids = np.ascontiguousarray(vecs[rows]), ids[rows]
-    best_fallback: tuple[float, dict] = (-1.0, {})
+    fallback: tuple[dict, float] = ({}, -1.0)
     qualified: list[tuple[dict, float]] = []
     limit = None
     for chain in chains:
@@ -771,12 +711,9 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
             chain = [p for p in chain if p[inner] < limit]
         hit = None
         for params in chain:
-            _, found = si.search(q, k + 1, params, threads=os.cpu_count() or 1)
-            per_query = recall_at(found, truth, self_ids)
-            mean = float(per_query.mean())
-            bound = mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
-            if mean > best_fallback[0]:
-                best_fallback = (mean, params)
+            mean, bound = _recall(si, q, k + 1, params, truth, confidence, self_ids)
+            if mean > fallback[1]:
+                fallback = (params, mean)
             if bound >= target:
                 hit = params
                 qualified.append((params, mean))
@@ -784,13 +721,8 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         if qualified and (hit is None or inner is None):
             break  # a dearer outer setting that does not beat the last one: none further will
         limit = hit[inner] if hit is not None and inner else limit
-    if qualified:
-        timed_q = q[: max(1, timed)]
-        scored = [(_time_ms(si, timed_q, p, k), p, r) for p, r in qualified]
-        ms, params, recall = min(scored, key=lambda x: x[0])
-        reached = True
-    else:
-        recall, params = best_fallback
-        ms, reached = _time_ms(si, q[: max(1, timed)], params, k), False
+    reached = bool(qualified)
+    scored = [(_time_ms(si, q[: max(1, timed)], p, k), p, r) for p, r in qualified or [fallback]]
+    ms, params, recall = min(scored, key=lambda x: x[0])
     return {**record, "params": dict(params), "recall": round(recall, 4), "reached": reached,
             "queries": len(rows), "ms": round(ms, 4), "seconds": round(time.perf_counter() - t0, 2)}

@@ -72,7 +72,6 @@ class MilvusBackend(SearchBackend):
             raise MilvusError("the Milvus backend needs pymilvus: pip install 'cbir[milvus]'") from None
         self.uri = uri if isinstance(uri, MilvusURI) else MilvusURI.parse(uri)
         self.dim = int(dim)
-        self.timeout = timeout
         try:
             self.client = MilvusClient(uri=self.uri.endpoint, token=os.environ.get("MILVUS_TOKEN", ""),
                                        timeout=timeout)
@@ -108,9 +107,6 @@ class MilvusBackend(SearchBackend):
     def remove(self, ids: np.ndarray) -> None:
         self._send(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.asarray(ids, np.int64))
 
-    def persist(self) -> None:
-        self.client.flush(self.collection)
-
     def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray, record: bool = True) -> None:
         """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took
         (``record=False``: the caller records the whole set itself)."""
@@ -134,10 +130,7 @@ class MilvusBackend(SearchBackend):
         it = self.client.query_iterator(self.collection, batch_size=5000, output_fields=["id"])
         out: list[int] = []
         try:
-            while True:
-                rows = it.next()
-                if not rows:
-                    break
+            while rows := it.next():
                 out += [int(r["id"]) for r in rows]
         finally:
             it.close()

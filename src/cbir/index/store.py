@@ -15,12 +15,9 @@ deletes; killed after, everything it added is there. Deletes and replacements ar
 transactions. So at any instant the catalog names only complete vectors, and whatever an
 earlier run committed survives.
 
-The FAISS index is derived from the live vectors when first needed, of the type
-``index.json`` names (``factory``: ``auto``, ``Flat``, ``HNSW32``, ``IVF...,PQ...,RFlat``; see
-`cbir.index.factory`), and kept up to date incrementally (adds, and deletes where FAISS
-allows them). A trained or slow-to-build one is cached in ``faiss/``, keyed by the type and
-labelled with the catalog generation, written atomically; a missing or stale cache only
-costs a rebuild from the vectors, which stay the source of truth.
+Searches go to a `SearchBackend` (`cbir.index.backends`): by default a FAISS index of the
+type ``index.json`` names, derived from the live vectors and cached in ``faiss/``; a missing
+or stale cache only costs a rebuild from the vectors, which stay the source of truth.
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.fileio import atomic_write_bytes
+from cbir.fileio import atomic_write_bytes, atomic_write_npy
 from cbir.index.backends import FaissBackend, SearchBackend
 
 FORMAT = "cbir-index/1"
@@ -71,6 +68,9 @@ CREATE TABLE IF NOT EXISTS deleted (path TEXT PRIMARY KEY, size INTEGER NOT NULL
 # What `create` writes before index.json; finding only these means a creation was interrupted.
 CREATION_LEFTOVERS = {"vectors", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "post.npz", ".lock"}
 BUMP = "UPDATE state SET value = value + 1 WHERE key = 'generation'"
+# Where each image's vector is: (id, segment file, row).
+VECTOR_ROWS = ("SELECT images.id, segments.file, images.row "
+               "FROM images JOIN segments ON images.segment = segments.id")
 
 
 class IndexStoreError(RuntimeError):
@@ -109,6 +109,12 @@ def _load_meta(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def check_index_dir(index_dir: str | Path) -> None:
+    """Refuse an index path that is an existing file (`cbir index` checks before loading a model)."""
+    if Path(index_dir).exists() and not Path(index_dir).is_dir():
+        raise IndexStoreError(f"{index_dir}: exists and is not a directory; give a new or an index directory")
+
+
 @contextmanager
 def _writer_lock(root: Path):
     """Hold ``root/.lock`` exclusively (`IndexBusy` at once if another process does)."""
@@ -123,12 +129,6 @@ def _writer_lock(root: Path):
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
-
-
-def _npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x, dtype=np.float32))
-    return buf.getvalue()
 
 
 class Index:
@@ -159,8 +159,7 @@ class Index:
             factory = validate(factory, dim)
         except IndexTypeError as e:
             raise IndexStoreError(str(e)) from None
-        if root.exists() and not root.is_dir():
-            raise IndexStoreError(f"{root}: exists and is not a directory; give a new or an index directory")
+        check_index_dir(root)
         if (root / "index.json").exists():
             raise IndexExists(f"{root}: an index already exists here")
         root.mkdir(parents=True, exist_ok=True)
@@ -280,24 +279,18 @@ class Index:
             self._mmaps[file] = arr
         return arr
 
-    def _release_segments(self, live_files: set[str]) -> None:
-        """Unmap segments that no catalog row uses any more (another process deleted or
-        compacted them): a long-running reader would otherwise keep their disk space."""
-        for file in list(self._mmaps):
-            if file not in live_files:
-                self._mmaps.pop(file, None)
-
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, vectors (N, D) float32) of every image in the catalog, by id."""
-        rows = self.db.execute(
-            "SELECT images.id, segments.file, images.row FROM images JOIN segments ON images.segment = segments.id ORDER BY images.id"
-        ).fetchall()
+        rows = self.db.execute(VECTOR_ROWS + " ORDER BY images.id").fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         out = np.empty((len(rows), self.dim), np.float32)
         by_file: dict[str, list[tuple[int, int]]] = {}
         for i, (_, file, row) in enumerate(rows):
             by_file.setdefault(file, []).append((i, row))
-        self._release_segments(set(by_file))
+        # Unmap segments no row uses any more (another process deleted or compacted them): a
+        # long-running reader would otherwise keep their disk space.
+        for file in set(self._mmaps) - set(by_file):
+            self._mmaps.pop(file, None)
         for file, pairs in by_file.items():
             seg = self._segment(file)
             dst, src = zip(*pairs)
@@ -312,8 +305,7 @@ class Index:
         where: dict[int, tuple[str, int]] = {}
         for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
             chunk = sorted(set(ids[start:start + 500]))
-            q = ("SELECT images.id, segments.file, images.row FROM images JOIN segments ON images.segment = segments.id "
-                 f"WHERE images.id IN ({','.join('?' * len(chunk))})")
+            q = VECTOR_ROWS + f" WHERE images.id IN ({','.join('?' * len(chunk))})"
             where.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk)})
         for n, i in enumerate(ids):
             if i not in where:
@@ -323,13 +315,7 @@ class Index:
         return out
 
     def vector(self, image_id: int) -> np.ndarray:
-        r = self.db.execute(
-            "SELECT segments.file, images.row FROM images JOIN segments ON images.segment = segments.id WHERE images.id = ?",
-            (int(image_id),),
-        ).fetchone()
-        if r is None:
-            raise KeyError(image_id)
-        return np.array(self._segment(r[0])[r[1]])
+        return self.vectors([image_id])[0]
 
     # -- search --------------------------------------------------------------------
     def search_params(self) -> dict[str, int]:
@@ -441,19 +427,17 @@ class Index:
         """
         from cbir.index.factory import IndexTypeError, parse_params, validate
 
-        info = dict(self.info)
+        changes = {}
         try:
             if factory is not None:
-                info["factory"] = validate(factory, self.dim)
+                changes["factory"] = validate(factory, self.dim)
             if search_params is not None:
                 parse_params(search_params)
-                info["search_params"] = search_params
+                changes["search_params"] = search_params
         except IndexTypeError as e:
             raise IndexStoreError(str(e)) from None
-        if info == self.info:
+        if not self.update_info(**changes):
             return False
-        atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
-        self.info = info
         self.faiss = FaissBackend(self)  # the old structure is of the old type
         return True
 
@@ -483,9 +467,7 @@ class Index:
         if vectors.shape[1] != self.dim:
             raise IndexStoreError(f"vectors of dimension {vectors.shape[1]} do not fit index dimension {self.dim}")
         con = self.db
-        seg_id = (con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0]) + 1
-        file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
-        atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vectors))
+        seg_id, file = self._write_segment(vectors)
         now = time.time()
         replaced = self._ids_of_paths([e.path for e in entries]) if self._backend_uri else []
         with con:  # one transaction: the vectors become visible all at once, or not at all
@@ -500,6 +482,14 @@ class Index:
         ids = [r[0] for r in con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
         self._report((ids, vectors), replaced)
         return ids
+
+    def _write_segment(self, vectors: np.ndarray) -> tuple[int, str]:
+        """Write ``vectors`` (n, D) float32 as the next segment file (durably, before any
+        transaction names it): (segment id, file name)."""
+        seg_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
+        file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
+        atomic_write_npy(self.root / "vectors" / file, vectors)
+        return seg_id, file
 
     def _ids_of_paths(self, paths: list[str]) -> list[int]:
         return [i for p in paths for (i,) in self.db.execute("SELECT id FROM images WHERE path = ?", (p,))]
@@ -574,11 +564,8 @@ class Index:
         if not total[0] or (1 - live / total[0] < min_dead_fraction and total[1] < min_segments):
             return False
         ids, vecs = self.live()
-        con = self.db
-        seg_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
-        file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
-        atomic_write_bytes(self.root / "vectors" / file, _npy_bytes(vecs))
-        with con:
+        seg_id, file = self._write_segment(vecs)
+        with self.db as con:
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
             con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
                             [(seg_id, r, int(i)) for r, i in enumerate(ids)])

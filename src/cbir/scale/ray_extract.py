@@ -13,7 +13,6 @@ Install with ``pip install 'cbir[ray]'``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.images import ImageError
+from cbir.images import ImageError, sha256_file
 
 
 class RayUnavailable(ImportError):
@@ -36,14 +35,6 @@ def _ray():
     except ModuleNotFoundError:
         raise RayUnavailable("--engine ray needs Ray Data: pip install 'cbir[ray]'") from None
     return ray
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Embedder:
@@ -69,7 +60,7 @@ class Embedder:
         for i, p in enumerate(paths):
             try:
                 st = os.stat(p)
-                sizes[i], mtimes[i], hashes[i] = st.st_size, st.st_mtime_ns, _sha256(p)
+                sizes[i], mtimes[i], hashes[i] = st.st_size, st.st_mtime_ns, sha256_file(p)
             except OSError as e:
                 errors[i] = f"{p}: cannot read ({e.strerror})"
 
