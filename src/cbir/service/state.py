@@ -3,12 +3,12 @@ through the `get_service` dependency; and the checks that make a catalog entry's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +21,10 @@ from fastapi import Depends, Request, UploadFile
 from PIL import Image
 
 from cbir.fileio import atomic_write_bytes
-from cbir.images import DEFAULT_MAX_PIXELS, ImageError
+from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, Hit, IndexBusy, IndexStoreError, Searcher
 from cbir.metadata import displayable_meta
-from cbir.service.errors import FileChanged, NotFound, ReadOnly, WriteConflict
+from cbir.service.errors import FileChanged, Invalid, NotFound, ReadOnly, WriteConflict
 from cbir.service.schemas import ImageInfo, Result
 from cbir.service.uploads import FORMATS, Upload, check_upload
 
@@ -45,27 +45,6 @@ class Settings:
     max_uploads: int = DEFAULT_MAX_UPLOADS
 
 
-class ThumbnailCache:
-    """A small LRU of encoded JPEG thumbnails, keyed by (id, content hash, size)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key, value: bytes) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.capacity:
-                self._d.popitem(last=False)
-
-
 class Service:
     """What the endpoints share: the searcher, the limits, the locks."""
 
@@ -74,7 +53,7 @@ class Service:
         self.index = searcher.index
         self.uploads = (self.index.root / "uploads").resolve()
         self.write_lock = threading.Lock()
-        self.thumbs = ThumbnailCache(settings.thumbnail_cache)
+        self._thumbnails = functools.lru_cache(settings.thumbnail_cache)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
 
     @property
@@ -89,12 +68,12 @@ class Service:
 
     def warm_up(self) -> None:
         """Create the inference session and the FAISS index now, not on the first request."""
-        buf = io.BytesIO()
-        Image.new("RGB", (96, 64), (128, 128, 128)).save(buf, "PNG")
+        img, buf = Image.new("RGB", (96, 64), (128, 128, 128)), io.BytesIO()
+        img.save(buf, "PNG")
         self.searcher.search_vector(self.searcher.extractor.extract_one(buf.getvalue()), 1)
         # The localizer's model and the acceptance threshold, too (a calibration, if the index
         # stores none, takes seconds).
-        self.searcher.localizer(Image.new("RGB", (96, 64), (128, 128, 128)))
+        self.searcher.localizer(img)
         if len(self.index) >= 3:
             self.searcher.calibration  # noqa: B018
 
@@ -178,6 +157,28 @@ class Service:
         f, _ = self.open_file(e)
         with f:
             return f.read()
+
+    def thumbnail(self, image_id: int, size: int) -> tuple[bytes, str]:
+        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id,
+        content, size)."""
+        sha256 = self.entry(image_id).sha256
+        return self._thumbnails(image_id, sha256, size), sha256
+
+    def _render_thumbnail(self, image_id: int, sha256: str, size: int) -> bytes:
+        """A JPEG of the image's checked file, its longer side ``size`` (never enlarged)."""
+        raw = self.read_file(self.entry(image_id))  # the same checks as the file itself
+        try:
+            with Image.open(io.BytesIO(raw)) as probe:
+                size = min(size, max(probe.size))
+        except Exception:
+            pass
+        try:
+            img = open_image(raw, Resize("long", max(16, size)))
+        except ImageError as err:  # any reason, too many pixels included: the server's file cannot be shown
+            raise Invalid(f"image {image_id}'s file cannot be decoded ({str(err).split(': ', 1)[-1]})") from None
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
 
     # -- uploads, and CPU-bound work bounded ---------------------------------------------------
     async def receive(self, file: UploadFile) -> Upload:

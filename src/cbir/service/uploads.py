@@ -76,15 +76,10 @@ class BodyLimit:
                     total += await self._drain(receive, None)
                 return await _refuse(send, self._too_large(total))
             chunks.append(body)
-        body = b"".join(chunks)
-        sent = False
+        buffered = iter([{"type": "http.request", "body": b"".join(chunks), "more_body": False}])
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def replay():  # the whole body once, then what the server sends (a disconnect)
+            return next(buffered, None) or await receive()
 
         return await self.app(scope, replay, send)
 

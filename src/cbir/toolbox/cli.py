@@ -45,11 +45,8 @@ def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch
         if entry.input_kind == "channels":
             return entry.build(c), torch.randn(shape)
         chans = [c, 2 * c, 4 * c]
-        feats = []
-        for ci in chans:
-            feats.append(torch.randn(b, ci, h, w))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return entry.build(chans), feats
+        sizes = [(h, w), ((h + 1) // 2, (w + 1) // 2), ((h + 3) // 4, (w + 3) // 4)]  # H, H/2, H/4 rounded up
+        return entry.build(chans), [torch.randn(b, ci, hi, wi) for ci, (hi, wi) in zip(chans, sizes)]
     import timm
 
     timm_name = MODEL_ALIASES.get(name, name)
@@ -72,11 +69,7 @@ def flops(
 ) -> None:
     """Print FLOPs (= 2 x MACs), MACs and parameters per module for one forward pass."""
     try:
-        shape = parse_shape(input)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--input") from None
-    try:
-        module, x = build_for_flops(model, shape)
+        module, x = build_for_flops(model, parse_shape(input))
     except KeyError:
         raise typer.BadParameter(
             f"unknown model or module {model!r} (not a toolbox module nor a timm model)",
@@ -84,9 +77,8 @@ def flops(
         ) from None
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--input") from None
-    report = count_flops(module, x)
     typer.echo(f"{model}: " + type(module).__name__)
-    typer.echo(report.table(depth))
+    typer.echo(count_flops(module, x).table(depth))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m cbir.toolbox.cli efficientnet_lite0`
