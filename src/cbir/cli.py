@@ -182,12 +182,11 @@ def index(
     idx = Index(index_dir)
     if localizer is not None:
         idx.update_info(localizer=None if localizer == "whole" else localizer)
-    changed = report.added + report.updated + report.removed > 0
-    _calibrate(idx, pipeline, weights, engine, force=changed)
+    _calibrate(idx, weights, engine, force=report.added + report.updated + report.removed > 0)
     _prepare_search(idx, index_type, search_params, backend, recall)
 
 
-def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, force: bool) -> None:
+def _calibrate(idx, weights: Path | None, engine: str, force: bool) -> None:
     """Store the index's acceptance threshold (`cbir.identify`), calibrated on its own images."""
     from cbir.index.builder import calibrate_index
     from cbir.pipeline import Extractor, resolve_spec
@@ -203,7 +202,7 @@ def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, for
 
 
 def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None,
-                    recall: float | None = None) -> None:
+                    recall: float | None) -> None:
     """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
     (large or non-default types) and tune its search parameters to the recall target, so that
     the first search does not pay for it."""

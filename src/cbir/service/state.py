@@ -3,6 +3,7 @@ through the `get_service` dependency; and the checks that make a catalog entry's
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import io
@@ -55,16 +56,6 @@ class Service:
         self.write_lock = threading.Lock()
         self._thumbnails = functools.lru_cache(settings.thumbnail_cache)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
-
-    @property
-    def cpu(self) -> anyio.CapacityLimiter:
-        """The limiter of concurrent extractions, made in (and for) the running event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        if self._cpu is None or self._cpu[0] is not loop:
-            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
-        return self._cpu[1]
 
     def warm_up(self) -> None:
         """Create the inference session and the FAISS index now, not on the first request."""
@@ -188,7 +179,12 @@ class Service:
                             s.max_upload_bytes, s.max_pixels)
 
     async def run_cpu(self, fn, *args):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+        """``fn(*args)`` in a worker thread, at most ``workers`` at once (the limiter is made in, and
+        for, the running event loop)."""
+        loop = asyncio.get_running_loop()
+        if self._cpu is None or self._cpu[0] is not loop:
+            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._cpu[1])
 
     def extract(self, data: bytes, bbox, what: str) -> np.ndarray:
         """The descriptor of an image (or of ``bbox`` of it); an unusable image's error names it ``what``."""
@@ -207,13 +203,11 @@ class Service:
             paths = [str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}") for u in uploads]
             ids = {p: self.index.id_of(p) for p in paths}
             existing = [ids[p] for p in paths if ids[p] is not None]
-            new: dict[str, int] = {}  # path -> its first upload: the same file twice is added once
-            for i, p in enumerate(paths):
-                if ids[p] is None:
-                    new.setdefault(p, i)
+            new = [p for p in dict.fromkeys(paths) if ids[p] is None]  # the same file twice is added once
             if new:
-                entries = [self._stored(uploads[i], p, meta) for p, i in new.items()]
-                ids.update(zip(new, self.index.add(entries, vectors[list(new.values())])))
+                first = [paths.index(p) for p in new]
+                entries = [self._stored(uploads[i], p, meta) for p, i in zip(new, first)]
+                ids.update(zip(new, self.index.add(entries, vectors[first])))
             return [int(ids[p]) for p in paths], existing
 
     def _stored(self, u: Upload, path: str, meta: dict) -> Entry:

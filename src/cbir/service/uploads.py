@@ -53,13 +53,11 @@ class BodyLimit:
             self.inflight -= 1
 
     async def _limited(self, scope, receive, send):
-        declared = None
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    return await _refuse(send, BadRequest("the Content-Length header is not a number"))
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        try:
+            declared = None if declared is None else int(declared)
+        except ValueError:
+            return await _refuse(send, BadRequest("the Content-Length header is not a number"))
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, declared)
             return await _refuse(send, self._too_large(declared))
