@@ -15,7 +15,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cbir.localize import LOCALIZERS, create_localizer
+from cbir.datasets import DatasetError, load_benchmark
+from cbir.images import ImageError, list_images, parse_box
+from cbir.localize import LOCALIZERS, LocalizerError, create_localizer
+from cbir.models import BackboneError
 from cbir.models.engine import ENGINES
 
 app = typer.Typer(
@@ -52,11 +55,7 @@ def _progress():
 
 def _user_errors():
     """Exceptions that are the user's to fix: printed as one line, never as a traceback."""
-    from cbir.datasets import DatasetError
-    from cbir.images import ImageError
     from cbir.index import IndexStoreError
-    from cbir.localize import LocalizerError
-    from cbir.models import BackboneError
     from cbir.pipeline import PipelineError
     from cbir.train import TrainingError
 
@@ -155,7 +154,6 @@ def index(
     and search each. The acceptance threshold for "not in the collection" is calibrated on
     edits of the indexed images whenever the index changed, and stored with it.
     """
-    from cbir.images import list_images
     from cbir.index import Index, update_index
 
     if localizer is not None:
@@ -255,7 +253,6 @@ def search(
     With a localizer (--localizer, or the one stored with the index), the objects of the photo
     are found first and each is searched: its box, then its results or "not in the collection".
     """
-    from cbir.images import parse_box
     from cbir.index import Index, Searcher
 
     if not 1 <= k <= 10000:  # checked here, not by typer, to be one line like every other error
@@ -335,7 +332,6 @@ def eval_(
     With --localizer, each query photo is split into objects first and scored by the
     multi-object protocol (detection AP, masks, object mAP, identification, count accuracy).
     """
-    from cbir.datasets import load_benchmark
     from cbir.evaluation import evaluate, format_summary
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, fit_set, resolve_spec
 

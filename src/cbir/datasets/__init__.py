@@ -89,9 +89,7 @@ def load_benchmark(root: str | Path) -> Benchmark:
     subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs:
         return _load_class_folders(root, subdirs)
-    raise DatasetError(
-        f"{root}: no gt.json, gnd_r*.pkl, Holidays/UKBench file names, or class folders found"
-    )
+    raise DatasetError(f"{root}: no gt.json, gnd_r*.pkl, Holidays/UKBench file names, or class folders found")
 
 
 def _box(value, where: str) -> tuple[float, float, float, float]:
@@ -115,15 +113,8 @@ def _query(q: dict, i: int) -> Query:
     where = f"gt.json query {i} ({q.get('image', '?')})"
     objects = (tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q["objects"]))
                if q.get("objects") is not None else None)
-    return Query(
-        image=q["image"],
-        positives=tuple(q.get("positives", ())),
-        junk=tuple(q.get("junk", ())),
-        tags=tuple(q.get("tags", ())),
-        bbox=_box(q["bbox"], where) if q.get("bbox") else None,
-        objects=objects,
-        mask=q.get("mask"),
-    )
+    return Query(q["image"], tuple(q.get("positives", ())), tuple(q.get("junk", ())), tuple(q.get("tags", ())),
+                 bbox=_box(q["bbox"], where) if q.get("bbox") else None, objects=objects, mask=q.get("mask"))
 
 
 def _load_gt_json(root: Path) -> Benchmark:

@@ -189,9 +189,8 @@ def format_summary(s: dict) -> str:
              f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
              f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
     lines += [f"{tag:14s} {v:7.4f}" for tag, v in s["map_by_tag"].items()]
-    lines.append("")
-    lines.append("  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
-                 "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items()))
+    lines += ["", "  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
+              "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items())]
     if "ukbench_ns" in s:
         lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
     if s.get("n_database_unreadable"):
