@@ -76,16 +76,9 @@ class EvalResult:
         plt.close(fig)
 
 
-def evaluate(
-    bench: Benchmark,
-    extractor: Extractor,
-    crop: bool = True,
-    fit_on: list[Path] | None = None,
-    warn: Callable[[str], None] = print,
-    progress: Callable | None = None,
-    fit_labels: list | None = None,
-    localizer=None,
-) -> EvalResult:
+def evaluate(bench: Benchmark, extractor: Extractor, crop: bool = True, fit_on: list[Path] | None = None,
+             warn: Callable[[str], None] = print, progress: Callable | None = None, fit_labels: list | None = None,
+             localizer=None) -> EvalResult:
     """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one.
 
     ``fit_labels`` (one per ``fit_on`` image) are for learned layer weights (``Wlearn``).
