@@ -81,11 +81,12 @@ def load_benchmark(root: str | Path) -> Benchmark:
     pkls = sorted(root.glob("gnd_r*.pkl"))
     if pkls:
         return _load_revisited(root, pkls[0])
-    names = [p.name for p in list_images(root)]
+    files = _images(root)
+    names = [Path(f).name for f in files]
     if names and all(re.fullmatch(r"ukbench\d{5}\.\w+", n) for n in names):
-        return _load_ukbench(root)
+        return _load_ukbench(root, files)
     if names and all(re.fullmatch(r"\d{6}\.\w+", n) for n in names):
-        return _load_holidays(root)
+        return _load_holidays(root, files)
     subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs:
         return _load_class_folders(root, subdirs)
@@ -204,8 +205,7 @@ def _groups(files: list[str], key) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _load_holidays(root: Path) -> Benchmark:
-    files = _images(root)
+def _load_holidays(root: Path, files: list[str]) -> Benchmark:
     queries = []
     for members in _groups(files, lambda f: Path(f).stem[:4]):
         q = [m for m in members if Path(m).stem.endswith("00")]
@@ -214,8 +214,7 @@ def _load_holidays(root: Path) -> Benchmark:
     return Benchmark(root.name, root, files, queries, "holidays")
 
 
-def _load_ukbench(root: Path) -> Benchmark:
-    files = _images(root)
+def _load_ukbench(root: Path, files: list[str]) -> Benchmark:
     groups = _groups(files, lambda f: int(re.search(r"(\d{5})", Path(f).name).group(1)) // 4)
     queries = [Query(f, tuple(members), (), ("ukbench",)) for members in groups for f in members]
     return Benchmark(root.name, root, files, queries, "ukbench")
