@@ -98,7 +98,7 @@ class Service:
             f, _ = self.open_file(e)
             with f, Image.open(f) as img:
                 w, h = img.size
-                if _exif_rotated(img):
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
         except Exception:  # not servable now, or not decodable: the size is unknown
             pass
@@ -252,13 +252,6 @@ def _sha256_of(f) -> str:
     digest = hashlib.file_digest(f, "sha256").hexdigest()
     f.seek(0)
     return digest
-
-
-def _exif_rotated(img: Image.Image) -> bool:
-    try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:
-        return False
 
 
 def urls(image_id: int) -> dict[str, str]:
