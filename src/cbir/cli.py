@@ -18,7 +18,7 @@ import typer
 from cbir.datasets import DatasetError, load_benchmark
 from cbir.images import ImageError, list_images, parse_box
 from cbir.localize import LOCALIZERS, LocalizerError, create_localizer
-from cbir.models import BackboneError
+from cbir.models import BACKBONES, BackboneError, list_backbones
 from cbir.models.engine import ENGINES
 
 app = typer.Typer(
@@ -90,8 +90,6 @@ def _one_line(e: BaseException) -> str:
 @_guard
 def models() -> None:
     """List the backbones, where their weights come from, and whether they are present."""
-    from cbir.models import list_backbones
-
     typer.echo(f"{'backbone':20s} {'present':8s} {'weights from':40s} description")
     for r in list_backbones():
         present = {True: "yes", False: "no", None: "-"}[r["present"]]
@@ -104,7 +102,6 @@ def models() -> None:
 def pipelines() -> None:
     """Explain the pipeline-string vocabulary: backbone/layer, input size, pooling, post-processing."""
     from cbir.local import ENCODERS, REGIONS
-    from cbir.models import BACKBONES
     from cbir.pipeline import DEFAULT_PIPELINE
     from cbir.pooling import POOLINGS
     from cbir.postprocess import POSTPROCESS

@@ -96,9 +96,8 @@ class BodyLimit:
         return n
 
     def _too_large(self, n: int) -> TooLarge:
-        limit = self.max_bytes - FORM_SLACK
-        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(limit)} per request "
-                        f"(set with `cbir serve --max-upload-mb`)")
+        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(self.max_bytes - FORM_SLACK)} "
+                        f"per request (set with `cbir serve --max-upload-mb`)")
 
 
 async def _refuse(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -131,8 +130,6 @@ class Upload:
     data: bytes
     name: str
     format: str
-    width: int
-    height: int
     sha256: str
 
 
@@ -162,4 +159,4 @@ def check_upload(data: bytes, filename: str | None, content_type: str | None, ma
     if w * h > max_pixels:
         raise TooManyPixels(f"{name} is {w}x{h} = {w * h / 1e6:.1f} Mpixel, over this server's limit of "
                             f"{max_pixels / 1e6:.0f} Mpixel (set with `cbir serve --max-megapixels`)")
-    return Upload(data, name, fmt, w, h, hashlib.sha256(data).hexdigest())
+    return Upload(data, name, fmt, hashlib.sha256(data).hexdigest())
