@@ -85,14 +85,14 @@ def evaluate(bench: Benchmark, extractor: Extractor, crop: bool = True, fit_on: 
     ``localizer`` (a name such as ``"saliency"``, ``"gt"`` or ``"whole"``, or a `Localizer`):
     score by the multi-object protocol instead, every query photo localized first.
     """
+
     def on_error(i: int, e: ImageError) -> None:
         warn(f"warning: {e}")
 
     if extractor.needs_fit:
         if not fit_on:
-            raise ValueError(
-                f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them on (--fit-on DIR)"
-            )
+            raise ValueError(f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them "
+                             "on (--fit-on DIR)")
         extractor.fit(fit_on, on_error=on_error, labels=fit_labels)
     t0 = time.perf_counter()
     db_paths = [bench.path(p) for p in bench.database]
