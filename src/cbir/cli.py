@@ -6,6 +6,7 @@ step, a mismatched index) ends as one line on stderr naming it, and exit status 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -14,7 +15,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cbir.localize import LOCALIZERS
+from cbir.datasets import DatasetError, load_benchmark
+from cbir.images import ImageError, list_images, parse_box
+from cbir.localize import LOCALIZERS, LocalizerError, create_localizer
+from cbir.models import BACKBONES, BackboneError, list_backbones
 from cbir.models.engine import ENGINES
 
 app = typer.Typer(
@@ -40,28 +44,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _warn(message: str) -> None:
-    typer.echo(message, err=True)
+_warn = functools.partial(typer.echo, err=True)
 
 
 def _progress():
     from tqdm import tqdm
 
-    def bar(**kw):
-        return tqdm(file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=None, **kw)
-
-    return bar
+    return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=None)
 
 
 def _user_errors():
     """Exceptions that are the user's to fix: printed as one line, never as a traceback."""
-    from cbir.datasets import DatasetError
-    from cbir.images import ImageError
     from cbir.index import IndexStoreError
-    from cbir.models import BackboneError
     from cbir.pipeline import PipelineError
-
-    from cbir.localize import LocalizerError
     from cbir.train import TrainingError
 
     # OSError: a path that is a file where a folder is needed, a full disk, no permission...
@@ -70,8 +65,6 @@ def _user_errors():
 
 
 def _guard(fn):
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -93,26 +86,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    from cbir.images import parse_box
-
-    if text is None:
-        return None
-    try:
-        return parse_box(text)
-    except ValueError:
-        _fail(f"--bbox {text!r} must be four finite numbers x0,y0,x1,y1 with x1 > x0 and y1 > y0")
-
-
 @app.command()
 @_guard
 def models() -> None:
     """List the backbones, where their weights come from, and whether they are present."""
-    from cbir.models import list_backbones
-
-    rows = list_backbones()
     typer.echo(f"{'backbone':20s} {'present':8s} {'weights from':40s} description")
-    for r in rows:
+    for r in list_backbones():
         present = {True: "yes", False: "no", None: "-"}[r["present"]]
         typer.echo(f"{r['name']:20s} {present:8s} {r['package']:40s} {r['description']}")
         if r["weights"]:
@@ -123,7 +102,6 @@ def models() -> None:
 def pipelines() -> None:
     """Explain the pipeline-string vocabulary: backbone/layer, input size, pooling, post-processing."""
     from cbir.local import ENCODERS, REGIONS
-    from cbir.models import BACKBONES
     from cbir.pipeline import DEFAULT_PIPELINE
     from cbir.pooling import POOLINGS
     from cbir.postprocess import POSTPROCESS
@@ -173,12 +151,9 @@ def index(
     and search each. The acceptance threshold for "not in the collection" is calibrated on
     edits of the indexed images whenever the index changed, and stored with it.
     """
-    from cbir.images import list_images
     from cbir.index import Index, update_index
 
     if localizer is not None:
-        from cbir.localize import create_localizer
-
         create_localizer(localizer)  # an unknown name fails before any extraction
     fit = list_images(fit_on) if fit_on else None
     if index_type is not None and (index_dir / "index.json").exists():
@@ -202,12 +177,11 @@ def index(
     idx = Index(index_dir)
     if localizer is not None:
         idx.update_info(localizer=None if localizer == "whole" else localizer)
-    changed = report.added + report.updated + report.removed > 0
-    _calibrate(idx, pipeline, weights, engine, force=changed)
+    _calibrate(idx, weights, engine, force=report.added + report.updated + report.removed > 0)
     _prepare_search(idx, index_type, search_params, backend, recall)
 
 
-def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, force: bool) -> None:
+def _calibrate(idx, weights: Path | None, engine: str, force: bool) -> None:
     """Store the index's acceptance threshold (`cbir.identify`), calibrated on its own images."""
     from cbir.index.builder import calibrate_index
     from cbir.pipeline import Extractor, resolve_spec
@@ -223,7 +197,7 @@ def _calibrate(idx, pipeline: str | None, weights: Path | None, engine: str, for
 
 
 def _prepare_search(idx, index_type: str | None, search_params: str | None, backend: str | None,
-                    recall: float | None = None) -> None:
+                    recall: float | None) -> None:
     """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
     (large or non-default types) and tune its search parameters to the recall target, so that
     the first search does not pay for it."""
@@ -280,30 +254,37 @@ def search(
 
     if not 1 <= k <= 10000:  # checked here, not by typer, to be one line like every other error
         _fail(f"-k {k} must be between 1 and 10000")
-    box = _parse_bbox(bbox)
+    try:
+        box = None if bbox is None else parse_box(bbox)
+    except ValueError:
+        _fail(f"--bbox {bbox!r} must be four finite numbers x0,y0,x1,y1 with x1 > x0 and y1 > y0")
     pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
     searcher = Searcher(index_dir, weights, engine, pipeline=pipeline, localizer=localizer)
     if backend is not None:
-        if backend not in ("", "faiss"):
+        uri = None if backend in ("", "faiss") else backend
+        if uri:
             from cbir.index.milvus import MilvusURI
 
-            MilvusURI.parse(backend)
-        searcher.index.use_backend(None if backend in ("", "faiss") else backend)
+            MilvusURI.parse(uri)  # a malformed URI fails before any search
+        searcher.index.use_backend(uri)
     t0 = time.perf_counter()
     if box is None and (localizer is not None or searcher.index.info.get("localizer")):
         objects = searcher.search_objects(query, k)
-        ms = (time.perf_counter() - t0) * 1000
-        _print_objects(objects, ms, as_json)
+        _print_objects(objects, (time.perf_counter() - t0) * 1000, as_json)
         return
     hits = searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
     if as_json:
         typer.echo(json.dumps({"results": [h.to_json() for h in hits], "ms": round(ms, 2)}))
         return
+    _print_hits(hits)
+    typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+
+
+def _print_hits(hits, indent: str = "") -> None:
     for rank, h in enumerate(hits, 1):
         extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
-        typer.echo(f"{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
-    typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+        typer.echo(f"{indent}{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
 
 
 def _print_objects(objects, ms: float, as_json: bool) -> None:
@@ -316,9 +297,7 @@ def _print_objects(objects, ms: float, as_json: bool) -> None:
         x0, y0, x1, y1 = (round(v) for v in o.region.box)
         verdict = f"is {o.identified}" if o.identified else "not in the collection"
         typer.echo(f"object {n}: box {x0},{y0},{x1},{y1}  (score {o.region.score:.2f})  {verdict}")
-        for rank, h in enumerate(o.results, 1):
-            extra = " ".join(f"{k}={v}" for k, v in h.meta.items())
-            typer.echo(f"  {rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
+        _print_hits(o.results, "  ")
     typer.echo(f"({len(objects)} object(s) in {ms:.0f} ms)", err=True)
 
 
@@ -350,15 +329,12 @@ def eval_(
     With --localizer, each query photo is split into objects first and scored by the
     multi-object protocol (detection AP, masks, object mAP, identification, count accuracy).
     """
-    from cbir.datasets import load_benchmark
     from cbir.evaluation import evaluate, format_summary
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, fit_set, resolve_spec
 
     bench = load_benchmark(dataset_dir).with_tags(tag or ())
     extractor = Extractor(resolve_spec(pipeline or DEFAULT_PIPELINE, weights), weights, engine)
     if localizer not in (None, "gt"):
-        from cbir.localize import create_localizer
-
         localizer = create_localizer(localizer)  # an unknown name fails before any extraction
     fit, labels = fit_set(fit_on) if fit_on else (None, None)
     result = evaluate(bench, extractor, crop=not no_crop, fit_on=fit, warn=_warn,
@@ -388,7 +364,8 @@ def demo(
 
 
 def _register_optional_commands() -> None:
-    """Commands whose code lives with its own part of cbir (toolbox, service, comparison).
+    """Commands whose code lives with its own part of cbir (toolbox, service, comparison, the
+    ``train`` group).
 
     Each module exposes a plain function; a module that is not there (an extra that is not
     installed) simply adds no command.
@@ -405,18 +382,12 @@ def _register_optional_commands() -> None:
                 continue
             raise
         app.command(name)(_guard(fn))
-
-
-_register_optional_commands()
-
-
-def _register_train() -> None:
     from cbir.train.cli import register
 
     app.add_typer(register(_guard), name="train")
 
 
-_register_train()
+_register_optional_commands()
 
 if __name__ == "__main__":
     app()

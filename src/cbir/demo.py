@@ -21,13 +21,19 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_fie
           "immunohistochemistry", "retina", "moon", "coins", "brick", "grass", "gravel", "page", "clock")
 
 
-def _photo(name: str) -> Image.Image:
+def photo(name: str, max_side: int = 640) -> Image.Image:
+    """One of scikit-image's photographs, its longer side at most ``max_side``."""
     import skimage.data
 
-    arr = getattr(skimage.data, name)()
-    img = Image.fromarray(arr).convert("RGB")
-    img.thumbnail((640, 640), Image.BICUBIC)
+    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    img.thumbnail((max_side, max_side), Image.BICUBIC)
     return img
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def _crop(img: Image.Image, rng: np.random.Generator, lo: float, hi: float) -> Image.Image:
@@ -39,9 +45,7 @@ def _crop(img: Image.Image, rng: np.random.Generator, lo: float, hi: float) -> I
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(jpeg(img, quality))).convert("RGB")
 
 
 def _colour(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -73,7 +77,7 @@ def build_demo_benchmark(root: str | Path, seed: int = 0) -> Path:
     (root / "queries").mkdir(parents=True, exist_ok=True)
     database, queries, metadata = [], [], {}
     for name in PHOTOS:
-        img = _photo(name)
+        img = photo(name)
         group = [f"database/{name}.jpg"]
         img.save(root / group[0], quality=92)
         metadata[group[0]] = {"photo": name, "edit": "original"}

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbir.images import IMAGE_SUFFIXES, list_images
+from cbir.images import list_images
 
 
 class DatasetError(ValueError):
@@ -81,17 +81,16 @@ def load_benchmark(root: str | Path) -> Benchmark:
     pkls = sorted(root.glob("gnd_r*.pkl"))
     if pkls:
         return _load_revisited(root, pkls[0])
-    names = [p.name for p in list_images(root)]
+    files = _images(root)
+    names = [Path(f).name for f in files]
     if names and all(re.fullmatch(r"ukbench\d{5}\.\w+", n) for n in names):
-        return _load_ukbench(root)
+        return _load_ukbench(root, files)
     if names and all(re.fullmatch(r"\d{6}\.\w+", n) for n in names):
-        return _load_holidays(root)
+        return _load_holidays(root, files)
     subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs:
         return _load_class_folders(root, subdirs)
-    raise DatasetError(
-        f"{root}: no gt.json, gnd_r*.pkl, Holidays/UKBench file names, or class folders found"
-    )
+    raise DatasetError(f"{root}: no gt.json, gnd_r*.pkl, Holidays/UKBench file names, or class folders found")
 
 
 def _box(value, where: str) -> tuple[float, float, float, float]:
@@ -115,15 +114,8 @@ def _query(q: dict, i: int) -> Query:
     where = f"gt.json query {i} ({q.get('image', '?')})"
     objects = (tuple(_object(o, f"{where} object {j}") for j, o in enumerate(q["objects"]))
                if q.get("objects") is not None else None)
-    return Query(
-        image=q["image"],
-        positives=tuple(q.get("positives", ())),
-        junk=tuple(q.get("junk", ())),
-        tags=tuple(q.get("tags", ())),
-        bbox=_box(q["bbox"], where) if q.get("bbox") else None,
-        objects=objects,
-        mask=q.get("mask"),
-    )
+    return Query(q["image"], tuple(q.get("positives", ())), tuple(q.get("junk", ())), tuple(q.get("tags", ())),
+                 bbox=_box(q["bbox"], where) if q.get("bbox") else None, objects=objects, mask=q.get("mask"))
 
 
 def _load_gt_json(root: Path) -> Benchmark:
@@ -135,9 +127,7 @@ def _load_gt_json(root: Path) -> Benchmark:
         if isinstance(e, DatasetError):
             raise DatasetError(f"{root / 'gt.json'}: {e}") from None
         raise DatasetError(f"{root / 'gt.json'}: not in the expected format ({type(e).__name__}: {e})") from None
-    meta = {}
-    if (root / "metadata.json").exists():
-        meta = json.loads((root / "metadata.json").read_text())
+    meta = json.loads((root / "metadata.json").read_text()) if (root / "metadata.json").exists() else {}
     return Benchmark(gt.get("name", root.name), root, database, queries, "gt.json", meta)
 
 
@@ -177,24 +167,21 @@ def read_ground_truth_pickle(pkl: Path) -> dict:
 
 def _load_revisited(root: Path, pkl: Path) -> Benchmark:
     cfg = read_ground_truth_pickle(pkl)
-    ext = ".jpg"
     img_dir = "jpg/" if (root / "jpg").is_dir() else ""
     try:
-        database = [f"{img_dir}{n}{ext}" for n in cfg["imlist"]]
-        queries = _revisited_queries(cfg, database, img_dir, ext)
+        database = [f"{img_dir}{n}.jpg" for n in cfg["imlist"]]
+        queries = _revisited_queries(cfg, database, img_dir)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{pkl}: not in the expected format ({type(e).__name__}: {e})") from None
     return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
 
 
-def _revisited_queries(cfg: dict, database: list[str], img_dir: str, ext: str) -> list[Query]:
+def _revisited_queries(cfg: dict, database: list[str], img_dir: str) -> list[Query]:
     queries = []
     for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
-        easy = [database[i] for i in g.get("easy", [])]
-        hard = [database[i] for i in g.get("hard", [])]
-        junk = [database[i] for i in g.get("junk", [])]
+        easy, hard, junk = ([database[i] for i in g.get(key, [])] for key in ("easy", "hard", "junk"))
         bbox = tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None
-        image = f"{img_dir}{qname}{ext}"
+        image = f"{img_dir}{qname}.jpg"
         # The three protocols of Radenovic et al. 2018.
         for tag, pos, jk in (
             ("easy", easy, junk + hard),
@@ -205,39 +192,37 @@ def _revisited_queries(cfg: dict, database: list[str], img_dir: str, ext: str) -
     return queries
 
 
-def _load_holidays(root: Path) -> Benchmark:
-    files = [p.relative_to(root).as_posix() for p in list_images(root)]
-    groups: dict[str, list[str]] = defaultdict(list)
+def _images(root: Path, folder: Path | None = None) -> list[str]:
+    """The images under ``folder`` (default: ``root``), as paths relative to ``root``."""
+    return [p.relative_to(root).as_posix() for p in list_images(folder or root)]
+
+
+def _groups(files: list[str], key) -> list[list[str]]:
+    """``files`` grouped by ``key(file)``, groups in key order."""
+    groups = defaultdict(list)
     for f in files:
-        groups[Path(f).stem[:4]].append(f)
+        groups[key(f)].append(f)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _load_holidays(root: Path, files: list[str]) -> Benchmark:
     queries = []
-    for _, members in sorted(groups.items()):
+    for members in _groups(files, lambda f: Path(f).stem[:4]):
         q = [m for m in members if Path(m).stem.endswith("00")]
-        if not q:
-            continue
-        others = tuple(m for m in members if m != q[0])
-        queries.append(Query(q[0], others, (q[0],), ("holidays",)))
+        if q:
+            queries.append(Query(q[0], tuple(m for m in members if m != q[0]), (q[0],), ("holidays",)))
     return Benchmark(root.name, root, files, queries, "holidays")
 
 
-def _load_ukbench(root: Path) -> Benchmark:
-    files = [p.relative_to(root).as_posix() for p in list_images(root)]
-    groups: dict[int, list[str]] = defaultdict(list)
-    for f in files:
-        groups[int(re.search(r"(\d{5})", Path(f).name).group(1)) // 4].append(f)
-    queries = [Query(f, tuple(groups[g]), (), ("ukbench",)) for g, members in sorted(groups.items()) for f in members]
+def _load_ukbench(root: Path, files: list[str]) -> Benchmark:
+    groups = _groups(files, lambda f: int(re.search(r"(\d{5})", Path(f).name).group(1)) // 4)
+    queries = [Query(f, tuple(members), (), ("ukbench",)) for members in groups for f in members]
     return Benchmark(root.name, root, files, queries, "ukbench")
 
 
 def _load_class_folders(root: Path, subdirs: list[Path]) -> Benchmark:
-    database, by_class = [], {}
-    for d in sorted(subdirs):
-        members = [p.relative_to(root).as_posix() for p in list_images(d) if p.suffix.lower() in IMAGE_SUFFIXES]
-        by_class[d.name] = members
-        database += members
-    queries = [
-        Query(m, tuple(x for x in members if x != m), (m,), (cls,))
-        for cls, members in by_class.items()
-        for m in members
-    ]
+    by_class = {d.name: _images(root, d) for d in sorted(subdirs)}
+    queries = [Query(m, tuple(x for x in members if x != m), (m,), (cls,))
+               for cls, members in by_class.items() for m in members]
+    database = [m for members in by_class.values() for m in members]
     return Benchmark(root.name, root, database, queries, "folders")

@@ -27,6 +27,7 @@ from cbir.pipeline import Extractor
 from cbir.evaluation.ranking import RECALL_GRID, interpolated_pr, similarities
 from cbir.rerank import Reranker
 
+
 @dataclass
 class EvalResult:
     summary: dict
@@ -59,8 +60,6 @@ class EvalResult:
         if "localizer" in self.summary:
             title += f"\nlocalizer {self.summary['localizer']}: photo-level ranking"
         ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
         if self.detection_pr is not None:
             ax = axes[0, 1]
             recall, precision = self.detection_pr
@@ -69,6 +68,7 @@ class EvalResult:
             ax.plot(recall, envelope, lw=2.5, label=f"envelope (AP50 {self.summary['det_ap50']:.3f})")
             ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
                    title=f"detection, IoU 0.5 ({self.summary['localizer']})")
+        for ax in axes[0]:
             ax.grid(alpha=0.3)
             ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
@@ -76,32 +76,24 @@ class EvalResult:
         plt.close(fig)
 
 
-def evaluate(
-    bench: Benchmark,
-    extractor: Extractor,
-    crop: bool = True,
-    fit_on: list[Path] | None = None,
-    warn: Callable[[str], None] = print,
-    progress: Callable | None = None,
-    fit_labels: list | None = None,
-    localizer=None,
-) -> EvalResult:
+def evaluate(bench: Benchmark, extractor: Extractor, crop: bool = True, fit_on: list[Path] | None = None,
+             warn: Callable[[str], None] = print, progress: Callable | None = None, fit_labels: list | None = None,
+             localizer=None) -> EvalResult:
     """Score ``extractor`` on ``bench``; ``crop`` uses the queries' boxes when they have one.
 
     ``fit_labels`` (one per ``fit_on`` image) are for learned layer weights (``Wlearn``).
     ``localizer`` (a name such as ``"saliency"``, ``"gt"`` or ``"whole"``, or a `Localizer`):
     score by the multi-object protocol instead, every query photo localized first.
     """
-    if extractor.needs_fit:
-        if not fit_on:
-            raise ValueError(
-                f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them on (--fit-on DIR)"
-            )
-        extractor.fit(fit_on, on_error=lambda i, e: warn(f"warning: {e}"), labels=fit_labels)
 
     def on_error(i: int, e: ImageError) -> None:
         warn(f"warning: {e}")
 
+    if extractor.needs_fit:
+        if not fit_on:
+            raise ValueError(f"pipeline {extractor.spec} has learned steps: give a separate image set to fit them "
+                             "on (--fit-on DIR)")
+        extractor.fit(fit_on, on_error=on_error, labels=fit_labels)
     t0 = time.perf_counter()
     db_paths = [bench.path(p) for p in bench.database]
     db = _extract(extractor, db_paths, None, on_error, progress, "database")
@@ -116,8 +108,7 @@ def evaluate(
         summary.update({"benchmark": bench.name, "n_database": len(bench.database),
                         "n_database_unreadable": int(np.isnan(db[:, 0]).sum()), "dim": int(db.shape[1]), **info})
         return EvalResult(summary, rows, curves["retrieval"], curves["detection"])
-    unique = query_keys(bench, crop)
-    keys = list(unique)
+    keys = list(query_keys(bench, crop))
     q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
     return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, info)
 
@@ -140,7 +131,7 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
     order = np.argsort(-sims, axis=1, kind="stable")
 
     metric = RetrievalMAP()
-    per_query, curves, ns = [], {}, []
+    per_query, curves, ns, unreadable_q = [], {}, [], 0
     for q in bench.queries:
         row = unique[(q.image, q.bbox if crop else None)]
         readable = not np.isnan(q_vecs[row, 0])
@@ -148,6 +139,7 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
         ap = metric.update(ranking, q.positives, q.junk, q.tags)
         if ap is None:
             continue
+        unreadable_q += not readable  # counted in n_queries, it scores AP 0
         pos = set(q.positives) - set(q.junk)
         ranks = positive_ranks(ranking, pos, q.junk)
         pr = interpolated_pr(ranks, len(pos))
@@ -161,18 +153,15 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
             "top1": str(ranking[0]) if len(ranking) else "",
         })
     summary = metric.compute()
-    unreadable_q = np.isnan(q_vecs[:, 0])
     summary.update({
         "benchmark": bench.name,
         "n_database": len(bench.database),
         "n_database_unreadable": int((~valid_db).sum()),
-        # Queries (as counted in n_queries) whose image could not be read: they score AP 0.
-        "n_queries_unreadable": sum(1 for q in bench.queries if unreadable_q[unique[(q.image, q.bbox if crop else None)]]
-                                    and (set(q.positives) - set(q.junk))),
+        "n_queries_unreadable": unreadable_q,
         "dim": int(db.shape[1]),
         "crop_queries": crop,
+        **(extra or {}),
     })
-    summary.update(extra or {})
     if ns:
         summary["ukbench_ns"] = float(np.mean(ns))
     return EvalResult(summary, per_query, {t: np.mean(v, axis=0) for t, v in curves.items()})
@@ -193,9 +182,8 @@ def format_summary(s: dict) -> str:
              f"pipeline  {s['pipeline']}  (dim {s['dim']}, {s['extract_ms_per_image']} ms/image)", "",
              f"{'subset':14s} {'mAP':>7s}", f"{'all':14s} {s['map']:7.4f}"]
     lines += [f"{tag:14s} {v:7.4f}" for tag, v in s["map_by_tag"].items()]
-    lines.append("")
-    lines.append("  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
-                 "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items()))
+    lines += ["", "  ".join(f"P@{k}={v:.3f}" for k, v in s["precision_at"].items()) + "   " +
+              "  ".join(f"R@{k}={v:.3f}" for k, v in s["recall_at"].items())]
     if "ukbench_ns" in s:
         lines.append(f"UKBench N-S score: {s['ukbench_ns']:.3f} / 4")
     if s.get("n_database_unreadable"):

@@ -101,8 +101,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     for e in exc.errors()[:3]:
         where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header")) or "request"
         msg = str(e.get("msg", "is invalid"))
-        parts.append(f"{where} is required" if e.get("type") == "missing"
-                     else f"{where}: {msg[0].lower() + msg[1:] if msg else msg}")
+        parts.append(f"{where} is required" if e.get("type") == "missing" else f"{where}: {msg[:1].lower()}{msg[1:]}")
     return JSONResponse({"detail": ("; ".join(parts) or "the request is invalid")[:500]}, status_code=422)
 
 

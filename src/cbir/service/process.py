@@ -22,16 +22,11 @@ def running_server(index_dir: str | Path, *extra: str, timeout: float = 180, env
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         deadline, lines, url = time.monotonic() + timeout, [], None
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
+        for line in iter(proc.stderr.readline, ""):  # until the URL, the deadline, or the end of stderr
             lines.append(line)
-            m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-            if m:
+            if m := re.search(r"at (http://127\.0\.0\.1:\d+/)", line):
                 url = m.group(1)
+            if url or time.monotonic() > deadline:
                 break
         if url is None:
             proc.kill()

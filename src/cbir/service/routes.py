@@ -5,7 +5,6 @@ by raising an exception of `cbir.service.errors`, whose table chooses the status
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +13,7 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, File, Form, Path as PathParam, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from PIL import Image
 
-from cbir.images import ImageError, Resize, open_image
 from cbir.index import IndexStoreError
 from cbir.metadata import MAX_META_BYTES, SHAPE as META_SHAPE, parse_meta
 from cbir.service.errors import Invalid, responses
@@ -67,10 +64,10 @@ def stats(svc: ServiceDep) -> Stats:
 def _resolved_type(svc: Service) -> str | None:
     """What the index's type resolved to, where the engine's search structure says (else None)."""
     try:
-        si = svc.index.search_index() if hasattr(svc.index, "search_index") else None
-        return str(si.type) if si is not None and getattr(si, "type", None) is not None else None
+        resolved = svc.index.search_index().type
     except Exception:  # stats must answer even when the search structure cannot be built now
         return None
+    return None if resolved is None else str(resolved)
 
 
 # -- search --------------------------------------------------------------------------------------
@@ -128,8 +125,8 @@ async def thumbnail(
     image_id: IdParam,
     size: Annotated[int, Query(ge=32, le=1024, description="Longer side in pixels.")] = 256,
 ) -> Response:
-    data, etag = await svc.run_cpu(_thumbnail, svc, image_id, size)
-    return Response(data, media_type="image/jpeg", headers={**CACHED, "ETag": f'"{etag}-{size}"'})
+    data, sha256 = await svc.run_cpu(svc.thumbnail, image_id, size)
+    return Response(data, media_type="image/jpeg", headers={**CACHED, "ETag": f'"{sha256[:16]}-{size}"'})
 
 
 @image_routes.post("/api/images", response_model=AddResponse, status_code=201, summary="Add images by upload",
@@ -191,10 +188,7 @@ def _search(svc: Service, data: bytes, box, k: int, exclude: int | None, what: s
     t0 = time.perf_counter()
     v = svc.extract(data, box, what)
     t1 = time.perf_counter()
-    hits = svc.searcher.search_vector(v, k, exclude=exclude)
-    t2 = time.perf_counter()
-    return SearchResponse(results=svc.results(hits), k=k, count=len(svc.index), ms=round((t2 - t0) * 1000, 2),
-                          extract_ms=round((t1 - t0) * 1000, 2), search_ms=round((t2 - t1) * 1000, 2))
+    return _response(svc, svc.searcher.search_vector(v, k, exclude=exclude), k, t0, t1)
 
 
 def _similar(svc: Service, image_id: int, k: int) -> SearchResponse:
@@ -203,30 +197,14 @@ def _similar(svc: Service, image_id: int, k: int) -> SearchResponse:
         hits = svc.searcher.search_id(image_id, k)
     except IndexStoreError:
         raise no_such_image(image_id) from None
-    ms = round((time.perf_counter() - t0) * 1000, 2)
-    return SearchResponse(results=svc.results(hits), k=k, count=len(svc.index), ms=ms, extract_ms=0.0, search_ms=ms)
+    return _response(svc, hits, k, t0, t0)
 
 
-def _thumbnail(svc: Service, image_id: int, size: int) -> tuple[bytes, str]:
-    e = svc.entry(image_id)
-    key = (image_id, e.sha256, size)
-    data = svc.thumbs.get(key)
-    if data is None:
-        raw = svc.read_file(e)  # the same checks as the file itself
-        try:
-            with Image.open(io.BytesIO(raw)) as probe:
-                size = min(size, max(probe.size))  # never enlarge
-        except Exception:
-            pass
-        try:
-            img = open_image(raw, Resize("long", max(16, size)))
-        except ImageError as err:  # any reason, too many pixels included: the server's file cannot be shown
-            raise Invalid(f"image {image_id}'s file cannot be decoded ({str(err).split(': ', 1)[-1]})") from None
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        data = buf.getvalue()
-        svc.thumbs.put(key, data)
-    return data, e.sha256[:16]
+def _response(svc: Service, hits, k: int, t0: float, t1: float) -> SearchResponse:
+    """Hits found now, extracted from ``t0`` to ``t1`` (then searched), as the API answers them."""
+    t2 = time.perf_counter()
+    return SearchResponse(results=svc.results(hits), k=k, count=len(svc.index), ms=round((t2 - t0) * 1000, 2),
+                          extract_ms=round((t1 - t0) * 1000, 2), search_ms=round((t2 - t1) * 1000, 2))
 
 
 def _stream(f, chunk: int = 1 << 16):

@@ -6,11 +6,12 @@ at hand: no download, a few seconds to index.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 from PIL import Image
+
+from cbir.demo import jpeg, photo
 
 # name -> catalog metadata (shown on the page like the museum set's artist and title).
 PHOTOS: dict[str, dict[str, str]] = {
@@ -21,22 +22,6 @@ PHOTOS: dict[str, dict[str, str]] = {
     "hubble_deep_field": {"title": "Hubble eXtreme Deep Field", "artist": "NASA"},
     "immunohistochemistry": {"title": "Immunohistochemical staining of colonic glands"},
 }
-# Photos that are not in the sample index (for "add an image" tests).
-EXTRA = ("coins", "camera")
-
-
-def photo(name: str, max_side: int = 640) -> Image.Image:
-    import skimage.data
-
-    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-    img.thumbnail((max_side, max_side), Image.BICUBIC)
-    return img
-
-
-def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def write_photos(root: str | Path) -> Path:

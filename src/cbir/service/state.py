@@ -3,12 +3,13 @@ through the `get_service` dependency; and the checks that make a catalog entry's
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import io
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from fastapi import Depends, Request, UploadFile
 from PIL import Image
 
 from cbir.fileio import atomic_write_bytes
-from cbir.images import DEFAULT_MAX_PIXELS, ImageError
+from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, Hit, IndexBusy, IndexStoreError, Searcher
 from cbir.metadata import displayable_meta
-from cbir.service.errors import FileChanged, NotFound, ReadOnly, WriteConflict
+from cbir.service.errors import FileChanged, Invalid, NotFound, ReadOnly, WriteConflict
 from cbir.service.schemas import ImageInfo, Result
 from cbir.service.uploads import FORMATS, Upload, check_upload
 
@@ -45,27 +46,6 @@ class Settings:
     max_uploads: int = DEFAULT_MAX_UPLOADS
 
 
-class ThumbnailCache:
-    """A small LRU of encoded JPEG thumbnails, keyed by (id, content hash, size)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self._d, self._lock = capacity, OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key, value: bytes) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.capacity:
-                self._d.popitem(last=False)
-
-
 class Service:
     """What the endpoints share: the searcher, the limits, the locks."""
 
@@ -74,27 +54,17 @@ class Service:
         self.index = searcher.index
         self.uploads = (self.index.root / "uploads").resolve()
         self.write_lock = threading.Lock()
-        self.thumbs = ThumbnailCache(settings.thumbnail_cache)
+        self._thumbnails = functools.lru_cache(settings.thumbnail_cache)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
-
-    @property
-    def cpu(self) -> anyio.CapacityLimiter:
-        """The limiter of concurrent extractions, made in (and for) the running event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        if self._cpu is None or self._cpu[0] is not loop:
-            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
-        return self._cpu[1]
 
     def warm_up(self) -> None:
         """Create the inference session and the FAISS index now, not on the first request."""
-        buf = io.BytesIO()
-        Image.new("RGB", (96, 64), (128, 128, 128)).save(buf, "PNG")
+        img, buf = Image.new("RGB", (96, 64), (128, 128, 128)), io.BytesIO()
+        img.save(buf, "PNG")
         self.searcher.search_vector(self.searcher.extractor.extract_one(buf.getvalue()), 1)
         # The localizer's model and the acceptance threshold, too (a calibration, if the index
         # stores none, takes seconds).
-        self.searcher.localizer(Image.new("RGB", (96, 64), (128, 128, 128)))
+        self.searcher.localizer(img)
         if len(self.index) >= 3:
             self.searcher.calibration  # noqa: B018
 
@@ -128,7 +98,7 @@ class Service:
             f, _ = self.open_file(e)
             with f, Image.open(f) as img:
                 w, h = img.size
-                if _exif_rotated(img):
+                if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
         except Exception:  # not servable now, or not decodable: the size is unknown
             pass
@@ -179,6 +149,28 @@ class Service:
         with f:
             return f.read()
 
+    def thumbnail(self, image_id: int, size: int) -> tuple[bytes, str]:
+        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id,
+        content, size)."""
+        sha256 = self.entry(image_id).sha256
+        return self._thumbnails(image_id, sha256, size), sha256
+
+    def _render_thumbnail(self, image_id: int, sha256: str, size: int) -> bytes:
+        """A JPEG of the image's checked file, its longer side ``size`` (never enlarged)."""
+        raw = self.read_file(self.entry(image_id))  # the same checks as the file itself
+        try:
+            with Image.open(io.BytesIO(raw)) as probe:
+                size = min(size, max(probe.size))
+        except Exception:
+            pass
+        try:
+            img = open_image(raw, Resize("long", max(16, size)))
+        except ImageError as err:  # any reason, too many pixels included: the server's file cannot be shown
+            raise Invalid(f"image {image_id}'s file cannot be decoded ({str(err).split(': ', 1)[-1]})") from None
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
     # -- uploads, and CPU-bound work bounded ---------------------------------------------------
     async def receive(self, file: UploadFile) -> Upload:
         """An uploaded file, read (one byte over the limit tells it is over) and checked."""
@@ -187,7 +179,12 @@ class Service:
                             s.max_upload_bytes, s.max_pixels)
 
     async def run_cpu(self, fn, *args):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+        """``fn(*args)`` in a worker thread, at most ``workers`` at once (the limiter is made in, and
+        for, the running event loop)."""
+        loop = asyncio.get_running_loop()
+        if self._cpu is None or self._cpu[0] is not loop:
+            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._cpu[1])
 
     def extract(self, data: bytes, bbox, what: str) -> np.ndarray:
         """The descriptor of an image (or of ``bbox`` of it); an unusable image's error names it ``what``."""
@@ -206,13 +203,11 @@ class Service:
             paths = [str(self.uploads / f"{u.sha256}.{FORMATS[u.format]}") for u in uploads]
             ids = {p: self.index.id_of(p) for p in paths}
             existing = [ids[p] for p in paths if ids[p] is not None]
-            new: dict[str, int] = {}  # path -> its first upload: the same file twice is added once
-            for i, p in enumerate(paths):
-                if ids[p] is None:
-                    new.setdefault(p, i)
+            new = [p for p in dict.fromkeys(paths) if ids[p] is None]  # the same file twice is added once
             if new:
-                entries = [self._stored(uploads[i], p, meta) for p, i in new.items()]
-                ids.update(zip(new, self.index.add(entries, vectors[list(new.values())])))
+                first = [paths.index(p) for p in new]
+                entries = [self._stored(uploads[i], p, meta) for p, i in zip(new, first)]
+                ids.update(zip(new, self.index.add(entries, vectors[first])))
             return [int(ids[p]) for p in paths], existing
 
     def _stored(self, u: Upload, path: str, meta: dict) -> Entry:
@@ -257,13 +252,6 @@ def _sha256_of(f) -> str:
     digest = hashlib.file_digest(f, "sha256").hexdigest()
     f.seek(0)
     return digest
-
-
-def _exif_rotated(img: Image.Image) -> bool:
-    try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:
-        return False
 
 
 def urls(image_id: int) -> dict[str, str]:

@@ -53,13 +53,11 @@ class BodyLimit:
             self.inflight -= 1
 
     async def _limited(self, scope, receive, send):
-        declared = None
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    return await _refuse(send, BadRequest("the Content-Length header is not a number"))
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        try:
+            declared = None if declared is None else int(declared)
+        except ValueError:
+            return await _refuse(send, BadRequest("the Content-Length header is not a number"))
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, declared)
             return await _refuse(send, self._too_large(declared))
@@ -76,15 +74,10 @@ class BodyLimit:
                     total += await self._drain(receive, None)
                 return await _refuse(send, self._too_large(total))
             chunks.append(body)
-        body = b"".join(chunks)
-        sent = False
+        buffered = iter([{"type": "http.request", "body": b"".join(chunks), "more_body": False}])
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def replay():  # the whole body once, then what the server sends (a disconnect)
+            return next(buffered, None) or await receive()
 
         return await self.app(scope, replay, send)
 
@@ -103,9 +96,8 @@ class BodyLimit:
         return n
 
     def _too_large(self, n: int) -> TooLarge:
-        limit = self.max_bytes - FORM_SLACK
-        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(limit)} per request "
-                        f"(set with `cbir serve --max-upload-mb`)")
+        return TooLarge(f"the upload is {_mb(n)}, over this server's limit of {_mb(self.max_bytes - FORM_SLACK)} "
+                        f"per request (set with `cbir serve --max-upload-mb`)")
 
 
 async def _refuse(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -138,8 +130,6 @@ class Upload:
     data: bytes
     name: str
     format: str
-    width: int
-    height: int
     sha256: str
 
 
@@ -169,4 +159,4 @@ def check_upload(data: bytes, filename: str | None, content_type: str | None, ma
     if w * h > max_pixels:
         raise TooManyPixels(f"{name} is {w}x{h} = {w * h / 1e6:.1f} Mpixel, over this server's limit of "
                             f"{max_pixels / 1e6:.0f} Mpixel (set with `cbir serve --max-megapixels`)")
-    return Upload(data, name, fmt, w, h, hashlib.sha256(data).hexdigest())
+    return Upload(data, name, fmt, hashlib.sha256(data).hexdigest())

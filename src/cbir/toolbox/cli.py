@@ -13,6 +13,7 @@ The function is registered on the main Typer app by ``cbir.cli`` (``app.command(
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import torch
 import typer
@@ -38,18 +39,13 @@ def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch
         if entry.input_kind == "none":
             return entry.build(), torch.randn(shape)
         if len(shape) != 4:
-            raise ValueError(
-                f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}"
-            )
+            raise ValueError(f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}")
         b, c, h, w = shape
         if entry.input_kind == "channels":
             return entry.build(c), torch.randn(shape)
         chans = [c, 2 * c, 4 * c]
-        feats = []
-        for ci in chans:
-            feats.append(torch.randn(b, ci, h, w))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return entry.build(chans), feats
+        sizes = [(h, w), ((h + 1) // 2, (w + 1) // 2), ((h + 3) // 4, (w + 3) // 4)]  # H, H/2, H/4 rounded up
+        return entry.build(chans), [torch.randn(b, ci, hi, wi) for ci, (hi, wi) in zip(chans, sizes)]
     import timm
 
     timm_name = MODEL_ALIASES.get(name, name)
@@ -60,33 +56,22 @@ def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch
 
 
 def flops(
-    model: str = typer.Argument(
-        ...,
-        metavar="MODEL_OR_MODULE",
-        help="Toolbox module (e.g. cbam, aspp, fpn), efficientnet_lite0, or a timm model name.",
-    ),
-    input: str = typer.Option("1x3x224x224", "--input", "-i", help="Input shape BxCxHxW."),  # noqa: A002 - the CLI flag
-    depth: int = typer.Option(
-        2, "--depth", "-d", help="Nesting depth of the per-module rows (0 = total only)."
-    ),
+    model: Annotated[str, typer.Argument(metavar="MODEL_OR_MODULE", help="Toolbox module (e.g. cbam, aspp, fpn), "
+                                         "efficientnet_lite0, or a timm model name.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="Input shape BxCxHxW.")] = "1x3x224x224",  # noqa: A002
+    depth: Annotated[int, typer.Option("--depth", "-d", help="Nesting depth of the per-module rows "
+                                                             "(0 = total only).")] = 2,
 ) -> None:
     """Print FLOPs (= 2 x MACs), MACs and parameters per module for one forward pass."""
     try:
-        shape = parse_shape(input)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--input") from None
-    try:
-        module, x = build_for_flops(model, shape)
+        module, x = build_for_flops(model, parse_shape(input))
     except KeyError:
-        raise typer.BadParameter(
-            f"unknown model or module {model!r} (not a toolbox module nor a timm model)",
-            param_hint="MODEL_OR_MODULE",
-        ) from None
+        raise typer.BadParameter(f"unknown model or module {model!r} (not a toolbox module nor a timm model)",
+                                 param_hint="MODEL_OR_MODULE") from None
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--input") from None
-    report = count_flops(module, x)
     typer.echo(f"{model}: " + type(module).__name__)
-    typer.echo(report.table(depth))
+    typer.echo(count_flops(module, x).table(depth))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m cbir.toolbox.cli efficientnet_lite0`
