@@ -27,6 +27,7 @@ image range (``114 / 255`` for YOLO's grey, whatever the dtype).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,22 +79,35 @@ def as_rng(rng: RngLike) -> np.random.Generator:
 # (N, 4), mask numpy (H, W). Conversions happen once per call (once per Compose).
 
 
+def _numpy(v: Any, key: str, meta: dict[str, Any]) -> np.ndarray:
+    """``v`` as numpy (half-precision tensors as float32), its type recorded in ``meta``."""
+    if isinstance(v, torch.Tensor):
+        meta["tensor"].add(key)
+        meta["device"][key] = v.device
+        meta["dtype"][key] = v.dtype
+        v = v.detach().cpu()
+        return (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
+    v = np.asarray(v)
+    meta["dtype"][key] = v.dtype
+    return v
+
+
+def _restore(v: np.ndarray, key: str, meta: dict[str, Any]) -> Any:
+    """Inverse of :func:`_numpy`: back to the recorded type (and device)."""
+    if key in meta["tensor"]:
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        return t.to(device=meta["device"][key], dtype=meta["dtype"][key])
+    return v.astype(meta["dtype"][key], copy=False)
+
+
 def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" not in sample:
         raise KeyError("a sample needs an 'image'")
     work = dict(sample)
     meta: dict[str, Any] = {"tensor": set(), "dtype": {}, "device": {}, "absent": set()}
-    img = sample["image"]
-    if isinstance(img, torch.Tensor):
-        meta["tensor"].add("image")
-        meta["device"]["image"] = img.device
-        meta["dtype"]["image"] = img.dtype
-        a = img.detach().cpu()
-        a = (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()
-        a = a if a.ndim == 2 else np.transpose(a, (1, 2, 0))
-    else:
-        a = np.asarray(img)
-        meta["dtype"]["image"] = a.dtype
+    a = _numpy(sample["image"], "image", meta)
+    if "image" in meta["tensor"] and a.ndim == 3:
+        a = np.transpose(a, (1, 2, 0))
     meta["gray"] = a.ndim == 2
     a = a[..., None] if a.ndim == 2 else a
     work["image"] = a.astype(np.float32)  # always a copy: the caller's array is never touched
@@ -102,45 +116,29 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
         meta["absent"].add("boxes")
         work["boxes"] = np.zeros((0, 4), np.float32)
     for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key not in sample or key == "boxes" and "boxes" in meta["absent"]:
-            continue
-        v = sample[key]
-        if isinstance(v, torch.Tensor):
-            meta["tensor"].add(key)
-            meta["device"][key] = v.device
-            meta["dtype"][key] = v.dtype
-            v = v.detach().cpu().numpy()
-        else:
-            v = np.asarray(v)
-            meta["dtype"][key] = v.dtype
-        work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
+        if key in sample:
+            v = _numpy(sample[key], key, meta)
+            work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
     return work, meta
 
 
 def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
     out = {k: v for k, v in work.items() if not k.startswith("_")}
     a = work["image"]
-    dtype = meta["dtype"]["image"]
-    if dtype in (np.uint8, torch.uint8):
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if meta["dtype"]["image"] in (np.uint8, torch.uint8):
+        a = np.clip(np.rint(a), 0, 255)
     a = a[..., 0] if meta["gray"] else a
-    if "image" in meta["tensor"]:
-        t = torch.from_numpy(np.ascontiguousarray(a if a.ndim == 2 else np.transpose(a, (2, 0, 1))))
-        out["image"] = t.to(device=meta["device"]["image"], dtype=dtype)
-    else:
-        out["image"] = a.astype(dtype, copy=False)
+    if "image" in meta["tensor"] and a.ndim == 3:
+        a = np.transpose(a, (2, 0, 1))
+    out["image"] = _restore(a, "image", meta)
     if "boxes" in meta["absent"]:
         out.pop("boxes", None)
     for key in ("boxes", "mask", *PER_BOX_KEYS):
         if key not in out:
             continue
         v = np.asarray(out[key])
-        if key in meta["tensor"]:
-            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(
-                device=meta["device"][key], dtype=meta["dtype"][key]
-            )
-        elif key in meta["dtype"]:
-            out[key] = v.astype(meta["dtype"][key], copy=False)
+        if key in meta["dtype"]:
+            out[key] = _restore(v, key, meta)
         elif "boxes" in meta["tensor"]:  # a per-box value created here (MixUp's weights)
             out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["device"]["boxes"])
     return out
@@ -291,33 +289,22 @@ class ColorJitter(Transform):
         hue: float = 0.015,
         p: float = 1.0,
     ) -> None:
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = (
-            brightness,
-            contrast,
-            saturation,
-            hue,
-            p,
-        )
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+        self.hue, self.p = hue, p
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
         if rng.random() >= self.p:
             return work
-        vmax = work["_range"]
-        ops: list[Callable[[np.ndarray], np.ndarray]] = []
-        if self.brightness:
-            f = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
-            ops.append(lambda im: adjust_brightness(im, f, vmax))
-        if self.contrast:
-            fc = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
-            ops.append(lambda im: adjust_contrast(im, fc, vmax))
-        if self.saturation:
-            fs = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
-            ops.append(lambda im: adjust_saturation(im, fs, vmax))
+        ops: list[tuple[Callable[..., np.ndarray], float]] = []
+        for op, x in ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
+                      (adjust_saturation, self.saturation)):
+            if x:
+                ops.append((op, rng.uniform(max(0.0, 1 - x), 1 + x)))
         if self.hue:
-            fh = rng.uniform(-self.hue, self.hue)
-            ops.append(lambda im: adjust_hue(im, fh, vmax))
+            ops.append((adjust_hue, rng.uniform(-self.hue, self.hue)))
         for k in rng.permutation(len(ops)):
-            work["image"] = ops[k](work["image"]).astype(np.float32)
+            op, factor = ops[k]
+            work["image"] = op(work["image"], factor, work["_range"]).astype(np.float32)
         return work
 
 
@@ -365,31 +352,16 @@ def _warp_affine(
     swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, col)
     m_rc = swap @ lin @ swap
     offset = swap @ (lin @ np.array([0.5, 0.5]) + t - 0.5)
+    warp = functools.partial(
+        ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw, mode="constant", prefilter=False
+    )
     img = work["image"]
     cval = float(fill) * work["_range"]
-    work["image"] = np.stack(
-        [
-            ndimage.affine_transform(
-                img[..., c],
-                m_rc,
-                offset=offset,
-                output_shape=out_hw,
-                order=1,
-                mode="constant",
-                cval=cval,
-                prefilter=False,
-            )
-            for c in range(img.shape[-1])
-        ],
-        -1,
-    ).astype(np.float32)
+    work["image"] = np.stack([warp(img[..., c], order=1, cval=cval) for c in range(img.shape[-1])], -1)
+    work["image"] = work["image"].astype(np.float32)
     if "mask" in work:
         m = work["mask"]
-        src = m.astype(np.int64) if m.dtype == bool else m
-        warped = ndimage.affine_transform(
-            src, m_rc, offset=offset, output_shape=out_hw, order=0, mode="constant", cval=mask_fill
-        )
-        work["mask"] = warped.astype(m.dtype)
+        work["mask"] = warp(m.astype(np.int64) if m.dtype == bool else m, order=0, cval=mask_fill).astype(m.dtype)
     b = work["boxes"]
     if len(b):
         corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], 1)  # (N, 4, 2)
@@ -406,55 +378,53 @@ def _translate(
     resampling); boxes shift with it and are not clipped (callers clip to their region)."""
     h, w = _hw(work)
     oh, ow = out_hw
-    img = work["image"]
-    canvas = np.full((oh, ow, img.shape[-1]), float(fill) * work["_range"], np.float32)
     # Intersection of the shifted source with the canvas, in canvas and source coordinates.
     x0, y0, x1, y1 = max(dx, 0), max(dy, 0), min(dx + w, ow), min(dy + h, oh)
-    if x1 > x0 and y1 > y0:
-        canvas[y0:y1, x0:x1] = img[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-    work["image"] = canvas
-    if "mask" in work:
-        m = work["mask"]
-        mc = np.full((oh, ow), mask_fill, dtype=m.dtype)
+
+    def place(a: np.ndarray, value: float) -> np.ndarray:
+        canvas = np.full((oh, ow, *a.shape[2:]), value, a.dtype)
         if x1 > x0 and y1 > y0:
-            mc[y0:y1, x0:x1] = m[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-        work["mask"] = mc
+            canvas[y0:y1, x0:x1] = a[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        return canvas
+
+    work["image"] = place(work["image"], float(fill) * work["_range"])
+    if "mask" in work:
+        work["mask"] = place(work["mask"], mask_fill)
     work["boxes"] = work["boxes"] + np.array([dx, dy, dx, dy], np.float32)
     return work
 
 
-class HorizontalFlip(Transform):
+class _Flip(Transform):
+    """Mirror along array axis ``_axis`` (0: rows, 1: columns) with probability ``p``."""
+
+    _axis: int
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
+        if rng.random() < self.p:
+            size = _hw(work)[self._axis]
+            work["image"] = np.flip(work["image"], self._axis).copy()
+            if "mask" in work:
+                work["mask"] = np.flip(work["mask"], self._axis).copy()
+            lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
+            b = work["boxes"].copy()
+            b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
+            work["boxes"] = b
+        return work
+
+
+class HorizontalFlip(_Flip):
     """Mirror left-right with probability ``p``: ``x1' = W - x2``, ``x2' = W - x1``."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            w = _hw(work)[1]
-            work["image"] = work["image"][:, ::-1].copy()
-            if "mask" in work:
-                work["mask"] = work["mask"][:, ::-1].copy()
-            b = work["boxes"]
-            work["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1).astype(np.float32)
-        return work
+    _axis = 1
 
 
-class VerticalFlip(Transform):
+class VerticalFlip(_Flip):
     """Mirror top-bottom with probability ``p``: ``y1' = H - y2``, ``y2' = H - y1``."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            h = _hw(work)[0]
-            work["image"] = work["image"][::-1].copy()
-            if "mask" in work:
-                work["mask"] = work["mask"][::-1].copy()
-            b = work["boxes"]
-            work["boxes"] = np.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], 1).astype(np.float32)
-        return work
+    _axis = 0
 
 
 class RandomScale(Transform, _BoxFilter):
@@ -489,14 +459,8 @@ class RandomCrop(Transform, _BoxFilter):
         fill: float = 0.0,
         mask_fill: int = 0,
     ) -> None:
-        self.size, self.scale, self.ratio, self.p, self.fill, self.mask_fill = (
-            size,
-            scale,
-            ratio,
-            p,
-            fill,
-            mask_fill,
-        )
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.p, self.fill, self.mask_fill = p, fill, mask_fill
 
     def _window(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         if self.size is not None:
@@ -612,9 +576,8 @@ class Cutout(Transform):
             cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
             y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
             x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
-            work["image"][y0:y1, x0:x1] = _fill_value(
-                work, self.fill, (y1 - y0, x1 - x0, work["image"].shape[-1]), rng
-            )
+            shape = (y1 - y0, x1 - x0, work["image"].shape[-1])
+            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, shape, rng)
         return work
 
 
@@ -785,9 +748,8 @@ class CutMix:
         _select_boxes(wa, area_a - ix * iy >= self.min_visibility * np.maximum(area_a, 1e-9))
         # b's boxes: only their part inside the rectangle is in the picture.
         if x1 > x0 and y1 > y0:
-            _clip_filter(
-                wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size, self.min_visibility
-            )
+            _clip_filter(wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size,
+                         self.min_visibility)
         else:
             _select_boxes(wb, np.zeros(len(wb["boxes"]), bool))
         wa.update(_concat_boxes([wa, wb]))
@@ -847,13 +809,8 @@ class Mosaic(_BoxFilter):
             area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill)
             qx0, qy0, qx1, qy1 = quads[k]
-            _clip_filter(
-                work,
-                (float(qx0), float(qy0), float(qx1), float(qy1)),
-                area,
-                self.min_size,
-                self.min_visibility,
-            )
+            _clip_filter(work, (float(qx0), float(qy0), float(qx1), float(qy1)), area, self.min_size,
+                         self.min_visibility)
             if canvas is None:
                 canvas = np.full_like(work["image"], self.fill * work["_range"])
             canvas[qy0:qy1, qx0:qx1] = work["image"][qy0:qy1, qx0:qx1]
