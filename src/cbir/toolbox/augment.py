@@ -352,22 +352,22 @@ def _warp_affine(
     swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, col)
     m_rc = swap @ lin @ swap
     offset = swap @ (lin @ np.array([0.5, 0.5]) + t - 0.5)
-    warp = functools.partial(
-        ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw, mode="constant", prefilter=False
-    )
+    warp = functools.partial(ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw,
+                             mode="constant", prefilter=False)
     img = work["image"]
     cval = float(fill) * work["_range"]
     work["image"] = np.stack([warp(img[..., c], order=1, cval=cval) for c in range(img.shape[-1])], -1)
     work["image"] = work["image"].astype(np.float32)
     if "mask" in work:
         m = work["mask"]
-        work["mask"] = warp(m.astype(np.int64) if m.dtype == bool else m, order=0, cval=mask_fill).astype(m.dtype)
+        src = m.astype(np.int64) if m.dtype == bool else m
+        work["mask"] = warp(src, order=0, cval=mask_fill).astype(m.dtype)
     b = work["boxes"]
     if len(b):
         corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], 1)  # (N, 4, 2)
         moved = corners @ matrix[:2, :2].T + matrix[:2, 2]
         work["boxes"] = np.concatenate([moved.min(1), moved.max(1)], 1).astype(np.float32)
-    _clip_filter(work, (0.0, 0.0, float(out_hw[1]), float(out_hw[0])), None, min_size, min_visibility)
+    _clip_filter(work, (0, 0, out_hw[1], out_hw[0]), None, min_size, min_visibility)
     return work
 
 
@@ -483,7 +483,7 @@ class RandomCrop(Transform, _BoxFilter):
         b = work["boxes"]
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         work = _translate(work, -x0, -y0, (ch, cw), self.fill, self.mask_fill)
-        _clip_filter(work, (0.0, 0.0, float(cw), float(ch)), area, self.min_size, self.min_visibility)
+        _clip_filter(work, (0, 0, cw, ch), area, self.min_size, self.min_visibility)
         return work
 
 
@@ -748,8 +748,7 @@ class CutMix:
         _select_boxes(wa, area_a - ix * iy >= self.min_visibility * np.maximum(area_a, 1e-9))
         # b's boxes: only their part inside the rectangle is in the picture.
         if x1 > x0 and y1 > y0:
-            _clip_filter(wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size,
-                         self.min_visibility)
+            _clip_filter(wb, (x0, y0, x1, y1), None, self.min_size, self.min_visibility)
         else:
             _select_boxes(wb, np.zeros(len(wb["boxes"]), bool))
         wa.update(_concat_boxes([wa, wb]))
@@ -791,13 +790,16 @@ class Mosaic(_BoxFilter):
         yc = int(rng.integers(H // 4, 3 * H // 4 + 1))
         quads = [(0, 0, xc, yc), (xc, 0, W, yc), (0, yc, xc, H), (xc, yc, W, H)]
         has_mask = all("mask" in w for w, _ in works)
-        canvas = None
-        mask = None
+        first = works[0][0]
+        out = {k: v for k, v in first.items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
+        out["image"] = np.full((H, W, first["image"].shape[-1]), self.fill * first["_range"], np.float32)
+        if has_mask:
+            out["mask"] = np.full((H, W), self.mask_fill, first["mask"].dtype)
         parts = []
         for k, (work, _) in enumerate(works):
             # One value range on the canvas: the first sample's (uint8 and [0, 1] may mix).
-            work["image"] *= works[0][0]["_range"] / work["_range"]
-            work["_range"] = works[0][0]["_range"]
+            work["image"] *= first["_range"] / work["_range"]
+            work["_range"] = first["_range"]
             h, w = _hw(work)
             s = min(H / (2.0 * h), W / (2.0 * w))
             nh, nw = max(1, round(h * s)), max(1, round(w * s))
@@ -808,22 +810,12 @@ class Mosaic(_BoxFilter):
             b = work["boxes"]
             area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill)
+            _clip_filter(work, quads[k], area, self.min_size, self.min_visibility)
             qx0, qy0, qx1, qy1 = quads[k]
-            _clip_filter(work, (float(qx0), float(qy0), float(qx1), float(qy1)), area, self.min_size,
-                         self.min_visibility)
-            if canvas is None:
-                canvas = np.full_like(work["image"], self.fill * work["_range"])
-            canvas[qy0:qy1, qx0:qx1] = work["image"][qy0:qy1, qx0:qx1]
-            if has_mask:
-                if mask is None:
-                    mask = np.full((H, W), self.mask_fill, dtype=work["mask"].dtype)
-                mask[qy0:qy1, qx0:qx1] = work["mask"][qy0:qy1, qx0:qx1]
+            for key in ("image", "mask") if has_mask else ("image",):
+                out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]
             parts.append(work)
-        out = {k: v for k, v in works[0][0].items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
-        out["image"] = canvas
         out.update(_concat_boxes(parts))
-        if has_mask:
-            out["mask"] = mask
         if any(len(p["boxes"]) for p in parts):
             meta["absent"].discard("boxes")
         return _pack(out, meta)
