@@ -42,30 +42,10 @@ PER_BOX_KEYS = ("labels", "weights")
 YOLO_GREY = 114 / 255
 
 __all__ = [
-    "PER_BOX_KEYS",
-    "ColorJitter",
-    "Compose",
-    "CutMix",
-    "Cutout",
-    "GaussianNoise",
-    "GridMask",
-    "HideAndSeek",
-    "HorizontalFlip",
-    "MixUp",
-    "Mosaic",
-    "RandomCrop",
-    "RandomErasing",
-    "RandomRotation",
-    "RandomScale",
-    "Sample",
-    "Transform",
-    "VerticalFlip",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_hue",
-    "adjust_saturation",
-    "hsv_to_rgb",
-    "rgb_to_hsv",
+    "PER_BOX_KEYS", "ColorJitter", "Compose", "CutMix", "Cutout", "GaussianNoise", "GridMask",
+    "HideAndSeek", "HorizontalFlip", "MixUp", "Mosaic", "RandomCrop", "RandomErasing",
+    "RandomRotation", "RandomScale", "Sample", "Transform", "VerticalFlip", "adjust_brightness",
+    "adjust_contrast", "adjust_hue", "adjust_saturation", "hsv_to_rgb", "rgb_to_hsv",
 ]
 
 
@@ -678,12 +658,15 @@ def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = Non
     return out
 
 
-def _same_size(a: Sample, b: Sample, name: str) -> None:
-    if a["image"].shape != b["image"].shape:
+def _unpack_pair(a: Sample, b: Sample, name: str) -> tuple[Sample, Sample, dict[str, Any]]:
+    """Both samples in working form and ``a``'s meta (the output takes its types)."""
+    (wa, meta), (wb, _) = _unpack(a), _unpack(b)
+    if wa["image"].shape != wb["image"].shape:
         raise ValueError(
-            f"{name} needs images of the same size and channels, got {a['image'].shape} and "
-            f"{b['image'].shape}; resize or crop first"
+            f"{name} needs images of the same size and channels, got {wa['image'].shape} and "
+            f"{wb['image'].shape}; resize or crop first"
         )
+    return wa, wb, meta
 
 
 class MixUp:
@@ -700,9 +683,7 @@ class MixUp:
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
         rng = as_rng(rng)
-        wa, meta = _unpack(a)
-        wb, _ = _unpack(b)
-        _same_size(wa, wb, "MixUp")
+        wa, wb, meta = _unpack_pair(a, b, "MixUp")
         lam = float(rng.beta(self.alpha, self.alpha))
         wa["image"] = (lam * wa["image"] + (1.0 - lam) * wb["image"]).astype(np.float32)
         wa.update(_concat_boxes([wa, wb], [lam, 1.0 - lam]))
@@ -727,9 +708,7 @@ class CutMix:
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
         rng = as_rng(rng)
-        wa, meta = _unpack(a)
-        wb, _ = _unpack(b)
-        _same_size(wa, wb, "CutMix")
+        wa, wb, meta = _unpack_pair(a, b, "CutMix")
         h, w = _hw(wa)
         lam = float(rng.beta(self.alpha, self.alpha))
         cut = math.sqrt(1.0 - lam)
@@ -756,7 +735,7 @@ class CutMix:
         return _pack(wa, meta)
 
 
-class Mosaic(_BoxFilter):
+class Mosaic:
     """Mosaic (YOLOv4): four images around a random centre on one ``output_size`` canvas.
 
     The centre ``(xc, yc)`` is drawn from the middle half of the canvas ``[0.25, 0.75]``;

@@ -6,40 +6,17 @@ Every loss takes ``reduction`` = ``"none" | "mean" | "sum"`` like ``torch.nn.fun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers only; runtime import is lazy
-    from cbir.metrics.boxes import ciou_loss, diou_loss, giou_loss, iou_loss  # noqa: F401
+from cbir.metrics.boxes import ciou_loss, diou_loss, giou_loss, iou_loss  # noqa: F401 - re-exported
 
 __all__ = [
-    "DiceLoss",
-    "FocalLoss",
-    "LabelSmoothingCrossEntropy",
-    "ciou_loss",
-    "dice_loss",
-    "diou_loss",
-    "giou_loss",
-    "iou_loss",
-    "label_smoothing_cross_entropy",
-    "sigmoid_focal_loss",
+    "DiceLoss", "FocalLoss", "LabelSmoothingCrossEntropy", "ciou_loss", "dice_loss", "diou_loss",
+    "giou_loss", "iou_loss", "label_smoothing_cross_entropy", "sigmoid_focal_loss",
     "softmax_focal_loss",
 ]
-
-_BOX_LOSSES = ("iou_loss", "giou_loss", "diou_loss", "ciou_loss")
-
-
-def __getattr__(name: str) -> Any:
-    # The IoU-family box losses live in cbir.metrics.boxes; re-export them lazily so this
-    # module never carries a second implementation and imports even without that module.
-    if name in _BOX_LOSSES:
-        from cbir.metrics import boxes
-
-        return getattr(boxes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -120,13 +97,8 @@ class FocalLoss(nn.Module):
         super().__init__()
         if mode not in ("binary", "multiclass"):
             raise ValueError("mode must be 'binary' or 'multiclass'")
-        self.mode, self.alpha, self.gamma, self.reduction, self.ignore_index = (
-            mode,
-            alpha,
-            gamma,
-            reduction,
-            ignore_index,
-        )
+        self.mode, self.alpha, self.gamma = mode, alpha, gamma
+        self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mode == "binary":
