@@ -109,25 +109,19 @@ def precision_recall_fscore(
     tp = np.diag(cm).astype(np.float64)
     pred_pos = cm.sum(axis=0).astype(np.float64)  # TP + FP
     support = cm.sum(axis=1)  # TP + FN
+    true_pos = support
     if average == "micro":
         tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
-        return (
-            float(safe_divide(tp, pred_pos, zero_division)),
-            float(safe_divide(tp, true_pos, zero_division)),
-            float(safe_divide(2 * tp, pred_pos + true_pos, zero_division)),
-            int(support.sum()),
-        )
-    precision = safe_divide(tp, pred_pos, zero_division)
-    recall = safe_divide(tp, support, zero_division)
-    f1 = safe_divide(2 * tp, pred_pos + support, zero_division)
-    if average is None or average == "none":
-        return precision, recall, f1, support
-    return (
-        _average(precision, support, average),
-        _average(recall, support, average),
-        _average(f1, support, average),
-        int(support.sum()),
+    prf = (
+        safe_divide(tp, pred_pos, zero_division),
+        safe_divide(tp, true_pos, zero_division),
+        safe_divide(2 * tp, pred_pos + true_pos, zero_division),
     )
+    if average is None or average == "none":
+        return (*prf, support)
+    if average == "micro":
+        return (*(float(x) for x in prf), int(support.sum()))
+    return (*(_average(x, support, average) for x in prf), int(support.sum()))
 
 
 def _labels_from_preds(preds: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
