@@ -30,14 +30,9 @@ class SPP(nn.Module):
     v4, v5). ``C_hid`` defaults to ``C_in // 2`` as in YOLOv5.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        kernel_sizes: Sequence[int] = (5, 9, 13),
-        hidden_channels: int | None = None,
-        act: str = "silu",
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None,
+                 kernel_sizes: Sequence[int] = (5, 9, 13), hidden_channels: int | None = None,
+                 act: str = "silu") -> None:
         super().__init__()
         if any(k % 2 != 1 for k in kernel_sizes):
             raise ValueError("SPP kernels must be odd to keep the spatial size")
@@ -59,15 +54,8 @@ class SPPF(nn.Module):
     computes exactly SPP(5, 9, 13) with fewer comparisons. Same shapes as :class:`SPP`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        kernel_size: int = 5,
-        n_pools: int = 3,
-        hidden_channels: int | None = None,
-        act: str = "silu",
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size: int = 5,
+                 n_pools: int = 3, hidden_channels: int | None = None, act: str = "silu") -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("SPPF kernel must be odd to keep the spatial size")
@@ -112,14 +100,8 @@ class ASPP(nn.Module):
     so training needs a batch of at least 2 (as in torchvision's DeepLabv3).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (6, 12, 18),
-        hidden_channels: int = 256,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (6, 12, 18),
+                 hidden_channels: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         branches: list[nn.Module] = [ConvBnAct(in_channels, hidden_channels, 1)]
         branches += [ConvBnAct(in_channels, hidden_channels, 3, dilation=r) for r in rates]
@@ -166,35 +148,21 @@ class RFB(_RFBase):
     dilated layers) as in the authors' code. ``(B, C_in, H, W) -> (B, C_out, H, W)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (1, 3, 5),
-        scale: float = 1.0,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
+                 scale: float = 1.0) -> None:
         out_channels = out_channels or in_channels
         c = max(1, in_channels // 8)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 6 * c, scale)
-        self.branches = nn.ModuleList(
-            [
-                nn.Sequential(
-                    ConvBnAct(in_channels, 2 * c, 1), ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, 2 * c, 3),
-                    ConvBnAct(2 * c, 2 * c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c // 2 * 3 or 1, 3),
-                    ConvBnAct(c // 2 * 3 or 1, 2 * c, 3),
-                    ConvBnAct(2 * c, 2 * c, 3, dilation=r2, act=None),
-                ),
-            ]
-        )
+        c15 = c // 2 * 3 or 1
+        self.branches = nn.ModuleList([
+            nn.Sequential(ConvBnAct(in_channels, 2 * c, 1),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, 2 * c, 3),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c15, 3), ConvBnAct(c15, 2 * c, 3),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r2, act=None)),
+        ])
 
 
 @register_module("rfb_s")
@@ -211,39 +179,22 @@ class RFBs(_RFBase):
     ``rates`` default (1, 3, 5); branch width ``C_in // 4``. Fused like :class:`RFB`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (1, 3, 5),
-        scale: float = 1.0,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
+                 scale: float = 1.0) -> None:
         out_channels = out_channels or in_channels
         c = max(2, in_channels // 4)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 4 * c, scale)
         half, three_q = c // 2, c // 4 * 3 or 1
-        self.branches = nn.ModuleList(
-            [
-                nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c, (3, 1)),
-                    ConvBnAct(c, c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c, (1, 3)),
-                    ConvBnAct(c, c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, half, 1),
-                    ConvBnAct(half, three_q, (1, 3)),
-                    ConvBnAct(three_q, c, (3, 1)),
-                    ConvBnAct(c, c, 3, dilation=r2, act=None),
-                ),
-            ]
-        )
+        self.branches = nn.ModuleList([
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (3, 1)),
+                          ConvBnAct(c, c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (1, 3)),
+                          ConvBnAct(c, c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, half, 1), ConvBnAct(half, three_q, (1, 3)),
+                          ConvBnAct(three_q, c, (3, 1)), ConvBnAct(c, c, 3, dilation=r2, act=None)),
+        ])
 
 
 @register_module("ppm")
@@ -257,13 +208,8 @@ class PPM(nn.Module):
     sees one value per channel for bin 1: train with a batch of at least 2.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        bins: Sequence[int] = (1, 2, 3, 6),
-        align_corners: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, bins: Sequence[int] = (1, 2, 3, 6),
+                 align_corners: bool = False) -> None:
         super().__init__()
         branch = max(1, in_channels // len(bins))
         self.bins = tuple(bins)
