@@ -212,14 +212,9 @@ class DetectionMAP:
     Undefined values (no ground truth at all) are -1.
     """
 
-    def __init__(
-        self,
-        style: Style = "coco",
-        iou_thresholds: Sequence[float] | None = None,
-        max_detection_thresholds: Sequence[int] = (1, 10, 100),
-        box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy",
-        num_classes: int | None = None,
-    ):
+    def __init__(self, style: Style = "coco", iou_thresholds: Sequence[float] | None = None,
+                 max_detection_thresholds: Sequence[int] = (1, 10, 100),
+                 box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy", num_classes: int | None = None):
         if style not in ("coco", "voc2010", "voc2007"):
             raise ValueError(f"style must be 'coco', 'voc2010' or 'voc2007', got {style!r}")
         self.style = style

@@ -103,13 +103,8 @@ class RetrievalMAP:
         self.recall_.clear()
         self.n_skipped_ = 0
 
-    def update(
-        self,
-        ranking: Sequence[Hashable],
-        positives: Iterable[Hashable],
-        junk: Iterable[Hashable] = (),
-        tags: Iterable[str] = (),
-    ) -> float | None:
+    def update(self, ranking: Sequence[Hashable], positives: Iterable[Hashable],
+               junk: Iterable[Hashable] = (), tags: Iterable[str] = ()) -> float | None:
         """Add one query; returns its AP (None when it has no positives)."""
         junk = set(junk)
         pos = set(positives) - junk

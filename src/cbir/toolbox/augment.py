@@ -132,13 +132,8 @@ def _select_boxes(work: Sample, keep: np.ndarray) -> None:
             work[key] = np.asarray(work[key])[keep]
 
 
-def _clip_filter(
-    work: Sample,
-    region: tuple[float, float, float, float],
-    ref_area: np.ndarray | None,
-    min_size: float,
-    min_visibility: float,
-) -> None:
+def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_area: np.ndarray | None,
+                 min_size: float, min_visibility: float) -> None:
     """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones.
 
     ``ref_area``: each box's area before clipping, in the same coordinates (default: now).
@@ -261,14 +256,8 @@ class ColorJitter(Transform):
     """Random brightness, contrast, saturation (factors in ``[1 - x, 1 + x]``) and hue
     (shift in ``[-hue, hue]`` turns), applied in a random order as torchvision does."""
 
-    def __init__(
-        self,
-        brightness: float = 0.3,
-        contrast: float = 0.3,
-        saturation: float = 0.3,
-        hue: float = 0.015,
-        p: float = 1.0,
-    ) -> None:
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3, saturation: float = 0.3,
+                 hue: float = 0.015, p: float = 1.0) -> None:
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.hue, self.p = hue, p
 
@@ -311,15 +300,8 @@ class _BoxFilter:
     min_visibility: float = 0.1
 
 
-def _warp_affine(
-    work: Sample,
-    matrix: np.ndarray,
-    out_hw: tuple[int, int],
-    fill: float,
-    mask_fill: int,
-    min_size: float,
-    min_visibility: float,
-) -> Sample:
+def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill: float, mask_fill: int,
+                 min_size: float, min_visibility: float) -> Sample:
     """Warp image, mask and boxes by the forward affine ``matrix`` (3x3, pixel coords x, y).
 
     Each output pixel centre ``p + 0.5`` is mapped back through the inverse and sampled
@@ -430,15 +412,9 @@ class RandomCrop(Transform, _BoxFilter):
     (w / h) from ``ratio``, like RandomResizedCrop without the resize. Boxes are shifted,
     clipped and filtered; the mask is cropped with the image."""
 
-    def __init__(
-        self,
-        size: tuple[int, int] | None = None,
-        scale: tuple[float, float] = (0.3, 1.0),
-        ratio: tuple[float, float] = (0.5, 2.0),
-        p: float = 1.0,
-        fill: float = 0.0,
-        mask_fill: int = 0,
-    ) -> None:
+    def __init__(self, size: tuple[int, int] | None = None, scale: tuple[float, float] = (0.3, 1.0),
+                 ratio: tuple[float, float] = (0.5, 2.0), p: float = 1.0, fill: float = 0.0,
+                 mask_fill: int = 0) -> None:
         self.size, self.scale, self.ratio = size, scale, ratio
         self.p, self.fill, self.mask_fill = p, fill, mask_fill
 
@@ -514,13 +490,8 @@ class RandomErasing(Transform):
     area fraction in ``scale`` and aspect ratio in ``ratio`` by random values (``fill="random"``),
     the image mean (``"mean"``) or a constant fraction of the range."""
 
-    def __init__(
-        self,
-        p: float = 0.5,
-        scale: tuple[float, float] = (0.02, 0.4),
-        ratio: tuple[float, float] = (0.3, 3.3),
-        fill: float | str = "random",
-    ) -> None:
+    def __init__(self, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.4),
+                 ratio: tuple[float, float] = (0.3, 3.3), fill: float | str = "random") -> None:
         self.p, self.scale, self.ratio, self.fill = p, scale, ratio, fill
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
@@ -567,12 +538,8 @@ class HideAndSeek(Transform):
     ``p_hide``, filling with the mean (the paper uses the dataset mean so hidden patches
     match the statistics a conv sees at test time)."""
 
-    def __init__(
-        self,
-        grid_sizes: Sequence[int] = (0, 16, 32, 44, 56),
-        p_hide: float = 0.5,
-        fill: float | str | None = "mean",
-    ) -> None:
+    def __init__(self, grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), p_hide: float = 0.5,
+                 fill: float | str | None = "mean") -> None:
         self.grid_sizes, self.p_hide, self.fill = tuple(grid_sizes), p_hide, fill
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
@@ -597,14 +564,8 @@ class GridMask(Transform):
     keeps 84 %). ``rotate`` turns the grid by a random angle up to that many degrees.
     """
 
-    def __init__(
-        self,
-        d_range: tuple[float, float] = (0.1, 0.4),
-        ratio: float = 0.6,
-        rotate: float = 0.0,
-        p: float = 0.7,
-        fill: float | str = 0.0,
-    ) -> None:
+    def __init__(self, d_range: tuple[float, float] = (0.1, 0.4), ratio: float = 0.6, rotate: float = 0.0,
+                 p: float = 0.7, fill: float | str = 0.0) -> None:
         self.d_range, self.ratio, self.rotate, self.p, self.fill = d_range, ratio, rotate, p, fill
 
     def grid(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -747,14 +708,8 @@ class Mosaic:
     takes the first sample's types.
     """
 
-    def __init__(
-        self,
-        output_size: tuple[int, int] = (640, 640),
-        fill: float = YOLO_GREY,
-        mask_fill: int = 0,
-        min_size: float = 2.0,
-        min_visibility: float = 0.1,
-    ) -> None:
+    def __init__(self, output_size: tuple[int, int] = (640, 640), fill: float = YOLO_GREY,
+                 mask_fill: int = 0, min_size: float = 2.0, min_visibility: float = 0.1) -> None:
         self.output_size, self.fill, self.mask_fill = tuple(output_size), fill, mask_fill
         self.min_size, self.min_visibility = min_size, min_visibility
 

@@ -48,17 +48,9 @@ class ConvBnAct(nn.Sequential):
     kernels (``(1, 3)``, ``(3, 1)``, used by RFB-s) get per-axis padding.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _Pair = 1,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        act: str | Callable[[], nn.Module] | None = "relu",
-        bn: bool = True,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair = 1, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, act: str | Callable[[], nn.Module] | None = "relu",
+                 bn: bool = True) -> None:
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else map(int, kernel_size)
         padding = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2)
         super().__init__()

@@ -27,12 +27,8 @@ def _gamma(drop_prob: float, block_size: int, h: int, w: int) -> float:
     return drop_prob / block_size**2 * (h * w) / valid
 
 
-def drop_block_2d(
-    x: torch.Tensor,
-    drop_prob: float,
-    block_size: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Functional DropBlock on ``(B, C, H, W)``, always active (the module handles eval).
 
     Seeds ~ Bernoulli(gamma) at positions where a full block fits, independently per sample

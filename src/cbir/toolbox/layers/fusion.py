@@ -203,13 +203,8 @@ class ASFF(nn.Module):
     ``level=0`` fuses into the finest map. ``[3 x (B, C_i, H_i, W_i)] -> (B, out, H_level, W_level)``.
     """
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        level: int = 0,
-        out_channels: int | None = None,
-        compress: int = 16,
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int], level: int = 0, out_channels: int | None = None,
+                 compress: int = 16) -> None:
         super().__init__()
         in_channels = list(in_channels)
         if len(in_channels) != 3 or level not in (0, 1, 2):
