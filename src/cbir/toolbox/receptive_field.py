@@ -100,14 +100,8 @@ def layers_from_module(model: nn.Module) -> list[LayerSpec]:
     specs = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            specs.append(
-                LayerSpec(
-                    _first(m.kernel_size),
-                    _first(m.stride),
-                    _first(m.dilation),
-                    _first(m.padding) if not isinstance(m.padding, str) else None,
-                )
-            )
+            pad = _first(m.padding) if not isinstance(m.padding, str) else None
+            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), pad))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
             stride = m.stride if m.stride is not None else m.kernel_size
@@ -125,17 +119,9 @@ def _linearise(model: nn.Module) -> nn.Module:
             if isinstance(sub, nn.MaxPool2d):
                 if _first(sub.dilation) != 1:
                     raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
-                setattr(
-                    child,
-                    attr,
-                    nn.AvgPool2d(
-                        sub.kernel_size,
-                        sub.stride,
-                        sub.padding,
-                        ceil_mode=sub.ceil_mode,
-                        count_include_pad=True,
-                    ),
-                )
+                avg = nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode,
+                                   count_include_pad=True)
+                setattr(child, attr, avg)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Conv2d):
