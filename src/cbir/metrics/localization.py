@@ -139,16 +139,10 @@ class MaskLocalization:
         # PxAP is the uninterpolated AP of pixels scored by their bin: the histograms are the
         # pixels, weighted by count, so the classification AP is reused as is.
         k = np.arange(self.num_thresholds)
+        pxap = float("nan")
         if self.hist_fg.sum() > 0:
-            pxap = float(
-                average_precision_score(
-                    np.r_[np.ones_like(k), np.zeros_like(k)],
-                    np.r_[k, k].astype(np.float64),
-                    sample_weight=np.r_[self.hist_fg, self.hist_bg],
-                )
-            )
-        else:
-            pxap = float("nan")
+            target, scores = np.r_[np.ones_like(k), np.zeros_like(k)], np.r_[k, k].astype(np.float64)
+            pxap = float(average_precision_score(target, scores, sample_weight=np.r_[self.hist_fg, self.hist_bg]))
         return {
             "mask_iou": float(iou[best]),
             "best_threshold": float(self.thresholds[best]),

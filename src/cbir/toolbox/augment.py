@@ -333,9 +333,8 @@ def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill
     return work
 
 
-def _translate(
-    work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int
-) -> Sample:
+def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float,
+               mask_fill: int) -> Sample:
     """Place the image at integer offset ``(dx, dy)`` on an ``out_hw`` canvas (exact, no
     resampling); boxes shift with it and are not clipped (callers clip to their region)."""
     h, w = _hw(work)
@@ -465,18 +464,16 @@ class RandomRotation(Transform, _BoxFilter):
         rot = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
         to_c = np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
         back = np.array([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
-        return _warp_affine(
-            work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size, self.min_visibility
-        )
+        return _warp_affine(work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size,
+                            self.min_visibility)
 
 
 # --------------------------------------------------------------------------------------
 # Occlusion: pixels only. The occluded object is still there, so boxes and mask stay.
 
 
-def _fill_value(
-    work: Sample, fill: float | str | None, shape: tuple[int, ...], rng: np.random.Generator
-) -> np.ndarray | float:
+def _fill_value(work: Sample, fill: float | str | None, shape: tuple[int, ...],
+                rng: np.random.Generator) -> np.ndarray | float:
     vmax = work["_range"]
     if fill == "random":
         return rng.uniform(0.0, vmax, shape).astype(np.float32)
@@ -604,9 +601,7 @@ class GridMask(Transform):
 
 def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Concatenate boxes and per-box values of ``parts``; ``weights`` multiply ``"weights"``."""
-    out: dict[str, np.ndarray] = {
-        "boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)
-    }
+    out = {"boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)}
     for key in PER_BOX_KEYS:
         present = [key in p for p in parts]
         if all(present):
@@ -623,10 +618,8 @@ def _unpack_pair(a: Sample, b: Sample, name: str) -> tuple[Sample, Sample, dict[
     """Both samples in working form and ``a``'s meta (the output takes its types)."""
     (wa, meta), (wb, _) = _unpack(a), _unpack(b)
     if wa["image"].shape != wb["image"].shape:
-        raise ValueError(
-            f"{name} needs images of the same size and channels, got {wa['image'].shape} and "
-            f"{wb['image'].shape}; resize or crop first"
-        )
+        raise ValueError(f"{name} needs images of the same size and channels, got {wa['image'].shape} and "
+                         f"{wb['image'].shape}; resize or crop first")
     return wa, wb, meta
 
 

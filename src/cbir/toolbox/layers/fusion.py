@@ -82,12 +82,9 @@ class PAN(nn.Module):
         self.fuse = fuse
         self.fpn = FPN(in_channels, out_channels)
         self.down = nn.ModuleList(ConvBnAct(out_channels, out_channels, 3, stride=2) for _ in range(n - 1))
-        self.merge = nn.ModuleList(
-            ConvBnAct(
-                out_channels * (2 if fuse == "concat" else 1), out_channels, 1 if fuse == "concat" else 3
-            )
-            for _ in range(n - 1)
-        )
+        cat = fuse == "concat"
+        self.merge = nn.ModuleList(ConvBnAct(out_channels * (1 + cat), out_channels, 1 if cat else 3)
+                                   for _ in range(n - 1))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         p = self.fpn(features)
@@ -147,9 +144,8 @@ class BiFPN(nn.Module):
     ``[(B, C_i, H_i, W_i)] -> [(B, channels, H_i, W_i)]``.
     """
 
-    def __init__(
-        self, in_channels: Sequence[int] | int, channels: int | None = None, n_levels: int | None = None
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int] | int, channels: int | None = None,
+                 n_levels: int | None = None) -> None:
         super().__init__()
         if isinstance(in_channels, int):
             in_channels = [in_channels] * (n_levels or 5)
@@ -158,9 +154,8 @@ class BiFPN(nn.Module):
         if n < 2:
             raise ValueError("BiFPN needs at least two levels")
         self.channels = channels = channels or in_channels[0]
-        self.project = nn.ModuleList(
-            nn.Identity() if c == channels else ConvBnAct(c, channels, 1, act=None) for c in in_channels
-        )
+        self.project = nn.ModuleList(nn.Identity() if c == channels else ConvBnAct(c, channels, 1, act=None)
+                                     for c in in_channels)
         self.td_fuse = nn.ModuleList(FastNormalizedFusion(2) for _ in range(n - 1))  # levels n-2 .. 0
         self.td_conv = nn.ModuleList(_SeparableConv(channels) for _ in range(n - 1))
         self.bu_fuse = nn.ModuleList(FastNormalizedFusion(3 if i < n - 1 else 2) for i in range(1, n))
