@@ -275,14 +275,9 @@ def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
     return _greedy(boxes, scores, iou_threshold, lambda b1, b2: box_diou(b1, b2, eps=0.0))
 
 
-def soft_nms(
-    boxes,
-    scores,
-    iou_threshold: float = 0.3,
-    sigma: float = 0.5,
-    method: Literal["linear", "gaussian"] = "gaussian",
-    score_threshold: float = 0.001,
-) -> tuple[Tensor, Tensor]:
+def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
+             method: Literal["linear", "gaussian"] = "gaussian",
+             score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
     """Soft-NMS (Bodla et al. 2017): instead of removing a neighbour of the selected box,
     decay its score by ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by
     ``exp(-IoU^2 / sigma)`` (gaussian); boxes whose score falls below ``score_threshold``
@@ -345,15 +340,9 @@ def batched_diou_nms(boxes, scores, idxs, iou_threshold: float) -> Tensor:
     return _per_class(diou_nms, boxes, scores, idxs, iou_threshold=iou_threshold)[0]
 
 
-def batched_soft_nms(
-    boxes,
-    scores,
-    idxs,
-    iou_threshold: float = 0.3,
-    sigma: float = 0.5,
-    method: Literal["linear", "gaussian"] = "gaussian",
-    score_threshold: float = 0.001,
-) -> tuple[Tensor, Tensor]:
+def batched_soft_nms(boxes, scores, idxs, iou_threshold: float = 0.3, sigma: float = 0.5,
+                     method: Literal["linear", "gaussian"] = "gaussian",
+                     score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
     """Class-aware :func:`soft_nms`: (indices, decayed scores) by decreasing decayed score."""
     return _per_class(soft_nms, boxes, scores, idxs, iou_threshold=iou_threshold, sigma=sigma, method=method,
                       score_threshold=score_threshold)

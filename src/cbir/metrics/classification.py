@@ -94,9 +94,7 @@ def _average(values: np.ndarray, support: np.ndarray, average: Average) -> np.nd
     raise ValueError(f"average must be None, 'macro', 'micro' or 'weighted', got {average!r}")
 
 
-def precision_recall_fscore(
-    cm: np.ndarray, average: Average = None, zero_division: float = 0.0
-) -> tuple:
+def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_division: float = 0.0) -> tuple:
     """(precision, recall, F1, support) from a confusion matrix, as sklearn's
     ``precision_recall_fscore_support(labels=range(C))``.
 
@@ -201,9 +199,7 @@ def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray
     return fps, tps, s[last]
 
 
-def precision_recall_curve(
-    target, scores, sample_weight=None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_curve(target, scores, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Binary precision-recall curve, as sklearn's ``precision_recall_curve``.
 
     target (N,) in {0, 1}, scores (N,), optional sample_weight (N,) ->
@@ -238,9 +234,8 @@ def _one_hot_target(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.eye(n_classes, dtype=np.int64)[target.astype(np.int64)]
 
 
-def average_precision_score(
-    target, scores, average: Average = "macro", sample_weight=None
-) -> float | np.ndarray:
+def average_precision_score(target, scores, average: Average = "macro",
+                            sample_weight=None) -> float | np.ndarray:
     """Uninterpolated AP, as sklearn's ``average_precision_score``.
 
     Binary: target (N,) in {0, 1}, scores (N,). Multi-class / multi-label: scores (N, C) with

@@ -52,9 +52,8 @@ COCO_AREA_RANGES = {
 Style = Literal["coco", "voc2010", "voc2007"]
 
 
-def interpolated_ap(
-    recall: np.ndarray, precision: np.ndarray, method: Literal["all", "11", "101"] = "all"
-) -> float:
+def interpolated_ap(recall: np.ndarray, precision: np.ndarray,
+                    method: Literal["all", "11", "101"] = "all") -> float:
     """AP of one PR curve (points in detection order, recall non-decreasing).
 
     The precision envelope ``p_env(r) = max_{r' >= r} p(r')`` is integrated exactly
@@ -95,9 +94,8 @@ def _pairwise_iou(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarr
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _match_coco(
-    ious: np.ndarray, gt_ignore: np.ndarray, crowd: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _match_coco(ious: np.ndarray, gt_ignore: np.ndarray, crowd: np.ndarray,
+                thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """pycocotools' greedy matching, all area ranges and IoU thresholds at once.
 
     ious (D, G) with detections in decreasing score order; gt_ignore (A, G); crowd (G,);
@@ -132,9 +130,8 @@ def _match_coco(
     return matched, to_ignored
 
 
-def _match_voc(
-    ious: np.ndarray, gt_ignore: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _match_voc(ious: np.ndarray, gt_ignore: np.ndarray,
+               thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """VOC devkit matching: ious (D, G), detections by decreasing score; gt_ignore (G,);
     -> (TP (T, D), matched-to-ignored (T, D)); the rest are FP.
 

@@ -42,9 +42,8 @@ def ap_from_positive_ranks(ranks: Sequence[int] | np.ndarray, n_positives: int) 
     return float(np.sum((precision_before + precision_at) / 2) / n_positives)
 
 
-def positive_ranks(
-    ranking: Sequence[Hashable], positives: Iterable[Hashable], junk: Iterable[Hashable] = ()
-) -> np.ndarray:
+def positive_ranks(ranking: Sequence[Hashable], positives: Iterable[Hashable],
+                   junk: Iterable[Hashable] = ()) -> np.ndarray:
     """0-based ranks of ``positives`` in ``ranking`` after the ``junk`` items are removed."""
     pos, junk_set = set(positives), set(junk)
     ranks, r = [], 0
@@ -57,9 +56,8 @@ def positive_ranks(
     return np.asarray(ranks, dtype=np.int64)
 
 
-def average_precision(
-    ranking: Sequence[Hashable], positives: Iterable[Hashable], junk: Iterable[Hashable] = ()
-) -> float:
+def average_precision(ranking: Sequence[Hashable], positives: Iterable[Hashable],
+                      junk: Iterable[Hashable] = ()) -> float:
     """AP of one ranked list of database ids against the query's positives and junk."""
     pos = set(positives) - set(junk)
     return ap_from_positive_ranks(positive_ranks(ranking, pos, junk), len(pos))

@@ -149,9 +149,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "binary", 
 class DiceLoss(nn.Module):
     """Module form of :func:`dice_loss`."""
 
-    def __init__(
-        self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True, reduction: str = "mean"
-    ) -> None:
+    def __init__(self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True,
+                 reduction: str = "mean") -> None:
         super().__init__()
         self.mode, self.smooth, self.from_logits, self.reduction = mode, smooth, from_logits, reduction
 

@@ -131,9 +131,8 @@ def _linearise(model: nn.Module) -> nn.Module:
     return m
 
 
-def empirical_receptive_field(
-    model: nn.Module, input_size: int = 128, channels: int | None = None
-) -> tuple[int, int]:
+def empirical_receptive_field(model: nn.Module, input_size: int = 128,
+                              channels: int | None = None) -> tuple[int, int]:
     """Measure ``(height, width)`` of the input region that one central output unit depends on.
 
     Feeds a ``(1, C, S, S)`` input of ones through a linearised copy (see ``_linearise``),

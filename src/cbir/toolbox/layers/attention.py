@@ -100,9 +100,8 @@ class CBAM(nn.Module):
     ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
     """
 
-    def __init__(
-        self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8
-    ) -> None:
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
+                 min_channels: int = 8) -> None:
         super().__init__()
         self.channel = ChannelAttention(channels, reduction, min_channels)
         self.spatial = SpatialAttention(channels, kernel_size)
