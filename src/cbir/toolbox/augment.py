@@ -159,10 +159,16 @@ class Transform:
     """Base class: ``__call__`` converts to the working form, ``apply`` does the work.
 
     Subclasses implement ``apply(work, rng) -> work`` on the canonical numpy form (image
-    float32 HWC in its original range, ``work["_range"]`` = 255 or 1).
+    float32 HWC in its original range, ``work["_range"]`` = 255 or 1); or, when they have a
+    probability ``p``, ``_apply``, which ``apply`` runs if one ``rng.random()`` draw is below ``p``.
     """
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # pragma: no cover
+    p: float
+
+    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
+        return self._apply(work, rng) if rng.random() < self.p else work
+
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, sample: Sample, rng: RngLike = None) -> Sample:
@@ -261,9 +267,7 @@ class ColorJitter(Transform):
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.hue, self.p = hue, p
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         ops: list[tuple[Callable[..., np.ndarray], float]] = []
         for op, x in ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
                       (adjust_saturation, self.saturation)):
@@ -283,11 +287,10 @@ class GaussianNoise(Transform):
     def __init__(self, std: float = 0.02, p: float = 0.5) -> None:
         self.std, self.p = std, p
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            vmax = work["_range"]
-            noise = rng.normal(0.0, self.std * vmax, work["image"].shape).astype(np.float32)
-            work["image"] = np.clip(work["image"] + noise, 0.0, vmax)
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        vmax = work["_range"]
+        noise = rng.normal(0.0, self.std * vmax, work["image"].shape).astype(np.float32)
+        work["image"] = np.clip(work["image"] + noise, 0.0, vmax)
         return work
 
 
@@ -363,16 +366,15 @@ class _Flip(Transform):
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            size = _hw(work)[self._axis]
-            work["image"] = np.flip(work["image"], self._axis).copy()
-            if "mask" in work:
-                work["mask"] = np.flip(work["mask"], self._axis).copy()
-            lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
-            b = work["boxes"].copy()
-            b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
-            work["boxes"] = b
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        size = _hw(work)[self._axis]
+        work["image"] = np.flip(work["image"], self._axis).copy()
+        if "mask" in work:
+            work["mask"] = np.flip(work["mask"], self._axis).copy()
+        lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
+        b = work["boxes"].copy()
+        b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
+        work["boxes"] = b
         return work
 
 
@@ -395,9 +397,7 @@ class RandomScale(Transform, _BoxFilter):
     def __init__(self, scale: tuple[float, float] = (0.5, 1.5), p: float = 1.0, mask_fill: int = 0) -> None:
         self.scale, self.p, self.mask_fill = scale, p, mask_fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         s = rng.uniform(*self.scale)
         oh, ow = max(1, round(h * s)), max(1, round(w * s))
@@ -430,9 +430,7 @@ class RandomCrop(Transform, _BoxFilter):
         y0 = int(rng.integers(0, h - ch + 1)) if h >= ch else -int(rng.integers(0, ch - h + 1))
         return x0, y0, cw, ch
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         x0, y0, cw, ch = self._window(h, w, rng)
         b = work["boxes"]
@@ -453,9 +451,7 @@ class RandomRotation(Transform, _BoxFilter):
     def __init__(self, degrees: float = 10.0, p: float = 1.0, fill: float = 0.0, mask_fill: int = 0) -> None:
         self.degrees, self.p, self.fill, self.mask_fill = degrees, p, fill, mask_fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         a = math.radians(rng.uniform(-self.degrees, self.degrees))
         cx, cy = w / 2.0, h / 2.0
@@ -491,9 +487,7 @@ class RandomErasing(Transform):
                  ratio: tuple[float, float] = (0.3, 3.3), fill: float | str = "random") -> None:
         self.p, self.scale, self.ratio, self.fill = p, scale, ratio, fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         for _ in range(10):  # the paper retries until the rectangle fits
             area = rng.uniform(*self.scale) * h * w
@@ -515,9 +509,7 @@ class Cutout(Transform):
     def __init__(self, size: float = 0.25, n_holes: int = 1, p: float = 1.0, fill: float | str = 0.0) -> None:
         self.size, self.n_holes, self.p, self.fill = size, n_holes, p, fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         side = int(round(self.size * min(h, w))) if self.size < 1 else int(self.size)
         for _ in range(self.n_holes):
@@ -584,9 +576,7 @@ class GridMask(Transform):
             removed = removed[top : top + h, left : left + w]
         return ~removed[:h, :w]
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         keep = self.grid(h, w, rng)
         img = work["image"]
