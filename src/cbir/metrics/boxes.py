@@ -128,11 +128,6 @@ def _iou_terms(boxes1, boxes2, elementwise: bool, eps: float) -> dict[str, Tenso
     return {"iou": iou, "union": union, "enc_wh": enc_wh, "b1": b1, "b2": b2}
 
 
-def _giou(t: dict[str, Tensor], eps: float) -> Tensor:
-    area_c = t["enc_wh"][..., 0] * t["enc_wh"][..., 1]
-    return t["iou"] - (area_c - t["union"]) / (area_c + eps)
-
-
 def _diou_penalty(t: dict[str, Tensor], eps: float) -> Tensor:
     """rho^2 / c^2: squared centre distance over squared enclosing diagonal."""
     b1, b2 = t["b1"], t["b2"]
@@ -159,7 +154,9 @@ def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tens
 
 def box_giou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:
     """Generalized IoU, in [-1, 1]; shapes as :func:`box_iou`."""
-    return _giou(_iou_terms(boxes1, boxes2, elementwise, eps), eps)
+    t = _iou_terms(boxes1, boxes2, elementwise, eps)
+    area_c = t["enc_wh"][..., 0] * t["enc_wh"][..., 1]
+    return t["iou"] - (area_c - t["union"]) / (area_c + eps)
 
 
 def box_diou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:

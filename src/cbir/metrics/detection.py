@@ -183,12 +183,6 @@ def _pr_curve(scores: np.ndarray, tp: np.ndarray, ignored: np.ndarray, n_gt: int
     return tps / n_gt, tps / (tps + fps + np.spacing(1))
 
 
-def _to_dict_list(x) -> list[dict]:
-    if isinstance(x, dict):
-        return [x]
-    return list(x)
-
-
 class DetectionMAP:
     """Streaming detection mAP (torchmetrics' ``MeanAveragePrecision`` interface).
 
@@ -236,7 +230,7 @@ class DetectionMAP:
         return arr
 
     def update(self, preds, targets) -> None:
-        preds, targets = _to_dict_list(preds), _to_dict_list(targets)
+        preds, targets = ([x] if isinstance(x, dict) else list(x) for x in (preds, targets))
         if len(preds) != len(targets):
             raise ValueError(f"{len(preds)} predictions for {len(targets)} images")
         def vec(d: dict, key: str, dtype: type, default: np.ndarray | None = None) -> np.ndarray:

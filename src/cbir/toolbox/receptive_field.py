@@ -26,11 +26,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "LayerSpec",
-    "RFInfo",
-    "effective_kernel",
-    "empirical_receptive_field",
-    "layers_from_module",
+    "LayerSpec", "RFInfo", "effective_kernel", "empirical_receptive_field", "layers_from_module",
     "receptive_field",
 ]
 
