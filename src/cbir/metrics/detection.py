@@ -284,10 +284,8 @@ class DetectionMAP:
         for dt, gt in self._images:
             for c in np.union1d(dt["labels"], gt["labels"]) if label is None else [label]:
                 rec = records.setdefault(int(c), _ClassRecord(np.zeros(len(self.area_ranges), np.int64)))
-                d_sel, g_sel = dt["labels"] == c, gt["labels"] == c
-                self._evaluate_image_class(
-                    {k: v[d_sel] for k, v in dt.items()}, {k: v[g_sel] for k, v in gt.items()}, rec
-                )
+                d, g = ({k: v[x["labels"] == c] for k, v in x.items()} for x in (dt, gt))
+                self._evaluate_image_class(d, g, rec)
         return records
 
     def compute(self) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir.metrics._common import safe_divide, to_numpy
+from cbir.metrics._common import safe_divide
 from cbir.metrics.classification import confusion_matrix, precision_recall_fscore
 
 _NAN = float("nan")
@@ -76,9 +76,7 @@ class SegmentationMetrics:
         if preds.ndim == target.ndim + 1:
             # argmax before the numpy conversion: on a GPU, only labels cross to the host.
             preds = preds.argmax(0 if target.ndim == 2 else 1)
-        self.confmat += confusion_matrix(
-            to_numpy(target), to_numpy(preds), self.num_classes, self.ignore_index
-        )
+        self.confmat += confusion_matrix(target, preds, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict:
         return segmentation_scores(self.confmat)

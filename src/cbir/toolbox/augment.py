@@ -577,8 +577,7 @@ class GridMask(Transform):
         return ~removed[:h, :w]
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
-        keep = self.grid(h, w, rng)
+        keep = self.grid(*_hw(work), rng)
         img = work["image"]
         value = _fill_value(work, self.fill, img.shape, rng)
         work["image"] = np.where(keep[..., None], img, value).astype(np.float32)

@@ -107,9 +107,8 @@ class ASPP(nn.Module):
         branches += [ConvBnAct(in_channels, hidden_channels, 3, dilation=r) for r in rates]
         branches.append(_ImagePooling(in_channels, hidden_channels))
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(
-            ConvBnAct(hidden_channels * len(branches), out_channels or in_channels, 1), nn.Dropout(dropout)
-        )
+        project = ConvBnAct(hidden_channels * len(branches), out_channels or in_channels, 1)
+        self.project = nn.Sequential(project, nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
@@ -214,15 +213,12 @@ class PPM(nn.Module):
         branch = max(1, in_channels // len(bins))
         self.bins = tuple(bins)
         self.align_corners = align_corners
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBnAct(in_channels, branch, 1)) for b in self.bins
-        )
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBnAct(in_channels, branch, 1))
+                                    for b in self.bins)
         self.bottleneck = ConvBnAct(in_channels + branch * len(self.bins), out_channels or in_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         size = x.shape[-2:]
-        pyramid = [x] + [
-            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
-            for stage in self.stages
-        ]
+        pyramid = [x] + [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
+                         for stage in self.stages]
         return self.bottleneck(torch.cat(pyramid, dim=1))
