@@ -122,17 +122,6 @@ def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_divisi
     return (*(_average(x, support, average) for x in prf), int(support.sum()))
 
 
-def _labels_from_preds(preds: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
-    """(N,) labels, (N,C) scores -> argmax, or (N,) binary probabilities -> >= threshold."""
-    if preds.ndim == 2:
-        return preds.argmax(axis=1)
-    if preds.dtype.kind == "f":
-        if num_classes != 2:
-            raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
-        return (preds >= threshold).astype(np.int64)
-    return preds
-
-
 class ClassificationMetrics:
     """Streaming confusion matrix and the metrics derived from it.
 
@@ -155,7 +144,13 @@ class ClassificationMetrics:
     def update(self, preds, target) -> None:
         if getattr(preds, "ndim", 0) == 2:
             preds = preds.argmax(1)  # before the numpy conversion: only labels leave the GPU
-        p = _labels_from_preds(to_numpy(preds), self.num_classes, self.threshold)
+        p = to_numpy(preds)
+        if p.ndim == 2:
+            p = p.argmax(axis=1)
+        elif p.dtype.kind == "f":
+            if self.num_classes != 2:
+                raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
+            p = (p >= self.threshold).astype(np.int64)
         self.confmat += confusion_matrix(target, p, self.num_classes)
 
     def compute(self) -> dict:

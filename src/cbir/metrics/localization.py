@@ -138,7 +138,8 @@ class MaskLocalization:
         pxap = float("nan")
         if self.hist_fg.sum() > 0:
             target, scores = np.r_[np.ones_like(k), np.zeros_like(k)], np.r_[k, k].astype(np.float64)
-            pxap = float(average_precision_score(target, scores, sample_weight=np.r_[self.hist_fg, self.hist_bg]))
+            weight = np.r_[self.hist_fg, self.hist_bg]
+            pxap = float(average_precision_score(target, scores, sample_weight=weight))
         return {
             "mask_iou": float(iou[best]),
             "best_threshold": float(self.thresholds[best]),

@@ -113,8 +113,7 @@ class FastNormalizedFusion(nn.Module):
         return w / (w.sum() + self.eps)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # noqa: D102
-        w = self.normalized_weights()
-        return sum(wi * x for wi, x in zip(w, inputs))  # type: ignore[return-value]
+        return sum(wi * x for wi, x in zip(self.normalized_weights(), inputs))  # type: ignore[return-value]
 
 
 class _SeparableConv(nn.Sequential):
@@ -165,10 +164,6 @@ class BiFPN(nn.Module):
         """All fusion nodes (top-down then bottom-up), e.g. to inspect their weights."""
         return [*self.td_fuse, *self.bu_fuse]
 
-    @staticmethod
-    def _down(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return resize_to(F.max_pool2d(x, 3, stride=2, padding=1), ref)
-
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         _check(features, self.n_levels)
         p = [proj(f) for proj, f in zip(self.project, features)]
@@ -179,7 +174,7 @@ class BiFPN(nn.Module):
             td[i] = self.td_conv[k](self.td_fuse[k]([p[i], resize_to(td[i + 1], p[i])]))
         out = [td[0]]
         for k, i in enumerate(range(1, n)):
-            down = self._down(out[-1], p[i])
+            down = resize_to(F.max_pool2d(out[-1], 3, stride=2, padding=1), p[i])
             inputs = [p[i], td[i], down] if i < n - 1 else [p[i], down]
             out.append(self.bu_conv[k](self.bu_fuse[k](inputs)))
         return out
@@ -222,21 +217,17 @@ class ASFF(nn.Module):
         self.weight_logits = nn.Conv2d(3 * compress, 3, 1)
         self.expand = ConvBnAct(c, out_channels or c, 3, act="leaky_relu")
 
-    def _resized(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _levels(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The three maps resized to ``level``, and their per-pixel weights."""
         _check(features, 3)
-        ref = features[self.level]
-        return [resize_to(r(f), ref) for r, f in zip(self.resize, features)]
+        resized = [resize_to(r(f), features[self.level]) for r, f in zip(self.resize, features)]
+        logits = self.weight_logits(torch.cat([wc(r) for wc, r in zip(self.weight_convs, resized)], 1))
+        return resized, logits.softmax(dim=1)
 
     def fusion_weights(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(B, 3, H_level, W_level)`` per-pixel level weights: softmax, sum 1 over dim 1."""
-        return self._weights(self._resized(features))
-
-    def _weights(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
-        logits = self.weight_logits(torch.cat([wc(r) for wc, r in zip(self.weight_convs, resized)], 1))
-        return logits.softmax(dim=1)
+        return self._levels(features)[1]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:  # noqa: D102
-        resized = self._resized(features)
-        w = self._weights(resized)
-        fused = sum(w[:, i : i + 1] * r for i, r in enumerate(resized))
-        return self.expand(fused)
+        resized, w = self._levels(features)
+        return self.expand(sum(w[:, i : i + 1] * r for i, r in enumerate(resized)))
