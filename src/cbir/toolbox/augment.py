@@ -241,10 +241,8 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     i = i.astype(np.int64) % 6
     conds = [i == k for k in range(6)]
-    r = np.select(conds, [v, q, p, p, t, v])
-    g = np.select(conds, [t, v, v, q, p, p])
-    b = np.select(conds, [p, p, t, v, v, q])
-    return np.stack([r, g, b], -1)
+    rgb = ([v, q, p, p, t, v], [t, v, v, q, p, p], [p, p, t, v, v, q])  # each channel by sextant
+    return np.stack([np.select(conds, channel) for channel in rgb], -1)
 
 
 def adjust_hue(img: np.ndarray, shift: float, vmax: float = 1.0) -> np.ndarray:
@@ -336,10 +334,20 @@ def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill
     return work
 
 
-def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float,
-               mask_fill: int) -> Sample:
+def _rescale(work: Sample, s: float, mask_fill: int, min_size: float, min_visibility: float) -> Sample:
+    """Resize to ``round(s H) x round(s W)``; boxes scale by the exact per-axis factors."""
+    h, w = _hw(work)
+    oh, ow = max(1, round(h * s)), max(1, round(w * s))
+    matrix = np.diag([ow / w, oh / h, 1.0])
+    return _warp_affine(work, matrix, (oh, ow), 0.0, mask_fill, min_size, min_visibility)
+
+
+def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int,
+               region: tuple[int, int, int, int], min_size: float, min_visibility: float) -> Sample:
     """Place the image at integer offset ``(dx, dy)`` on an ``out_hw`` canvas (exact, no
-    resampling); boxes shift with it and are not clipped (callers clip to their region)."""
+    resampling); boxes shift with it, then :func:`_clip_filter` keeps them to ``region``."""
+    b = work["boxes"]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     h, w = _hw(work)
     oh, ow = out_hw
     # Intersection of the shifted source with the canvas, in canvas and source coordinates.
@@ -354,7 +362,8 @@ def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: fl
     work["image"] = place(work["image"], float(fill) * work["_range"])
     if "mask" in work:
         work["mask"] = place(work["mask"], mask_fill)
-    work["boxes"] = work["boxes"] + np.array([dx, dy, dx, dy], np.float32)
+    work["boxes"] = b + np.array([dx, dy, dx, dy], np.float32)
+    _clip_filter(work, region, area, min_size, min_visibility)
     return work
 
 
@@ -398,11 +407,7 @@ class RandomScale(Transform, _BoxFilter):
         self.scale, self.p, self.mask_fill = scale, p, mask_fill
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
-        s = rng.uniform(*self.scale)
-        oh, ow = max(1, round(h * s)), max(1, round(w * s))
-        matrix = np.diag([ow / w, oh / h, 1.0])  # exact per-axis factors after rounding
-        return _warp_affine(work, matrix, (oh, ow), 0.0, self.mask_fill, self.min_size, self.min_visibility)
+        return _rescale(work, rng.uniform(*self.scale), self.mask_fill, self.min_size, self.min_visibility)
 
 
 class RandomCrop(Transform, _BoxFilter):
@@ -431,13 +436,9 @@ class RandomCrop(Transform, _BoxFilter):
         return x0, y0, cw, ch
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
-        x0, y0, cw, ch = self._window(h, w, rng)
-        b = work["boxes"]
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        work = _translate(work, -x0, -y0, (ch, cw), self.fill, self.mask_fill)
-        _clip_filter(work, (0, 0, cw, ch), area, self.min_size, self.min_visibility)
-        return work
+        x0, y0, cw, ch = self._window(*_hw(work), rng)
+        return _translate(work, -x0, -y0, (ch, cw), self.fill, self.mask_fill, (0, 0, cw, ch), self.min_size,
+                          self.min_visibility)
 
 
 class RandomRotation(Transform, _BoxFilter):
@@ -717,16 +718,13 @@ class Mosaic:
             work["image"] *= first["_range"] / work["_range"]
             work["_range"] = first["_range"]
             h, w = _hw(work)
-            s = min(H / (2.0 * h), W / (2.0 * w))
-            nh, nw = max(1, round(h * s)), max(1, round(w * s))
-            work = _warp_affine(work, np.diag([nw / w, nh / h, 1.0]), (nh, nw), 0.0, self.mask_fill, 0.0, 0.0)
+            work = _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)
+            nh, nw = _hw(work)
             # Corner of the resized image that touches the centre.
             dx = xc - nw if k in (0, 2) else xc
             dy = yc - nh if k in (0, 1) else yc
-            b = work["boxes"]
-            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill)
-            _clip_filter(work, quads[k], area, self.min_size, self.min_visibility)
+            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
+                              self.min_visibility)
             qx0, qy0, qx1, qy1 = quads[k]
             for key in ("image", "mask") if has_mask else ("image",):
                 out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]

@@ -22,6 +22,7 @@ class _Gate(nn.Module):
     """``forward(x) = x * gate(x)``; subclasses define ``gate``."""
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The gate in (0, 1): ``(B, C, 1, 1)`` for channel attention, ``(B, 1, H, W)`` for SAM."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -43,8 +44,7 @@ class SE(_Gate):
         self.act = make_act(act)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = x.mean(dim=(2, 3), keepdim=True)  # squeeze
         return torch.sigmoid(self.fc2(self.act(self.fc1(s))))  # excitation
 
@@ -66,8 +66,7 @@ class ChannelAttention(_Gate):
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
         return torch.sigmoid(avg + mx)
@@ -87,8 +86,7 @@ class SpatialAttention(_Gate):
             raise ValueError("kernel_size must be odd to keep the spatial size")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, 1, H, W)`` location weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.conv(desc))
 
@@ -133,8 +131,7 @@ class ECA(_Gate):
         self.kernel_size = kernel_size or eca_kernel_size(channels, gamma, b)
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=self.kernel_size // 2, bias=False)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = x.mean(dim=(2, 3))  # (B, C)
         s = self.conv(s.unsqueeze(1)).squeeze(1)  # channels as a 1-D sequence: (B, 1, C)
         return torch.sigmoid(s)[:, :, None, None]
