@@ -95,11 +95,7 @@ class RetrievalMAP:
 
     def reset(self) -> None:
         """Forget every query (keeps ``ks``)."""
-        self.aps_.clear()
-        self.tags_.clear()
-        self.precision_.clear()
-        self.recall_.clear()
-        self.n_skipped_ = 0
+        self.__init__(self.ks)  # type: ignore[misc]
 
     def update(self, ranking: Sequence[Hashable], positives: Iterable[Hashable],
                junk: Iterable[Hashable] = (), tags: Iterable[str] = ()) -> float | None:
