@@ -11,9 +11,6 @@ Two families:
   integral ``sum_k (R_k - R_{k-1}) P_k``, sklearn's ``average_precision_score``). This is a
   different quantity from the trapezoid AP of retrieval (:mod:`cbir.metrics.retrieval`) and
   from the interpolated AP of detection (:mod:`cbir.metrics.detection`).
-
-Inputs may be numpy arrays or torch tensors. ``ClassificationMetrics`` and
-``AveragePrecision`` are streaming: ``update`` per batch, ``compute`` at the end, ``reset``.
 """
 
 from __future__ import annotations

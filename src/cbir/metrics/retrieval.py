@@ -9,10 +9,7 @@ INRIA Holidays all use this rule). For the j-th positive (0-based) at 0-based ra
 so positives at ranks [0, 2] of 2 give 0.7917 and one positive at rank 1 gives 0.25.
 
 `RetrievalMAP` is the streaming form (``update`` per query, ``compute`` at the end, ``reset``).
-
-This AP is a different quantity from the classification AP of
-:mod:`cbir.metrics.classification` (step integral, sklearn) and the interpolated detection AP
-of :mod:`cbir.metrics.detection`; each has exactly one implementation.
+Classification and detection AP are different quantities (see :mod:`cbir.metrics.classification`).
 """
 
 from __future__ import annotations

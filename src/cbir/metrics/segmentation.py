@@ -11,10 +11,8 @@ and p_j = sum_i n_ij (predicted), over the pixels whose target is not ``ignore_i
 
 A class that never occurs in the target (for MPA), or in neither target nor prediction
 (IoU, Dice), has an undefined score: NaN, left out of the means (``nanmean``, as the FCN
-reference code). With no counted pixel at all every score is NaN.
-
-The matrix is :func:`cbir.metrics.classification.confusion_matrix` (one ``bincount``), and
-per-class accuracy and Dice are that module's recall and F1: one implementation each.
+reference code). With no counted pixel at all every score is NaN. The matrix, per-class
+accuracy and Dice come from :mod:`cbir.metrics.classification` (its recall and F1).
 """
 
 from __future__ import annotations

@@ -428,9 +428,8 @@ class RandomCrop(Transform, _BoxFilter):
         else:
             area = rng.uniform(*self.scale) * h * w
             aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
-            cw = int(round(min(w, math.sqrt(area * aspect))))
-            ch = int(round(min(h, math.sqrt(area / aspect))))
-            cw, ch = max(cw, 1), max(ch, 1)
+            cw = max(1, int(round(min(w, math.sqrt(area * aspect)))))
+            ch = max(1, int(round(min(h, math.sqrt(area / aspect)))))
         x0 = int(rng.integers(0, w - cw + 1)) if w >= cw else -int(rng.integers(0, cw - w + 1))
         y0 = int(rng.integers(0, h - ch + 1)) if h >= ch else -int(rng.integers(0, ch - h + 1))
         return x0, y0, cw, ch
