@@ -119,8 +119,9 @@ class _RFBase(nn.Module):
 
     branches: nn.ModuleList
 
-    def __init__(self, in_channels: int, out_channels: int, cat_channels: int, scale: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None, cat_channels: int, scale: float) -> None:
         super().__init__()
+        out_channels = out_channels or in_channels
         self.scale = scale
         self.fuse = ConvBnAct(cat_channels, out_channels, 1, act=None)  # linear, as in the paper
         self.shortcut = ConvBnAct(in_channels, out_channels, 1, act=None)
@@ -149,7 +150,6 @@ class RFB(_RFBase):
 
     def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
                  scale: float = 1.0) -> None:
-        out_channels = out_channels or in_channels
         c = max(1, in_channels // 8)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 6 * c, scale)
@@ -180,7 +180,6 @@ class RFBs(_RFBase):
 
     def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
                  scale: float = 1.0) -> None:
-        out_channels = out_channels or in_channels
         c = max(2, in_channels // 4)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 4 * c, scale)
