@@ -229,12 +229,9 @@ def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
 
 def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, boxes visited by
-    decreasing score.
-
-    The threshold test is done once for the whole matrix; the sequential part is one
-    numpy row-OR per kept box. O(N^2) memory, fast for the few thousand boxes a detector
-    keeps before NMS.
-    """
+    decreasing score. The threshold test is done once for the whole matrix; the sequential
+    part is one numpy row-OR per kept box: O(N^2) memory, fast for the few thousand boxes a
+    detector keeps before NMS."""
     b, s = _nms_inputs(boxes, scores)
     if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device)
