@@ -41,16 +41,6 @@ class LayerSpec:
     dilation: int = 1
     padding: int | None = None
 
-    @property
-    def effective_kernel(self) -> int:
-        """Input pixels one output unit of this layer alone sees: ``(d - 1)(k - 1) + k``."""
-        return effective_kernel(self.kernel, self.dilation)
-
-    @property
-    def pad(self) -> int:
-        """The padding used for the position of the first unit."""
-        return self.dilation * (self.kernel - 1) // 2 if self.padding is None else self.padding
-
 
 @dataclass(frozen=True)
 class RFInfo:
@@ -75,9 +65,10 @@ def receptive_field(layers: Iterable[LayerSpec | tuple[int, ...]]) -> list[RFInf
     out: list[RFInfo] = []
     for layer in layers:
         spec = layer if isinstance(layer, LayerSpec) else LayerSpec(*layer)
-        k_eff = spec.effective_kernel
+        k_eff = effective_kernel(spec.kernel, spec.dilation)
+        pad = spec.dilation * (spec.kernel - 1) // 2 if spec.padding is None else spec.padding
         size += (k_eff - 1) * jump
-        start += ((k_eff - 1) / 2 - spec.pad) * jump
+        start += ((k_eff - 1) / 2 - pad) * jump
         jump *= spec.stride
         out.append(RFInfo(size, jump, start))
     return out

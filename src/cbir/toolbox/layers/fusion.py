@@ -51,16 +51,12 @@ class FPN(nn.Module):
         self.lateral = nn.ModuleList(ConvBnAct(c, out_channels, 1, act=None) for c in self.in_channels)
         self.output = nn.ModuleList(ConvBnAct(out_channels, out_channels, 3) for _ in self.in_channels)
 
-    def top_down(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Laterals summed top-down, before the 3x3 output convs (used by PAN)."""
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         _check(features, len(self.lateral))
         lat = [l(f) for l, f in zip(self.lateral, features)]
-        for i in range(len(lat) - 2, -1, -1):  # coarse -> fine
+        for i in range(len(lat) - 2, -1, -1):  # coarse -> fine: laterals summed top-down
             lat[i] = lat[i] + resize_to(lat[i + 1], lat[i])
-        return lat
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
-        return [conv(p) for conv, p in zip(self.output, self.top_down(features))]
+        return [conv(p) for conv, p in zip(self.output, lat)]
 
 
 @register_module("pan", input_kind="pyramid")
