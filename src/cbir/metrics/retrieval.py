@@ -43,14 +43,8 @@ def positive_ranks(ranking: Sequence[Hashable], positives: Iterable[Hashable],
                    junk: Iterable[Hashable] = ()) -> np.ndarray:
     """0-based ranks of ``positives`` in ``ranking`` after the ``junk`` items are removed."""
     pos, junk_set = set(positives), set(junk)
-    ranks, r = [], 0
-    for item in ranking:
-        if item in junk_set:
-            continue
-        if item in pos:
-            ranks.append(r)
-        r += 1
-    return np.asarray(ranks, dtype=np.int64)
+    kept = [item for item in ranking if item not in junk_set]
+    return np.asarray([r for r, item in enumerate(kept) if item in pos], dtype=np.int64)
 
 
 def average_precision(ranking: Sequence[Hashable], positives: Iterable[Hashable],
