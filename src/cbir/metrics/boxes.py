@@ -102,19 +102,16 @@ def box_area(boxes) -> Tensor:
 # ---------------------------------------------------------------- IoU family
 
 
-def _pair(boxes1, boxes2, elementwise: bool) -> tuple[Tensor, Tensor]:
+def _iou_terms(boxes1, boxes2, elementwise: bool, eps: float) -> dict[str, Tensor]:
+    """The pieces every member of the IoU family is made from: of all pairs (N, M) or, when
+    ``elementwise``, of aligned pairs (N,)."""
     b1, b2 = _as_boxes(boxes1), _as_boxes(boxes2)
     dtype = torch.promote_types(b1.dtype, b2.dtype)
     b1, b2 = b1.to(dtype), b2.to(dtype)
-    if elementwise:
-        if b1.shape != b2.shape:
-            raise ValueError(f"elementwise IoU needs equal shapes, got {b1.shape} and {b2.shape}")
-        return b1, b2
-    return b1[:, None, :], b2[None, :, :]  # (N, 1, 4) x (1, M, 4) -> (N, M)
-
-
-def _iou_terms(b1: Tensor, b2: Tensor, eps: float) -> dict[str, Tensor]:
-    """The pieces every member of the IoU family is made from, over broadcast shapes."""
+    if not elementwise:
+        b1, b2 = b1[:, None, :], b2[None, :, :]  # (N, 1, 4) x (1, M, 4) -> (N, M)
+    elif b1.shape != b2.shape:
+        raise ValueError(f"elementwise IoU needs equal shapes, got {b1.shape} and {b2.shape}")
     area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
     area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
     lt = torch.maximum(b1[..., :2], b2[..., :2])
@@ -129,11 +126,6 @@ def _iou_terms(b1: Tensor, b2: Tensor, eps: float) -> dict[str, Tensor]:
     enc_rb = torch.maximum(b1[..., 2:], b2[..., 2:])
     enc_wh = (enc_rb - enc_lt).clamp(min=0)
     return {"iou": iou, "union": union, "enc_wh": enc_wh, "b1": b1, "b2": b2}
-
-
-def _giou(t: dict[str, Tensor], eps: float) -> Tensor:
-    area_c = t["enc_wh"][..., 0] * t["enc_wh"][..., 1]
-    return t["iou"] - (area_c - t["union"]) / (area_c + eps)
 
 
 def _diou_penalty(t: dict[str, Tensor], eps: float) -> Tensor:
@@ -157,28 +149,26 @@ def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tens
 
     Pairs with zero union (two degenerate boxes) get 0 rather than NaN.
     """
-    b1, b2 = _pair(boxes1, boxes2, elementwise)
-    return _iou_terms(b1, b2, eps)["iou"]
+    return _iou_terms(boxes1, boxes2, elementwise, eps)["iou"]
 
 
 def box_giou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:
     """Generalized IoU, in [-1, 1]; shapes as :func:`box_iou`."""
-    b1, b2 = _pair(boxes1, boxes2, elementwise)
-    return _giou(_iou_terms(b1, b2, eps), eps)
+    t = _iou_terms(boxes1, boxes2, elementwise, eps)
+    area_c = t["enc_wh"][..., 0] * t["enc_wh"][..., 1]
+    return t["iou"] - (area_c - t["union"]) / (area_c + eps)
 
 
 def box_diou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:
     """Distance IoU, in [-1, 1]; shapes as :func:`box_iou`."""
-    b1, b2 = _pair(boxes1, boxes2, elementwise)
-    t = _iou_terms(b1, b2, eps)
+    t = _iou_terms(boxes1, boxes2, elementwise, eps)
     return t["iou"] - _diou_penalty(t, eps)
 
 
 def box_ciou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Tensor:
     """Complete IoU; shapes as :func:`box_iou`. ``alpha`` is differentiated through here
     (this is the metric); :func:`ciou_loss` treats it as a constant, as the paper does."""
-    b1, b2 = _pair(boxes1, boxes2, elementwise)
-    t = _iou_terms(b1, b2, eps)
+    t = _iou_terms(boxes1, boxes2, elementwise, eps)
     v = _ciou_v(t)
     alpha = v / (1 - t["iou"] + v + eps)
     return t["iou"] - _diou_penalty(t, eps) - alpha * v
@@ -200,8 +190,7 @@ def _reduce(loss: Tensor, reduction: Reduction) -> Tensor:
 
 def iou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: float = _EPS) -> Tensor:
     """1 - IoU of aligned xyxy boxes ``pred`` (N,4) and ``target`` (N,4)."""
-    b1, b2 = _pair(pred, target, elementwise=True)
-    return _reduce(1 - _iou_terms(b1, b2, eps)["iou"], reduction)
+    return _reduce(1 - box_iou(pred, target, elementwise=True, eps=eps), reduction)
 
 
 def giou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: float = _EPS) -> Tensor:
@@ -220,8 +209,7 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
     ``alpha`` is held constant in the backward pass (Zheng et al. 2020, and torchvision's
     ``complete_box_iou_loss``): it is a trade-off weight, not something to optimise.
     """
-    b1, b2 = _pair(pred, target, elementwise=True)
-    t = _iou_terms(b1, b2, eps)
+    t = _iou_terms(pred, target, True, eps)
     v = _ciou_v(t)
     with torch.no_grad():
         alpha = v / (1 - t["iou"] + v + eps)
@@ -239,14 +227,16 @@ def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
     return b, s
 
 
-def _greedy(overlap: Tensor, order: Tensor, threshold: float) -> Tensor:
-    """Greedy suppression over a precomputed (N,N) overlap matrix, boxes visited in ``order``.
-
-    The threshold test is done once for the whole matrix; the sequential part is one
-    numpy row-OR per kept box. O(N^2) memory, fast for the few thousand boxes a detector
-    keeps before NMS.
-    """
-    over = (overlap[order][:, order] > threshold).cpu().numpy()
+def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, boxes visited by
+    decreasing score. The threshold test is done once for the whole matrix; the sequential
+    part is one numpy row-OR per kept box: O(N^2) memory, fast for the few thousand boxes a
+    detector keeps before NMS."""
+    b, s = _nms_inputs(boxes, scores)
+    if b.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=b.device)
+    order = _descending(s)
+    over = (overlap(b, b)[order][:, order] > threshold).cpu().numpy()
     suppressed = np.zeros(order.numel(), dtype=bool)
     keep = []
     for i in range(order.numel()):
@@ -267,10 +257,7 @@ def nms(boxes, scores, iou_threshold: float) -> Tensor:
 
     boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score.
     """
-    b, s = _nms_inputs(boxes, scores)
-    if b.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=b.device)
-    return _greedy(box_iou(b, b), _descending(s), iou_threshold)
+    return _greedy(boxes, scores, iou_threshold, box_iou)
 
 
 def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
@@ -279,20 +266,12 @@ def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
 
     boxes (N,4) xyxy, scores (N,) -> kept indices (K,), by decreasing score.
     """
-    b, s = _nms_inputs(boxes, scores)
-    if b.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=b.device)
-    return _greedy(box_diou(b, b, eps=0.0), _descending(s), iou_threshold)
+    return _greedy(boxes, scores, iou_threshold, lambda b1, b2: box_diou(b1, b2, eps=0.0))
 
 
-def soft_nms(
-    boxes,
-    scores,
-    iou_threshold: float = 0.3,
-    sigma: float = 0.5,
-    method: Literal["linear", "gaussian"] = "gaussian",
-    score_threshold: float = 0.001,
-) -> tuple[Tensor, Tensor]:
+def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
+             method: Literal["linear", "gaussian"] = "gaussian",
+             score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
     """Soft-NMS (Bodla et al. 2017): instead of removing a neighbour of the selected box,
     decay its score by ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by
     ``exp(-IoU^2 / sigma)`` (gaussian); boxes whose score falls below ``score_threshold``
@@ -355,23 +334,9 @@ def batched_diou_nms(boxes, scores, idxs, iou_threshold: float) -> Tensor:
     return _per_class(diou_nms, boxes, scores, idxs, iou_threshold=iou_threshold)[0]
 
 
-def batched_soft_nms(
-    boxes,
-    scores,
-    idxs,
-    iou_threshold: float = 0.3,
-    sigma: float = 0.5,
-    method: Literal["linear", "gaussian"] = "gaussian",
-    score_threshold: float = 0.001,
-) -> tuple[Tensor, Tensor]:
+def batched_soft_nms(boxes, scores, idxs, iou_threshold: float = 0.3, sigma: float = 0.5,
+                     method: Literal["linear", "gaussian"] = "gaussian",
+                     score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
     """Class-aware :func:`soft_nms`: (indices, decayed scores) by decreasing decayed score."""
-    return _per_class(
-        soft_nms,
-        boxes,
-        scores,
-        idxs,
-        iou_threshold=iou_threshold,
-        sigma=sigma,
-        method=method,
-        score_threshold=score_threshold,
-    )
+    return _per_class(soft_nms, boxes, scores, idxs, iou_threshold=iou_threshold, sigma=sigma, method=method,
+                      score_threshold=score_threshold)

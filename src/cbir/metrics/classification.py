@@ -11,9 +11,6 @@ Two families:
   integral ``sum_k (R_k - R_{k-1}) P_k``, sklearn's ``average_precision_score``). This is a
   different quantity from the trapezoid AP of retrieval (:mod:`cbir.metrics.retrieval`) and
   from the interpolated AP of detection (:mod:`cbir.metrics.detection`).
-
-Inputs may be numpy arrays or torch tensors. ``ClassificationMetrics`` and
-``AveragePrecision`` are streaming: ``update`` per batch, ``compute`` at the end, ``reset``.
 """
 
 from __future__ import annotations
@@ -94,9 +91,7 @@ def _average(values: np.ndarray, support: np.ndarray, average: Average) -> np.nd
     raise ValueError(f"average must be None, 'macro', 'micro' or 'weighted', got {average!r}")
 
 
-def precision_recall_fscore(
-    cm: np.ndarray, average: Average = None, zero_division: float = 0.0
-) -> tuple:
+def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_division: float = 0.0) -> tuple:
     """(precision, recall, F1, support) from a confusion matrix, as sklearn's
     ``precision_recall_fscore_support(labels=range(C))``.
 
@@ -109,36 +104,19 @@ def precision_recall_fscore(
     tp = np.diag(cm).astype(np.float64)
     pred_pos = cm.sum(axis=0).astype(np.float64)  # TP + FP
     support = cm.sum(axis=1)  # TP + FN
+    true_pos = support
     if average == "micro":
         tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
-        return (
-            float(safe_divide(tp, pred_pos, zero_division)),
-            float(safe_divide(tp, true_pos, zero_division)),
-            float(safe_divide(2 * tp, pred_pos + true_pos, zero_division)),
-            int(support.sum()),
-        )
-    precision = safe_divide(tp, pred_pos, zero_division)
-    recall = safe_divide(tp, support, zero_division)
-    f1 = safe_divide(2 * tp, pred_pos + support, zero_division)
-    if average is None or average == "none":
-        return precision, recall, f1, support
-    return (
-        _average(precision, support, average),
-        _average(recall, support, average),
-        _average(f1, support, average),
-        int(support.sum()),
+    prf = (
+        safe_divide(tp, pred_pos, zero_division),
+        safe_divide(tp, true_pos, zero_division),
+        safe_divide(2 * tp, pred_pos + true_pos, zero_division),
     )
-
-
-def _labels_from_preds(preds: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
-    """(N,) labels, (N,C) scores -> argmax, or (N,) binary probabilities -> >= threshold."""
-    if preds.ndim == 2:
-        return preds.argmax(axis=1)
-    if preds.dtype.kind == "f":
-        if num_classes != 2:
-            raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
-        return (preds >= threshold).astype(np.int64)
-    return preds
+    if average is None or average == "none":
+        return (*prf, support)
+    if average == "micro":
+        return (*(float(x) for x in prf), int(support.sum()))
+    return (*(_average(x, support, average) for x in prf), int(support.sum()))
 
 
 class ClassificationMetrics:
@@ -163,7 +141,13 @@ class ClassificationMetrics:
     def update(self, preds, target) -> None:
         if getattr(preds, "ndim", 0) == 2:
             preds = preds.argmax(1)  # before the numpy conversion: only labels leave the GPU
-        p = _labels_from_preds(to_numpy(preds), self.num_classes, self.threshold)
+        p = to_numpy(preds)
+        if p.ndim == 2:
+            p = p.argmax(axis=1)
+        elif p.dtype.kind == "f":
+            if self.num_classes != 2:
+                raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
+            p = (p >= self.threshold).astype(np.int64)
         self.confmat += confusion_matrix(target, p, self.num_classes)
 
     def compute(self) -> dict:
@@ -207,9 +191,7 @@ def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray
     return fps, tps, s[last]
 
 
-def precision_recall_curve(
-    target, scores, sample_weight=None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_curve(target, scores, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Binary precision-recall curve, as sklearn's ``precision_recall_curve``.
 
     target (N,) in {0, 1}, scores (N,), optional sample_weight (N,) ->
@@ -244,9 +226,8 @@ def _one_hot_target(target: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.eye(n_classes, dtype=np.int64)[target.astype(np.int64)]
 
 
-def average_precision_score(
-    target, scores, average: Average = "macro", sample_weight=None
-) -> float | np.ndarray:
+def average_precision_score(target, scores, average: Average = "macro",
+                            sample_weight=None) -> float | np.ndarray:
     """Uninterpolated AP, as sklearn's ``average_precision_score``.
 
     Binary: target (N,) in {0, 1}, scores (N,). Multi-class / multi-label: scores (N, C) with

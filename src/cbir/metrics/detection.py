@@ -29,7 +29,7 @@ out of every mean, as pycocotools and torchmetrics report it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
@@ -52,9 +52,8 @@ COCO_AREA_RANGES = {
 Style = Literal["coco", "voc2010", "voc2007"]
 
 
-def interpolated_ap(
-    recall: np.ndarray, precision: np.ndarray, method: Literal["all", "11", "101"] = "all"
-) -> float:
+def interpolated_ap(recall: np.ndarray, precision: np.ndarray,
+                    method: Literal["all", "11", "101"] = "all") -> float:
     """AP of one PR curve (points in detection order, recall non-decreasing).
 
     The precision envelope ``p_env(r) = max_{r' >= r} p(r')`` is integrated exactly
@@ -95,9 +94,8 @@ def _pairwise_iou(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarr
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def _match_coco(
-    ious: np.ndarray, gt_ignore: np.ndarray, crowd: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _match_coco(ious: np.ndarray, gt_ignore: np.ndarray, crowd: np.ndarray,
+                thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """pycocotools' greedy matching, all area ranges and IoU thresholds at once.
 
     ious (D, G) with detections in decreasing score order; gt_ignore (A, G); crowd (G,);
@@ -132,9 +130,8 @@ def _match_coco(
     return matched, to_ignored
 
 
-def _match_voc(
-    ious: np.ndarray, gt_ignore: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _match_voc(ious: np.ndarray, gt_ignore: np.ndarray,
+               thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """VOC devkit matching: ious (D, G), detections by decreasing score; gt_ignore (G,);
     -> (TP (T, D), matched-to-ignored (T, D)); the rest are FP.
 
@@ -166,11 +163,11 @@ def _match_voc(
 class _ClassRecord:
     """What one class collects over images, for each (area range, threshold)."""
 
-    scores: list
-    ranks: list  # rank of each detection in its image (for the max-detections cut)
-    tp: list  # (A, T, D) per image
-    ignored: list  # (A, T, D) per image
     n_gt: np.ndarray  # (A,) non-ignored GT count
+    scores: list = field(default_factory=list)
+    ranks: list = field(default_factory=list)  # rank of each detection in its image (max-detections cut)
+    tp: list = field(default_factory=list)  # (A, T, D) per image
+    ignored: list = field(default_factory=list)  # (A, T, D) per image
 
 
 def _pr_curve(scores: np.ndarray, tp: np.ndarray, ignored: np.ndarray, n_gt: int):
@@ -184,12 +181,6 @@ def _pr_curve(scores: np.ndarray, tp: np.ndarray, ignored: np.ndarray, n_gt: int
     fps = np.arange(1, tps.size + 1, dtype=np.float64) - tps
     # pycocotools' eps, so precision is bit-equal to its own.
     return tps / n_gt, tps / (tps + fps + np.spacing(1))
-
-
-def _to_dict_list(x) -> list[dict]:
-    if isinstance(x, dict):
-        return [x]
-    return list(x)
 
 
 class DetectionMAP:
@@ -212,14 +203,9 @@ class DetectionMAP:
     Undefined values (no ground truth at all) are -1.
     """
 
-    def __init__(
-        self,
-        style: Style = "coco",
-        iou_thresholds: Sequence[float] | None = None,
-        max_detection_thresholds: Sequence[int] = (1, 10, 100),
-        box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy",
-        num_classes: int | None = None,
-    ):
+    def __init__(self, style: Style = "coco", iou_thresholds: Sequence[float] | None = None,
+                 max_detection_thresholds: Sequence[int] = (1, 10, 100),
+                 box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy", num_classes: int | None = None):
         if style not in ("coco", "voc2010", "voc2007"):
             raise ValueError(f"style must be 'coco', 'voc2010' or 'voc2007', got {style!r}")
         self.style = style
@@ -244,33 +230,24 @@ class DetectionMAP:
         return arr
 
     def update(self, preds, targets) -> None:
-        preds, targets = _to_dict_list(preds), _to_dict_list(targets)
+        preds, targets = ([x] if isinstance(x, dict) else list(x) for x in (preds, targets))
         if len(preds) != len(targets):
             raise ValueError(f"{len(preds)} predictions for {len(targets)} images")
+        def vec(d: dict, key: str, dtype: type, default: np.ndarray | None = None) -> np.ndarray:
+            return to_numpy(d[key]).reshape(-1).astype(dtype) if key in d else default
+
         for p, t in zip(preds, targets):
             pb, gb = self._boxes(p["boxes"]), self._boxes(t["boxes"])
-            n = gb.shape[0]
-            flag = lambda k: to_numpy(t[k]).reshape(-1).astype(bool) if k in t else np.zeros(n, bool)
-            self._images.append(
-                (
-                    {
-                        "boxes": pb,
-                        "scores": to_numpy(p["scores"]).reshape(-1).astype(np.float64),
-                        "labels": to_numpy(p["labels"]).reshape(-1).astype(np.int64),
-                    },
-                    {
-                        "boxes": gb,
-                        "labels": to_numpy(t["labels"]).reshape(-1).astype(np.int64),
-                        "iscrowd": flag("iscrowd"),
-                        "difficult": flag("difficult"),
-                        "area": (
-                            to_numpy(t["area"]).reshape(-1).astype(np.float64)
-                            if "area" in t
-                            else (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1])
-                        ),
-                    },
-                )
-            )
+            no = np.zeros(gb.shape[0], bool)
+            dt = {"boxes": pb, "scores": vec(p, "scores", np.float64), "labels": vec(p, "labels", np.int64)}
+            gt = {
+                "boxes": gb,
+                "labels": vec(t, "labels", np.int64),
+                "iscrowd": vec(t, "iscrowd", bool, no),
+                "difficult": vec(t, "difficult", bool, no),
+                "area": vec(t, "area", np.float64, (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1])),
+            }
+            self._images.append((dt, gt))
 
     # -- per image and class
 
@@ -301,19 +278,20 @@ class DetectionMAP:
         rec.ignored.append(ignored)
         rec.n_gt += (~gt_ignore).sum(axis=1)
 
-    def compute(self) -> dict:
-        n_a, n_t = len(self.area_ranges), self.iou_thresholds.size
+    def _records(self, label: int | None = None) -> dict[int, _ClassRecord]:
+        """Every class's matches (or only ``label``'s), collected over the images."""
         records: dict[int, _ClassRecord] = {}
         for dt, gt in self._images:
-            for c in np.union1d(dt["labels"], gt["labels"]):
-                rec = records.setdefault(int(c), _ClassRecord([], [], [], [], np.zeros(n_a, np.int64)))
-                d_sel, g_sel = dt["labels"] == c, gt["labels"] == c
-                self._evaluate_image_class(
-                    {k: v[d_sel] for k, v in dt.items()}, {k: v[g_sel] for k, v in gt.items()}, rec
-                )
-        classes = np.array(
-            sorted(set(records) | set(range(self.num_classes or 0))), dtype=np.int64
-        )
+            for c in np.union1d(dt["labels"], gt["labels"]) if label is None else [label]:
+                rec = records.setdefault(int(c), _ClassRecord(np.zeros(len(self.area_ranges), np.int64)))
+                d, g = ({k: v[x["labels"] == c] for k, v in x.items()} for x in (dt, gt))
+                self._evaluate_image_class(d, g, rec)
+        return records
+
+    def compute(self) -> dict:
+        n_a, n_t = len(self.area_ranges), self.iou_thresholds.size
+        records = self._records()
+        classes = np.array(sorted(set(records) | set(range(self.num_classes or 0))), dtype=np.int64)
         max_dets = self.max_dets if self.style == "coco" else (None,)
         # ap/ar: (K, A, T, M), -1 where the class has no ground truth in that area range.
         ap = -np.ones((classes.size, n_a, n_t, len(max_dets)))
@@ -324,7 +302,7 @@ class DetectionMAP:
             if rec is None:
                 continue
             scores, ranks = np.concatenate(rec.scores), np.concatenate(rec.ranks)
-            tp_all, ign_all = np.concatenate(rec.tp, axis=-1), np.concatenate(rec.ignored, axis=-1)
+            tp, ign = np.concatenate(rec.tp, axis=-1), np.concatenate(rec.ignored, axis=-1)
             for m, max_det in enumerate(max_dets):
                 sel = ranks < max_det if max_det is not None else slice(None)
                 for a in range(n_a):
@@ -332,9 +310,7 @@ class DetectionMAP:
                     if n_gt == 0:
                         continue
                     for t in range(n_t):
-                        recall, precision = _pr_curve(
-                            scores[sel], tp_all[a, t, sel], ign_all[a, t, sel], n_gt
-                        )
+                        recall, precision = _pr_curve(scores[sel], tp[a, t, sel], ign[a, t, sel], n_gt)
                         ap[k, a, t, m] = interpolated_ap(recall, precision, method)
                         ar[k, a, t, m] = recall[-1] if recall.size else 0.0
         return self._summarize(classes, ap, ar)
@@ -343,11 +319,8 @@ class DetectionMAP:
         """(recall, precision) of one class pooled over the images, one point per detection in
         decreasing score order, at one IoU threshold (all areas, every detection kept)."""
         t = int(np.argmin(np.abs(self.iou_thresholds - iou_threshold)))
-        rec = _ClassRecord([], [], [], [], np.zeros(len(self.area_ranges), np.int64))
-        for dt, gt in self._images:
-            d_sel, g_sel = dt["labels"] == label, gt["labels"] == label
-            self._evaluate_image_class({k: v[d_sel] for k, v in dt.items()}, {k: v[g_sel] for k, v in gt.items()}, rec)
-        if not rec.scores or rec.n_gt[0] == 0:
+        rec = self._records(label).get(label)
+        if rec is None or rec.n_gt[0] == 0:
             return np.zeros(0), np.zeros(0)
         return _pr_curve(np.concatenate(rec.scores), np.concatenate(rec.tp, axis=-1)[0, t],
                          np.concatenate(rec.ignored, axis=-1)[0, t], int(rec.n_gt[0]))

@@ -15,12 +15,8 @@ The pixels are kept as two histograms of the quantised CAM (GT-foreground and ba
 one ``bincount`` each per batch.
 
 Functions over a whole evaluation set (Choe et al., "Evaluating WSOL right", CVPR 2020):
-
-* `cam_boxes`: a CAM thresholded at each tau -> the box of every connected component.
-* `max_box_acc_v2`: box accuracy at IoU delta in {0.3, 0.5, 0.7}, boxes from all components
-  (several objects per image), the best over CAM thresholds, and its mean (MaxBoxAccV2);
-  the per-threshold curves let a caller read the accuracy at a threshold chosen elsewhere.
-* `pxap`: PxAP (and the best-threshold mask IoU) of a list of CAMs against masks.
+`cam_boxes` (the box of every connected component of a thresholded CAM), `max_box_acc_v2`
+(MaxBoxAccV2, with the per-threshold curves) and `pxap`.
 """
 
 from __future__ import annotations
@@ -139,16 +135,11 @@ class MaskLocalization:
         # PxAP is the uninterpolated AP of pixels scored by their bin: the histograms are the
         # pixels, weighted by count, so the classification AP is reused as is.
         k = np.arange(self.num_thresholds)
+        pxap = float("nan")
         if self.hist_fg.sum() > 0:
-            pxap = float(
-                average_precision_score(
-                    np.r_[np.ones_like(k), np.zeros_like(k)],
-                    np.r_[k, k].astype(np.float64),
-                    sample_weight=np.r_[self.hist_fg, self.hist_bg],
-                )
-            )
-        else:
-            pxap = float("nan")
+            target, scores = np.r_[np.ones_like(k), np.zeros_like(k)], np.r_[k, k].astype(np.float64)
+            weight = np.r_[self.hist_fg, self.hist_bg]
+            pxap = float(average_precision_score(target, scores, sample_weight=weight))
         return {
             "mask_iou": float(iou[best]),
             "best_threshold": float(self.thresholds[best]),

@@ -9,10 +9,7 @@ INRIA Holidays all use this rule). For the j-th positive (0-based) at 0-based ra
 so positives at ranks [0, 2] of 2 give 0.7917 and one positive at rank 1 gives 0.25.
 
 `RetrievalMAP` is the streaming form (``update`` per query, ``compute`` at the end, ``reset``).
-
-This AP is a different quantity from the classification AP of
-:mod:`cbir.metrics.classification` (step integral, sklearn) and the interpolated detection AP
-of :mod:`cbir.metrics.detection`; each has exactly one implementation.
+Classification and detection AP are different quantities (see :mod:`cbir.metrics.classification`).
 """
 
 from __future__ import annotations
@@ -42,24 +39,16 @@ def ap_from_positive_ranks(ranks: Sequence[int] | np.ndarray, n_positives: int) 
     return float(np.sum((precision_before + precision_at) / 2) / n_positives)
 
 
-def positive_ranks(
-    ranking: Sequence[Hashable], positives: Iterable[Hashable], junk: Iterable[Hashable] = ()
-) -> np.ndarray:
+def positive_ranks(ranking: Sequence[Hashable], positives: Iterable[Hashable],
+                   junk: Iterable[Hashable] = ()) -> np.ndarray:
     """0-based ranks of ``positives`` in ``ranking`` after the ``junk`` items are removed."""
     pos, junk_set = set(positives), set(junk)
-    ranks, r = [], 0
-    for item in ranking:
-        if item in junk_set:
-            continue
-        if item in pos:
-            ranks.append(r)
-        r += 1
-    return np.asarray(ranks, dtype=np.int64)
+    kept = [item for item in ranking if item not in junk_set]
+    return np.asarray([r for r, item in enumerate(kept) if item in pos], dtype=np.int64)
 
 
-def average_precision(
-    ranking: Sequence[Hashable], positives: Iterable[Hashable], junk: Iterable[Hashable] = ()
-) -> float:
+def average_precision(ranking: Sequence[Hashable], positives: Iterable[Hashable],
+                      junk: Iterable[Hashable] = ()) -> float:
     """AP of one ranked list of database ids against the query's positives and junk."""
     pos = set(positives) - set(junk)
     return ap_from_positive_ranks(positive_ranks(ranking, pos, junk), len(pos))
@@ -97,19 +86,10 @@ class RetrievalMAP:
 
     def reset(self) -> None:
         """Forget every query (keeps ``ks``)."""
-        self.aps_.clear()
-        self.tags_.clear()
-        self.precision_.clear()
-        self.recall_.clear()
-        self.n_skipped_ = 0
+        self.__init__(self.ks)  # type: ignore[misc]
 
-    def update(
-        self,
-        ranking: Sequence[Hashable],
-        positives: Iterable[Hashable],
-        junk: Iterable[Hashable] = (),
-        tags: Iterable[str] = (),
-    ) -> float | None:
+    def update(self, ranking: Sequence[Hashable], positives: Iterable[Hashable],
+               junk: Iterable[Hashable] = (), tags: Iterable[str] = ()) -> float | None:
         """Add one query; returns its AP (None when it has no positives)."""
         junk = set(junk)
         pos = set(positives) - junk

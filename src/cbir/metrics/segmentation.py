@@ -11,17 +11,15 @@ and p_j = sum_i n_ij (predicted), over the pixels whose target is not ``ignore_i
 
 A class that never occurs in the target (for MPA), or in neither target nor prediction
 (IoU, Dice), has an undefined score: NaN, left out of the means (``nanmean``, as the FCN
-reference code). With no counted pixel at all every score is NaN.
-
-The matrix is :func:`cbir.metrics.classification.confusion_matrix` (one ``bincount``), and
-per-class accuracy and Dice are that module's recall and F1: one implementation each.
+reference code). With no counted pixel at all every score is NaN. The matrix, per-class
+accuracy and Dice come from :mod:`cbir.metrics.classification` (its recall and F1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cbir.metrics._common import safe_divide, to_numpy
+from cbir.metrics._common import safe_divide
 from cbir.metrics.classification import confusion_matrix, precision_recall_fscore
 
 _NAN = float("nan")
@@ -76,9 +74,7 @@ class SegmentationMetrics:
         if preds.ndim == target.ndim + 1:
             # argmax before the numpy conversion: on a GPU, only labels cross to the host.
             preds = preds.argmax(0 if target.ndim == 2 else 1)
-        self.confmat += confusion_matrix(
-            to_numpy(target), to_numpy(preds), self.num_classes, self.ignore_index
-        )
+        self.confmat += confusion_matrix(target, preds, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict:
         return segmentation_scores(self.confmat)

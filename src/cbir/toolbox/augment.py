@@ -27,6 +27,7 @@ image range (``114 / 255`` for YOLO's grey, whatever the dtype).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,30 +42,10 @@ PER_BOX_KEYS = ("labels", "weights")
 YOLO_GREY = 114 / 255
 
 __all__ = [
-    "PER_BOX_KEYS",
-    "ColorJitter",
-    "Compose",
-    "CutMix",
-    "Cutout",
-    "GaussianNoise",
-    "GridMask",
-    "HideAndSeek",
-    "HorizontalFlip",
-    "MixUp",
-    "Mosaic",
-    "RandomCrop",
-    "RandomErasing",
-    "RandomRotation",
-    "RandomScale",
-    "Sample",
-    "Transform",
-    "VerticalFlip",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_hue",
-    "adjust_saturation",
-    "hsv_to_rgb",
-    "rgb_to_hsv",
+    "PER_BOX_KEYS", "ColorJitter", "Compose", "CutMix", "Cutout", "GaussianNoise", "GridMask",
+    "HideAndSeek", "HorizontalFlip", "MixUp", "Mosaic", "RandomCrop", "RandomErasing",
+    "RandomRotation", "RandomScale", "Sample", "Transform", "VerticalFlip", "adjust_brightness",
+    "adjust_contrast", "adjust_hue", "adjust_saturation", "hsv_to_rgb", "rgb_to_hsv",
 ]
 
 
@@ -78,22 +59,35 @@ def as_rng(rng: RngLike) -> np.random.Generator:
 # (N, 4), mask numpy (H, W). Conversions happen once per call (once per Compose).
 
 
+def _numpy(v: Any, key: str, meta: dict[str, Any]) -> np.ndarray:
+    """``v`` as numpy (half-precision tensors as float32), its type recorded in ``meta``."""
+    if isinstance(v, torch.Tensor):
+        meta["tensor"].add(key)
+        meta["device"][key] = v.device
+        meta["dtype"][key] = v.dtype
+        v = v.detach().cpu()
+        return (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
+    v = np.asarray(v)
+    meta["dtype"][key] = v.dtype
+    return v
+
+
+def _restore(v: np.ndarray, key: str, meta: dict[str, Any]) -> Any:
+    """Inverse of :func:`_numpy`: back to the recorded type (and device)."""
+    if key in meta["tensor"]:
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        return t.to(device=meta["device"][key], dtype=meta["dtype"][key])
+    return v.astype(meta["dtype"][key], copy=False)
+
+
 def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" not in sample:
         raise KeyError("a sample needs an 'image'")
     work = dict(sample)
     meta: dict[str, Any] = {"tensor": set(), "dtype": {}, "device": {}, "absent": set()}
-    img = sample["image"]
-    if isinstance(img, torch.Tensor):
-        meta["tensor"].add("image")
-        meta["device"]["image"] = img.device
-        meta["dtype"]["image"] = img.dtype
-        a = img.detach().cpu()
-        a = (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()
-        a = a if a.ndim == 2 else np.transpose(a, (1, 2, 0))
-    else:
-        a = np.asarray(img)
-        meta["dtype"]["image"] = a.dtype
+    a = _numpy(sample["image"], "image", meta)
+    if "image" in meta["tensor"] and a.ndim == 3:
+        a = np.transpose(a, (1, 2, 0))
     meta["gray"] = a.ndim == 2
     a = a[..., None] if a.ndim == 2 else a
     work["image"] = a.astype(np.float32)  # always a copy: the caller's array is never touched
@@ -102,45 +96,29 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
         meta["absent"].add("boxes")
         work["boxes"] = np.zeros((0, 4), np.float32)
     for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key not in sample or key == "boxes" and "boxes" in meta["absent"]:
-            continue
-        v = sample[key]
-        if isinstance(v, torch.Tensor):
-            meta["tensor"].add(key)
-            meta["device"][key] = v.device
-            meta["dtype"][key] = v.dtype
-            v = v.detach().cpu().numpy()
-        else:
-            v = np.asarray(v)
-            meta["dtype"][key] = v.dtype
-        work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
+        if key in sample:
+            v = _numpy(sample[key], key, meta)
+            work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
     return work, meta
 
 
 def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
     out = {k: v for k, v in work.items() if not k.startswith("_")}
     a = work["image"]
-    dtype = meta["dtype"]["image"]
-    if dtype in (np.uint8, torch.uint8):
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if meta["dtype"]["image"] in (np.uint8, torch.uint8):
+        a = np.clip(np.rint(a), 0, 255)
     a = a[..., 0] if meta["gray"] else a
-    if "image" in meta["tensor"]:
-        t = torch.from_numpy(np.ascontiguousarray(a if a.ndim == 2 else np.transpose(a, (2, 0, 1))))
-        out["image"] = t.to(device=meta["device"]["image"], dtype=dtype)
-    else:
-        out["image"] = a.astype(dtype, copy=False)
+    if "image" in meta["tensor"] and a.ndim == 3:
+        a = np.transpose(a, (2, 0, 1))
+    out["image"] = _restore(a, "image", meta)
     if "boxes" in meta["absent"]:
         out.pop("boxes", None)
     for key in ("boxes", "mask", *PER_BOX_KEYS):
         if key not in out:
             continue
         v = np.asarray(out[key])
-        if key in meta["tensor"]:
-            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(
-                device=meta["device"][key], dtype=meta["dtype"][key]
-            )
-        elif key in meta["dtype"]:
-            out[key] = v.astype(meta["dtype"][key], copy=False)
+        if key in meta["dtype"]:
+            out[key] = _restore(v, key, meta)
         elif "boxes" in meta["tensor"]:  # a per-box value created here (MixUp's weights)
             out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["device"]["boxes"])
     return out
@@ -154,13 +132,8 @@ def _select_boxes(work: Sample, keep: np.ndarray) -> None:
             work[key] = np.asarray(work[key])[keep]
 
 
-def _clip_filter(
-    work: Sample,
-    region: tuple[float, float, float, float],
-    ref_area: np.ndarray | None,
-    min_size: float,
-    min_visibility: float,
-) -> None:
+def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_area: np.ndarray | None,
+                 min_size: float, min_visibility: float) -> None:
     """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones.
 
     ``ref_area``: each box's area before clipping, in the same coordinates (default: now).
@@ -186,10 +159,16 @@ class Transform:
     """Base class: ``__call__`` converts to the working form, ``apply`` does the work.
 
     Subclasses implement ``apply(work, rng) -> work`` on the canonical numpy form (image
-    float32 HWC in its original range, ``work["_range"]`` = 255 or 1).
+    float32 HWC in its original range, ``work["_range"]`` = 255 or 1); or, when they have a
+    probability ``p``, ``_apply``, which ``apply`` runs if one ``rng.random()`` draw is below ``p``.
     """
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # pragma: no cover
+    p: float
+
+    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
+        return self._apply(work, rng) if rng.random() < self.p else work
+
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, sample: Sample, rng: RngLike = None) -> Sample:
@@ -262,10 +241,8 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     i = i.astype(np.int64) % 6
     conds = [i == k for k in range(6)]
-    r = np.select(conds, [v, q, p, p, t, v])
-    g = np.select(conds, [t, v, v, q, p, p])
-    b = np.select(conds, [p, p, t, v, v, q])
-    return np.stack([r, g, b], -1)
+    rgb = ([v, q, p, p, t, v], [t, v, v, q, p, p], [p, p, t, v, v, q])  # each channel by sextant
+    return np.stack([np.select(conds, channel) for channel in rgb], -1)
 
 
 def adjust_hue(img: np.ndarray, shift: float, vmax: float = 1.0) -> np.ndarray:
@@ -283,41 +260,22 @@ class ColorJitter(Transform):
     """Random brightness, contrast, saturation (factors in ``[1 - x, 1 + x]``) and hue
     (shift in ``[-hue, hue]`` turns), applied in a random order as torchvision does."""
 
-    def __init__(
-        self,
-        brightness: float = 0.3,
-        contrast: float = 0.3,
-        saturation: float = 0.3,
-        hue: float = 0.015,
-        p: float = 1.0,
-    ) -> None:
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = (
-            brightness,
-            contrast,
-            saturation,
-            hue,
-            p,
-        )
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3, saturation: float = 0.3,
+                 hue: float = 0.015, p: float = 1.0) -> None:
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+        self.hue, self.p = hue, p
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
-        vmax = work["_range"]
-        ops: list[Callable[[np.ndarray], np.ndarray]] = []
-        if self.brightness:
-            f = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
-            ops.append(lambda im: adjust_brightness(im, f, vmax))
-        if self.contrast:
-            fc = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
-            ops.append(lambda im: adjust_contrast(im, fc, vmax))
-        if self.saturation:
-            fs = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
-            ops.append(lambda im: adjust_saturation(im, fs, vmax))
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        ops: list[tuple[Callable[..., np.ndarray], float]] = []
+        for op, x in ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
+                      (adjust_saturation, self.saturation)):
+            if x:
+                ops.append((op, rng.uniform(max(0.0, 1 - x), 1 + x)))
         if self.hue:
-            fh = rng.uniform(-self.hue, self.hue)
-            ops.append(lambda im: adjust_hue(im, fh, vmax))
+            ops.append((adjust_hue, rng.uniform(-self.hue, self.hue)))
         for k in rng.permutation(len(ops)):
-            work["image"] = ops[k](work["image"]).astype(np.float32)
+            op, factor = ops[k]
+            work["image"] = op(work["image"], factor, work["_range"]).astype(np.float32)
         return work
 
 
@@ -327,11 +285,10 @@ class GaussianNoise(Transform):
     def __init__(self, std: float = 0.02, p: float = 0.5) -> None:
         self.std, self.p = std, p
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            vmax = work["_range"]
-            noise = rng.normal(0.0, self.std * vmax, work["image"].shape).astype(np.float32)
-            work["image"] = np.clip(work["image"] + noise, 0.0, vmax)
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        vmax = work["_range"]
+        noise = rng.normal(0.0, self.std * vmax, work["image"].shape).astype(np.float32)
+        work["image"] = np.clip(work["image"] + noise, 0.0, vmax)
         return work
 
 
@@ -344,15 +301,8 @@ class _BoxFilter:
     min_visibility: float = 0.1
 
 
-def _warp_affine(
-    work: Sample,
-    matrix: np.ndarray,
-    out_hw: tuple[int, int],
-    fill: float,
-    mask_fill: int,
-    min_size: float,
-    min_visibility: float,
-) -> Sample:
+def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill: float, mask_fill: int,
+                 min_size: float, min_visibility: float) -> Sample:
     """Warp image, mask and boxes by the forward affine ``matrix`` (3x3, pixel coords x, y).
 
     Each output pixel centre ``p + 0.5`` is mapped back through the inverse and sampled
@@ -365,96 +315,88 @@ def _warp_affine(
     swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, col)
     m_rc = swap @ lin @ swap
     offset = swap @ (lin @ np.array([0.5, 0.5]) + t - 0.5)
+    warp = functools.partial(ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw,
+                             mode="constant", prefilter=False)
     img = work["image"]
     cval = float(fill) * work["_range"]
-    work["image"] = np.stack(
-        [
-            ndimage.affine_transform(
-                img[..., c],
-                m_rc,
-                offset=offset,
-                output_shape=out_hw,
-                order=1,
-                mode="constant",
-                cval=cval,
-                prefilter=False,
-            )
-            for c in range(img.shape[-1])
-        ],
-        -1,
-    ).astype(np.float32)
+    work["image"] = np.stack([warp(img[..., c], order=1, cval=cval) for c in range(img.shape[-1])], -1)
+    work["image"] = work["image"].astype(np.float32)
     if "mask" in work:
         m = work["mask"]
         src = m.astype(np.int64) if m.dtype == bool else m
-        warped = ndimage.affine_transform(
-            src, m_rc, offset=offset, output_shape=out_hw, order=0, mode="constant", cval=mask_fill
-        )
-        work["mask"] = warped.astype(m.dtype)
+        work["mask"] = warp(src, order=0, cval=mask_fill).astype(m.dtype)
     b = work["boxes"]
     if len(b):
         corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], 1)  # (N, 4, 2)
         moved = corners @ matrix[:2, :2].T + matrix[:2, 2]
         work["boxes"] = np.concatenate([moved.min(1), moved.max(1)], 1).astype(np.float32)
-    _clip_filter(work, (0.0, 0.0, float(out_hw[1]), float(out_hw[0])), None, min_size, min_visibility)
+    _clip_filter(work, (0, 0, out_hw[1], out_hw[0]), None, min_size, min_visibility)
     return work
 
 
-def _translate(
-    work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int
-) -> Sample:
+def _rescale(work: Sample, s: float, mask_fill: int, min_size: float, min_visibility: float) -> Sample:
+    """Resize to ``round(s H) x round(s W)``; boxes scale by the exact per-axis factors."""
+    h, w = _hw(work)
+    oh, ow = max(1, round(h * s)), max(1, round(w * s))
+    matrix = np.diag([ow / w, oh / h, 1.0])
+    return _warp_affine(work, matrix, (oh, ow), 0.0, mask_fill, min_size, min_visibility)
+
+
+def _translate(work: Sample, dx: int, dy: int, out_hw: tuple[int, int], fill: float, mask_fill: int,
+               region: tuple[int, int, int, int], min_size: float, min_visibility: float) -> Sample:
     """Place the image at integer offset ``(dx, dy)`` on an ``out_hw`` canvas (exact, no
-    resampling); boxes shift with it and are not clipped (callers clip to their region)."""
+    resampling); boxes shift with it, then :func:`_clip_filter` keeps them to ``region``."""
+    b = work["boxes"]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     h, w = _hw(work)
     oh, ow = out_hw
-    img = work["image"]
-    canvas = np.full((oh, ow, img.shape[-1]), float(fill) * work["_range"], np.float32)
     # Intersection of the shifted source with the canvas, in canvas and source coordinates.
     x0, y0, x1, y1 = max(dx, 0), max(dy, 0), min(dx + w, ow), min(dy + h, oh)
-    if x1 > x0 and y1 > y0:
-        canvas[y0:y1, x0:x1] = img[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-    work["image"] = canvas
-    if "mask" in work:
-        m = work["mask"]
-        mc = np.full((oh, ow), mask_fill, dtype=m.dtype)
+
+    def place(a: np.ndarray, value: float) -> np.ndarray:
+        canvas = np.full((oh, ow, *a.shape[2:]), value, a.dtype)
         if x1 > x0 and y1 > y0:
-            mc[y0:y1, x0:x1] = m[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-        work["mask"] = mc
-    work["boxes"] = work["boxes"] + np.array([dx, dy, dx, dy], np.float32)
+            canvas[y0:y1, x0:x1] = a[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        return canvas
+
+    work["image"] = place(work["image"], float(fill) * work["_range"])
+    if "mask" in work:
+        work["mask"] = place(work["mask"], mask_fill)
+    work["boxes"] = b + np.array([dx, dy, dx, dy], np.float32)
+    _clip_filter(work, region, area, min_size, min_visibility)
     return work
 
 
-class HorizontalFlip(Transform):
+class _Flip(Transform):
+    """Mirror along array axis ``_axis`` (0: rows, 1: columns) with probability ``p``."""
+
+    _axis: int
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        size = _hw(work)[self._axis]
+        work["image"] = np.flip(work["image"], self._axis).copy()
+        if "mask" in work:
+            work["mask"] = np.flip(work["mask"], self._axis).copy()
+        lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
+        b = work["boxes"].copy()
+        b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
+        work["boxes"] = b
+        return work
+
+
+class HorizontalFlip(_Flip):
     """Mirror left-right with probability ``p``: ``x1' = W - x2``, ``x2' = W - x1``."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            w = _hw(work)[1]
-            work["image"] = work["image"][:, ::-1].copy()
-            if "mask" in work:
-                work["mask"] = work["mask"][:, ::-1].copy()
-            b = work["boxes"]
-            work["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1).astype(np.float32)
-        return work
+    _axis = 1
 
 
-class VerticalFlip(Transform):
+class VerticalFlip(_Flip):
     """Mirror top-bottom with probability ``p``: ``y1' = H - y2``, ``y2' = H - y1``."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() < self.p:
-            h = _hw(work)[0]
-            work["image"] = work["image"][::-1].copy()
-            if "mask" in work:
-                work["mask"] = work["mask"][::-1].copy()
-            b = work["boxes"]
-            work["boxes"] = np.stack([b[:, 0], h - b[:, 3], b[:, 2], h - b[:, 1]], 1).astype(np.float32)
-        return work
+    _axis = 0
 
 
 class RandomScale(Transform, _BoxFilter):
@@ -464,14 +406,8 @@ class RandomScale(Transform, _BoxFilter):
     def __init__(self, scale: tuple[float, float] = (0.5, 1.5), p: float = 1.0, mask_fill: int = 0) -> None:
         self.scale, self.p, self.mask_fill = scale, p, mask_fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
-        h, w = _hw(work)
-        s = rng.uniform(*self.scale)
-        oh, ow = max(1, round(h * s)), max(1, round(w * s))
-        matrix = np.diag([ow / w, oh / h, 1.0])  # exact per-axis factors after rounding
-        return _warp_affine(work, matrix, (oh, ow), 0.0, self.mask_fill, self.min_size, self.min_visibility)
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        return _rescale(work, rng.uniform(*self.scale), self.mask_fill, self.min_size, self.min_visibility)
 
 
 class RandomCrop(Transform, _BoxFilter):
@@ -480,23 +416,11 @@ class RandomCrop(Transform, _BoxFilter):
     (w / h) from ``ratio``, like RandomResizedCrop without the resize. Boxes are shifted,
     clipped and filtered; the mask is cropped with the image."""
 
-    def __init__(
-        self,
-        size: tuple[int, int] | None = None,
-        scale: tuple[float, float] = (0.3, 1.0),
-        ratio: tuple[float, float] = (0.5, 2.0),
-        p: float = 1.0,
-        fill: float = 0.0,
-        mask_fill: int = 0,
-    ) -> None:
-        self.size, self.scale, self.ratio, self.p, self.fill, self.mask_fill = (
-            size,
-            scale,
-            ratio,
-            p,
-            fill,
-            mask_fill,
-        )
+    def __init__(self, size: tuple[int, int] | None = None, scale: tuple[float, float] = (0.3, 1.0),
+                 ratio: tuple[float, float] = (0.5, 2.0), p: float = 1.0, fill: float = 0.0,
+                 mask_fill: int = 0) -> None:
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.p, self.fill, self.mask_fill = p, fill, mask_fill
 
     def _window(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         if self.size is not None:
@@ -504,23 +428,16 @@ class RandomCrop(Transform, _BoxFilter):
         else:
             area = rng.uniform(*self.scale) * h * w
             aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
-            cw = int(round(min(w, math.sqrt(area * aspect))))
-            ch = int(round(min(h, math.sqrt(area / aspect))))
-            cw, ch = max(cw, 1), max(ch, 1)
+            cw = max(1, int(round(min(w, math.sqrt(area * aspect)))))
+            ch = max(1, int(round(min(h, math.sqrt(area / aspect)))))
         x0 = int(rng.integers(0, w - cw + 1)) if w >= cw else -int(rng.integers(0, cw - w + 1))
         y0 = int(rng.integers(0, h - ch + 1)) if h >= ch else -int(rng.integers(0, ch - h + 1))
         return x0, y0, cw, ch
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
-        h, w = _hw(work)
-        x0, y0, cw, ch = self._window(h, w, rng)
-        b = work["boxes"]
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        work = _translate(work, -x0, -y0, (ch, cw), self.fill, self.mask_fill)
-        _clip_filter(work, (0.0, 0.0, float(cw), float(ch)), area, self.min_size, self.min_visibility)
-        return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        x0, y0, cw, ch = self._window(*_hw(work), rng)
+        return _translate(work, -x0, -y0, (ch, cw), self.fill, self.mask_fill, (0, 0, cw, ch), self.min_size,
+                          self.min_visibility)
 
 
 class RandomRotation(Transform, _BoxFilter):
@@ -534,9 +451,7 @@ class RandomRotation(Transform, _BoxFilter):
     def __init__(self, degrees: float = 10.0, p: float = 1.0, fill: float = 0.0, mask_fill: int = 0) -> None:
         self.degrees, self.p, self.fill, self.mask_fill = degrees, p, fill, mask_fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         a = math.radians(rng.uniform(-self.degrees, self.degrees))
         cx, cy = w / 2.0, h / 2.0
@@ -545,18 +460,16 @@ class RandomRotation(Transform, _BoxFilter):
         rot = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
         to_c = np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
         back = np.array([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
-        return _warp_affine(
-            work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size, self.min_visibility
-        )
+        return _warp_affine(work, back @ rot @ to_c, (h, w), self.fill, self.mask_fill, self.min_size,
+                            self.min_visibility)
 
 
 # --------------------------------------------------------------------------------------
 # Occlusion: pixels only. The occluded object is still there, so boxes and mask stay.
 
 
-def _fill_value(
-    work: Sample, fill: float | str | None, shape: tuple[int, ...], rng: np.random.Generator
-) -> np.ndarray | float:
+def _fill_value(work: Sample, fill: float | str | None, shape: tuple[int, ...],
+                rng: np.random.Generator) -> np.ndarray | float:
     vmax = work["_range"]
     if fill == "random":
         return rng.uniform(0.0, vmax, shape).astype(np.float32)
@@ -570,18 +483,11 @@ class RandomErasing(Transform):
     area fraction in ``scale`` and aspect ratio in ``ratio`` by random values (``fill="random"``),
     the image mean (``"mean"``) or a constant fraction of the range."""
 
-    def __init__(
-        self,
-        p: float = 0.5,
-        scale: tuple[float, float] = (0.02, 0.4),
-        ratio: tuple[float, float] = (0.3, 3.3),
-        fill: float | str = "random",
-    ) -> None:
+    def __init__(self, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.4),
+                 ratio: tuple[float, float] = (0.3, 3.3), fill: float | str = "random") -> None:
         self.p, self.scale, self.ratio, self.fill = p, scale, ratio, fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         for _ in range(10):  # the paper retries until the rectangle fits
             area = rng.uniform(*self.scale) * h * w
@@ -603,18 +509,15 @@ class Cutout(Transform):
     def __init__(self, size: float = 0.25, n_holes: int = 1, p: float = 1.0, fill: float | str = 0.0) -> None:
         self.size, self.n_holes, self.p, self.fill = size, n_holes, p, fill
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         h, w = _hw(work)
         side = int(round(self.size * min(h, w))) if self.size < 1 else int(self.size)
         for _ in range(self.n_holes):
             cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
             y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
             x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
-            work["image"][y0:y1, x0:x1] = _fill_value(
-                work, self.fill, (y1 - y0, x1 - x0, work["image"].shape[-1]), rng
-            )
+            shape = (y1 - y0, x1 - x0, work["image"].shape[-1])
+            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, shape, rng)
         return work
 
 
@@ -624,12 +527,8 @@ class HideAndSeek(Transform):
     ``p_hide``, filling with the mean (the paper uses the dataset mean so hidden patches
     match the statistics a conv sees at test time)."""
 
-    def __init__(
-        self,
-        grid_sizes: Sequence[int] = (0, 16, 32, 44, 56),
-        p_hide: float = 0.5,
-        fill: float | str | None = "mean",
-    ) -> None:
+    def __init__(self, grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), p_hide: float = 0.5,
+                 fill: float | str | None = "mean") -> None:
         self.grid_sizes, self.p_hide, self.fill = tuple(grid_sizes), p_hide, fill
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
@@ -654,14 +553,8 @@ class GridMask(Transform):
     keeps 84 %). ``rotate`` turns the grid by a random angle up to that many degrees.
     """
 
-    def __init__(
-        self,
-        d_range: tuple[float, float] = (0.1, 0.4),
-        ratio: float = 0.6,
-        rotate: float = 0.0,
-        p: float = 0.7,
-        fill: float | str = 0.0,
-    ) -> None:
+    def __init__(self, d_range: tuple[float, float] = (0.1, 0.4), ratio: float = 0.6, rotate: float = 0.0,
+                 p: float = 0.7, fill: float | str = 0.0) -> None:
         self.d_range, self.ratio, self.rotate, self.p, self.fill = d_range, ratio, rotate, p, fill
 
     def grid(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -683,11 +576,8 @@ class GridMask(Transform):
             removed = removed[top : top + h, left : left + w]
         return ~removed[:h, :w]
 
-    def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
-        if rng.random() >= self.p:
-            return work
-        h, w = _hw(work)
-        keep = self.grid(h, w, rng)
+    def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
+        keep = self.grid(*_hw(work), rng)
         img = work["image"]
         value = _fill_value(work, self.fill, img.shape, rng)
         work["image"] = np.where(keep[..., None], img, value).astype(np.float32)
@@ -700,9 +590,7 @@ class GridMask(Transform):
 
 def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Concatenate boxes and per-box values of ``parts``; ``weights`` multiply ``"weights"``."""
-    out: dict[str, np.ndarray] = {
-        "boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)
-    }
+    out = {"boxes": np.concatenate([p["boxes"] for p in parts]).astype(np.float32).reshape(-1, 4)}
     for key in PER_BOX_KEYS:
         present = [key in p for p in parts]
         if all(present):
@@ -715,12 +603,13 @@ def _concat_boxes(parts: Sequence[Sample], weights: Sequence[float] | None = Non
     return out
 
 
-def _same_size(a: Sample, b: Sample, name: str) -> None:
-    if a["image"].shape != b["image"].shape:
-        raise ValueError(
-            f"{name} needs images of the same size and channels, got {a['image'].shape} and "
-            f"{b['image'].shape}; resize or crop first"
-        )
+def _unpack_pair(a: Sample, b: Sample, name: str) -> tuple[Sample, Sample, dict[str, Any]]:
+    """Both samples in working form and ``a``'s meta (the output takes its types)."""
+    (wa, meta), (wb, _) = _unpack(a), _unpack(b)
+    if wa["image"].shape != wb["image"].shape:
+        raise ValueError(f"{name} needs images of the same size and channels, got {wa['image'].shape} and "
+                         f"{wb['image'].shape}; resize or crop first")
+    return wa, wb, meta
 
 
 class MixUp:
@@ -737,9 +626,7 @@ class MixUp:
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
         rng = as_rng(rng)
-        wa, meta = _unpack(a)
-        wb, _ = _unpack(b)
-        _same_size(wa, wb, "MixUp")
+        wa, wb, meta = _unpack_pair(a, b, "MixUp")
         lam = float(rng.beta(self.alpha, self.alpha))
         wa["image"] = (lam * wa["image"] + (1.0 - lam) * wb["image"]).astype(np.float32)
         wa.update(_concat_boxes([wa, wb], [lam, 1.0 - lam]))
@@ -764,9 +651,7 @@ class CutMix:
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
         rng = as_rng(rng)
-        wa, meta = _unpack(a)
-        wb, _ = _unpack(b)
-        _same_size(wa, wb, "CutMix")
+        wa, wb, meta = _unpack_pair(a, b, "CutMix")
         h, w = _hw(wa)
         lam = float(rng.beta(self.alpha, self.alpha))
         cut = math.sqrt(1.0 - lam)
@@ -785,9 +670,7 @@ class CutMix:
         _select_boxes(wa, area_a - ix * iy >= self.min_visibility * np.maximum(area_a, 1e-9))
         # b's boxes: only their part inside the rectangle is in the picture.
         if x1 > x0 and y1 > y0:
-            _clip_filter(
-                wb, (float(x0), float(y0), float(x1), float(y1)), None, self.min_size, self.min_visibility
-            )
+            _clip_filter(wb, (x0, y0, x1, y1), None, self.min_size, self.min_visibility)
         else:
             _select_boxes(wb, np.zeros(len(wb["boxes"]), bool))
         wa.update(_concat_boxes([wa, wb]))
@@ -795,7 +678,7 @@ class CutMix:
         return _pack(wa, meta)
 
 
-class Mosaic(_BoxFilter):
+class Mosaic:
     """Mosaic (YOLOv4): four images around a random centre on one ``output_size`` canvas.
 
     The centre ``(xc, yc)`` is drawn from the middle half of the canvas ``[0.25, 0.75]``;
@@ -807,14 +690,8 @@ class Mosaic(_BoxFilter):
     takes the first sample's types.
     """
 
-    def __init__(
-        self,
-        output_size: tuple[int, int] = (640, 640),
-        fill: float = YOLO_GREY,
-        mask_fill: int = 0,
-        min_size: float = 2.0,
-        min_visibility: float = 0.1,
-    ) -> None:
+    def __init__(self, output_size: tuple[int, int] = (640, 640), fill: float = YOLO_GREY,
+                 mask_fill: int = 0, min_size: float = 2.0, min_visibility: float = 0.1) -> None:
         self.output_size, self.fill, self.mask_fill = tuple(output_size), fill, mask_fill
         self.min_size, self.min_visibility = min_size, min_visibility
 
@@ -829,44 +706,29 @@ class Mosaic(_BoxFilter):
         yc = int(rng.integers(H // 4, 3 * H // 4 + 1))
         quads = [(0, 0, xc, yc), (xc, 0, W, yc), (0, yc, xc, H), (xc, yc, W, H)]
         has_mask = all("mask" in w for w, _ in works)
-        canvas = None
-        mask = None
+        first = works[0][0]
+        out = {k: v for k, v in first.items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
+        out["image"] = np.full((H, W, first["image"].shape[-1]), self.fill * first["_range"], np.float32)
+        if has_mask:
+            out["mask"] = np.full((H, W), self.mask_fill, first["mask"].dtype)
         parts = []
         for k, (work, _) in enumerate(works):
             # One value range on the canvas: the first sample's (uint8 and [0, 1] may mix).
-            work["image"] *= works[0][0]["_range"] / work["_range"]
-            work["_range"] = works[0][0]["_range"]
+            work["image"] *= first["_range"] / work["_range"]
+            work["_range"] = first["_range"]
             h, w = _hw(work)
-            s = min(H / (2.0 * h), W / (2.0 * w))
-            nh, nw = max(1, round(h * s)), max(1, round(w * s))
-            work = _warp_affine(work, np.diag([nw / w, nh / h, 1.0]), (nh, nw), 0.0, self.mask_fill, 0.0, 0.0)
+            work = _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)
+            nh, nw = _hw(work)
             # Corner of the resized image that touches the centre.
             dx = xc - nw if k in (0, 2) else xc
             dy = yc - nh if k in (0, 1) else yc
-            b = work["boxes"]
-            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill)
+            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
+                              self.min_visibility)
             qx0, qy0, qx1, qy1 = quads[k]
-            _clip_filter(
-                work,
-                (float(qx0), float(qy0), float(qx1), float(qy1)),
-                area,
-                self.min_size,
-                self.min_visibility,
-            )
-            if canvas is None:
-                canvas = np.full_like(work["image"], self.fill * work["_range"])
-            canvas[qy0:qy1, qx0:qx1] = work["image"][qy0:qy1, qx0:qx1]
-            if has_mask:
-                if mask is None:
-                    mask = np.full((H, W), self.mask_fill, dtype=work["mask"].dtype)
-                mask[qy0:qy1, qx0:qx1] = work["mask"][qy0:qy1, qx0:qx1]
+            for key in ("image", "mask") if has_mask else ("image",):
+                out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]
             parts.append(work)
-        out = {k: v for k, v in works[0][0].items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
-        out["image"] = canvas
         out.update(_concat_boxes(parts))
-        if has_mask:
-            out["mask"] = mask
         if any(len(p["boxes"]) for p in parts):
             meta["absent"].discard("boxes")
         return _pack(out, meta)

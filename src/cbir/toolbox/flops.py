@@ -85,10 +85,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def count_flops(
-    model: nn.Module,
-    inputs: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...],
-) -> FlopReport:
+def count_flops(model: nn.Module,
+                inputs: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...]) -> FlopReport:
     """Run one forward pass under ``FlopCounterMode`` and collect per-module costs.
 
     ``inputs``: a tensor, a shape tuple (a random tensor of that shape is used - FLOPs do
@@ -112,17 +110,9 @@ def count_flops(
     root = type(model).__name__
     rows = [ModuleCost("", root, 0, _n_params(model), int(counter.get_total_flops()))]
     for name, module in model.named_modules():
-        if not name:
-            continue
-        rows.append(
-            ModuleCost(
-                name,
-                type(module).__name__,
-                name.count(".") + 1,
-                _n_params(module),
-                int(counts.get(f"{root}.{name}", 0)),
-            )
-        )
+        if name:
+            depth, flops = name.count(".") + 1, int(counts.get(f"{root}.{name}", 0))
+            rows.append(ModuleCost(name, type(module).__name__, depth, _n_params(module), flops))
     shapes = [tuple(inputs.shape)] if isinstance(inputs, torch.Tensor) else [tuple(t.shape) for t in inputs]
     return FlopReport(shapes, rows)
 
@@ -150,37 +140,24 @@ def format_table(report: FlopReport, depth: int = 2) -> str:
     total = max(report.flops, 1)
     unit, div = ("G", 1e9) if t.flops >= 1e8 else ("M", 1e6)
     header = ("module", "type", "params", f"{unit}MACs", f"{unit}FLOPs", "%FLOPs")
+
+    def cells(name: str, r: ModuleCost, share: str) -> tuple[str, ...]:
+        return (name, r.type, _fmt_int(r.params), f"{r.macs / div:.4f}", f"{r.flops / div:.4f}", share)
+
     lines: list[tuple[str, ...]] = [header]
     for r in report.rows[1:]:
-        if r.depth > depth or (r.params == 0 and r.flops == 0):
-            continue
-        indent = "  " * (r.depth - 1)
-        lines.append(
-            (
-                indent + r.name,
-                r.type,
-                _fmt_int(r.params),
-                f"{r.macs / div:.4f}",
-                f"{r.flops / div:.4f}",
-                f"{100 * r.flops / total:.1f}",
-            )
-        )
-    lines.append(
-        ("total", t.type, _fmt_int(t.params), f"{t.macs / div:.4f}", f"{t.flops / div:.4f}", "100.0")
-    )
+        if r.depth <= depth and (r.params or r.flops):
+            lines.append(cells("  " * (r.depth - 1) + r.name, r, f"{100 * r.flops / total:.1f}"))
+    lines.append(cells("total", t, "100.0"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    right = {2, 3, 4, 5}
 
-    def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
-        ).rstrip()
+    def fmt(row: tuple[str, ...]) -> str:  # the two text columns left-aligned, the numbers right
+        cols = (c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(cols).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     shapes = ", ".join("x".join(map(str, s)) for s in report.input_shapes)
     out = [fmt(lines[0]), rule, *(fmt(r) for r in lines[1:-1]), rule, fmt(lines[-1])]
-    out.append(
-        f"input {shapes}: {t.flops / div:.3f} {unit}FLOPs = {t.macs / div:.3f} {unit}MACs "
-        f"(FLOPs = 2 x multiply-accumulates; conv/linear/matmul only), {_fmt_int(t.params)} params"
-    )
+    out.append(f"input {shapes}: {t.flops / div:.3f} {unit}FLOPs = {t.macs / div:.3f} {unit}MACs "
+               f"(FLOPs = 2 x multiply-accumulates; conv/linear/matmul only), {_fmt_int(t.params)} params")
     return "\n".join(out)

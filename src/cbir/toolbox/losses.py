@@ -6,40 +6,17 @@ Every loss takes ``reduction`` = ``"none" | "mean" | "sum"`` like ``torch.nn.fun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers only; runtime import is lazy
-    from cbir.metrics.boxes import ciou_loss, diou_loss, giou_loss, iou_loss  # noqa: F401
+from cbir.metrics.boxes import ciou_loss, diou_loss, giou_loss, iou_loss  # noqa: F401 - re-exported
 
 __all__ = [
-    "DiceLoss",
-    "FocalLoss",
-    "LabelSmoothingCrossEntropy",
-    "ciou_loss",
-    "dice_loss",
-    "diou_loss",
-    "giou_loss",
-    "iou_loss",
-    "label_smoothing_cross_entropy",
-    "sigmoid_focal_loss",
+    "DiceLoss", "FocalLoss", "LabelSmoothingCrossEntropy", "ciou_loss", "dice_loss", "diou_loss",
+    "giou_loss", "iou_loss", "label_smoothing_cross_entropy", "sigmoid_focal_loss",
     "softmax_focal_loss",
 ]
-
-_BOX_LOSSES = ("iou_loss", "giou_loss", "diou_loss", "ciou_loss")
-
-
-def __getattr__(name: str) -> Any:
-    # The IoU-family box losses live in cbir.metrics.boxes; re-export them lazily so this
-    # module never carries a second implementation and imports even without that module.
-    if name in _BOX_LOSSES:
-        from cbir.metrics import boxes
-
-        return getattr(boxes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -52,13 +29,8 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def sigmoid_focal_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float | None = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25,
+                       gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
     """Binary focal loss (Lin et al., RetinaNet 2017) on logits; any shape, targets in [0, 1].
 
     ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``p_t = p`` for positives and ``1 - p``
@@ -77,14 +49,9 @@ def sigmoid_focal_loss(
     return _reduce(loss, reduction)
 
 
-def softmax_focal_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    alpha: torch.Tensor | float | None = None,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> torch.Tensor:
+def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor,
+                       alpha: torch.Tensor | float | None = None, gamma: float = 2.0,
+                       reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
     """Multi-class focal loss: ``-alpha_y (1 - p_y)^gamma log p_y`` with a softmax over dim 1.
 
     ``logits (N, K)`` or ``(N, K, d1, ...)`` (e.g. ``(B, K, H, W)`` for segmentation),
@@ -109,24 +76,13 @@ def softmax_focal_loss(
 class FocalLoss(nn.Module):
     """Focal loss module: ``mode="binary"`` (sigmoid, per element) or ``"multiclass"`` (softmax)."""
 
-    def __init__(
-        self,
-        mode: str = "binary",
-        alpha: float | torch.Tensor | None = 0.25,
-        gamma: float = 2.0,
-        reduction: str = "mean",
-        ignore_index: int = -100,
-    ) -> None:
+    def __init__(self, mode: str = "binary", alpha: float | torch.Tensor | None = 0.25, gamma: float = 2.0,
+                 reduction: str = "mean", ignore_index: int = -100) -> None:
         super().__init__()
         if mode not in ("binary", "multiclass"):
             raise ValueError("mode must be 'binary' or 'multiclass'")
-        self.mode, self.alpha, self.gamma, self.reduction, self.ignore_index = (
-            mode,
-            alpha,
-            gamma,
-            reduction,
-            ignore_index,
-        )
+        self.mode, self.alpha, self.gamma = mode, alpha, gamma
+        self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mode == "binary":
@@ -134,12 +90,8 @@ class FocalLoss(nn.Module):
         return softmax_focal_loss(logits, target, self.alpha, self.gamma, self.reduction, self.ignore_index)
 
 
-def label_smoothing_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    smoothing: float = 0.1,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def label_smoothing_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1,
+                                  reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against ``q = (1 - eps) onehot(y) + eps / K`` (Szegedy et al. 2016).
 
     ``logits (N, K)`` (or ``(N, K, d1, ...)``), ``target (N)`` class indices. One-hot
@@ -164,14 +116,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         return label_smoothing_cross_entropy(logits, target, self.smoothing, self.reduction)
 
 
-def dice_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    mode: str = "binary",
-    smooth: float = 1.0,
-    from_logits: bool = True,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "binary", smooth: float = 1.0,
+              from_logits: bool = True, reduction: str = "mean") -> torch.Tensor:
     """Soft Dice loss ``1 - (2 |X n Y| + s) / (|X| + |Y| + s)`` per sample (and class).
 
     * ``mode="binary"``: ``logits (B, 1, H, W)`` or ``(B, H, W)``, ``target`` of the same
@@ -203,9 +149,8 @@ def dice_loss(
 class DiceLoss(nn.Module):
     """Module form of :func:`dice_loss`."""
 
-    def __init__(
-        self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True, reduction: str = "mean"
-    ) -> None:
+    def __init__(self, mode: str = "binary", smooth: float = 1.0, from_logits: bool = True,
+                 reduction: str = "mean") -> None:
         super().__init__()
         self.mode, self.smooth, self.from_logits, self.reduction = mode, smooth, from_logits, reduction
 

@@ -26,11 +26,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "LayerSpec",
-    "RFInfo",
-    "effective_kernel",
-    "empirical_receptive_field",
-    "layers_from_module",
+    "LayerSpec", "RFInfo", "effective_kernel", "empirical_receptive_field", "layers_from_module",
     "receptive_field",
 ]
 
@@ -44,16 +40,6 @@ class LayerSpec:
     stride: int = 1
     dilation: int = 1
     padding: int | None = None
-
-    @property
-    def effective_kernel(self) -> int:
-        """Input pixels one output unit of this layer alone sees: ``(d - 1)(k - 1) + k``."""
-        return effective_kernel(self.kernel, self.dilation)
-
-    @property
-    def pad(self) -> int:
-        """The padding used for the position of the first unit."""
-        return self.dilation * (self.kernel - 1) // 2 if self.padding is None else self.padding
 
 
 @dataclass(frozen=True)
@@ -79,9 +65,10 @@ def receptive_field(layers: Iterable[LayerSpec | tuple[int, ...]]) -> list[RFInf
     out: list[RFInfo] = []
     for layer in layers:
         spec = layer if isinstance(layer, LayerSpec) else LayerSpec(*layer)
-        k_eff = spec.effective_kernel
+        k_eff = effective_kernel(spec.kernel, spec.dilation)
+        pad = spec.dilation * (spec.kernel - 1) // 2 if spec.padding is None else spec.padding
         size += (k_eff - 1) * jump
-        start += ((k_eff - 1) / 2 - spec.pad) * jump
+        start += ((k_eff - 1) / 2 - pad) * jump
         jump *= spec.stride
         out.append(RFInfo(size, jump, start))
     return out
@@ -100,14 +87,8 @@ def layers_from_module(model: nn.Module) -> list[LayerSpec]:
     specs = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            specs.append(
-                LayerSpec(
-                    _first(m.kernel_size),
-                    _first(m.stride),
-                    _first(m.dilation),
-                    _first(m.padding) if not isinstance(m.padding, str) else None,
-                )
-            )
+            pad = _first(m.padding) if not isinstance(m.padding, str) else None
+            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), pad))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
             stride = m.stride if m.stride is not None else m.kernel_size
@@ -125,17 +106,9 @@ def _linearise(model: nn.Module) -> nn.Module:
             if isinstance(sub, nn.MaxPool2d):
                 if _first(sub.dilation) != 1:
                     raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
-                setattr(
-                    child,
-                    attr,
-                    nn.AvgPool2d(
-                        sub.kernel_size,
-                        sub.stride,
-                        sub.padding,
-                        ceil_mode=sub.ceil_mode,
-                        count_include_pad=True,
-                    ),
-                )
+                avg = nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode,
+                                   count_include_pad=True)
+                setattr(child, attr, avg)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Conv2d):
@@ -145,9 +118,8 @@ def _linearise(model: nn.Module) -> nn.Module:
     return m
 
 
-def empirical_receptive_field(
-    model: nn.Module, input_size: int = 128, channels: int | None = None
-) -> tuple[int, int]:
+def empirical_receptive_field(model: nn.Module, input_size: int = 128,
+                              channels: int | None = None) -> tuple[int, int]:
     """Measure ``(height, width)`` of the input region that one central output unit depends on.
 
     Feeds a ``(1, C, S, S)`` input of ones through a linearised copy (see ``_linearise``),

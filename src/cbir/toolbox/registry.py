@@ -34,9 +34,8 @@ MODULES = Registry("toolbox module", lazy=("cbir.toolbox.layers",), error=KeyErr
 _T = TypeVar("_T", bound=Callable[..., nn.Module])
 
 
-def register_module(
-    name: str | None = None, *, input_kind: InputKind = "channels", summary: str | None = None
-) -> Callable[[_T], _T]:
+def register_module(name: str | None = None, *, input_kind: InputKind = "channels",
+                    summary: str | None = None) -> Callable[[_T], _T]:
     """Class/function decorator adding a constructor to `MODULES` under ``name``.
 
     ``name`` defaults to the lower-cased class name; ``summary`` to the docstring's first line.

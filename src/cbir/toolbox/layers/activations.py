@@ -81,9 +81,8 @@ class FRN(nn.Module):
     plain ReLU could kill a channel. ``learnable_eps`` follows the paper's advice for 1x1 maps.
     """
 
-    def __init__(
-        self, channels: int, eps: float = 1e-6, learnable_eps: bool = False, tlu: bool = True
-    ) -> None:
+    def __init__(self, channels: int, eps: float = 1e-6, learnable_eps: bool = False,
+                 tlu: bool = True) -> None:
         super().__init__()
         shape = (1, channels, 1, 1)
         self.gamma = nn.Parameter(torch.ones(shape))

@@ -18,12 +18,19 @@ from cbir.toolbox.registry import register_module
 __all__ = ["CBAM", "ECA", "SE", "ChannelAttention", "SpatialAttention", "eca_kernel_size"]
 
 
-def _hidden(channels: int, reduction: int, min_channels: int) -> int:
-    return max(min_channels, channels // reduction)
+class _Gate(nn.Module):
+    """``forward(x) = x * gate(x)``; subclasses define ``gate``."""
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The gate in (0, 1): ``(B, C, 1, 1)`` for channel attention, ``(B, 1, H, W)`` for SAM."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x * self.gate(x)
 
 
 @register_module("se")
-class SE(nn.Module):
+class SE(_Gate):
     """Squeeze-and-Excitation (Hu et al. 2018): per-channel gate from global average pooling.
 
     ``s = sigmoid(W2 relu(W1 avgpool(x)))`` with ``W1: C -> C/r``, ``W2: C/r -> C``; output
@@ -32,22 +39,18 @@ class SE(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8, act: str = "relu") -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction, min_channels)
+        hidden = max(min_channels, channels // reduction)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.act = make_act(act)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = x.mean(dim=(2, 3), keepdim=True)  # squeeze
         return torch.sigmoid(self.fc2(self.act(self.fc1(s))))  # excitation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x * self.gate(x)
-
 
 @register_module("channel_attention")
-class ChannelAttention(nn.Module):
+class ChannelAttention(_Gate):
     """CBAM channel attention (CAM): a shared MLP on both avg- and max-pooled descriptors.
 
     ``s = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, gate ``(B, C, 1, 1)``; output ``x * s``.
@@ -56,25 +59,21 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8) -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction, min_channels)
+        hidden = max(min_channels, channels // reduction)
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1, bias=False),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
         return torch.sigmoid(avg + mx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x * self.gate(x)
-
 
 @register_module("sam", input_kind="channels", summary="Spatial attention module (CBAM's SAM), any C")
-class SpatialAttention(nn.Module):
+class SpatialAttention(_Gate):
     """CBAM spatial attention (SAM): a 7x7 conv over the channel-wise mean and max maps.
 
     ``s = sigmoid(conv7x7([mean_c(x); max_c(x)]))``, gate ``(B, 1, H, W)``; output ``x * s``.
@@ -87,13 +86,9 @@ class SpatialAttention(nn.Module):
             raise ValueError("kernel_size must be odd to keep the spatial size")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, 1, H, W)`` location weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.conv(desc))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x * self.gate(x)
 
 
 @register_module("cbam")
@@ -103,9 +98,8 @@ class CBAM(nn.Module):
     ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
     """
 
-    def __init__(
-        self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8
-    ) -> None:
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
+                 min_channels: int = 8) -> None:
         super().__init__()
         self.channel = ChannelAttention(channels, reduction, min_channels)
         self.spatial = SpatialAttention(channels, kernel_size)
@@ -124,7 +118,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 
 @register_module("eca")
-class ECA(nn.Module):
+class ECA(_Gate):
     """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels.
 
     ``s = sigmoid(conv1d_k(avgpool(x)))`` - local cross-channel interaction without the SE
@@ -137,11 +131,7 @@ class ECA(nn.Module):
         self.kernel_size = kernel_size or eca_kernel_size(channels, gamma, b)
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=self.kernel_size // 2, bias=False)
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C, 1, 1)`` channel weights in (0, 1)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         s = x.mean(dim=(2, 3))  # (B, C)
         s = self.conv(s.unsqueeze(1)).squeeze(1)  # channels as a 1-D sequence: (B, 1, C)
         return torch.sigmoid(s)[:, :, None, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x * self.gate(x)

@@ -41,10 +41,6 @@ def make_act(act: str | Callable[[], nn.Module] | None) -> nn.Module:
         raise ValueError(f"unknown activation {act!r}; choose from {sorted(table)}") from None
 
 
-def _pair(v: _Pair) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 class ConvBnAct(nn.Sequential):
     """``Conv2d(bias=False) -> BatchNorm2d -> act``; "same" padding for odd kernels.
 
@@ -52,30 +48,14 @@ class ConvBnAct(nn.Sequential):
     kernels (``(1, 3)``, ``(3, 1)``, used by RFB-s) get per-axis padding.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _Pair = 1,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        act: str | Callable[[], nn.Module] | None = "relu",
-        bn: bool = True,
-    ) -> None:
-        kh, kw = _pair(kernel_size)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair = 1, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, act: str | Callable[[], nn.Module] | None = "relu",
+                 bn: bool = True) -> None:
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else map(int, kernel_size)
         padding = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2)
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels,
-            out_channels,
-            (kh, kw),
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=not bn,
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, (kh, kw), stride=stride, padding=padding,
+                              dilation=dilation, groups=groups, bias=not bn)
         self.bn = nn.BatchNorm2d(out_channels) if bn else nn.Identity()
         self.act = make_act(act)
 

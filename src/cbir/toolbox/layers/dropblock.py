@@ -15,24 +15,8 @@ from cbir.toolbox.registry import register_module
 __all__ = ["DropBlock2d", "drop_block_2d"]
 
 
-def _gamma(drop_prob: float, block_size: int, h: int, w: int) -> float:
-    """Seed rate so that about ``drop_prob`` of the units end up dropped (paper eq. 1)::
-
-        gamma = drop_prob / block_size^2 * (H W) / ((H - block_size + 1)(W - block_size + 1))
-
-    Each seed drops ``block_size^2`` units, and seeds are only sampled where a whole block
-    fits - the second factor makes up for the smaller seed area.
-    """
-    valid = (h - block_size + 1) * (w - block_size + 1)
-    return drop_prob / block_size**2 * (h * w) / valid
-
-
-def drop_block_2d(
-    x: torch.Tensor,
-    drop_prob: float,
-    block_size: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Functional DropBlock on ``(B, C, H, W)``, always active (the module handles eval).
 
     Seeds ~ Bernoulli(gamma) at positions where a full block fits, independently per sample
@@ -44,7 +28,10 @@ def drop_block_2d(
         return x
     b, c, h, w = x.shape
     bs = min(block_size, h, w)
-    gamma = _gamma(drop_prob, bs, h, w)
+    # Seed rate so that about drop_prob of the units end up dropped (paper eq. 1): each seed
+    # drops bs^2 units, and seeds are only sampled where a whole block fits - the second
+    # factor makes up for the smaller seed area.
+    gamma = drop_prob / bs**2 * (h * w) / ((h - bs + 1) * (w - bs + 1))
     seed_shape = (b, c, h - bs + 1, w - bs + 1)
     seeds = (torch.rand(seed_shape, generator=generator, device=x.device) < gamma).to(x.dtype)
     # Seed (i, j) drops the block whose top-left corner is (i, j). Padding the seed map by

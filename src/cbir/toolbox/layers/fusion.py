@@ -51,16 +51,12 @@ class FPN(nn.Module):
         self.lateral = nn.ModuleList(ConvBnAct(c, out_channels, 1, act=None) for c in self.in_channels)
         self.output = nn.ModuleList(ConvBnAct(out_channels, out_channels, 3) for _ in self.in_channels)
 
-    def top_down(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Laterals summed top-down, before the 3x3 output convs (used by PAN)."""
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         _check(features, len(self.lateral))
         lat = [l(f) for l, f in zip(self.lateral, features)]
-        for i in range(len(lat) - 2, -1, -1):  # coarse -> fine
+        for i in range(len(lat) - 2, -1, -1):  # coarse -> fine: laterals summed top-down
             lat[i] = lat[i] + resize_to(lat[i + 1], lat[i])
-        return lat
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
-        return [conv(p) for conv, p in zip(self.output, self.top_down(features))]
+        return [conv(p) for conv, p in zip(self.output, lat)]
 
 
 @register_module("pan", input_kind="pyramid")
@@ -82,12 +78,9 @@ class PAN(nn.Module):
         self.fuse = fuse
         self.fpn = FPN(in_channels, out_channels)
         self.down = nn.ModuleList(ConvBnAct(out_channels, out_channels, 3, stride=2) for _ in range(n - 1))
-        self.merge = nn.ModuleList(
-            ConvBnAct(
-                out_channels * (2 if fuse == "concat" else 1), out_channels, 1 if fuse == "concat" else 3
-            )
-            for _ in range(n - 1)
-        )
+        cat = fuse == "concat"
+        self.merge = nn.ModuleList(ConvBnAct(out_channels * (1 + cat), out_channels, 1 if cat else 3)
+                                   for _ in range(n - 1))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         p = self.fpn(features)
@@ -116,8 +109,7 @@ class FastNormalizedFusion(nn.Module):
         return w / (w.sum() + self.eps)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:  # noqa: D102
-        w = self.normalized_weights()
-        return sum(wi * x for wi, x in zip(w, inputs))  # type: ignore[return-value]
+        return sum(wi * x for wi, x in zip(self.normalized_weights(), inputs))  # type: ignore[return-value]
 
 
 class _SeparableConv(nn.Sequential):
@@ -147,9 +139,8 @@ class BiFPN(nn.Module):
     ``[(B, C_i, H_i, W_i)] -> [(B, channels, H_i, W_i)]``.
     """
 
-    def __init__(
-        self, in_channels: Sequence[int] | int, channels: int | None = None, n_levels: int | None = None
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int] | int, channels: int | None = None,
+                 n_levels: int | None = None) -> None:
         super().__init__()
         if isinstance(in_channels, int):
             in_channels = [in_channels] * (n_levels or 5)
@@ -158,9 +149,8 @@ class BiFPN(nn.Module):
         if n < 2:
             raise ValueError("BiFPN needs at least two levels")
         self.channels = channels = channels or in_channels[0]
-        self.project = nn.ModuleList(
-            nn.Identity() if c == channels else ConvBnAct(c, channels, 1, act=None) for c in in_channels
-        )
+        self.project = nn.ModuleList(nn.Identity() if c == channels else ConvBnAct(c, channels, 1, act=None)
+                                     for c in in_channels)
         self.td_fuse = nn.ModuleList(FastNormalizedFusion(2) for _ in range(n - 1))  # levels n-2 .. 0
         self.td_conv = nn.ModuleList(_SeparableConv(channels) for _ in range(n - 1))
         self.bu_fuse = nn.ModuleList(FastNormalizedFusion(3 if i < n - 1 else 2) for i in range(1, n))
@@ -169,10 +159,6 @@ class BiFPN(nn.Module):
     def fusion_modules(self) -> list[FastNormalizedFusion]:
         """All fusion nodes (top-down then bottom-up), e.g. to inspect their weights."""
         return [*self.td_fuse, *self.bu_fuse]
-
-    @staticmethod
-    def _down(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return resize_to(F.max_pool2d(x, 3, stride=2, padding=1), ref)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
         _check(features, self.n_levels)
@@ -184,7 +170,7 @@ class BiFPN(nn.Module):
             td[i] = self.td_conv[k](self.td_fuse[k]([p[i], resize_to(td[i + 1], p[i])]))
         out = [td[0]]
         for k, i in enumerate(range(1, n)):
-            down = self._down(out[-1], p[i])
+            down = resize_to(F.max_pool2d(out[-1], 3, stride=2, padding=1), p[i])
             inputs = [p[i], td[i], down] if i < n - 1 else [p[i], down]
             out.append(self.bu_conv[k](self.bu_fuse[k](inputs)))
         return out
@@ -203,13 +189,8 @@ class ASFF(nn.Module):
     ``level=0`` fuses into the finest map. ``[3 x (B, C_i, H_i, W_i)] -> (B, out, H_level, W_level)``.
     """
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        level: int = 0,
-        out_channels: int | None = None,
-        compress: int = 16,
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int], level: int = 0, out_channels: int | None = None,
+                 compress: int = 16) -> None:
         super().__init__()
         in_channels = list(in_channels)
         if len(in_channels) != 3 or level not in (0, 1, 2):
@@ -232,21 +213,17 @@ class ASFF(nn.Module):
         self.weight_logits = nn.Conv2d(3 * compress, 3, 1)
         self.expand = ConvBnAct(c, out_channels or c, 3, act="leaky_relu")
 
-    def _resized(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _levels(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The three maps resized to ``level``, and their per-pixel weights."""
         _check(features, 3)
-        ref = features[self.level]
-        return [resize_to(r(f), ref) for r, f in zip(self.resize, features)]
+        resized = [resize_to(r(f), features[self.level]) for r, f in zip(self.resize, features)]
+        logits = self.weight_logits(torch.cat([wc(r) for wc, r in zip(self.weight_convs, resized)], 1))
+        return resized, logits.softmax(dim=1)
 
     def fusion_weights(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(B, 3, H_level, W_level)`` per-pixel level weights: softmax, sum 1 over dim 1."""
-        return self._weights(self._resized(features))
-
-    def _weights(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
-        logits = self.weight_logits(torch.cat([wc(r) for wc, r in zip(self.weight_convs, resized)], 1))
-        return logits.softmax(dim=1)
+        return self._levels(features)[1]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:  # noqa: D102
-        resized = self._resized(features)
-        w = self._weights(resized)
-        fused = sum(w[:, i : i + 1] * r for i, r in enumerate(resized))
-        return self.expand(fused)
+        resized, w = self._levels(features)
+        return self.expand(sum(w[:, i : i + 1] * r for i, r in enumerate(resized)))

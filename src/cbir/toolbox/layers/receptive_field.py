@@ -30,14 +30,9 @@ class SPP(nn.Module):
     v4, v5). ``C_hid`` defaults to ``C_in // 2`` as in YOLOv5.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        kernel_sizes: Sequence[int] = (5, 9, 13),
-        hidden_channels: int | None = None,
-        act: str = "silu",
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None,
+                 kernel_sizes: Sequence[int] = (5, 9, 13), hidden_channels: int | None = None,
+                 act: str = "silu") -> None:
         super().__init__()
         if any(k % 2 != 1 for k in kernel_sizes):
             raise ValueError("SPP kernels must be odd to keep the spatial size")
@@ -59,15 +54,8 @@ class SPPF(nn.Module):
     computes exactly SPP(5, 9, 13) with fewer comparisons. Same shapes as :class:`SPP`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        kernel_size: int = 5,
-        n_pools: int = 3,
-        hidden_channels: int | None = None,
-        act: str = "silu",
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size: int = 5,
+                 n_pools: int = 3, hidden_channels: int | None = None, act: str = "silu") -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError("SPPF kernel must be odd to keep the spatial size")
@@ -112,22 +100,15 @@ class ASPP(nn.Module):
     so training needs a batch of at least 2 (as in torchvision's DeepLabv3).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (6, 12, 18),
-        hidden_channels: int = 256,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (6, 12, 18),
+                 hidden_channels: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         branches: list[nn.Module] = [ConvBnAct(in_channels, hidden_channels, 1)]
         branches += [ConvBnAct(in_channels, hidden_channels, 3, dilation=r) for r in rates]
         branches.append(_ImagePooling(in_channels, hidden_channels))
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(
-            ConvBnAct(hidden_channels * len(branches), out_channels or in_channels, 1), nn.Dropout(dropout)
-        )
+        project = ConvBnAct(hidden_channels * len(branches), out_channels or in_channels, 1)
+        self.project = nn.Sequential(project, nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
@@ -138,8 +119,9 @@ class _RFBase(nn.Module):
 
     branches: nn.ModuleList
 
-    def __init__(self, in_channels: int, out_channels: int, cat_channels: int, scale: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None, cat_channels: int, scale: float) -> None:
         super().__init__()
+        out_channels = out_channels or in_channels
         self.scale = scale
         self.fuse = ConvBnAct(cat_channels, out_channels, 1, act=None)  # linear, as in the paper
         self.shortcut = ConvBnAct(in_channels, out_channels, 1, act=None)
@@ -166,35 +148,20 @@ class RFB(_RFBase):
     dilated layers) as in the authors' code. ``(B, C_in, H, W) -> (B, C_out, H, W)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (1, 3, 5),
-        scale: float = 1.0,
-    ) -> None:
-        out_channels = out_channels or in_channels
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
+                 scale: float = 1.0) -> None:
         c = max(1, in_channels // 8)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 6 * c, scale)
-        self.branches = nn.ModuleList(
-            [
-                nn.Sequential(
-                    ConvBnAct(in_channels, 2 * c, 1), ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, 2 * c, 3),
-                    ConvBnAct(2 * c, 2 * c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c // 2 * 3 or 1, 3),
-                    ConvBnAct(c // 2 * 3 or 1, 2 * c, 3),
-                    ConvBnAct(2 * c, 2 * c, 3, dilation=r2, act=None),
-                ),
-            ]
-        )
+        c15 = c // 2 * 3 or 1
+        self.branches = nn.ModuleList([
+            nn.Sequential(ConvBnAct(in_channels, 2 * c, 1),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r0, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, 2 * c, 3),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c15, 3), ConvBnAct(c15, 2 * c, 3),
+                          ConvBnAct(2 * c, 2 * c, 3, dilation=r2, act=None)),
+        ])
 
 
 @register_module("rfb_s")
@@ -211,39 +178,21 @@ class RFBs(_RFBase):
     ``rates`` default (1, 3, 5); branch width ``C_in // 4``. Fused like :class:`RFB`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        rates: Sequence[int] = (1, 3, 5),
-        scale: float = 1.0,
-    ) -> None:
-        out_channels = out_channels or in_channels
+    def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
+                 scale: float = 1.0) -> None:
         c = max(2, in_channels // 4)
         r0, r1, r2 = rates
         super().__init__(in_channels, out_channels, 4 * c, scale)
         half, three_q = c // 2, c // 4 * 3 or 1
-        self.branches = nn.ModuleList(
-            [
-                nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c, (3, 1)),
-                    ConvBnAct(c, c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, c, 1),
-                    ConvBnAct(c, c, (1, 3)),
-                    ConvBnAct(c, c, 3, dilation=r1, act=None),
-                ),
-                nn.Sequential(
-                    ConvBnAct(in_channels, half, 1),
-                    ConvBnAct(half, three_q, (1, 3)),
-                    ConvBnAct(three_q, c, (3, 1)),
-                    ConvBnAct(c, c, 3, dilation=r2, act=None),
-                ),
-            ]
-        )
+        self.branches = nn.ModuleList([
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, 3, dilation=r0, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (3, 1)),
+                          ConvBnAct(c, c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, c, 1), ConvBnAct(c, c, (1, 3)),
+                          ConvBnAct(c, c, 3, dilation=r1, act=None)),
+            nn.Sequential(ConvBnAct(in_channels, half, 1), ConvBnAct(half, three_q, (1, 3)),
+                          ConvBnAct(three_q, c, (3, 1)), ConvBnAct(c, c, 3, dilation=r2, act=None)),
+        ])
 
 
 @register_module("ppm")
@@ -257,26 +206,18 @@ class PPM(nn.Module):
     sees one value per channel for bin 1: train with a batch of at least 2.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int | None = None,
-        bins: Sequence[int] = (1, 2, 3, 6),
-        align_corners: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int | None = None, bins: Sequence[int] = (1, 2, 3, 6),
+                 align_corners: bool = False) -> None:
         super().__init__()
         branch = max(1, in_channels // len(bins))
         self.bins = tuple(bins)
         self.align_corners = align_corners
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBnAct(in_channels, branch, 1)) for b in self.bins
-        )
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBnAct(in_channels, branch, 1))
+                                    for b in self.bins)
         self.bottleneck = ConvBnAct(in_channels + branch * len(self.bins), out_channels or in_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         size = x.shape[-2:]
-        pyramid = [x] + [
-            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
-            for stage in self.stages
-        ]
+        pyramid = [x] + [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
+                         for stage in self.stages]
         return self.bottleneck(torch.cat(pyramid, dim=1))
