@@ -403,7 +403,7 @@ class Extractor:
 
         ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
         `raw_descriptors`; `cbir.compare` asks for the feature maps of its own engine, `fit` for
-        region sets; a caller whose ``compute`` uses this pipeline's engine builds it first).
+        region sets).
         Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
         called with the number of images done, good or bad.
 
@@ -450,7 +450,7 @@ class Extractor:
                 progress(len(keys))
             return keys, result
 
-        if n and compute == self.raw_descriptors:
+        if n and compute in (self.raw_descriptors, self.local_sets):
             self.engine  # noqa: B018 - built here, once, not by several inference threads at once
         with cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_:
             batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
@@ -531,10 +531,7 @@ class Extractor:
         if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):
             labels = [Path(s).parent.name if not isinstance(s, bytes) else "" for s in sources]
         raw: list = [None] * len(sources)
-        compute = None
-        if self.encoder is not None:
-            compute = self.local_sets
-            self.engine  # noqa: B018 - built once here, not by the inference threads
+        compute = self.local_sets if self.encoder is not None else None
         for keys, part in self.iter_batches(sources, on_error=on_error, compute=compute):
             for k, r in zip(keys, part):
                 raw[k] = r

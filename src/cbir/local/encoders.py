@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cbir.postprocess.transforms import PCA, NotFittedError
+from cbir.postprocess.transforms import PCA, NotFittedError, Transform
 from cbir.registry import Registry
 
 
@@ -49,8 +49,16 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.argmin(d, axis=1)
 
 
-class LocalEncoder:
-    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``."""
+ENCODERS = Registry("encoder")
+_K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
+
+
+class LocalEncoder(Transform):
+    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``.
+
+    Subclasses learn the vocabulary (``_fit_vocabulary``) and encode one image's prepared
+    local descriptors (``encode_one``); `Transform` saves and loads the ``_`` attributes.
+    """
 
     learned = True
 
@@ -58,24 +66,18 @@ class LocalEncoder:
         self.k = k
         self.d = d
 
-    # -- local descriptors ------------------------------------------------------------
-    def _fit_pca(self, locals_: np.ndarray) -> np.ndarray:
-        x = _l2(locals_.astype(np.float32))
-        if x.shape[1] > self.d:
-            pca = PCA(self.d).fit(x)
-            self.pca_mean_, self.pca_components_ = pca.mean_, pca.components_
-        return self.prepare(x)
-
     def prepare(self, locals_: np.ndarray) -> np.ndarray:
         x = _l2(np.asarray(locals_, np.float32))
         if hasattr(self, "pca_components_"):
             x = _l2((x - self.pca_mean_) @ self.pca_components_.T)
         return x.astype(np.float32)
 
-    # -- API ------------------------------------------------------------------------
     def fit(self, sets: Sequence[np.ndarray]) -> "LocalEncoder":
-        x = self._fit_pca(np.concatenate(list(sets)))
-        self._fit_vocabulary(x, [self.prepare(s) for s in sets])
+        x = _l2(np.concatenate(list(sets)).astype(np.float32))
+        if x.shape[1] > self.d:
+            pca = PCA(self.d).fit(x)
+            self.pca_mean_, self.pca_components_ = pca.mean_, pca.components_
+        self._fit_vocabulary(self.prepare(x), [self.prepare(s) for s in sets])
         return self
 
     def encode(self, sets: Sequence[np.ndarray]) -> np.ndarray:
@@ -87,21 +89,9 @@ class LocalEncoder:
     def fitted(self) -> bool:
         return any(k.endswith("_") and not k.startswith("pca") for k in vars(self))
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in vars(self).items() if k.endswith("_")}
 
-    def load_state(self, state: dict[str, np.ndarray]) -> "LocalEncoder":
-        for k, v in state.items():
-            setattr(self, k, v)
-        return self
-
-    def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def encode_one(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
-
-
+@ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class BoW(LocalEncoder):
     """Bag of visual words with tf-idf weighting."""
 
@@ -117,6 +107,8 @@ class BoW(LocalEncoder):
         return _l2(tf * self.idf_)
 
 
+@ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class VLAD(LocalEncoder):
     """Vector of locally aggregated descriptors, power- and intra-normalised."""
 
@@ -128,10 +120,11 @@ class VLAD(LocalEncoder):
         v = np.zeros_like(self.centroids_, dtype=np.float64)
         np.add.at(v, a, x - self.centroids_[a])
         v = np.sign(v) * np.sqrt(np.abs(v))
-        v = _l2(v)
-        return _l2(v.ravel())
+        return _l2(_l2(v).ravel())  # intra-normalised, then L2
 
 
+@ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class FisherVector(LocalEncoder):
     """Improved Fisher vector over a diagonal GMM."""
 
@@ -184,16 +177,6 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
     fv = np.concatenate([g_mu.ravel(), g_sig.ravel()])
     fv = np.sign(fv) * np.sqrt(np.abs(fv))
     return _l2(fv)
-
-
-ENCODERS = Registry("encoder")
-_K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
-ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(BoW)
-ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(VLAD)
-ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(FisherVector)
 
 
 def parse_encoder(token: str) -> LocalEncoder | None:

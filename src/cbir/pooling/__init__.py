@@ -65,17 +65,14 @@ def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context)
 
     ``context`` holds what methods with ``needs`` take (e.g. ``weight``/``bias`` for CAM).
     """
-    kwargs = {k: v for k, v in context.items() if k in _context_args(method)}
+    wanted = [a for need in method.needs for a in _NEEDS_ARGS[need]]
+    kwargs = {k: v for k, v in context.items() if k in wanted}
     if method.option is not None:
         kwargs[method.option] = value
     return method.build(x, **kwargs)
 
 
-_NEEDS_ARGS = {"classifier": ("weight", "bias")}
-
-
-def _context_args(method: PoolingMethod) -> tuple[str, ...]:
-    return tuple(a for need in method.needs for a in _NEEDS_ARGS[need])
+_NEEDS_ARGS = {"classifier": ("weight", "bias")}  # the context arguments each need names
 
 
 def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod, value: float | None) -> torch.Tensor:

@@ -144,12 +144,8 @@ class LayerFusion(Transform):
         dims = [int(d) for d in self.dims_]
         if sum(dims) != x.shape[1]:
             raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
-        out, start = [], 0
-        for d in dims:
-            b = x[:, start:start + d]
-            out.append(b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12))
-            start += d
-        return out
+        blocks = np.split(x, np.cumsum(dims)[:-1], axis=1)
+        return [b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) for b in blocks]
 
     def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
         if not self.learned:
