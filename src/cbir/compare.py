@@ -84,10 +84,6 @@ class _Member:
     seconds: float = 0.0  # own aggregation time on database + query images
 
 
-def _group_key(spec) -> tuple:
-    return (spec.backbone, str(spec.resize), spec.scales or "", spec.regions or "")
-
-
 def compare_pipelines(
     bench,
     pipelines: Sequence[str],
@@ -117,7 +113,8 @@ def compare_pipelines(
         except (PipelineError, ValueError) as e:
             rows[i] = {"method": text, "error": str(e)}
             continue
-        groups.setdefault(_group_key(ex.spec), []).append(_Member(i, ex))
+        key = (ex.spec.backbone, str(ex.spec.resize), ex.spec.scales or "", ex.spec.regions or "")
+        groups.setdefault(key, []).append(_Member(i, ex))
 
     keys = list(query_keys(bench, crop))
     parts = {  # part -> (sources, boxes)
@@ -131,10 +128,11 @@ def compare_pipelines(
         # One engine taps the union of the group's layers; every member pools its own.
         layers = list(dict.fromkeys(la for m in members for la in m.extractor.spec.layers))
         eng = create_engine(first.backbone, layers, engine, first.engine_threads())
-        if first.regions is not None:
-            maps_of = lambda batch: [first.region_maps(img, eng) for img in batch]  # noqa: E731
-        else:
-            maps_of = lambda batch: first.forward(batch, eng)  # noqa: E731
+        regions = first.regions is not None
+
+        def maps_of(batch):
+            return [first.region_maps(img, eng) for img in batch] if regions else first.forward(batch, eng)
+
         need_fit = any(m.extractor.needs_fit for m in members)
         forward_s, n_timed = 0.0, 0
         for part, (sources, bboxes) in parts.items():
@@ -151,14 +149,12 @@ def compare_pipelines(
                 for m in members:
                     t1 = time.perf_counter()
                     try:
-                        if first.regions is not None:
-                            raw = [m.extractor.local_descriptors(one) for one in maps]
-                        else:
-                            raw = m.extractor.raw_from_maps(maps)
+                        ex = m.extractor
+                        raw = [ex.local_descriptors(one) for one in maps] if regions else ex.raw_from_maps(maps)
                         for k, r in zip(keys, raw):
                             m.raw[part][k] = r
                     except (ValueError, PipelineError) as e:
-                        rows[m.index] = rows[m.index] or {"method": str(m.extractor.spec), "error": str(e)}
+                        rows[m.index] = rows[m.index] or {"method": str(ex.spec), "error": str(e)}
                     if part != "fit":
                         m.seconds += time.perf_counter() - t1
                 own_s += time.perf_counter() - t0

@@ -255,8 +255,8 @@ class Extractor:
             self.backbone.check_layers(list(self.spec.layers))
         except BackboneError as e:
             raise PipelineError(str(e)) from None
-        parsed = parse_pooling(self.spec.pooling) if self.spec.pooling else None
-        self._pooling: tuple[PoolingMethod, float | None] | None = parsed
+        self._pooling: tuple[PoolingMethod, float | None] | None = (
+            parse_pooling(self.spec.pooling) if self.spec.pooling else None)
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
         # The optional stages: scales, regions + encoder, layer fusion, re-ranking.
@@ -267,9 +267,8 @@ class Extractor:
         self.rerankers: list[Reranker] = [parse_rerank(t) for t in self.spec.rerank]
         self._context: dict | None = None
         if self.fusion is not None:
-            # The block sizes (each layer's pooled width) follow from the spec and the
-            # backbone: measured here on one probe image, so the fusion step is complete
-            # from the start instead of being filled in by the first extraction.
+            # The block sizes (each layer's pooled width), measured on one probe image so that
+            # the fusion step is complete from the start.
             maps = self.forward(np.zeros((1, 128, 128, 3), np.uint8))
             self.fusion.dims_ = np.asarray([self._pool_one(maps[0][la]).shape[1] for la in self.spec.layers], np.int64)
 
@@ -314,12 +313,8 @@ class Extractor:
         return to_array(open_image(source, self.spec.resize, tuple(bbox) if bbox is not None else None))
 
     def raw_descriptors(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32.
-
-        Several layers: their pooled vectors concatenated (the fusion step normalises and
-        weighs them). Several scales: merged as the pooling requires. Regions: the encoded
-        region descriptors.
-        """
+        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32: the
+        layers' pooled vectors concatenated, scales merged; regions: the encoded region descriptors."""
         if self.regions is not None:
             return self.encoder.encode(self.local_sets(batch))
         return self.raw_from_maps(self.forward(batch))
@@ -407,12 +402,11 @@ class Extractor:
         Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
         called with the number of images done, good or bad.
 
-        A pool of ``decode_workers`` threads decodes and scales images (Pillow releases the
-        GIL) while the engine runs the batch before; only a bounded window of images is
-        decoded ahead, so memory holds about one or two batches of pixels however many
-        sources there are. Images of equal size after scaling are batched together. Batches
-        come out in the order they were formed; ``on_error`` and ``progress`` are called
-        from this (the consumer's) thread.
+        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) while the
+        engine runs the batch before; only a bounded window is decoded ahead, so memory holds
+        about one or two batches of pixels. Images of equal size after scaling are batched
+        together; batches come out in the order they were formed; ``on_error`` and ``progress``
+        are called from this (the consumer's) thread.
         """
         import collections
 
@@ -490,10 +484,7 @@ class Extractor:
         progress: Callable[[int], object] | None = None,
     ) -> np.ndarray:
         """Images (paths, encoded bytes or PIL images; each with an optional box) -> descriptors
-        ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN.
-
-        The extraction API every caller uses (index, eval, compare, the service, Ray).
-        """
+        ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN."""
         out = None
         for keys, x in self.iter_vectors(sources, bboxes, on_error, progress):
             if out is None:
@@ -521,11 +512,8 @@ class Extractor:
 
     def fit(self, sources: Sequence[str | Path | bytes], on_error=None,
             labels: Sequence | None = None) -> "Extractor":
-        """Learn the pipeline's learned steps on ``sources`` (a set separate from the database).
-
-        ``labels`` (one per source) are needed by ``Wlearn`` only; without them the images'
-        folder names are used.
-        """
+        """Learn the pipeline's learned steps on ``sources`` (a set separate from the database);
+        ``labels`` (one per source; default: the folder names) are for ``Wlearn`` only."""
         if not self.needs_fit:
             return self
         if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):

@@ -1,17 +1,14 @@
 """Pooling: conv feature maps ``(N, C, H, W)`` -> vectors ``(N, D)``.
 
-`functional` holds the pure functions; this module's registry maps the names used in pipeline
-strings (``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to
-them. Adding a method is one function in `functional` plus one `register_pooling` line.
-
-A registration (an entry of the `POOLINGS` `cbir.registry.Registry`) may say:
+`functional` holds the pure functions; the `POOLINGS` registry maps the pipeline tokens
+(``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to them.
+Adding a method is one function in `functional` plus one `register_pooling` line, which may say:
 
 - ``param``/``default``: the one number the token may carry (``GeM3``: p = 3);
 - ``needs``: context the function takes besides the map, supplied by the extractor
   (``"classifier"``: the backbone's classifier ``weight`` and ``bias``, for CAM);
-- ``combine``: how descriptors of several input scales merge (multi-scale ``MS`` step):
-  ``"mean"`` (default), ``"max"``, or ``"power"`` (the mean of ``v^p``, then the 1/p-th
-  root, with the method's own p: GeM averages in its power domain).
+- ``combine``: how descriptors of several input scales merge (``MS`` step): ``"mean"``
+  (default), ``"max"``, or ``"power"`` (GeM averages ``v^p`` with its own p, then the 1/p-th root).
 """
 
 from __future__ import annotations
@@ -61,10 +58,8 @@ def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
 
 
 def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context) -> torch.Tensor:
-    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``.
-
-    ``context`` holds what methods with ``needs`` take (e.g. ``weight``/``bias`` for CAM).
-    """
+    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``; ``context``: what methods
+    with ``needs`` take (e.g. ``weight``/``bias`` for CAM)."""
     wanted = [a for need in method.needs for a in _NEEDS_ARGS[need]]
     kwargs = {k: v for k, v in context.items() if k in wanted}
     if method.option is not None:

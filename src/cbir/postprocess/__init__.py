@@ -42,12 +42,6 @@ def _shrink(arg: str) -> Transform:
     return WhiteningPCA(int(k), power=0.5, shrinkage=float(s) if s else 0.5)
 
 
-def _fusion(arg: str) -> Transform:
-    if arg == "learn":
-        return LayerFusion(None)
-    return LayerFusion(tuple(float(v) for v in arg.split("-")))
-
-
 register_postprocess("L2", lambda _: L2Normalizer(), "L2 normalisation")
 register_postprocess("POW", PowerNormalizer, "signed power normalisation (alpha = 0.5 when not given)", "alpha", 0.5)
 register_postprocess("PCA", lambda k: PCA(int(k)), "PCA to <k> dims", "k")
@@ -57,7 +51,7 @@ register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25),
 register_postprocess("PCAWS", _shrink,
                      "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)", "k",
                      arg=r"\d+(?:-\d*\.?\d+)?")
-register_postprocess("W", _fusion,
+register_postprocess("W", lambda arg: LayerFusion(None if arg == "learn" else tuple(map(float, arg.split("-")))),
                      "multi-layer fusion weights, one per layer: W0.3-0.7, or Wlearn (from a labelled set)", "weights",
                      arg=r"learn|\d*\.?\d+(?:-\d*\.?\d+)*")
 

@@ -78,13 +78,12 @@ class PCA(Transform):
                 f"PCA to {self.n_components} dims needs at least {self.n_components} fitting "
                 f"images of dimension >= {self.n_components}; got {n} of dimension {d}"
             )
-        self.mean_ = x.mean(axis=0)
-        cov = np.cov(x - self.mean_, rowvar=False, bias=False)
-        eigval, eigvec = np.linalg.eigh(cov)
+        mean = x.mean(axis=0)
+        eigval, eigvec = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=False))
         order = np.argsort(eigval)[::-1][: self.n_components]
+        self.mean_ = mean.astype(np.float32)
         self.components_ = eigvec[:, order].T.astype(np.float32)
         self.explained_variance_ = np.maximum(eigval[order], 0).astype(np.float32)
-        self.mean_ = self.mean_.astype(np.float32)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -126,9 +125,8 @@ class LayerFusion(Transform):
     Each layer's block is L2-normalised and scaled by ``sqrt(w_i / sum w)``, so that the inner
     product of two fused descriptors is ``sum_i w_i cos_i / sum w`` (a weighted mean of the
     per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes)
-    is set by the extractor when it is built, from its layers and pooling. With ``weights=None`` the weights are learned by `fit` from a
-    labelled set (``y``): a grid search over the simplex (step 0.1) for the weights whose
-    leave-one-out retrieval mAP on the set is highest (ties: the most uniform weights).
+    is set by the extractor. ``weights=None``: learned by `fit` from a labelled set (``y``),
+    the weights on the simplex (step 0.1) of the highest leave-one-out mAP (ties: the most uniform).
     """
 
     supervised = True
