@@ -3,8 +3,8 @@
 The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
 ``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
 its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
-that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
-own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
+that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps
+``head`` (the backbone's own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
 
 Weights never come from the network unless the user asks for a hub model and one is there:
 the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship.
@@ -73,9 +73,6 @@ class Backbone(ABC):
         for layer in layers:
             if layer not in known:
                 raise BackboneError(f"backbone {self.name!r} has no layer {layer!r}; choose one of: {', '.join(known)}")
-
-
-# --------------------------------------------------------------------------- timm models
 
 
 def _tap_module(model, layers: Sequence[str]):
@@ -251,30 +248,20 @@ def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
     return build
 
 
-# ------------------------------------------------------------------ ONNX-only: Open NSFW
-
-
 @dataclass
 class OnnxGraphBackbone(Backbone):
-    """A network that exists only as an ONNX graph (no PyTorch form).
+    """A network that exists only as an ONNX graph (no PyTorch form): a Caffe-style graph that
+    takes BGR, mean-subtracted, channels-last ``(N, H, W, 3)`` input.
 
     Export means editing the graph: the input's height and width become symbolic and the
     tapped tensors become outputs. Layers are named by the ONNX node that produces them.
     """
 
-    bgr: bool = True
-    channels_last: bool = True
     mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
     taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        x = batch.astype(np.float32)
-        if self.bgr:
-            x = x[..., ::-1]
-        x = x - np.asarray(self.mean_bgr, np.float32)
-        if not self.channels_last:
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x)
+        return np.ascontiguousarray(batch.astype(np.float32)[..., ::-1] - np.asarray(self.mean_bgr, np.float32))
 
     def layer_names(self) -> list[str]:
         return list(self.taps)
@@ -287,13 +274,12 @@ class OnnxGraphBackbone(Backbone):
         graph = model.graph
         dims = graph.input[0].type.tensor_type.shape.dim
         # NHWC: make H and W symbolic so any input size runs.
-        axes = (1, 2) if self.channels_last else (2, 3)
-        for axis, sym in zip(axes, ("h", "w")):
+        for axis, sym in ((1, "h"), (2, "w")):
             dims[axis].ClearField("dim_value")
             dims[axis].dim_param = sym
         produced = {n.name: n.output[0] for n in graph.node}
         del graph.output[:]
-        for i, layer in enumerate(layers):
+        for layer in layers:
             tensor = produced[self.taps[layer]]
             graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         # Shapes inferred for 224x224 would pin the new symbolic dims: drop them.
@@ -301,9 +287,7 @@ class OnnxGraphBackbone(Backbone):
         onnx.save(model, str(path))
 
     def postprocess_outputs(self, outputs: list[np.ndarray], layers: Sequence[str]) -> list[np.ndarray]:
-        """Graph outputs -> (N, C, H, W) maps / (N, C) vectors."""
-        if not self.channels_last:
-            return outputs
+        """Graph outputs (NHWC maps) -> (N, C, H, W) maps / (N, C) vectors."""
         return [o if o.ndim == 2 else np.ascontiguousarray(o.transpose(0, 3, 1, 2)) for o in outputs]
 
 
@@ -316,8 +300,6 @@ def _open_nsfw(weights: Path | None = None) -> Backbone:
         taps={"relu45": "/Relu_45", "relu48": "/Relu_48", "head": "/ReduceMean"},
     )
 
-
-# ------------------------------------------------------------------------------ registry
 
 # Each entry builds a Backbone from ``weights`` (a local file, or None for the default ones);
 # ``package`` says where the default weights come from.
