@@ -150,7 +150,8 @@ def compare_pipelines(
                     t1 = time.perf_counter()
                     try:
                         ex = m.extractor
-                        raw = [ex.local_descriptors(one) for one in maps] if regions else ex.raw_from_maps(maps)
+                        raw = ([ex.local_descriptors(one) for one in maps] if regions
+                               else ex.raw_from_maps(maps))
                         for k, r in zip(keys, raw):
                             m.raw[part][k] = r
                     except (ValueError, PipelineError) as e:

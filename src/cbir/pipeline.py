@@ -39,12 +39,13 @@ not part of it: both compute the same function to ~1e-5.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,13 +409,10 @@ class Extractor:
         together; batches come out in the order they were formed; ``on_error`` and ``progress``
         are called from this (the consumer's) thread.
         """
-        import collections
-
         compute = compute or self.raw_descriptors
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n
         batch_size = self.resolved_batch_size()
-        window = batch_size + 2 * self.decode_workers
 
         def decode(i: int):
             try:
@@ -423,47 +421,33 @@ class Extractor:
                 return i, None, e
 
         def decoded(pool_: cf.ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
-            queue: collections.deque = collections.deque()
-            nxt = 0
-            while queue or nxt < n:
-                while nxt < n and len(queue) < window:
-                    queue.append(pool_.submit(decode, nxt))
-                    nxt += 1
-                i, arr, err = queue.popleft().result()
-                if err is not None:
-                    if on_error is None:
-                        raise err
-                    on_error(i, err)
-                    if progress:
-                        progress(1)
+            for i, arr, err in _in_order(pool_, decode, range(n), batch_size + 2 * self.decode_workers - 1):
+                if err is None:
+                    yield i, arr
                     continue
-                yield i, arr
+                if on_error is None:
+                    raise err
+                on_error(i, err)
+                if progress:
+                    progress(1)
 
-        def done(keys: list[int], result) -> tuple[list[int], object]:
-            if progress:
-                progress(len(keys))
-            return keys, result
+        def run(item: tuple[list[int], np.ndarray]) -> tuple[list[int], object]:
+            return item[0], compute(item[1])
 
         if n and compute in (self.raw_descriptors, self.local_sets):
             self.engine  # noqa: B018 - built here, once, not by several inference threads at once
-        with cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_:
+        with (cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_,
+              cf.ThreadPoolExecutor(max(1, self.infer_workers), thread_name_prefix="cbir-infer") as infer):
             batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
-            if self.infer_workers <= 1:
-                for keys, batch in batches:
-                    yield done(keys, compute(batch))
-                return
-            with cf.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="cbir-infer") as infer:
+            results = map(run, batches)
+            if self.infer_workers > 1:
                 # One batch queued beyond the running ones: a worker that finishes out of order
                 # starts the next batch at once instead of idling.
-                running: collections.deque = collections.deque()
-                for keys, batch in batches:
-                    running.append((keys, infer.submit(compute, batch)))
-                    if len(running) > self.infer_workers:
-                        k, fut = running.popleft()
-                        yield done(k, fut.result())
-                while running:
-                    k, fut = running.popleft()
-                    yield done(k, fut.result())
+                results = _in_order(infer, run, batches, self.infer_workers)
+            for keys, result in results:
+                if progress:
+                    progress(len(keys))
+                yield keys, result
 
     def iter_vectors(
         self,
@@ -559,6 +543,18 @@ class Extractor:
             t.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         if self.encoder is not None:
             self.encoder.load_state({k[4:]: v for k, v in state.items() if k.startswith("enc.")})
+
+
+def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """``fn`` over ``items`` in ``pool_``, results in order, with ``ahead`` items submitted beyond
+    the one being waited for (``items`` is drawn lazily, so memory stays bounded)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool_.submit(fn, item))
+        if len(pending) > ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def rescale_batch(batch: np.ndarray, scale: float) -> np.ndarray:

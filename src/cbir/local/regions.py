@@ -34,9 +34,6 @@ class RegionSpec:
     n: int  # levels for sliding windows, number of proposals
     size: int = 224  # each region is warped to size x size before the network
 
-    def __str__(self) -> str:
-        return f"regions:{self.method}{self.n}" + (f"@{self.size}" if self.size != 224 else "")
-
     def boxes(self, image: np.ndarray) -> list[Box]:
         return REGIONS.get(self.method).build(image, self.n)
 

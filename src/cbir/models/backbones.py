@@ -72,14 +72,16 @@ class Backbone(ABC):
         known = self.layer_names()
         for layer in layers:
             if layer not in known:
-                raise BackboneError(f"backbone {self.name!r} has no layer {layer!r}; choose one of: {', '.join(known)}")
+                raise BackboneError(f"backbone {self.name!r} has no layer {layer!r}; "
+                                    f"choose one of: {', '.join(known)}")
 
 
 def _tap_module(model, layers: Sequence[str]):
     import torch
     from timm.models import create_feature_extractor
 
-    node = {"head": "global_pool", "logits": getattr(model, "default_cfg", {}).get("classifier", "classifier")}
+    classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
+    node = {"head": "global_pool", "logits": classifier}
     nodes = {node.get(layer, layer): layer for layer in layers}
     extractor = create_feature_extractor(model, return_nodes=nodes)
     order = list(layers)
@@ -152,7 +154,8 @@ class TimmBackbone(Backbone):
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 first = str(e).splitlines()[0]
-                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}") from e
+                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
+                                    f"{first}") from e
         self._model = model.eval()
         return self._model
 
@@ -261,7 +264,8 @@ class OnnxGraphBackbone(Backbone):
     taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(batch.astype(np.float32)[..., ::-1] - np.asarray(self.mean_bgr, np.float32))
+        x = batch.astype(np.float32)[..., ::-1]  # RGB -> BGR
+        return np.ascontiguousarray(x - np.asarray(self.mean_bgr, np.float32))
 
     def layer_names(self) -> list[str]:
         return list(self.taps)

@@ -51,7 +51,7 @@ register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25),
 register_postprocess("PCAWS", _shrink,
                      "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)", "k",
                      arg=r"\d+(?:-\d*\.?\d+)?")
-register_postprocess("W", lambda arg: LayerFusion(None if arg == "learn" else tuple(map(float, arg.split("-")))),
+register_postprocess("W", lambda a: LayerFusion(None if a == "learn" else tuple(map(float, a.split("-")))),
                      "multi-layer fusion weights, one per layer: W0.3-0.7, or Wlearn (from a labelled set)", "weights",
                      arg=r"learn|\d*\.?\d+(?:-\d*\.?\d+)*")
 
