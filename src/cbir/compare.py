@@ -181,10 +181,9 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
     t0 = time.perf_counter()
     if ex.needs_fit:
         fit = m.raw.get("fit") or []
-        ok = [i for i, v in enumerate(fit) if v is not None]
-        if not ok:
+        if all(v is None for v in fit):
             raise ValueError("this pipeline has learned steps: give a separate image set with --fit-on DIR")
-        ex.fit_raw([fit[i] for i in ok], [fit_labels[i] for i in ok] if fit_labels is not None else None)
+        ex.fit_raw(fit, fit_labels)
     t_fit = time.perf_counter() - t0
 
     def finish(part: str) -> np.ndarray:
@@ -192,8 +191,7 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
         ok = [i for i, v in enumerate(vals) if v is not None]
         if not ok:
             raise ValueError(f"no {part} image could be read")
-        raw = ex.encoder.encode([vals[i] for i in ok]) if ex.encoder is not None else np.stack([vals[i] for i in ok])
-        x = ex.postprocess(raw)
+        x = ex.postprocess(ex.encode([vals[i] for i in ok]))
         out = np.full((len(vals), x.shape[1]), np.nan, np.float32)
         out[ok] = x
         return out

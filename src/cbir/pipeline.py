@@ -317,7 +317,7 @@ class Extractor:
         """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32: the
         layers' pooled vectors concatenated, scales merged; regions: the encoded region descriptors."""
         if self.regions is not None:
-            return self.encoder.encode(self.local_sets(batch))
+            return self.encode(self.local_sets(batch))
         return self.raw_from_maps(self.forward(batch))
 
     def forward(self, batch: np.ndarray, engine=None) -> list[dict[str, np.ndarray]]:
@@ -339,12 +339,7 @@ class Extractor:
         parts = []
         for layer in self.spec.layers:
             per_scale = [self._pool_one(m[layer]) for m in maps]
-            if len(per_scale) == 1:
-                v = per_scale[0]
-            elif method is None:
-                v = torch.stack(per_scale).mean(dim=0)
-            else:
-                v = combine_scales(per_scale, method, value)
+            v = per_scale[0] if len(per_scale) == 1 else combine_scales(per_scale, method, value)
             parts.append(v.numpy().astype(np.float32))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
@@ -398,16 +393,13 @@ class Extractor:
         """The one extraction loop: yield ``(indices, compute(batch))`` batch by batch.
 
         ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
-        `raw_descriptors`; `cbir.compare` asks for the feature maps of its own engine, `fit` for
-        region sets).
-        Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
-        called with the number of images done, good or bad.
+        `raw_descriptors`; `cbir.compare` asks for its own engine's feature maps, `fit` for region
+        sets). Bad images go to ``on_error`` (without it the first one raises); ``progress`` gets
+        the number of images done, good or bad; both are called from this (the consumer's) thread.
 
         ``decode_workers`` threads decode and scale images (Pillow releases the GIL) while the
-        engine runs the batch before; only a bounded window is decoded ahead, so memory holds
-        about one or two batches of pixels. Images of equal size after scaling are batched
-        together; batches come out in the order they were formed; ``on_error`` and ``progress``
-        are called from this (the consumer's) thread.
+        engine runs the batch before; a bounded window is decoded ahead, so memory holds about
+        one or two batches of pixels. Images of equal size after scaling are batched together.
         """
         compute = compute or self.raw_descriptors
         n = len(sources)
@@ -507,28 +499,27 @@ class Extractor:
         for keys, part in self.iter_batches(sources, on_error=on_error, compute=compute):
             for k, r in zip(keys, part):
                 raw[k] = r
-        ok = [i for i, r in enumerate(raw) if r is not None]
-        if not ok:
+        if all(r is None for r in raw):
             raise PipelineError("no image of the fitting set could be read")
-        return self.fit_raw([raw[i] for i in ok], [labels[i] for i in ok] if labels is not None else None)
+        return self.fit_raw(raw, labels)
 
-    def fit_raw(self, raw: Sequence[np.ndarray], labels: Sequence | None = None) -> "Extractor":
-        """Fit on raw descriptors, one per image (region pipelines: each image's region
-        descriptors): the encoder's vocabulary first, then the post-processing steps in
-        order (``labels`` for ``Wlearn``)."""
+    def fit_raw(self, raw: Sequence[np.ndarray | None], labels: Sequence | None = None) -> "Extractor":
+        """Fit on raw descriptors, one per image (None: an image that failed, skipped): the
+        encoder's vocabulary first, then the post-processing steps in order (``labels`` for ``Wlearn``)."""
+        ok = [i for i, r in enumerate(raw) if r is not None]
+        raw = [raw[i] for i in ok]
         if self.encoder is not None:
-            self.encoder.fit(list(raw))
-            x = self.encoder.encode(list(raw))
-        else:
-            x = np.stack(raw)
-        y = np.asarray(labels, dtype=object) if labels is not None else None
+            self.encoder.fit(raw)
+        x = self.encode(raw)
+        y = np.asarray([labels[i] for i in ok], dtype=object) if labels is not None else None
         for t in self.post:
-            if getattr(t, "supervised", False):
-                t.fit(x, y)
-                x = t.transform(x)
-            else:
-                x = t.fit_transform(x)
+            args = (x, y) if getattr(t, "supervised", False) else (x,)
+            x = t.fit(*args).transform(x)
         return self
+
+    def encode(self, raw: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw descriptors, one per image (region pipelines: each image's region descriptors) -> ``(N, C)``."""
+        return self.encoder.encode(list(raw)) if self.encoder is not None else np.stack(raw)
 
     def post_state(self) -> dict[str, np.ndarray]:
         """Learned state of the post-processing steps (``<i>.<attr>``) and the encoder (``enc.<attr>``)."""

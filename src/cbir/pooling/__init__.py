@@ -70,12 +70,14 @@ def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context)
 _NEEDS_ARGS = {"classifier": ("weight", "bias")}  # the context arguments each need names
 
 
-def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod, value: float | None) -> torch.Tensor:
-    """Merge one image's descriptors at several input scales as the pooling method requires."""
+def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod | None,
+                   value: float | None) -> torch.Tensor:
+    """Merge one image's descriptors at several input scales as the pooling method (None: mean) requires."""
     stack = torch.stack(list(vectors))
-    if method.combine == "max":
+    combine = method.combine if method is not None else "mean"
+    if combine == "max":
         return stack.amax(dim=0)
-    if method.combine == "power":
+    if combine == "power":
         p = float(value if value is not None else 1.0)
         return stack.clamp(min=1e-6).pow(p).mean(dim=0).pow(1.0 / p)
     return stack.mean(dim=0)
