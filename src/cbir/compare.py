@@ -242,10 +242,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 def _split_methods(methods: list[str] | None) -> list[str]:
     if not methods:
         return list(DEFAULT_METHODS)
-    out = []
-    for m in methods:
-        out += [x.strip() for x in m.split(";") if x.strip()]
-    return out
+    return [x.strip() for m in methods for x in m.split(";") if x.strip()]
 
 
 def compare(

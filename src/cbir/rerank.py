@@ -150,9 +150,6 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     return out
 
 
-# ----------------------------------------------------------------------------- tokens
-
-
 @dataclass(frozen=True)
 class Reranker:
     """One parsed re-ranking token."""

@@ -39,11 +39,7 @@ file_sha256 = lru_cache(maxsize=32)(sha256_file)
 
 @dataclass
 class Backbone(ABC):
-    """A pretrained network with named taps.
-
-    Input: a uint8 batch ``(N, H, W, 3)`` in RGB; `prepare` turns it into what the network
-    wants. Output of the built module / graph: one array per requested layer.
-    """
+    """A pretrained network with named taps; its module / graph returns one array per requested layer."""
 
     name: str
     default_layer: str

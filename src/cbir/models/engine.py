@@ -38,8 +38,7 @@ ENGINES = Registry("engine", error=BackboneError)
 
 def cache_dir() -> Path:
     """Where exported graphs live: $CBIR_CACHE_DIR, else the platform's user cache dir."""
-    env = os.environ.get("CBIR_CACHE_DIR")
-    if env:
+    if env := os.environ.get("CBIR_CACHE_DIR"):
         return Path(env)
     from platformdirs import user_cache_dir
 

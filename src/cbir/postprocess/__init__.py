@@ -1,24 +1,16 @@
 """Post-processing of descriptors: normalisation, PCA, PCA-whitening variants, layer fusion.
 
-The registry maps pipeline tokens (``L2``, ``PCA128``, ``PCAW128``, ``PCAWR128``,
+The `POSTPROCESS` registry maps pipeline tokens (``L2``, ``PCA128``, ``PCAW128``, ``PCAWR128``,
 ``PCAWS128``, ``POW0.5``, ``W0.3-0.7``, ``Wlearn``) to transform factories. Adding a step is
-one class in `transforms` plus one `register_postprocess` line (an entry of the `POSTPROCESS`
-`cbir.registry.Registry`).
+one class in `transforms` plus one `register_postprocess` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from cbir.postprocess.transforms import (
-    PCA,
-    L2Normalizer,
-    LayerFusion,
-    NotFittedError,
-    PowerNormalizer,
-    Transform,
-    WhiteningPCA,
-)
+from cbir.postprocess.transforms import (PCA, L2Normalizer, LayerFusion, NotFittedError, PowerNormalizer,
+                                         Transform, WhiteningPCA)
 from cbir.registry import Registry
 
 POSTPROCESS = Registry("post-processing step")
