@@ -11,30 +11,20 @@ The string reads left to right in the order the data flows, like a faiss factory
     efficientnet_lite0/head,long512,regions:sliding3,VLAD32,L2
     ^region descriptors             ^regions         ^encoder
 
-- backbone: a registered name (``cbir models``) or ``timm:<model>``; ``/layer`` is optional
-  (the backbone's default). ``head`` is the backbone's own pooled global feature and takes
-  no pooling token; ``logits`` is its classifier output. ``/a+b`` taps several layers: each is
-  pooled and L2-normalised, and a fusion step ``W<w_a>-<w_b>`` (or ``Wlearn``, learned from a
-  labelled set) must come first among the post-processing steps.
-- input: ``long<S>`` (longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop).
-- scales (optional): ``MS<n>`` runs the network at scales 1, 1/sqrt2, 1/2, ... (n of them), or
-  ``scales1-0.7-0.5`` at the listed ones; the per-scale descriptors merge as the pooling
-  requires (GeM: power mean with its p; MAX, SPP: max; others: mean).
-- regions (optional): ``regions:sliding<L>`` or ``regions:proposals<N>`` [``@<size>``]: each
-  region goes through the network; an encoder ``BoW<k>`` / ``VLAD<k>`` / ``FV<k>`` follows the
-  pooling (see `cbir.local`).
-- pooling: ``SUM``, ``AVE``, ``MAX``, ``GeM<p>``, ``RMAC<L>``, ``SPP``, ``CroW``, ``SCDA``,
-  ``CAM<k>`` (see `cbir.pooling`).
-- post-processing: ``L2``, ``POW<a>``, ``PCA<k>``, ``PCAW<k>``, ``PCAWR<k>``, ``PCAWS<k>``,
-  ``W...`` (see `cbir.postprocess`); learned steps (PCA, vocabularies, ``Wlearn``) are fitted
-  (``fit``) on a separate image set and saved with the index.
-- re-ranking (last): ``QE<k>``, ``aQE<k>a<alpha>``, ``DBA<k>``, ``KRR<k1>``, ``DIFF<k>`` (see
-  `cbir.rerank`). They act at search time on the database vectors, so they are not part of
-  the descriptor's identity: an index built without them can be searched with them.
+The vocabulary of each stage is its registry's (`cbir pipelines` lists it, docs/methods.md
+explains it). ``/layer`` is optional (the backbone's default). The input is ``long<S>``
+(longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop). ``head``
+(the backbone's own pooled feature) and ``logits`` are vectors and take no pooling; several
+layers ``a+b`` are each pooled and need a fusion step ``W...`` first among the post-processing
+steps. ``MS<n>`` / ``scales...`` merge the per-scale descriptors as the pooling requires;
+``regions:...`` put each region through the network, and an encoder follows the pooling.
+Learned steps (PCA, vocabularies, ``Wlearn``) are fitted on a separate image set and saved
+with the index.
 
-The string (less its re-ranking steps) plus the weights' hash identify the descriptor: an
-index refuses queries from a pipeline whose identity differs. The engine (onnx / torch) is
-not part of it: both compute the same function to ~1e-5.
+The string less its re-ranking steps, plus the weights' hash, identify the descriptor: an index
+refuses queries from a pipeline whose identity differs, and can be searched with any re-ranking
+(it acts at search time). The engine (onnx / torch) is not part of it: both compute the same
+function to ~1e-5.
 """
 
 from __future__ import annotations

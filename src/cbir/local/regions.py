@@ -6,14 +6,11 @@ always the whole image.
 Sliding windows (``regions:sliding<L>``): square windows at L scales laid out as in R-MAC
 (side ``2 min(h, w) / (l + 1)`` at level l, about 40% overlap; `cbir.pooling.functional.rmac_regions`).
 
-Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013), our own
-implementation over scikit-image's Felzenszwalb-Huttenlocher graph segmentation: the initial
-segments are merged greedily, always the most similar adjacent pair, by the sum of the colour
-(histogram intersection of 25-bin per-channel histograms), size and fill similarities (the
-paper's "C+S+F" strategy, on one colour space); every segment ever formed is a proposal.
-Proposals are ranked by their position in the hierarchy (latest merges, i.e. the largest
-objects, first), near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, and
-the N best kept.
+Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013) over
+scikit-image's Felzenszwalb-Huttenlocher segmentation: the most similar adjacent segments are
+merged greedily by colour (intersection of 25-bin per-channel histograms) + size + fill
+similarity; every segment ever formed is a proposal, the latest merges (the largest objects)
+first, near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, the N best kept.
 """
 
 from __future__ import annotations
