@@ -113,9 +113,8 @@ class PipelineSpec:
             except ValueError as e:
                 raise PipelineError(str(e)) from None
             if stage is None:
-                raise PipelineError(
-                    f"unknown pipeline step {tok!r} in {text!r}; see `cbir pipelines` for the vocabulary"
-                )
+                raise PipelineError(f"unknown pipeline step {tok!r} in {text!r}; "
+                                    "see `cbir pipelines` for the vocabulary")
             i = _STAGES.index(stage)
             if i < last or (i == last and stage not in ("post", "rerank")):
                 order = " -> ".join(_STAGES)
@@ -127,9 +126,9 @@ class PipelineSpec:
             found[stage].append(tok)
         if not found["input"]:
             raise PipelineError(f"pipeline {text!r} needs an input size, e.g. long512 or crop224")
-        one = {s: (found[s][0] if found[s] else None) for s in ("scales", "regions", "pooling", "encoder")}
-        spec = cls(backbone, layer or "", Resize.parse(found["input"][0]), one["pooling"], tuple(found["post"]),
-                   one["scales"], one["regions"], one["encoder"], tuple(found["rerank"]))
+        first = {s: next(iter(found[s]), None) for s in ("scales", "regions", "pooling", "encoder")}
+        spec = cls(backbone, layer or "", Resize.parse(found["input"][0]), post=tuple(found["post"]),
+                   rerank=tuple(found["rerank"]), **first)
         spec._check()
         return spec
 
@@ -317,11 +316,8 @@ class Extractor:
         engine with the union of its pipelines' layers and lets each pool what it needs.
         """
         engine = engine or self.engine
-        out = []
-        for s in self.scales:
-            b = batch if s == 1.0 else rescale_batch(batch, s)
-            out.append(dict(zip(engine.layers, engine.run(b))))
-        return out
+        scaled = (batch if s == 1.0 else rescale_batch(batch, s) for s in self.scales)
+        return [dict(zip(engine.layers, engine.run(b))) for b in scaled]
 
     def raw_from_maps(self, maps: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Feature maps (one dict per scale, holding at least this pipeline's layers) -> raw ``(N, D)``."""

@@ -108,8 +108,7 @@ def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: 
     for i in range(nq):
         inter = np.minimum(V[i][None, :], V[nq:]).sum(axis=1)
         jaccard[i] = 1.0 - inter / (2.0 - inter)
-    final = (1 - lam) * jaccard + lam * dist[:nq, nq:]
-    return -final
+    return -((1 - lam) * jaccard + lam * dist[:nq, nq:])
 
 
 def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, gamma: float = 3.0,
@@ -145,8 +144,7 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     for i in range(len(q)):
         y = np.zeros(n)
         y[qn[i]] = np.clip(qs[i, qn[i]], 0, None) ** gamma
-        f, _ = cg(L, y, rtol=tol, maxiter=iters)
-        out[i] = f
+        out[i] = cg(L, y, rtol=tol, maxiter=iters)[0]
     return out
 
 

@@ -96,17 +96,12 @@ def selective_search(image: np.ndarray, n: int = 16, work_size: int = 256, scale
     H, W = image.shape[:2]
     f = min(1.0, work_size / max(H, W))
     small = np.asarray(Image.fromarray(image).resize((max(1, round(W * f)), max(1, round(H * f))), Image.BILINEAR))
-    h, w = small.shape[:2]
     seg = felzenszwalb(small, scale=scale, sigma=sigma, min_size=min_size)
-    hierarchy = _group(small, seg)
-    whole = (0, 0, W, H)
-    out: list[Box] = [whole]
-    for (x0, y0, x1, y1) in reversed(hierarchy):
+    out: list[Box] = [(0, 0, W, H)]
+    for (x0, y0, x1, y1) in reversed(_group(small, seg)):
         box = (int(x0 / f), int(y0 / f), min(W, int(np.ceil(x1 / f))), min(H, int(np.ceil(y1 / f))))
-        if (box[2] - box[0]) * (box[3] - box[1]) < 0.02 * W * H:
-            continue
-        if any(_iou(box, b) > 0.8 for b in out):
-            continue
+        if (box[2] - box[0]) * (box[3] - box[1]) < 0.02 * W * H or any(_iou(box, b) > 0.8 for b in out):
+            continue  # a sliver, or a near-duplicate
         out.append(box)
         if len(out) > n:
             break

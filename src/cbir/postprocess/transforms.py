@@ -6,6 +6,8 @@ only by ``fit``. Every transform maps ``(N, D)`` float32 to ``(N, D')`` float32.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -188,19 +190,11 @@ def learn_layer_weights(blocks: list[np.ndarray], y: np.ndarray, step: float = 0
     m = int(round(1 / step))
     best, best_w = -1.0, None
     uniform = np.full(n, 1.0 / n)
-    for combo in _simplex(n, m):
+    simplex = (c for c in itertools.product(range(m + 1), repeat=n) if sum(c) == m)  # in steps of 1/m
+    for combo in simplex:
         w = np.asarray(combo, np.float64) / m
         score = loo_map(sum(wi * s for wi, s in zip(w, sims)), y)
         if score > best + 1e-9 or (abs(score - best) <= 1e-9 and np.abs(w - uniform).sum() < np.abs(best_w - uniform).sum()):
             best, best_w = score, w
     return best_w.astype(np.float32)
 
-
-def _simplex(n: int, m: int):
-    """All n-tuples of non-negative integers summing to m."""
-    if n == 1:
-        yield (m,)
-        return
-    for i in range(m + 1):
-        for rest in _simplex(n - 1, m - i):
-            yield (i,) + rest
