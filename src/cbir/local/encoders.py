@@ -22,12 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cbir.postprocess.transforms import PCA, NotFittedError, Transform
+from cbir.postprocess.transforms import PCA, NotFittedError, Transform, l2_normalize
 from cbir.registry import Registry
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 25, seed: int = 0) -> np.ndarray:
@@ -67,13 +63,13 @@ class LocalEncoder(Transform):
         self.d = d
 
     def prepare(self, locals_: np.ndarray) -> np.ndarray:
-        x = _l2(np.asarray(locals_, np.float32))
+        x = l2_normalize(np.asarray(locals_, np.float32))
         if hasattr(self, "pca_components_"):
-            x = _l2((x - self.pca_mean_) @ self.pca_components_.T)
+            x = l2_normalize((x - self.pca_mean_) @ self.pca_components_.T)
         return x.astype(np.float32)
 
     def fit(self, sets: Sequence[np.ndarray]) -> "LocalEncoder":
-        x = _l2(np.concatenate(list(sets)).astype(np.float32))
+        x = l2_normalize(np.concatenate(list(sets)).astype(np.float32))
         if x.shape[1] > self.d:
             pca = PCA(self.d).fit(x)
             self.pca_mean_, self.pca_components_ = pca.mean_, pca.components_
@@ -104,7 +100,7 @@ class BoW(LocalEncoder):
 
     def encode_one(self, x: np.ndarray) -> np.ndarray:
         tf = np.bincount(assign(x, self.centroids_), minlength=self.k) / max(len(x), 1)
-        return _l2(tf * self.idf_)
+        return l2_normalize(tf * self.idf_)
 
 
 @ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
@@ -120,7 +116,7 @@ class VLAD(LocalEncoder):
         v = np.zeros_like(self.centroids_, dtype=np.float64)
         np.add.at(v, a, x - self.centroids_[a])
         v = np.sign(v) * np.sqrt(np.abs(v))
-        return _l2(_l2(v).ravel())  # intra-normalised, then L2
+        return l2_normalize(l2_normalize(v).ravel())  # intra-normalised, then L2
 
 
 @ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
@@ -176,7 +172,7 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
     g_sig = (g[..., None] * (z**2 - 1)).sum(0) / (t * np.sqrt(2 * w)[:, None])
     fv = np.concatenate([g_mu.ravel(), g_sig.ravel()])
     fv = np.sign(fv) * np.sqrt(np.abs(fv))
-    return _l2(fv)
+    return l2_normalize(fv)
 
 
 def parse_encoder(token: str) -> LocalEncoder | None:

@@ -11,6 +11,11 @@ import itertools
 import numpy as np
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Each row (vector along the last axis) divided by its L2 norm; rows of zeros stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 class NotFittedError(RuntimeError):
     """A learned transform was used before ``fit``."""
 
@@ -43,8 +48,7 @@ class L2Normalizer(Transform):
     """Divide each row by its L2 norm (rows of zeros stay zero)."""
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        n = np.linalg.norm(x, axis=1, keepdims=True)
-        return (x / np.maximum(n, 1e-12)).astype(np.float32)
+        return l2_normalize(x).astype(np.float32)
 
 
 class PowerNormalizer(Transform):
@@ -145,7 +149,7 @@ class LayerFusion(Transform):
         if sum(dims) != x.shape[1]:
             raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
         blocks = np.split(x, np.cumsum(dims)[:-1], axis=1)
-        return [b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) for b in blocks]
+        return [l2_normalize(b) for b in blocks]
 
     def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
         if not self.learned:
