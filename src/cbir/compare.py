@@ -84,18 +84,10 @@ class _Member:
     seconds: float = 0.0  # own aggregation time on database + query images
 
 
-def compare_pipelines(
-    bench,
-    pipelines: Sequence[str],
-    fit_paths: Sequence[Path] | None = None,
-    fit_labels: Sequence | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    crop: bool = True,
-    threads: int | None = None,
-    progress: Callable | None = None,
-    warn: Callable[[str], None] = print,
-) -> list[dict]:
+def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path] | None = None,
+                      fit_labels: Sequence | None = None, weights: str | Path | None = None,
+                      engine: str = "onnx", crop: bool = True, threads: int | None = None,
+                      progress: Callable | None = None, warn: Callable[[str], None] = print) -> list[dict]:
     """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given.
 
     A row: ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, and ``error`` for a

@@ -84,12 +84,9 @@ def list_images(root: str | Path, unreadable: list[OSError] | None = None) -> li
     return sorted(out)
 
 
-def open_image(
-    source: str | Path | bytes | Image.Image,
-    resize: Resize | None = None,
-    bbox: tuple[float, float, float, float] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
+def open_image(source: str | Path | bytes | Image.Image, resize: Resize | None = None,
+               bbox: tuple[float, float, float, float] | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path, encoded bytes, or a decoded image) to RGB, crop ``bbox``, scale by ``resize``.
 
     JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
@@ -186,9 +183,8 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def batches_by_shape(
-    items: Iterator[tuple[int, np.ndarray]], batch_size: int, max_pending: int | None = None,
-) -> Iterator[tuple[list[int], np.ndarray]]:
+def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int,
+                     max_pending: int | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
     """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape.
 
     ``max_pending`` bounds how many images wait for a partner of their shape: past it, the

@@ -53,6 +53,13 @@ from cbir.rerank import Reranker, check_order, parse_rerank
 
 DEFAULT_PIPELINE = "efficientnet_lite0/bn2,long384,GeM3,L2"
 
+# The extraction loop's arguments: images (paths, encoded bytes or PIL images), optional boxes,
+# what takes each bad image (index, error), what counts the images done.
+_Sources = Sequence[str | Path | bytes]
+_Boxes = Sequence[Sequence[float] | None] | None
+_OnError = Callable[[int, ImageError], None] | None
+_Progress = Callable[[int], object] | None
+
 
 class PipelineError(ValueError):
     """A pipeline string or option that cannot be used; the message says which part."""
@@ -368,14 +375,9 @@ class Extractor:
             x = t.transform(x)
         return x.astype(np.float32)
 
-    def iter_batches(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        compute: Callable[[np.ndarray], object] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> Iterator[tuple[list[int], object]]:
+    def iter_batches(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                     compute: Callable[[np.ndarray], object] | None = None,
+                     progress: _Progress = None) -> Iterator[tuple[list[int], object]]:
         """The one extraction loop: yield ``(indices, compute(batch))`` batch by batch.
 
         ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
@@ -427,24 +429,14 @@ class Extractor:
                     progress(len(keys))
                 yield keys, result
 
-    def iter_vectors(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> Iterator[tuple[list[int], np.ndarray]]:
+    def iter_vectors(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                     progress: _Progress = None) -> Iterator[tuple[list[int], np.ndarray]]:
         """Yield ``(indices, descriptors (n, D))`` batch by batch: `iter_batches`, post-processed."""
         for keys, raw in self.iter_batches(sources, bboxes, on_error, progress=progress):
             yield keys, self.postprocess(raw)
 
-    def extract(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> np.ndarray:
+    def extract(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                progress: _Progress = None) -> np.ndarray:
         """Images (paths, encoded bytes or PIL images; each with an optional box) -> descriptors
         ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN."""
         out = None
@@ -472,7 +464,7 @@ class Extractor:
         self.batch_size = measured_batch_size(self)
         return self.batch_size
 
-    def fit(self, sources: Sequence[str | Path | bytes], on_error=None,
+    def fit(self, sources: _Sources, on_error: _OnError = None,
             labels: Sequence | None = None) -> "Extractor":
         """Learn the pipeline's learned steps on ``sources`` (a set separate from the database);
         ``labels`` (one per source; default: the folder names) are for ``Wlearn`` only."""

@@ -136,10 +136,8 @@ class TimmBackbone(Backbone):
         except RuntimeError as e:  # unknown name
             raise BackboneError(f"timm has no model {self.timm_name!r}") from e
         except Exception as e:  # hub unreachable: say so in one line
-            raise BackboneError(
-                f"could not download weights for {self.timm_name!r} from the hub "
-                f"({type(e).__name__}); pass --weights PATH to a local state dict"
-            ) from e
+            raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
+                                f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
         if self.weights is not None:
             state = torch.load(self.weights, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
@@ -185,10 +183,8 @@ class TimmBackbone(Backbone):
             # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
             # yet export timm's feature extractors with dynamic height and width.
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, (x,), str(path), dynamo=False, input_names=["image"],
-                output_names=outputs, dynamic_axes=dynamic, opset_version=17,
-            )
+            torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["image"],
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=17)
 
 
 def _is_tap_candidate(name: str) -> bool:

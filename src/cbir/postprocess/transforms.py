@@ -80,10 +80,8 @@ class PCA(Transform):
         x = np.asarray(x, dtype=np.float64)
         n, d = x.shape
         if self.n_components > min(n, d):
-            raise ValueError(
-                f"PCA to {self.n_components} dims needs at least {self.n_components} fitting "
-                f"images of dimension >= {self.n_components}; got {n} of dimension {d}"
-            )
+            raise ValueError(f"PCA to {self.n_components} dims needs at least {self.n_components} fitting "
+                             f"images of dimension >= {self.n_components}; got {n} of dimension {d}")
         mean = x.mean(axis=0)
         eigval, eigvec = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=False))
         order = np.argsort(eigval)[::-1][: self.n_components]
