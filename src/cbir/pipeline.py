@@ -240,9 +240,8 @@ class Extractor:
     batch_size: int = 8  # 0: sized by measurement (cbir.models.batch_size), cached per machine
     decode_workers: int = 2
     # Batches in the engine at once: two keep the cores busy while one batch's run winds down
-    # (+10-15% images/s on 2 cores, measured). Each gets cores/infer_workers engine threads
-    # (`engine_threads`), so one lone image runs on that share: `Searcher`, which serves single
-    # queries, uses infer_workers=1 to keep the whole machine for each query.
+    # (+10-15% images/s on 2 cores). Each gets a share of the cores (`engine_threads`), so
+    # `Searcher`, which serves single queries, uses 1 to give each query the whole machine.
     infer_workers: int = 2
     post: list[Transform] = field(init=False)
 

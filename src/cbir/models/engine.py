@@ -123,12 +123,9 @@ _MAX_SESSIONS = 4
 
 
 def onnx_session(path: str, threads: int):
-    """An ONNX Runtime session over ``path``, shared by the engines of this process.
-
-    Building one (graph load + optimisation) takes ~50 ms and its own copy of the weights;
-    ``run`` is thread-safe, so extractors over the same graph (one per `update_index` call,
-    per request of a long-lived service...) share it. The graph file is content-addressed
-    (its name hashes the backbone, weights and layers), so a cached session is never stale.
+    """An ONNX Runtime session over ``path``, shared by the engines of this process (building
+    one takes ~50 ms and a copy of the weights; ``run`` is thread-safe). The graph file is
+    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale.
     """
     import onnxruntime as ort
 
