@@ -202,8 +202,7 @@ def _diffusion(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
 
 def parse_rerank(token: str) -> Reranker | None:
     """``"aQE10a3"`` -> Reranker(aQE, k=10, alpha=3); not a re-ranking token -> None."""
-    found = RERANKERS.match(token)
-    if found is None:
+    if (found := RERANKERS.match(token)) is None:
         return None
     entry, m = found
     given = {name: text for name, text in m.groupdict().items() if text}

@@ -177,8 +177,7 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
 
 def parse_encoder(token: str) -> LocalEncoder | None:
     """``"VLAD64"`` -> VLAD(k=64, d=64); ``"FV16d32"`` -> FisherVector(16, d=32); else None."""
-    found = ENCODERS.match(token)
-    if found is None:
+    if (found := ENCODERS.match(token)) is None:
         return None
     cls, m = found[0].build, found[1]
     return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else 64)

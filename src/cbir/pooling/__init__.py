@@ -48,8 +48,7 @@ register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summ
 
 def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
     """``"GeM3"`` -> (GeM, 3.0); ``"MAX"`` -> (MAX, None); not a pooling token -> None."""
-    found = POOLINGS.match(token)
-    if found is None:
+    if (found := POOLINGS.match(token)) is None:
         return None
     method, value = found[0], found[1].group(1)
     if value is not None and method.option is None:

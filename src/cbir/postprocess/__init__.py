@@ -55,8 +55,7 @@ def parse_postprocess(token: str) -> Transform | None:
         if step.option is not None and step.default is None:
             raise ValueError(f"{token!r} needs a number, e.g. {token}128")
         return step.build(step.default)
-    found = POSTPROCESS.match(token)
-    if found is None:
+    if (found := POSTPROCESS.match(token)) is None:
         return None
     step, m = found
     return step.build(m.group(0) if step.text else float(m.group(0)))
