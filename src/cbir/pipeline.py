@@ -392,6 +392,7 @@ class Extractor:
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n
         batch_size = self.resolved_batch_size()
+        window = batch_size + 2 * self.decode_workers  # images decoding or decoded ahead
 
         def decode(i: int):
             try:
@@ -400,7 +401,7 @@ class Extractor:
                 return i, None, e
 
         def decoded(pool_: cf.ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
-            for i, arr, err in _in_order(pool_, decode, range(n), batch_size + 2 * self.decode_workers - 1):
+            for i, arr, err in _in_order(pool_, decode, range(n), window):
                 if err is None:
                     yield i, arr
                     continue
@@ -422,7 +423,7 @@ class Extractor:
             if self.infer_workers > 1:
                 # One batch queued beyond the running ones: a worker that finishes out of order
                 # starts the next batch at once instead of idling.
-                results = _in_order(infer, run, batches, self.infer_workers)
+                results = _in_order(infer, run, batches, self.infer_workers + 1)
             for keys, result in results:
                 if progress:
                     progress(len(keys))
@@ -513,13 +514,13 @@ class Extractor:
             self.encoder.load_state({k[4:]: v for k, v in state.items() if k.startswith("enc.")})
 
 
-def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
-    """``fn`` over ``items`` in ``pool_``, results in order, with ``ahead`` items submitted beyond
-    the one being waited for (``items`` is drawn lazily, so memory stays bounded)."""
+def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``fn`` over ``items`` in ``pool_``, results in order, with at most ``window`` items submitted
+    and not yet yielded (``items`` is drawn lazily, so memory stays bounded)."""
     pending: collections.deque = collections.deque()
     for item in items:
         pending.append(pool_.submit(fn, item))
-        if len(pending) > ahead:
+        if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
