@@ -50,11 +50,8 @@ _K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
 
 
 class LocalEncoder(Transform):
-    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``.
-
-    Subclasses learn the vocabulary (``_fit_vocabulary``) and encode one image's prepared
-    local descriptors (``encode_one``); `Transform` saves and loads the ``_`` attributes.
-    """
+    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``. Subclasses
+    define ``_fit_vocabulary(x, sets)`` and ``encode_one(x)`` (one image's prepared locals)."""
 
     learned = True
 
