@@ -94,18 +94,16 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     path = src.with_name(f"{src.stem}-int8v{QUANT_VERSION}.onnx")
     if path.exists():
         return path
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    feeds = iter(calibration_batches(backbone))
-    import onnxruntime as ort
-
     input_name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    feeds = iter([{input_name: x} for x in calibration_batches(backbone)])
 
     class Reader(CalibrationDataReader):
         def get_next(self):
-            x = next(feeds, None)
-            return None if x is None else {input_name: x}
+            return next(feeds, None)
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
