@@ -1,18 +1,11 @@
 """Re-ranking after the first search: query expansion, database augmentation, k-reciprocal, diffusion.
 
 Pure functions on L2-normalised descriptors, queries ``q (Q, D)`` and database ``db (N, D)``;
-inner products are the similarities. Pipeline tokens (after the post-processing steps):
-
-==============  =============================================================================
-``QE<k>``       average query expansion (Chum et al. 2007): the query plus its top k, averaged
-``aQE<k>a<α>``  alpha query expansion (Radenovic et al. 2018): neighbours weighted by sim^α (α=3)
-``DBA<k>[a<α>]`` database-side augmentation (Arandjelovic & Zisserman 2012): every database
-                vector replaced by the (sim^α-weighted) mean of its top k (itself first)
-``KRR<k1>[-k2-λ]`` k-reciprocal re-ranking (Zhong et al. 2017): Jaccard distance of
-                k-reciprocal neighbour sets mixed with the original distance (k2=6, λ=0.3)
-``DIFF<k>[a<α>]`` diffusion on the mutual k-NN graph (Iscen et al. 2017): solves
-                (I - α S) f = y by conjugate gradient (k=10, α=0.99, γ=3)
-==============  =============================================================================
+inner products are the similarities. Pipeline tokens (after the post-processing steps; their
+forms and defaults: `RERANKERS`): ``QE<k>`` / ``aQE<k>a<alpha>`` average / alpha query expansion
+(Chum et al. 2007, Radenovic et al. 2018), ``DBA<k>`` database-side augmentation (Arandjelovic &
+Zisserman 2012), ``KRR<k1>`` k-reciprocal re-ranking (Zhong et al. 2017), ``DIFF<k>`` diffusion
+on the mutual k-NN graph, solved by conjugate gradient (Iscen et al. 2017).
 
 Steps run in order: the vector steps (``DBA``, ``QE``, ``aQE``) change the query or database
 vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must come last.
