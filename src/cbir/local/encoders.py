@@ -4,16 +4,7 @@ Each encoder is learned on the region descriptors of a separate image set (`fit`
 state (attributes ending in ``_``) is saved with the index, like the post-processing steps.
 Before encoding, the local descriptors are L2-normalised, reduced by PCA to ``d`` dims
 (64 unless the token says ``d<dims>``; learned with the vocabulary) and L2-normalised again.
-
-- ``BoW<k>``: k-means vocabulary of k visual words; hard assignment; tf-idf weighting
-  (tf = count / number of regions, idf = log(N images / images containing the word)); L2.
-- ``VLAD<k>``: k-means centroids; the residuals ``x - c`` summed per centroid; power
-  normalisation (signed square root), intra-normalisation (L2 per centroid block), then L2.
-- ``FV<k>``: diagonal-covariance GMM of k components (EM from a k-means start); the Fisher
-  vector's gradients with respect to the means and the variances (Perronnin et al. 2010,
-  2 k d dims); power normalisation (signed square root), then L2.
-
-Adding an encoder is one class plus one `ENCODERS.register` line.
+Adding an encoder is one class with an `ENCODERS.register` decorator.
 """
 
 from __future__ import annotations
@@ -86,7 +77,8 @@ class LocalEncoder(Transform):
 @ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
                    option="k", pattern=_K_DIMS)
 class BoW(LocalEncoder):
-    """Bag of visual words with tf-idf weighting."""
+    """Bag of visual words: k-means vocabulary, hard assignment, tf-idf weighting (tf = count /
+    number of regions, idf = log(N images / images containing the word)), L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.centroids_ = kmeans(x, self.k)
@@ -103,7 +95,8 @@ class BoW(LocalEncoder):
 @ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
                    option="k", pattern=_K_DIMS)
 class VLAD(LocalEncoder):
-    """Vector of locally aggregated descriptors, power- and intra-normalised."""
+    """VLAD: the residuals ``x - c`` summed per k-means centroid; power normalisation (signed
+    square root), intra-normalisation (L2 per centroid block), then L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.centroids_ = kmeans(x, self.k)
@@ -119,7 +112,8 @@ class VLAD(LocalEncoder):
 @ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
                    option="k", pattern=_K_DIMS)
 class FisherVector(LocalEncoder):
-    """Improved Fisher vector over a diagonal GMM."""
+    """Improved Fisher vector over a diagonal GMM of k components (EM from a k-means start): the
+    gradients for the means and variances (Perronnin et al. 2010, 2 k d dims), signed sqrt, L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.weights_, self.means_, self.vars_ = fit_gmm(x, self.k)
