@@ -255,7 +255,6 @@ class Extractor:
             parse_pooling(self.spec.pooling) if self.spec.pooling else None)
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
-        # The optional stages: scales, regions + encoder, layer fusion, re-ranking.
         self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)
         self.regions: RegionSpec | None = parse_regions(self.spec.regions) if self.spec.regions else None
         self.encoder: LocalEncoder | None = parse_encoder(self.spec.encoder) if self.spec.encoder else None
