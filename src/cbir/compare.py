@@ -84,22 +84,10 @@ class _Member:
     seconds: float = 0.0  # own aggregation time on database + query images
 
 
-def _group_key(spec) -> tuple:
-    return (spec.backbone, str(spec.resize), spec.scales or "", spec.regions or "")
-
-
-def compare_pipelines(
-    bench,
-    pipelines: Sequence[str],
-    fit_paths: Sequence[Path] | None = None,
-    fit_labels: Sequence | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    crop: bool = True,
-    threads: int | None = None,
-    progress: Callable | None = None,
-    warn: Callable[[str], None] = print,
-) -> list[dict]:
+def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path] | None = None,
+                      fit_labels: Sequence | None = None, weights: str | Path | None = None,
+                      engine: str = "onnx", crop: bool = True, threads: int | None = None,
+                      progress: Callable | None = None, warn: Callable[[str], None] = print) -> list[dict]:
     """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given.
 
     A row: ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, and ``error`` for a
@@ -117,7 +105,8 @@ def compare_pipelines(
         except (PipelineError, ValueError) as e:
             rows[i] = {"method": text, "error": str(e)}
             continue
-        groups.setdefault(_group_key(ex.spec), []).append(_Member(i, ex))
+        key = (ex.spec.backbone, str(ex.spec.resize), ex.spec.scales or "", ex.spec.regions or "")
+        groups.setdefault(key, []).append(_Member(i, ex))
 
     keys = list(query_keys(bench, crop))
     parts = {  # part -> (sources, boxes)
@@ -131,10 +120,11 @@ def compare_pipelines(
         # One engine taps the union of the group's layers; every member pools its own.
         layers = list(dict.fromkeys(la for m in members for la in m.extractor.spec.layers))
         eng = create_engine(first.backbone, layers, engine, first.engine_threads())
-        if first.regions is not None:
-            maps_of = lambda batch: [first.region_maps(img, eng) for img in batch]  # noqa: E731
-        else:
-            maps_of = lambda batch: first.forward(batch, eng)  # noqa: E731
+        regions = first.regions is not None
+
+        def maps_of(batch):
+            return [first.region_maps(img, eng) for img in batch] if regions else first.forward(batch, eng)
+
         need_fit = any(m.extractor.needs_fit for m in members)
         forward_s, n_timed = 0.0, 0
         for part, (sources, bboxes) in parts.items():
@@ -151,14 +141,13 @@ def compare_pipelines(
                 for m in members:
                     t1 = time.perf_counter()
                     try:
-                        if first.regions is not None:
-                            raw = [m.extractor.local_descriptors(one) for one in maps]
-                        else:
-                            raw = m.extractor.raw_from_maps(maps)
+                        ex = m.extractor
+                        raw = ([ex.local_descriptors(one) for one in maps] if regions
+                               else ex.raw_from_maps(maps))
                         for k, r in zip(keys, raw):
                             m.raw[part][k] = r
                     except (ValueError, PipelineError) as e:
-                        rows[m.index] = rows[m.index] or {"method": str(m.extractor.spec), "error": str(e)}
+                        rows[m.index] = rows[m.index] or {"method": str(ex.spec), "error": str(e)}
                     if part != "fit":
                         m.seconds += time.perf_counter() - t1
                 own_s += time.perf_counter() - t0
@@ -184,10 +173,9 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
     t0 = time.perf_counter()
     if ex.needs_fit:
         fit = m.raw.get("fit") or []
-        ok = [i for i, v in enumerate(fit) if v is not None]
-        if not ok:
+        if all(v is None for v in fit):
             raise ValueError("this pipeline has learned steps: give a separate image set with --fit-on DIR")
-        ex.fit_raw([fit[i] for i in ok], [fit_labels[i] for i in ok] if fit_labels is not None else None)
+        ex.fit_raw(fit, fit_labels)
     t_fit = time.perf_counter() - t0
 
     def finish(part: str) -> np.ndarray:
@@ -195,8 +183,7 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
         ok = [i for i, v in enumerate(vals) if v is not None]
         if not ok:
             raise ValueError(f"no {part} image could be read")
-        raw = ex.encoder.encode([vals[i] for i in ok]) if ex.encoder is not None else np.stack([vals[i] for i in ok])
-        x = ex.postprocess(raw)
+        x = ex.postprocess(ex.encode([vals[i] for i in ok]))
         out = np.full((len(vals), x.shape[1]), np.nan, np.float32)
         out[ok] = x
         return out
@@ -247,10 +234,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 def _split_methods(methods: list[str] | None) -> list[str]:
     if not methods:
         return list(DEFAULT_METHODS)
-    out = []
-    for m in methods:
-        out += [x.strip() for x in m.split(";") if x.strip()]
-    return out
+    return [x.strip() for m in methods for x in m.split(";") if x.strip()]
 
 
 def compare(

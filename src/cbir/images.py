@@ -60,19 +60,15 @@ class Resize:
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the image after scaling, before any crop."""
-        if self.mode == "long":
-            s = self.size / max(width, height)
-        else:
-            s = self.size / min(width, height)
+        s = self.size / (max if self.mode == "long" else min)(width, height)
         return max(1, round(width * s)), max(1, round(height * s))
 
 
 def list_images(root: str | Path, unreadable: list[OSError] | None = None) -> list[Path]:
     """Image files under ``root``, recursively, sorted; hidden files and folders skipped.
 
-    A folder that cannot be listed is left out; with ``unreadable`` given, its error (whose
-    ``filename`` is the folder) is appended there, so that a caller can tell "empty" from
-    "could not look".
+    A folder that cannot be listed is left out; its error (``filename``: the folder) goes to
+    ``unreadable`` if given, so that a caller can tell "empty" from "could not look".
     """
     root = Path(root)
     if not root.exists():
@@ -88,12 +84,9 @@ def list_images(root: str | Path, unreadable: list[OSError] | None = None) -> li
     return sorted(out)
 
 
-def open_image(
-    source: str | Path | bytes | Image.Image,
-    resize: Resize | None = None,
-    bbox: tuple[float, float, float, float] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
+def open_image(source: str | Path | bytes | Image.Image, resize: Resize | None = None,
+               bbox: tuple[float, float, float, float] | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path, encoded bytes, or a decoded image) to RGB, crop ``bbox``, scale by ``resize``.
 
     JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
@@ -190,16 +183,12 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def batches_by_shape(
-    items: Iterator[tuple[int, np.ndarray]], batch_size: int, max_pending: int | None = None,
-) -> Iterator[tuple[list[int], np.ndarray]]:
+def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int,
+                     max_pending: int | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
     """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape.
 
-    Images of one collection often share a shape (same camera, same scaling); batching those
-    amortises the per-call overhead, and an odd one out is simply its own small batch.
     ``max_pending`` bounds how many images wait for a partner of their shape: past it, the
-    oldest group goes out as it is, so memory stays at about one batch however many distinct
-    shapes a collection has.
+    oldest group goes out as it is, so memory stays at about one batch however many shapes.
     """
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     n_pending = 0
@@ -207,28 +196,22 @@ def batches_by_shape(
         group = pending.setdefault(arr.shape, [])
         group.append((key, arr))
         n_pending += 1
-        if len(group) >= batch_size:
-            yield [k for k, _ in group], np.stack([a for _, a in group])
-            del pending[arr.shape]
+        full = len(group) >= batch_size
+        if full or (max_pending is not None and n_pending > max_pending):
+            # the full group, or the oldest one (dicts keep insertion order)
+            group = pending.pop(arr.shape if full else next(iter(pending)))
             n_pending -= len(group)
-        elif max_pending is not None and n_pending > max_pending:
-            shape = next(iter(pending))  # dicts keep insertion order: the oldest group
-            old = pending.pop(shape)
-            n_pending -= len(old)
-            yield [k for k, _ in old], np.stack([a for _, a in old])
+            yield [k for k, _ in group], np.stack([a for _, a in group])
     for group in pending.values():
         yield [k for k, _ in group], np.stack([a for _, a in group])
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file's bytes."""
     import hashlib
 
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:

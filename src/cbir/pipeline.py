@@ -11,40 +11,31 @@ The string reads left to right in the order the data flows, like a faiss factory
     efficientnet_lite0/head,long512,regions:sliding3,VLAD32,L2
     ^region descriptors             ^regions         ^encoder
 
-- backbone: a registered name (``cbir models``) or ``timm:<model>``; ``/layer`` is optional
-  (the backbone's default). ``head`` is the backbone's own pooled global feature and takes
-  no pooling token; ``logits`` is its classifier output. ``/a+b`` taps several layers: each is
-  pooled and L2-normalised, and a fusion step ``W<w_a>-<w_b>`` (or ``Wlearn``, learned from a
-  labelled set) must come first among the post-processing steps.
-- input: ``long<S>`` (longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop).
-- scales (optional): ``MS<n>`` runs the network at scales 1, 1/sqrt2, 1/2, ... (n of them), or
-  ``scales1-0.7-0.5`` at the listed ones; the per-scale descriptors merge as the pooling
-  requires (GeM: power mean with its p; MAX, SPP: max; others: mean).
-- regions (optional): ``regions:sliding<L>`` or ``regions:proposals<N>`` [``@<size>``]: each
-  region goes through the network; an encoder ``BoW<k>`` / ``VLAD<k>`` / ``FV<k>`` follows the
-  pooling (see `cbir.local`).
-- pooling: ``SUM``, ``AVE``, ``MAX``, ``GeM<p>``, ``RMAC<L>``, ``SPP``, ``CroW``, ``SCDA``,
-  ``CAM<k>`` (see `cbir.pooling`).
-- post-processing: ``L2``, ``POW<a>``, ``PCA<k>``, ``PCAW<k>``, ``PCAWR<k>``, ``PCAWS<k>``,
-  ``W...`` (see `cbir.postprocess`); learned steps (PCA, vocabularies, ``Wlearn``) are fitted
-  (``fit``) on a separate image set and saved with the index.
-- re-ranking (last): ``QE<k>``, ``aQE<k>a<alpha>``, ``DBA<k>``, ``KRR<k1>``, ``DIFF<k>`` (see
-  `cbir.rerank`). They act at search time on the database vectors, so they are not part of
-  the descriptor's identity: an index built without them can be searched with them.
+The vocabulary of each stage is its registry's (`cbir pipelines` lists it, docs/methods.md
+explains it). ``/layer`` is optional (the backbone's default). The input is ``long<S>``
+(longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop). ``head``
+(the backbone's own pooled feature) and ``logits`` are vectors and take no pooling; several
+layers ``a+b`` are each pooled and need a fusion step ``W...`` first among the post-processing
+steps. ``MS<n>`` / ``scales...`` merge the per-scale descriptors as the pooling requires;
+``regions:...`` put each region through the network, and an encoder follows the pooling.
+Learned steps (PCA, vocabularies, ``Wlearn``) are fitted on a separate image set and saved
+with the index.
 
-The string (less its re-ranking steps) plus the weights' hash identify the descriptor: an
-index refuses queries from a pipeline whose identity differs. The engine (onnx / torch) is
-not part of it: both compute the same function to ~1e-5.
+The string less its re-ranking steps, plus the weights' hash, identify the descriptor: an index
+refuses queries from a pipeline whose identity differs, and can be searched with any re-ranking
+(it acts at search time). The engine (onnx / torch) is not part of it: both compute the same
+function to ~1e-5.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +52,13 @@ from cbir.postprocess import LayerFusion, Transform, parse_postprocess
 from cbir.rerank import Reranker, check_order, parse_rerank
 
 DEFAULT_PIPELINE = "efficientnet_lite0/bn2,long384,GeM3,L2"
+
+# The extraction loop's arguments: images (paths, encoded bytes or PIL images), optional boxes,
+# what takes each bad image (index, error), what counts the images done.
+_Sources = Sequence[str | Path | bytes]
+_Boxes = Sequence[Sequence[float] | None] | None
+_OnError = Callable[[int, ImageError], None] | None
+_Progress = Callable[[int], object] | None
 
 
 class PipelineError(ValueError):
@@ -122,9 +120,8 @@ class PipelineSpec:
             except ValueError as e:
                 raise PipelineError(str(e)) from None
             if stage is None:
-                raise PipelineError(
-                    f"unknown pipeline step {tok!r} in {text!r}; see `cbir pipelines` for the vocabulary"
-                )
+                raise PipelineError(f"unknown pipeline step {tok!r} in {text!r}; "
+                                    "see `cbir pipelines` for the vocabulary")
             i = _STAGES.index(stage)
             if i < last or (i == last and stage not in ("post", "rerank")):
                 order = " -> ".join(_STAGES)
@@ -136,9 +133,9 @@ class PipelineSpec:
             found[stage].append(tok)
         if not found["input"]:
             raise PipelineError(f"pipeline {text!r} needs an input size, e.g. long512 or crop224")
-        one = {s: (found[s][0] if found[s] else None) for s in ("scales", "regions", "pooling", "encoder")}
-        spec = cls(backbone, layer or "", Resize.parse(found["input"][0]), one["pooling"], tuple(found["post"]),
-                   one["scales"], one["regions"], one["encoder"], tuple(found["rerank"]))
+        first = {s: next(iter(found[s]), None) for s in ("scales", "regions", "pooling", "encoder")}
+        spec = cls(backbone, layer or "", Resize.parse(found["input"][0]), post=tuple(found["post"]),
+                   rerank=tuple(found["rerank"]), **first)
         spec._check()
         return spec
 
@@ -177,22 +174,14 @@ class PipelineSpec:
         return ",".join(p for p in parts if p)
 
 
+# Which stage a token belongs to: the first parser (tried in this order) that accepts it.
+_PARSERS = (("input", Resize.parse), ("scales", parse_scales), ("regions", parse_regions),
+            ("pooling", parse_pooling), ("encoder", parse_encoder), ("rerank", parse_rerank),
+            ("post", parse_postprocess))
+
+
 def _stage_of(tok: str) -> str | None:
-    if Resize.parse(tok) is not None:
-        return "input"
-    if parse_scales(tok) is not None:
-        return "scales"
-    if parse_regions(tok) is not None:
-        return "regions"
-    if parse_pooling(tok) is not None:
-        return "pooling"
-    if parse_encoder(tok) is not None:
-        return "encoder"
-    if parse_rerank(tok) is not None:
-        return "rerank"
-    if parse_postprocess(tok) is not None:
-        return "post"
-    return None
+    return next((stage for stage, parse in _PARSERS if parse(tok) is not None), None)
 
 
 def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
@@ -242,11 +231,7 @@ def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
 
 @dataclass
 class Extractor:
-    """Runs a pipeline: images -> descriptors ``(N, D)`` float32.
-
-    Decoding runs in a small thread pool (Pillow releases the GIL) while the engine works on
-    the previous batch; images of equal size after scaling are batched together.
-    """
+    """Runs a pipeline: images -> descriptors ``(N, D)`` float32 (the loop: `iter_batches`)."""
 
     spec: PipelineSpec
     weights: str | Path | None = None
@@ -255,9 +240,8 @@ class Extractor:
     batch_size: int = 8  # 0: sized by measurement (cbir.models.batch_size), cached per machine
     decode_workers: int = 2
     # Batches in the engine at once: two keep the cores busy while one batch's run winds down
-    # (+10-15% images/s on 2 cores, measured). Each gets cores/infer_workers engine threads
-    # (`engine_threads`), so one lone image runs on that share: `Searcher`, which serves single
-    # queries, uses infer_workers=1 to keep the whole machine for each query.
+    # (+10-15% images/s on 2 cores). Each gets a share of the cores (`engine_threads`), so
+    # `Searcher`, which serves single queries, uses 1 to give each query the whole machine.
     infer_workers: int = 2
     post: list[Transform] = field(init=False)
 
@@ -267,14 +251,10 @@ class Extractor:
             self.backbone.check_layers(list(self.spec.layers))
         except BackboneError as e:
             raise PipelineError(str(e)) from None
-        parsed = parse_pooling(self.spec.pooling) if self.spec.pooling else None
-        self._pooling: tuple[PoolingMethod, float | None] | None = parsed
+        self._pooling: tuple[PoolingMethod, float | None] | None = (
+            parse_pooling(self.spec.pooling) if self.spec.pooling else None)
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
-        self._setup_methods()
-
-    def _setup_methods(self) -> None:
-        """The optional stages: scales, regions + encoder, layer fusion, re-ranking."""
         self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)
         self.regions: RegionSpec | None = parse_regions(self.spec.regions) if self.spec.regions else None
         self.encoder: LocalEncoder | None = parse_encoder(self.spec.encoder) if self.spec.encoder else None
@@ -282,13 +262,11 @@ class Extractor:
         self.rerankers: list[Reranker] = [parse_rerank(t) for t in self.spec.rerank]
         self._context: dict | None = None
         if self.fusion is not None:
-            # The block sizes (each layer's pooled width) follow from the spec and the
-            # backbone: measured here on one probe image, so the fusion step is complete
-            # from the start instead of being filled in by the first extraction.
+            # The block sizes (each layer's pooled width), measured on one probe image so that
+            # the fusion step is complete from the start.
             maps = self.forward(np.zeros((1, 128, 128, 3), np.uint8))
             self.fusion.dims_ = np.asarray([self._pool_one(maps[0][la]).shape[1] for la in self.spec.layers], np.int64)
 
-    # -- identity ------------------------------------------------------------------
     @property
     def identity(self) -> dict:
         return {"pipeline": self.spec.descriptor, "weights_sha256": self.backbone.weights_sha256}
@@ -308,13 +286,11 @@ class Extractor:
         return self._engine
 
     def engine_threads(self) -> int | None:
-        """Intra-op threads of the engine: ``threads``, else the cores shared among the
-        ``infer_workers`` batches that run at once (ONNX engines).
+        """Intra-op threads of the engine: ``threads``, else (ONNX engines) the cores shared
+        among the ``infer_workers`` batches that run at once.
 
-        Each concurrent run would otherwise get a pool sized for the whole machine: 2 workers x
-        2 threads (+ the decode threads) on 2 cores oversubscribe, and ONNX Runtime's parallel
-        loops wait on preempted threads; one thread per worker there is ~9% more images/s
-        (measured, benchmarks/extract_speed.py), for the model alone and for indexing alike.
+        A pool sized for the whole machine per run oversubscribes (2 workers x 2 threads on 2
+        cores): one thread per worker there is ~9% more images/s (benchmarks/extract_speed.py).
         The torch engine keeps its default (its thread count is process-wide).
         """
         if self.threads:
@@ -327,20 +303,15 @@ class Extractor:
             return max(1, cores // self.infer_workers)
         return None
 
-    # -- stages ----------------------------------------------------------------------
     def load(self, source: str | Path | bytes, bbox: Sequence[float] | None = None) -> np.ndarray:
         """One image -> uint8 ``(H, W, 3)`` scaled for the network (raises `ImageError`)."""
         return to_array(open_image(source, self.spec.resize, tuple(bbox) if bbox is not None else None))
 
     def raw_descriptors(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32.
-
-        Several layers: their pooled vectors concatenated (the fusion step normalises and
-        weighs them). Several scales: merged as the pooling requires. Regions: the encoded
-        region descriptors.
-        """
+        """uint8 ``(N, H, W, 3)`` -> pooled, not yet post-processed ``(N, C)`` float32: the
+        layers' pooled vectors concatenated, scales merged; regions: the encoded region descriptors."""
         if self.regions is not None:
-            return self.encoder.encode(self.local_sets(batch))
+            return self.encode(self.local_sets(batch))
         return self.raw_from_maps(self.forward(batch))
 
     def forward(self, batch: np.ndarray, engine=None) -> list[dict[str, np.ndarray]]:
@@ -350,25 +321,16 @@ class Extractor:
         engine with the union of its pipelines' layers and lets each pool what it needs.
         """
         engine = engine or self.engine
-        out = []
-        for s in self.scales:
-            b = batch if s == 1.0 else rescale_batch(batch, s)
-            out.append(dict(zip(engine.layers, engine.run(b))))
-        return out
+        scaled = (batch if s == 1.0 else rescale_batch(batch, s) for s in self.scales)
+        return [dict(zip(engine.layers, engine.run(b))) for b in scaled]
 
     def raw_from_maps(self, maps: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
         """Feature maps (one dict per scale, holding at least this pipeline's layers) -> raw ``(N, D)``."""
-        method = self._pooling[0] if self._pooling else None
-        value = self._pooling[1] if self._pooling else None
+        method, value = self._pooling or (None, None)
         parts = []
         for layer in self.spec.layers:
             per_scale = [self._pool_one(m[layer]) for m in maps]
-            if len(per_scale) == 1:
-                v = per_scale[0]
-            elif method is None:
-                v = torch.stack(per_scale).mean(dim=0)
-            else:
-                v = combine_scales(per_scale, method, value)
+            v = per_scale[0] if len(per_scale) == 1 else combine_scales(per_scale, method, value)
             parts.append(v.numpy().astype(np.float32))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
@@ -393,7 +355,6 @@ class Extractor:
                              "bias": clf.bias.detach().float().clone() if clf.bias is not None else None}
         return self._context
 
-    # -- regions ---------------------------------------------------------------------------
     def region_maps(self, image: np.ndarray, engine=None, chunk: int = 32) -> list[list[dict[str, np.ndarray]]]:
         """One uint8 ``(H, W, 3)`` image -> the tapped maps of its regions, ``chunk`` regions a run."""
         crops = crop_and_warp(image, self.regions.boxes(image), self.regions.size)
@@ -412,37 +373,25 @@ class Extractor:
             x = t.transform(x)
         return x.astype(np.float32)
 
-    # -- the extraction loop -------------------------------------------------------------
-    def iter_batches(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        compute: Callable[[np.ndarray], object] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> Iterator[tuple[list[int], object]]:
+    def iter_batches(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                     compute: Callable[[np.ndarray], object] | None = None,
+                     progress: _Progress = None) -> Iterator[tuple[list[int], object]]:
         """The one extraction loop: yield ``(indices, compute(batch))`` batch by batch.
 
         ``compute`` maps a uint8 ``(N, H, W, 3)`` batch to what the caller wants (default
-        `raw_descriptors`; `cbir.compare` asks for the feature maps of its own engine, `fit` for
-        region sets; a caller whose ``compute`` uses this pipeline's engine builds it first).
-        Bad images go to ``on_error`` (without it the first one raises); ``progress`` is
-        called with the number of images done, good or bad.
+        `raw_descriptors`; `cbir.compare` asks for its own engine's feature maps, `fit` for region
+        sets). Bad images go to ``on_error`` (without it the first one raises); ``progress`` gets
+        the number of images done, good or bad; both are called from this (the consumer's) thread.
 
-        A pool of ``decode_workers`` threads decodes and scales images (Pillow releases the
-        GIL) while the engine runs the batch before; only a bounded window of images is
-        decoded ahead, so memory holds about one or two batches of pixels however many
-        sources there are. Images of equal size after scaling are batched together. Batches
-        come out in the order they were formed; ``on_error`` and ``progress`` are called
-        from this (the consumer's) thread.
+        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) while the
+        engine runs the batch before; a bounded window is decoded ahead, so memory holds about
+        one or two batches of pixels. Images of equal size after scaling are batched together.
         """
-        import collections
-
         compute = compute or self.raw_descriptors
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n
         batch_size = self.resolved_batch_size()
-        window = batch_size + 2 * self.decode_workers
+        window = batch_size + 2 * self.decode_workers  # images decoding or decoded ahead
 
         def decode(i: int):
             try:
@@ -451,71 +400,44 @@ class Extractor:
                 return i, None, e
 
         def decoded(pool_: cf.ThreadPoolExecutor) -> Iterator[tuple[int, np.ndarray]]:
-            queue: collections.deque = collections.deque()
-            nxt = 0
-            while queue or nxt < n:
-                while nxt < n and len(queue) < window:
-                    queue.append(pool_.submit(decode, nxt))
-                    nxt += 1
-                i, arr, err = queue.popleft().result()
-                if err is not None:
-                    if on_error is None:
-                        raise err
-                    on_error(i, err)
-                    if progress:
-                        progress(1)
+            for i, arr, err in _in_order(pool_, decode, range(n), window):
+                if err is None:
+                    yield i, arr
                     continue
-                yield i, arr
+                if on_error is None:
+                    raise err
+                on_error(i, err)
+                if progress:
+                    progress(1)
 
-        def done(keys: list[int], result) -> tuple[list[int], object]:
-            if progress:
-                progress(len(keys))
-            return keys, result
+        def run(item: tuple[list[int], np.ndarray]) -> tuple[list[int], object]:
+            return item[0], compute(item[1])
 
-        if n and compute == self.raw_descriptors:
+        if n and compute in (self.raw_descriptors, self.local_sets):
             self.engine  # noqa: B018 - built here, once, not by several inference threads at once
-        with cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_:
+        with (cf.ThreadPoolExecutor(max(1, self.decode_workers), thread_name_prefix="cbir-decode") as pool_,
+              cf.ThreadPoolExecutor(max(1, self.infer_workers), thread_name_prefix="cbir-infer") as infer):
             batches = batches_by_shape(decoded(pool_), batch_size, max_pending=batch_size)
-            if self.infer_workers <= 1:
-                for keys, batch in batches:
-                    yield done(keys, compute(batch))
-                return
-            with cf.ThreadPoolExecutor(self.infer_workers, thread_name_prefix="cbir-infer") as infer:
+            results = map(run, batches)
+            if self.infer_workers > 1:
                 # One batch queued beyond the running ones: a worker that finishes out of order
                 # starts the next batch at once instead of idling.
-                running: collections.deque = collections.deque()
-                for keys, batch in batches:
-                    running.append((keys, infer.submit(compute, batch)))
-                    if len(running) > self.infer_workers:
-                        k, fut = running.popleft()
-                        yield done(k, fut.result())
-                while running:
-                    k, fut = running.popleft()
-                    yield done(k, fut.result())
+                results = _in_order(infer, run, batches, self.infer_workers + 1)
+            for keys, result in results:
+                if progress:
+                    progress(len(keys))
+                yield keys, result
 
-    def iter_vectors(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> Iterator[tuple[list[int], np.ndarray]]:
+    def iter_vectors(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                     progress: _Progress = None) -> Iterator[tuple[list[int], np.ndarray]]:
         """Yield ``(indices, descriptors (n, D))`` batch by batch: `iter_batches`, post-processed."""
         for keys, raw in self.iter_batches(sources, bboxes, on_error, progress=progress):
             yield keys, self.postprocess(raw)
 
-    def extract(
-        self,
-        sources: Sequence[str | Path | bytes],
-        bboxes: Sequence[Sequence[float] | None] | None = None,
-        on_error: Callable[[int, ImageError], None] | None = None,
-        progress: Callable[[int], object] | None = None,
-    ) -> np.ndarray:
+    def extract(self, sources: _Sources, bboxes: _Boxes = None, on_error: _OnError = None,
+                progress: _Progress = None) -> np.ndarray:
         """Images (paths, encoded bytes or PIL images; each with an optional box) -> descriptors
-        ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN.
-
-        The extraction API every caller uses (index, eval, compare, the service, Ray).
-        """
+        ``(N, D)`` in the order of ``sources``; rows of images that failed are NaN."""
         out = None
         for keys, x in self.iter_vectors(sources, bboxes, on_error, progress):
             if out is None:
@@ -541,49 +463,41 @@ class Extractor:
         self.batch_size = measured_batch_size(self)
         return self.batch_size
 
-    def fit(self, sources: Sequence[str | Path | bytes], on_error=None,
+    def fit(self, sources: _Sources, on_error: _OnError = None,
             labels: Sequence | None = None) -> "Extractor":
-        """Learn the pipeline's learned steps on ``sources`` (a set separate from the database).
-
-        ``labels`` (one per source) are needed by ``Wlearn`` only; without them the images'
-        folder names are used.
-        """
+        """Learn the pipeline's learned steps on ``sources`` (a set separate from the database);
+        ``labels`` (one per source; default: the folder names) are for ``Wlearn`` only."""
         if not self.needs_fit:
             return self
         if labels is None and any(getattr(t, "supervised", False) and t.learned for t in self.post):
             labels = [Path(s).parent.name if not isinstance(s, bytes) else "" for s in sources]
         raw: list = [None] * len(sources)
-        compute = None
-        if self.encoder is not None:
-            compute = self.local_sets
-            self.engine  # noqa: B018 - built once here, not by the inference threads
+        compute = self.local_sets if self.encoder is not None else None
         for keys, part in self.iter_batches(sources, on_error=on_error, compute=compute):
             for k, r in zip(keys, part):
                 raw[k] = r
-        ok = [i for i, r in enumerate(raw) if r is not None]
-        if not ok:
+        if all(r is None for r in raw):
             raise PipelineError("no image of the fitting set could be read")
-        return self.fit_raw([raw[i] for i in ok], [labels[i] for i in ok] if labels is not None else None)
+        return self.fit_raw(raw, labels)
 
-    def fit_raw(self, raw: Sequence[np.ndarray], labels: Sequence | None = None) -> "Extractor":
-        """Fit on raw descriptors, one per image (region pipelines: each image's region
-        descriptors): the encoder's vocabulary first, then the post-processing steps in
-        order (``labels`` for ``Wlearn``)."""
+    def fit_raw(self, raw: Sequence[np.ndarray | None], labels: Sequence | None = None) -> "Extractor":
+        """Fit on raw descriptors, one per image (None: an image that failed, skipped): the
+        encoder's vocabulary first, then the post-processing steps in order (``labels`` for ``Wlearn``)."""
+        ok = [i for i, r in enumerate(raw) if r is not None]
+        raw = [raw[i] for i in ok]
         if self.encoder is not None:
-            self.encoder.fit(list(raw))
-            x = self.encoder.encode(list(raw))
-        else:
-            x = np.stack(raw)
-        y = np.asarray(labels, dtype=object) if labels is not None else None
+            self.encoder.fit(raw)
+        x = self.encode(raw)
+        y = np.asarray([labels[i] for i in ok], dtype=object) if labels is not None else None
         for t in self.post:
-            if getattr(t, "supervised", False):
-                t.fit(x, y)
-                x = t.transform(x)
-            else:
-                x = t.fit_transform(x)
+            args = (x, y) if getattr(t, "supervised", False) else (x,)
+            x = t.fit(*args).transform(x)
         return self
 
-    # -- learned state -----------------------------------------------------------------
+    def encode(self, raw: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw descriptors, one per image (region pipelines: each image's region descriptors) -> ``(N, C)``."""
+        return self.encoder.encode(list(raw)) if self.encoder is not None else np.stack(raw)
+
     def post_state(self) -> dict[str, np.ndarray]:
         """Learned state of the post-processing steps (``<i>.<attr>``) and the encoder (``enc.<attr>``)."""
         state = {f"{i}.{k}": v for i, t in enumerate(self.post) for k, v in t.state().items()}
@@ -597,6 +511,18 @@ class Extractor:
             t.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         if self.encoder is not None:
             self.encoder.load_state({k[4:]: v for k, v in state.items() if k.startswith("enc.")})
+
+
+def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``fn`` over ``items`` in ``pool_``, results in order, with at most ``window`` items submitted
+    and not yet yielded (``items`` is drawn lazily, so memory stays bounded)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool_.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def rescale_batch(batch: np.ndarray, scale: float) -> np.ndarray:

@@ -104,9 +104,6 @@ class Registry:
         self._load()
         return iter(sorted(self._entries.values(), key=self._rank))  # stable: registration order within a module
 
-    def __getitem__(self, name: str) -> Entry:
-        return self.get(name)
-
     def names(self) -> list[str]:
         return [e.name for e in self]
 
@@ -116,6 +113,8 @@ class Registry:
         if name not in self._entries:
             raise self.error(f"unknown {self.kind} {name!r}; known: {', '.join(e.usage for e in self)}")
         return self._entries[name]
+
+    __getitem__ = get
 
     def create(self, token: str, **kwargs: Any) -> Any:
         """Build from a token ``name`` or ``name:<option>`` (the option as the entry names it)."""

@@ -1,18 +1,11 @@
 """Re-ranking after the first search: query expansion, database augmentation, k-reciprocal, diffusion.
 
 Pure functions on L2-normalised descriptors, queries ``q (Q, D)`` and database ``db (N, D)``;
-inner products are the similarities. Pipeline tokens (after the post-processing steps):
-
-==============  =============================================================================
-``QE<k>``       average query expansion (Chum et al. 2007): the query plus its top k, averaged
-``aQE<k>a<α>``  alpha query expansion (Radenovic et al. 2018): neighbours weighted by sim^α (α=3)
-``DBA<k>[a<α>]`` database-side augmentation (Arandjelovic & Zisserman 2012): every database
-                vector replaced by the (sim^α-weighted) mean of its top k (itself first)
-``KRR<k1>[-k2-λ]`` k-reciprocal re-ranking (Zhong et al. 2017): Jaccard distance of
-                k-reciprocal neighbour sets mixed with the original distance (k2=6, λ=0.3)
-``DIFF<k>[a<α>]`` diffusion on the mutual k-NN graph (Iscen et al. 2017): solves
-                (I - α S) f = y by conjugate gradient (k=10, α=0.99, γ=3)
-==============  =============================================================================
+inner products are the similarities. Pipeline tokens (after the post-processing steps; their
+forms and defaults: `RERANKERS`): ``QE<k>`` / ``aQE<k>a<alpha>`` average / alpha query expansion
+(Chum et al. 2007, Radenovic et al. 2018), ``DBA<k>`` database-side augmentation (Arandjelovic &
+Zisserman 2012), ``KRR<k1>`` k-reciprocal re-ranking (Zhong et al. 2017), ``DIFF<k>`` diffusion
+on the mutual k-NN graph, solved by conjugate gradient (Iscen et al. 2017).
 
 Steps run in order: the vector steps (``DBA``, ``QE``, ``aQE``) change the query or database
 vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must come last.
@@ -40,6 +33,13 @@ def _topk(sims: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, order, 1)
 
 
+def _weighted_sum(sims: np.ndarray, vecs: np.ndarray, alpha: float) -> np.ndarray:
+    """``sum_k w_k vecs[:, k]`` over neighbours ``vecs (M, k, D)`` with similarities ``sims (M, k)``:
+    ``alpha = 0``: all w = 1; ``alpha > 0``: ``w = max(sim, 0)^alpha``."""
+    w = np.ones(sims.shape, np.float32) if alpha == 0 else np.clip(sims, 0, None) ** alpha
+    return np.einsum("mk,mkd->md", w, vecs)
+
+
 def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
     """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised.
 
@@ -49,8 +49,7 @@ def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -
         return q
     sims = q @ db.T
     nn = _topk(sims, k)
-    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
-    return _unit(q + np.einsum("qk,qkd->qd", w, db[nn]))
+    return _unit(q + _weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
 
 
 def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
@@ -59,8 +58,7 @@ def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndar
         return db
     sims = db @ db.T
     nn = _topk(sims, k)
-    w = np.ones(nn.shape, np.float32) if alpha == 0 else np.clip(np.take_along_axis(sims, nn, 1), 0, None) ** alpha
-    return _unit(np.einsum("nk,nkd->nd", w, db[nn]))
+    return _unit(_weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
 
 
 def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
@@ -103,8 +101,7 @@ def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: 
     for i in range(nq):
         inter = np.minimum(V[i][None, :], V[nq:]).sum(axis=1)
         jaccard[i] = 1.0 - inter / (2.0 - inter)
-    final = (1 - lam) * jaccard + lam * dist[:nq, nq:]
-    return -final
+    return -((1 - lam) * jaccard + lam * dist[:nq, nq:])
 
 
 def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, gamma: float = 3.0,
@@ -140,12 +137,8 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     for i in range(len(q)):
         y = np.zeros(n)
         y[qn[i]] = np.clip(qs[i, qn[i]], 0, None) ** gamma
-        f, _ = cg(L, y, rtol=tol, maxiter=iters)
-        out[i] = f
+        out[i] = cg(L, y, rtol=tol, maxiter=iters)[0]
     return out
-
-
-# ----------------------------------------------------------------------------- tokens
 
 
 @dataclass(frozen=True)
@@ -202,8 +195,7 @@ def _diffusion(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
 
 def parse_rerank(token: str) -> Reranker | None:
     """``"aQE10a3"`` -> Reranker(aQE, k=10, alpha=3); not a re-ranking token -> None."""
-    found = RERANKERS.match(token)
-    if found is None:
+    if (found := RERANKERS.match(token)) is None:
         return None
     entry, m = found
     given = {name: text for name, text in m.groupdict().items() if text}
@@ -246,9 +238,7 @@ def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reran
     rest = []
     for s in steps:
         if s.kind == "DBA" and s.k > 1:
-            sims, nn_vecs = neighbours(vecs, s.k)  # (M, k) similarities, (M, k, D) vectors
-            w = (np.ones(sims.shape, np.float32) if s.alpha == 0 else np.clip(sims, 0, None) ** s.alpha)
-            vecs = _unit(np.einsum("nk,nkd->nd", w, nn_vecs))
+            vecs = _unit(_weighted_sum(*neighbours(vecs, s.k), s.alpha))
         else:
             rest.append(s)
     return rerank(np.asarray(q, np.float32)[None], vecs, rest)[0]

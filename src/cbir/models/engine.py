@@ -38,8 +38,7 @@ ENGINES = Registry("engine", error=BackboneError)
 
 def cache_dir() -> Path:
     """Where exported graphs live: $CBIR_CACHE_DIR, else the platform's user cache dir."""
-    env = os.environ.get("CBIR_CACHE_DIR")
-    if env:
+    if env := os.environ.get("CBIR_CACHE_DIR"):
         return Path(env)
     from platformdirs import user_cache_dir
 
@@ -95,18 +94,16 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     path = src.with_name(f"{src.stem}-int8v{QUANT_VERSION}.onnx")
     if path.exists():
         return path
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    feeds = iter(calibration_batches(backbone))
-    import onnxruntime as ort
-
     input_name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    feeds = iter([{input_name: x} for x in calibration_batches(backbone)])
 
     class Reader(CalibrationDataReader):
         def get_next(self):
-            x = next(feeds, None)
-            return None if x is None else {input_name: x}
+            return next(feeds, None)
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -124,12 +121,9 @@ _MAX_SESSIONS = 4
 
 
 def onnx_session(path: str, threads: int):
-    """An ONNX Runtime session over ``path``, shared by the engines of this process.
-
-    Building one (graph load + optimisation) takes ~50 ms and its own copy of the weights;
-    ``run`` is thread-safe, so extractors over the same graph (one per `update_index` call,
-    per request of a long-lived service...) share it. The graph file is content-addressed
-    (its name hashes the backbone, weights and layers), so a cached session is never stale.
+    """An ONNX Runtime session over ``path``, shared by the engines of this process (building
+    one takes ~50 ms and a copy of the weights; ``run`` is thread-safe). The graph file is
+    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale.
     """
     import onnxruntime as ort
 

@@ -1,17 +1,14 @@
 """Pooling: conv feature maps ``(N, C, H, W)`` -> vectors ``(N, D)``.
 
-`functional` holds the pure functions; this module's registry maps the names used in pipeline
-strings (``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to
-them. Adding a method is one function in `functional` plus one `register_pooling` line.
-
-A registration (an entry of the `POOLINGS` `cbir.registry.Registry`) may say:
+`functional` holds the pure functions; the `POOLINGS` registry maps the pipeline tokens
+(``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to them.
+Adding a method is one function in `functional` plus one `register_pooling` line, which may say:
 
 - ``param``/``default``: the one number the token may carry (``GeM3``: p = 3);
 - ``needs``: context the function takes besides the map, supplied by the extractor
   (``"classifier"``: the backbone's classifier ``weight`` and ``bias``, for CAM);
-- ``combine``: how descriptors of several input scales merge (multi-scale ``MS`` step):
-  ``"mean"`` (default), ``"max"``, or ``"power"`` (the mean of ``v^p``, then the 1/p-th
-  root, with the method's own p: GeM averages in its power domain).
+- ``combine``: how descriptors of several input scales merge (``MS`` step): ``"mean"``
+  (default), ``"max"``, or ``"power"`` (GeM averages ``v^p`` with its own p, then the 1/p-th root).
 """
 
 from __future__ import annotations
@@ -51,8 +48,7 @@ register_pooling("CAM", F.cam, param="k", default=1, needs=("classifier",), summ
 
 def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
     """``"GeM3"`` -> (GeM, 3.0); ``"MAX"`` -> (MAX, None); not a pooling token -> None."""
-    found = POOLINGS.match(token)
-    if found is None:
+    if (found := POOLINGS.match(token)) is None:
         return None
     method, value = found[0], found[1].group(1)
     if value is not None and method.option is None:
@@ -61,29 +57,26 @@ def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
 
 
 def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context) -> torch.Tensor:
-    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``.
-
-    ``context`` holds what methods with ``needs`` take (e.g. ``weight``/``bias`` for CAM).
-    """
-    kwargs = {k: v for k, v in context.items() if k in _context_args(method)}
+    """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``; ``context``: what methods
+    with ``needs`` take (e.g. ``weight``/``bias`` for CAM)."""
+    wanted = [a for need in method.needs for a in _NEEDS_ARGS[need]]
+    kwargs = {k: v for k, v in context.items() if k in wanted}
     if method.option is not None:
         kwargs[method.option] = value
     return method.build(x, **kwargs)
 
 
-_NEEDS_ARGS = {"classifier": ("weight", "bias")}
+_NEEDS_ARGS = {"classifier": ("weight", "bias")}  # the context arguments each need names
 
 
-def _context_args(method: PoolingMethod) -> tuple[str, ...]:
-    return tuple(a for need in method.needs for a in _NEEDS_ARGS[need])
-
-
-def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod, value: float | None) -> torch.Tensor:
-    """Merge one image's descriptors at several input scales as the pooling method requires."""
+def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod | None,
+                   value: float | None) -> torch.Tensor:
+    """Merge one image's descriptors at several input scales as the pooling method (None: mean) requires."""
     stack = torch.stack(list(vectors))
-    if method.combine == "max":
+    combine = method.combine if method is not None else "mean"
+    if combine == "max":
         return stack.amax(dim=0)
-    if method.combine == "power":
+    if combine == "power":
         p = float(value if value is not None else 1.0)
         return stack.clamp(min=1e-6).pow(p).mean(dim=0).pow(1.0 / p)
     return stack.mean(dim=0)

@@ -81,18 +81,10 @@ def rmac(x: torch.Tensor, levels: float = 3, eps: float = 1e-6) -> torch.Tensor:
 def spp(x: torch.Tensor, levels: float = 4) -> torch.Tensor:
     """Spatial pyramid pooling (He et al., SPPNet 2014): MAX over 1x1, 2x2, 4x4, ... grids
     (up to ``levels`` bins a side), concatenated level by level, bin by bin (row-major) -> (N, 21 C)."""
+    grids = [1 << i for i in range(int(levels).bit_length())]  # 1, 2, 4, ... <= levels
     return torch.cat([
-        torch.nn.functional.adaptive_max_pool2d(x, n).flatten(2).transpose(1, 2).flatten(1)
-        for n in _pyramid(int(levels))
+        torch.nn.functional.adaptive_max_pool2d(x, n).flatten(2).transpose(1, 2).flatten(1) for n in grids
     ], dim=1)
-
-
-def _pyramid(levels: int) -> list[int]:
-    out, n = [], 1
-    while n <= levels:
-        out.append(n)
-        n *= 2
-    return out
 
 
 def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> torch.Tensor:

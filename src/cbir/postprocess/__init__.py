@@ -1,24 +1,16 @@
 """Post-processing of descriptors: normalisation, PCA, PCA-whitening variants, layer fusion.
 
-The registry maps pipeline tokens (``L2``, ``PCA128``, ``PCAW128``, ``PCAWR128``,
+The `POSTPROCESS` registry maps pipeline tokens (``L2``, ``PCA128``, ``PCAW128``, ``PCAWR128``,
 ``PCAWS128``, ``POW0.5``, ``W0.3-0.7``, ``Wlearn``) to transform factories. Adding a step is
-one class in `transforms` plus one `register_postprocess` line (an entry of the `POSTPROCESS`
-`cbir.registry.Registry`).
+one class in `transforms` plus one `register_postprocess` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from cbir.postprocess.transforms import (
-    PCA,
-    L2Normalizer,
-    LayerFusion,
-    NotFittedError,
-    PowerNormalizer,
-    Transform,
-    WhiteningPCA,
-)
+from cbir.postprocess.transforms import (PCA, L2Normalizer, LayerFusion, NotFittedError, PowerNormalizer,
+                                         Transform, WhiteningPCA)
 from cbir.registry import Registry
 
 POSTPROCESS = Registry("post-processing step")
@@ -42,12 +34,6 @@ def _shrink(arg: str) -> Transform:
     return WhiteningPCA(int(k), power=0.5, shrinkage=float(s) if s else 0.5)
 
 
-def _fusion(arg: str) -> Transform:
-    if arg == "learn":
-        return LayerFusion(None)
-    return LayerFusion(tuple(float(v) for v in arg.split("-")))
-
-
 register_postprocess("L2", lambda _: L2Normalizer(), "L2 normalisation")
 register_postprocess("POW", PowerNormalizer, "signed power normalisation (alpha = 0.5 when not given)", "alpha", 0.5)
 register_postprocess("PCA", lambda k: PCA(int(k)), "PCA to <k> dims", "k")
@@ -57,7 +43,7 @@ register_postprocess("PCAWR", lambda k: WhiteningPCA(int(k), power=0.25),
 register_postprocess("PCAWS", _shrink,
                      "shrinkage PCA-whitening, eigenvalues pulled to their mean by s, PCAWS<k>[-s] (s=0.5)", "k",
                      arg=r"\d+(?:-\d*\.?\d+)?")
-register_postprocess("W", _fusion,
+register_postprocess("W", lambda a: LayerFusion(None if a == "learn" else tuple(map(float, a.split("-")))),
                      "multi-layer fusion weights, one per layer: W0.3-0.7, or Wlearn (from a labelled set)", "weights",
                      arg=r"learn|\d*\.?\d+(?:-\d*\.?\d+)*")
 
@@ -69,8 +55,7 @@ def parse_postprocess(token: str) -> Transform | None:
         if step.option is not None and step.default is None:
             raise ValueError(f"{token!r} needs a number, e.g. {token}128")
         return step.build(step.default)
-    found = POSTPROCESS.match(token)
-    if found is None:
+    if (found := POSTPROCESS.match(token)) is None:
         return None
     step, m = found
     return step.build(m.group(0) if step.text else float(m.group(0)))

@@ -6,7 +6,14 @@ only by ``fit``. Every transform maps ``(N, D)`` float32 to ``(N, D')`` float32.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Each row (vector along the last axis) divided by its L2 norm; rows of zeros stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class NotFittedError(RuntimeError):
@@ -41,8 +48,7 @@ class L2Normalizer(Transform):
     """Divide each row by its L2 norm (rows of zeros stay zero)."""
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        n = np.linalg.norm(x, axis=1, keepdims=True)
-        return (x / np.maximum(n, 1e-12)).astype(np.float32)
+        return l2_normalize(x).astype(np.float32)
 
 
 class PowerNormalizer(Transform):
@@ -74,17 +80,14 @@ class PCA(Transform):
         x = np.asarray(x, dtype=np.float64)
         n, d = x.shape
         if self.n_components > min(n, d):
-            raise ValueError(
-                f"PCA to {self.n_components} dims needs at least {self.n_components} fitting "
-                f"images of dimension >= {self.n_components}; got {n} of dimension {d}"
-            )
-        self.mean_ = x.mean(axis=0)
-        cov = np.cov(x - self.mean_, rowvar=False, bias=False)
-        eigval, eigvec = np.linalg.eigh(cov)
+            raise ValueError(f"PCA to {self.n_components} dims needs at least {self.n_components} fitting "
+                             f"images of dimension >= {self.n_components}; got {n} of dimension {d}")
+        mean = x.mean(axis=0)
+        eigval, eigvec = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=False))
         order = np.argsort(eigval)[::-1][: self.n_components]
+        self.mean_ = mean.astype(np.float32)
         self.components_ = eigvec[:, order].T.astype(np.float32)
         self.explained_variance_ = np.maximum(eigval[order], 0).astype(np.float32)
-        self.mean_ = self.mean_.astype(np.float32)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -126,9 +129,8 @@ class LayerFusion(Transform):
     Each layer's block is L2-normalised and scaled by ``sqrt(w_i / sum w)``, so that the inner
     product of two fused descriptors is ``sum_i w_i cos_i / sum w`` (a weighted mean of the
     per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes)
-    is set by the extractor when it is built, from its layers and pooling. With ``weights=None`` the weights are learned by `fit` from a
-    labelled set (``y``): a grid search over the simplex (step 0.1) for the weights whose
-    leave-one-out retrieval mAP on the set is highest (ties: the most uniform weights).
+    is set by the extractor. ``weights=None``: learned by `fit` from a labelled set (``y``),
+    the weights on the simplex (step 0.1) of the highest leave-one-out mAP (ties: the most uniform).
     """
 
     supervised = True
@@ -144,12 +146,8 @@ class LayerFusion(Transform):
         dims = [int(d) for d in self.dims_]
         if sum(dims) != x.shape[1]:
             raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
-        out, start = [], 0
-        for d in dims:
-            b = x[:, start:start + d]
-            out.append(b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12))
-            start += d
-        return out
+        blocks = np.split(x, np.cumsum(dims)[:-1], axis=1)
+        return [l2_normalize(b) for b in blocks]
 
     def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
         if not self.learned:
@@ -194,19 +192,11 @@ def learn_layer_weights(blocks: list[np.ndarray], y: np.ndarray, step: float = 0
     m = int(round(1 / step))
     best, best_w = -1.0, None
     uniform = np.full(n, 1.0 / n)
-    for combo in _simplex(n, m):
+    simplex = (c for c in itertools.product(range(m + 1), repeat=n) if sum(c) == m)  # in steps of 1/m
+    for combo in simplex:
         w = np.asarray(combo, np.float64) / m
         score = loo_map(sum(wi * s for wi, s in zip(w, sims)), y)
         if score > best + 1e-9 or (abs(score - best) <= 1e-9 and np.abs(w - uniform).sum() < np.abs(best_w - uniform).sum()):
             best, best_w = score, w
     return best_w.astype(np.float32)
 
-
-def _simplex(n: int, m: int):
-    """All n-tuples of non-negative integers summing to m."""
-    if n == 1:
-        yield (m,)
-        return
-    for i in range(m + 1):
-        for rest in _simplex(n - 1, m - i):
-            yield (i,) + rest
