@@ -59,9 +59,10 @@ def _user_errors():
     from cbir.pipeline import PipelineError
     from cbir.train import TrainingError
 
-    # OSError: a path that is a file where a folder is needed, a full disk, no permission...
+    # OSError: a path that is a file where a folder is needed, a full disk, no permission...;
+    # ValueError: e.g. PCA asked for more dims than fitting images.
     return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, LocalizerError, TrainingError,
-            OSError)
+            OSError, ValueError)
 
 
 def _guard(fn):
@@ -71,8 +72,6 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except _user_errors() as e:
             _fail(_one_line(e))
-        except ValueError as e:  # e.g. PCA asked for more dims than fitting images
-            _fail(str(e))
 
     return wrapper
 
@@ -364,12 +363,8 @@ def demo(
 
 
 def _register_optional_commands() -> None:
-    """Commands whose code lives with its own part of cbir (toolbox, service, comparison, the
-    ``train`` group).
-
-    Each module exposes a plain function; a module that is not there (an extra that is not
-    installed) simply adds no command.
-    """
+    """Commands whose code lives with its own part of cbir, and the ``train`` group; a module
+    that is not there (an extra that is not installed) simply adds no command."""
     import importlib
 
     for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),

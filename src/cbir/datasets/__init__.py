@@ -17,7 +17,7 @@ import json
 import pickle
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cbir.images import list_images
@@ -68,7 +68,7 @@ class Benchmark:
         if not queries:
             known = sorted({t for q in self.queries for t in q.tags})
             raise DatasetError(f"{self.root}: no query is tagged {' or '.join(tags)}; tags: {', '.join(known)}")
-        return Benchmark(self.name, self.root, self.database, queries, self.kind, self.metadata)
+        return replace(self, queries=queries)
 
 
 def load_benchmark(root: str | Path) -> Benchmark:
@@ -123,10 +123,9 @@ def _load_gt_json(root: Path) -> Benchmark:
         gt = json.loads((root / "gt.json").read_text())
         queries = [_query(q, i) for i, q in enumerate(gt["queries"])]
         database = list(gt["database"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, DatasetError):
-            raise DatasetError(f"{root / 'gt.json'}: {e}") from None
-        raise DatasetError(f"{root / 'gt.json'}: not in the expected format ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: a JSONDecodeError, or ours from _query
+        detail = e if isinstance(e, DatasetError) else f"not in the expected format ({type(e).__name__}: {e})"
+        raise DatasetError(f"{root / 'gt.json'}: {detail}") from None
     meta = json.loads((root / "metadata.json").read_text()) if (root / "metadata.json").exists() else {}
     return Benchmark(gt.get("name", root.name), root, database, queries, "gt.json", meta)
 
@@ -170,26 +169,17 @@ def _load_revisited(root: Path, pkl: Path) -> Benchmark:
     img_dir = "jpg/" if (root / "jpg").is_dir() else ""
     try:
         database = [f"{img_dir}{n}.jpg" for n in cfg["imlist"]]
-        queries = _revisited_queries(cfg, database, img_dir)
+        queries = []
+        for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
+            easy, hard, junk = ([database[i] for i in g.get(key, [])] for key in ("easy", "hard", "junk"))
+            bbox = tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None
+            # The three protocols of Radenovic et al. 2018.
+            for tag, pos, jk in (("easy", easy, junk + hard), ("medium", easy + hard, junk),
+                                 ("hard", hard, junk + easy)):
+                queries.append(Query(f"{img_dir}{qname}.jpg", tuple(pos), tuple(jk), (tag,), bbox))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise DatasetError(f"{pkl}: not in the expected format ({type(e).__name__}: {e})") from None
     return Benchmark(pkl.stem.replace("gnd_", ""), root, database, queries, "revisited")
-
-
-def _revisited_queries(cfg: dict, database: list[str], img_dir: str) -> list[Query]:
-    queries = []
-    for qname, g in zip(cfg["qimlist"], cfg["gnd"]):
-        easy, hard, junk = ([database[i] for i in g.get(key, [])] for key in ("easy", "hard", "junk"))
-        bbox = tuple(float(v) for v in g["bbx"]) if g.get("bbx") is not None else None
-        image = f"{img_dir}{qname}.jpg"
-        # The three protocols of Radenovic et al. 2018.
-        for tag, pos, jk in (
-            ("easy", easy, junk + hard),
-            ("medium", easy + hard, junk),
-            ("hard", hard, junk + easy),
-        ):
-            queries.append(Query(image, tuple(pos), tuple(jk), (tag,), bbox))
-    return queries
 
 
 def _images(root: Path, folder: Path | None = None) -> list[str]:

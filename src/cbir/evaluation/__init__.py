@@ -147,21 +147,13 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
             curves.setdefault(tag, []).append(pr)
         if bench.kind == "ukbench":
             ns.append(ukbench_ns_score(ranks))
-        per_query.append({
-            "query": q.image, "tags": " ".join(q.tags), "ap": round(ap, 6), "n_positives": len(pos),
-            "first_positive_rank": int(ranks.min()) if ranks.size else -1,
-            "top1": str(ranking[0]) if len(ranking) else "",
-        })
+        per_query.append({"query": q.image, "tags": " ".join(q.tags), "ap": round(ap, 6), "n_positives": len(pos),
+                          "first_positive_rank": int(ranks.min()) if ranks.size else -1,
+                          "top1": str(ranking[0]) if len(ranking) else ""})
     summary = metric.compute()
-    summary.update({
-        "benchmark": bench.name,
-        "n_database": len(bench.database),
-        "n_database_unreadable": int((~valid_db).sum()),
-        "n_queries_unreadable": unreadable_q,
-        "dim": int(db.shape[1]),
-        "crop_queries": crop,
-        **(extra or {}),
-    })
+    summary.update({"benchmark": bench.name, "n_database": len(bench.database),
+                    "n_database_unreadable": int((~valid_db).sum()), "n_queries_unreadable": unreadable_q,
+                    "dim": int(db.shape[1]), "crop_queries": crop, **(extra or {})})
     if ns:
         summary["ukbench_ns"] = float(np.mean(ns))
     return EvalResult(summary, per_query, {t: np.mean(v, axis=0) for t, v in curves.items()})

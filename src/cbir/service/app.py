@@ -1,16 +1,5 @@
-"""The search service: a FastAPI app over one index, with a web page at ``/``.
-
-One `Searcher` per app: the model is loaded once, the index's vectors are memory-mapped, and
-the derived FAISS index is rebuilt by the store when a write changes the catalog, so searches
-go on while images are added or deleted.
-
-Every error is a JSON body ``{"detail": "<one sentence naming the problem>"}`` with a 4xx
-status; no client input reaches a 5xx. Files are served by catalog id only: no path from the
-client ever reaches the file system. Uploaded images are stored in ``INDEX_DIR/uploads/``
-under their SHA-256 and added to the catalog under the index's writer lock.
-
-Extraction (decode + network) is CPU-bound; at most ``workers`` run at once, each with
-``threads`` ONNX Runtime threads, and further requests wait their turn in the event loop.
+"""The search service: a FastAPI app over one index, with a web page at ``/``; what it serves,
+its limits and its errors are in docs/service.md.
 
 The pieces: `routes` (three routers), `state` (the `Service` they share, by dependency),
 `errors` (the exceptions they raise and the one table of statuses), `uploads` (body, file and
@@ -60,13 +49,10 @@ def create_app(
     svc = Service(searcher, settings)
     svc.warm_up()
 
-    app = FastAPI(
-        title="cbir search service",
-        version="1",
-        description="Content-based image retrieval over one index: search by example image (optionally a box of it), "
-                    "more like an indexed image, fetch images and thumbnails by id, add and delete images. "
-                    "Every error is `{\"detail\": sentence}` with a 4xx status.",
-    )
+    app = FastAPI(title="cbir search service", version="1",
+                  description="Content-based image retrieval over one index: search by example image (optionally a "
+                              "box of it), more like an indexed image, fetch images and thumbnails by id, add and "
+                              "delete images. Every error is `{\"detail\": sentence}` with a 4xx status.")
     app.state.service = svc  # what `cbir.service.state.get_service` hands the routes
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_SLACK, max_inflight=settings.max_uploads)
     app.middleware("http")(nosniff)  # added last, so outermost: BodyLimit's own answers get the header too

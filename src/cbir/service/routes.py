@@ -96,9 +96,9 @@ async def similar(
 ) -> SearchResponse:
     box = parse_bbox(bbox)
     if box is None:
-        return await anyio.to_thread.run_sync(_similar, svc, image_id, k)
+        return await anyio.to_thread.run_sync(_similar, svc, image_id, k, None)
     data = await anyio.to_thread.run_sync(lambda: svc.read_file(svc.entry(image_id)))
-    return await svc.run_cpu(_search, svc, data, box, k, image_id, f"image {image_id}")
+    return await svc.run_cpu(_similar, svc, image_id, k, box, data)
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -184,24 +184,18 @@ def _search_objects(svc: Service, data: bytes, box, k: int, what: str) -> Search
                           search_ms=round(timings.get("search_ms", 0), 2))
 
 
-def _search(svc: Service, data: bytes, box, k: int, exclude: int | None, what: str) -> SearchResponse:
-    t0 = time.perf_counter()
-    v = svc.extract(data, box, what)
-    t1 = time.perf_counter()
-    return _response(svc, svc.searcher.search_vector(v, k, exclude=exclude), k, t0, t1)
-
-
-def _similar(svc: Service, image_id: int, k: int) -> SearchResponse:
-    t0 = time.perf_counter()
-    try:
-        hits = svc.searcher.search_id(image_id, k)
-    except IndexStoreError:
-        raise no_such_image(image_id) from None
-    return _response(svc, hits, k, t0, t0)
-
-
-def _response(svc: Service, hits, k: int, t0: float, t1: float) -> SearchResponse:
-    """Hits found now, extracted from ``t0`` to ``t1`` (then searched), as the API answers them."""
+def _similar(svc: Service, image_id: int, k: int, box, data: bytes | None = None) -> SearchResponse:
+    """More like an indexed image: by its stored vector, or with ``box``, by that region of its ``data``."""
+    t0 = t1 = time.perf_counter()
+    if box is None:
+        try:
+            hits = svc.searcher.search_id(image_id, k)
+        except IndexStoreError:
+            raise no_such_image(image_id) from None
+    else:
+        v = svc.extract(data, box, f"image {image_id}")
+        t1 = time.perf_counter()
+        hits = svc.searcher.search_vector(v, k, exclude=image_id)
     t2 = time.perf_counter()
     return SearchResponse(results=svc.results(hits), k=k, count=len(svc.index), ms=round((t2 - t0) * 1000, 2),
                           extract_ms=round((t1 - t0) * 1000, 2), search_ms=round((t2 - t1) * 1000, 2))

@@ -4,6 +4,7 @@ through the `get_service` dependency; and the checks that make a catalog entry's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import io
@@ -11,7 +12,6 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import Depends, Request, UploadFile
 from PIL import Image
 
+from cbir.demo import jpeg
 from cbir.fileio import atomic_write_bytes
 from cbir.images import DEFAULT_MAX_PIXELS, ImageError, Resize, open_image
 from cbir.index import Entry, Hit, IndexBusy, IndexStoreError, Searcher
@@ -59,9 +60,8 @@ class Service:
 
     def warm_up(self) -> None:
         """Create the inference session and the FAISS index now, not on the first request."""
-        img, buf = Image.new("RGB", (96, 64), (128, 128, 128)), io.BytesIO()
-        img.save(buf, "PNG")
-        self.searcher.search_vector(self.searcher.extractor.extract_one(buf.getvalue()), 1)
+        img = Image.new("RGB", (96, 64), (128, 128, 128))
+        self.searcher.search_vector(self.searcher.extractor.extract_one(jpeg(img)), 1)
         # The localizer's model and the acceptance threshold, too (a calibration, if the index
         # stores none, takes seconds).
         self.searcher.localizer(img)
@@ -94,33 +94,23 @@ class Service:
 
     def info(self, e: Entry) -> ImageInfo:
         w = h = None
-        try:
+        with contextlib.suppress(Exception):  # not servable now, or not decodable: the size is unknown
             f, _ = self.open_file(e)
             with f, Image.open(f) as img:
                 w, h = img.size
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
-        except Exception:  # not servable now, or not decodable: the size is unknown
-            pass
         return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
                          width=w, height=h, uploaded=self.is_upload(e), **urls(e.id))
 
-    def allowed_dirs(self) -> list[str]:
-        """Where served files may lie: the upload store and the folders `cbir index` read."""
-        return [str(self.uploads)] + [os.path.realpath(r) for r in self.index.roots()]
-
     def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
-        """The entry's file, opened, if it is still what was indexed; else a 404 or 410.
-
-        The path is resolved (symlinks included) and must lie inside the upload store or an
-        indexed folder (for an entry under no recorded folder, from an older index: it must
-        not be reached through a symlink at all); it must be a regular file; and its size and
-        mtime must match the catalog (or, if only the mtime moved, its SHA-256). Whatever is
-        served is read from the very descriptor that was checked.
-        """
+        """The entry's file, opened, if it is still what was indexed (the checks of docs/service.md,
+        "What is served"); else a 404 or 410. An entry under no recorded folder (an older index)
+        must not be reached through a symlink at all."""
         catalog = os.path.normpath(e.path)
         real = os.path.realpath(catalog)
-        homes = [d for d in self.allowed_dirs() if _inside(catalog, d) or _inside(catalog, os.path.realpath(d))]
+        allowed = [str(self.uploads)] + [os.path.realpath(r) for r in self.index.roots()]
+        homes = [d for d in allowed if _inside(catalog, d) or _inside(catalog, os.path.realpath(d))]
         inside = any(_inside(real, os.path.realpath(d)) for d in homes) if homes else real == catalog
         if not inside:
             raise NotFound(f"image {e.id}'s file is no longer inside the indexed folder (it leads elsewhere); "
@@ -136,8 +126,10 @@ class Service:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotFound(f"image {e.id}'s file is no longer a regular file; re-run `cbir index`")
-            if st.st_size != e.size or (st.st_mtime_ns != e.mtime_ns and _sha256_of(f) != e.sha256):
+            if st.st_size != e.size or (st.st_mtime_ns != e.mtime_ns
+                                        and hashlib.file_digest(f, "sha256").hexdigest() != e.sha256):
                 raise FileChanged(f"image {e.id}'s file has changed since it was indexed; re-run `cbir index`")
+            f.seek(0)
         except BaseException:
             f.close()
             raise
@@ -158,18 +150,13 @@ class Service:
     def _render_thumbnail(self, image_id: int, sha256: str, size: int) -> bytes:
         """A JPEG of the image's checked file, its longer side ``size`` (never enlarged)."""
         raw = self.read_file(self.entry(image_id))  # the same checks as the file itself
-        try:
-            with Image.open(io.BytesIO(raw)) as probe:
-                size = min(size, max(probe.size))
-        except Exception:
-            pass
+        with contextlib.suppress(Exception), Image.open(io.BytesIO(raw)) as probe:
+            size = min(size, max(probe.size))
         try:
             img = open_image(raw, Resize("long", max(16, size)))
         except ImageError as err:  # any reason, too many pixels included: the server's file cannot be shown
             raise Invalid(f"image {image_id}'s file cannot be decoded ({str(err).split(': ', 1)[-1]})") from None
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
+        return jpeg(img, 85)
 
     # -- uploads, and CPU-bound work bounded ---------------------------------------------------
     async def receive(self, file: UploadFile) -> Upload:
@@ -228,7 +215,7 @@ class Service:
             if upload:
                 Path(e.path).unlink(missing_ok=True)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _writing(self, action: str):
         """Exclusive write access to the index; its failures become 409s that say why."""
         with self.write_lock:
@@ -247,13 +234,6 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _sha256_of(f) -> str:
-    f.seek(0)
-    digest = hashlib.file_digest(f, "sha256").hexdigest()
-    f.seek(0)
-    return digest
-
-
 def urls(image_id: int) -> dict[str, str]:
     return {"image_url": f"/api/images/{image_id}/file", "thumbnail_url": f"/api/images/{image_id}/thumbnail"}
 
@@ -262,7 +242,7 @@ def no_such_image(image_id: int) -> NotFound:
     return NotFound(f"there is no image with id {image_id} in the index")
 
 
-@contextmanager
+@contextlib.contextmanager
 def named_as(what: str) -> Iterator[None]:
     """An `ImageError` raised inside names the image ``what`` (e.g. the upload's file name), not
     the reader's "upload" or a server path; it keeps its type, which decides the status."""

@@ -24,15 +24,10 @@ FORM_SLACK = 64 * 1024  # multipart framing and small fields on top of the file 
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any parsing, and
-    at most ``max_inflight`` requests with a body (uploads) are held at once.
-
-    A declared Content-Length over the limit is refused at once; a chunked body is counted as
-    it streams in. The rest of an oversize body is read and dropped (up to a bound), so the
-    client sees the 413 instead of a reset connection. Each upload in flight holds up to
-    several copies of its body in memory (buffered, parsed, decoded), so beyond
-    ``max_inflight`` a request gets a 503 with Retry-After before its body is kept.
-    """
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 before any parsing (a declared
+    Content-Length at once, a chunked body as it streams in; the rest is read and dropped, up to a
+    bound, so that the client sees the 413, not a reset connection). An upload in flight holds
+    several copies of its body (buffered, parsed, decoded): beyond ``max_inflight``, a 503."""
 
     def __init__(self, app, max_bytes: int, max_inflight: int = 8) -> None:
         self.app, self.max_bytes, self.max_inflight = app, max_bytes, max_inflight

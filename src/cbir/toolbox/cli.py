@@ -1,14 +1,5 @@
-"""``cbir flops MODEL_OR_MODULE --input 1x3x224x224``: a per-module FLOPs / params table.
-
-The function is registered on the main Typer app by ``cbir.cli`` (``app.command()(flops)``).
-``MODEL_OR_MODULE`` is resolved in this order:
-
-1. a toolbox module name (``cbir.toolbox.list_modules()``), built for the input's channel
-   count; pyramid necks (FPN, PAN, BiFPN, ASFF) get three levels ``C, 2C, 4C`` channels at
-   ``H, H/2, H/4``;
-2. ``efficientnet_lite0`` - the default retrieval backbone, timm's ``tf_efficientnet_lite0``;
-3. any timm model name (built with random weights: FLOPs do not depend on them).
-"""
+"""``cbir flops MODEL_OR_MODULE --input 1x3x224x224``: a per-module FLOPs / params table
+(docs/toolbox.md); ``cbir.cli`` registers `flops` on the main app."""
 
 from __future__ import annotations
 
@@ -28,31 +19,33 @@ MODEL_ALIASES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 
 
 def build_for_flops(name: str, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor | list[torch.Tensor]]:
-    """The module for ``name`` and a matching random input; ``KeyError`` if unknown."""
+    """The module for ``name`` and a matching random input; ``KeyError`` if unknown.
+
+    ``name`` is a toolbox module (built for the input's channels; pyramid necks get three levels
+    of ``C, 2C, 4C`` channels at ``H, H/2, H/4``), else a timm model (random weights: FLOPs do not
+    depend on them), ``efficientnet_lite0`` being timm's ``tf_efficientnet_lite0``."""
     from cbir.toolbox.registry import get_entry
 
     try:
         entry = get_entry(name)
     except KeyError:
-        entry = None
-    if entry is not None:
-        if entry.input_kind == "none":
-            return entry.build(), torch.randn(shape)
-        if len(shape) != 4:
-            raise ValueError(f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}")
-        b, c, h, w = shape
-        if entry.input_kind == "channels":
-            return entry.build(c), torch.randn(shape)
-        chans = [c, 2 * c, 4 * c]
-        sizes = [(h, w), ((h + 1) // 2, (w + 1) // 2), ((h + 3) // 4, (w + 3) // 4)]  # H, H/2, H/4 rounded up
-        return entry.build(chans), [torch.randn(b, ci, hi, wi) for ci, (hi, wi) in zip(chans, sizes)]
-    import timm
+        import timm
 
-    timm_name = MODEL_ALIASES.get(name, name)
-    if not timm.is_model(timm_name):
-        raise KeyError(name)
-    in_chans = shape[1] if len(shape) == 4 else 3
-    return timm.create_model(timm_name, pretrained=False, in_chans=in_chans), torch.randn(shape)
+        timm_name = MODEL_ALIASES.get(name, name)
+        if not timm.is_model(timm_name):
+            raise KeyError(name) from None
+        in_chans = shape[1] if len(shape) == 4 else 3
+        return timm.create_model(timm_name, pretrained=False, in_chans=in_chans), torch.randn(shape)
+    if entry.input_kind == "none":
+        return entry.build(), torch.randn(shape)
+    if len(shape) != 4:
+        raise ValueError(f"toolbox module {name!r} needs a BxCxHxW input, got {'x'.join(map(str, shape))}")
+    b, c, h, w = shape
+    if entry.input_kind == "channels":
+        return entry.build(c), torch.randn(shape)
+    chans = [c, 2 * c, 4 * c]
+    sizes = [(h, w), ((h + 1) // 2, (w + 1) // 2), ((h + 3) // 4, (w + 3) // 4)]  # H, H/2, H/4 rounded up
+    return entry.build(chans), [torch.randn(b, ci, hi, wi) for ci, (hi, wi) in zip(chans, sizes)]
 
 
 def flops(
