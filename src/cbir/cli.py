@@ -15,10 +15,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cbir.datasets import DatasetError, load_benchmark
-from cbir.images import ImageError, list_images, parse_box
-from cbir.localize import LOCALIZERS, LocalizerError, create_localizer
-from cbir.models import BACKBONES, BackboneError, list_backbones
+from cbir.datasets import load_benchmark
+from cbir.images import list_images, parse_box
+from cbir.localize import LOCALIZERS, create_localizer
+from cbir.models import BACKBONES, list_backbones
 from cbir.models.engine import ENGINES
 
 app = typer.Typer(
@@ -54,15 +54,14 @@ def _progress():
 
 
 def _user_errors():
-    """Exceptions that are the user's to fix: printed as one line, never as a traceback."""
+    """Exceptions that are the user's to fix, printed as one line, never as a traceback: cbir's own
+    (`IndexStoreError`, `RayUnavailable`; DatasetError, ImageError, PipelineError... are ValueErrors),
+    any ValueError (e.g. PCA asked for more dims than fitting images), OSError (a path that is a
+    file where a folder is needed, a full disk, no permission...)."""
     from cbir.index import IndexStoreError
-    from cbir.pipeline import PipelineError
-    from cbir.train import TrainingError
+    from cbir.scale.ray_extract import RayUnavailable
 
-    # OSError: a path that is a file where a folder is needed, a full disk, no permission...;
-    # ValueError: e.g. PCA asked for more dims than fitting images.
-    return (DatasetError, ImageError, IndexStoreError, BackboneError, PipelineError, LocalizerError, TrainingError,
-            OSError, ValueError)
+    return IndexStoreError, RayUnavailable, ValueError, OSError
 
 
 def _guard(fn):
@@ -160,13 +159,10 @@ def index(
 
         validate(index_type, Index(index_dir).dim)  # a bad type fails before any extraction
     if engine == "ray":
-        from cbir.scale.ray_extract import RayUnavailable, update_index_ray
+        from cbir.scale.ray_extract import update_index_ray
 
-        try:
-            report = update_index_ray(images_dir, index_dir, pipeline, weights, fit, address=ray_address,
-                                      workers=ray_workers, shards_dir=shards, warn=_warn)
-        except RayUnavailable as e:
-            _fail(str(e))
+        report = update_index_ray(images_dir, index_dir, pipeline, weights, fit, address=ray_address,
+                                  workers=ray_workers, shards_dir=shards, warn=_warn)
     else:
         report = update_index(images_dir, index_dir, pipeline, weights, engine, fit, commit_every=commit_every,
                               progress=_progress(), warn=_warn)

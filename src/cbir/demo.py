@@ -98,20 +98,6 @@ def build_demo_benchmark(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
-DEMO_WALLS = 16
-
-
-def build_wall_benchmark(bench_dir: Path, root: Path, n: int = DEMO_WALLS, seed: int = 0) -> Path:
-    """Wall photos with 1-3 of the demo's original photographs hung on each (`cbir synth`), a
-    multi-object benchmark over those originals; returns ``root``."""
-    from cbir.synth import synthesize
-
-    if not (root / "gt.json").exists():
-        originals = [bench_dir / "database" / f"{name}.jpg" for name in PHOTOS]
-        synthesize(originals, root, n, seed=seed, long_side=640, warn=lambda m: None)
-    return root
-
-
 def run_demo(workdir: str | Path, engine: str = "onnx", echo: Callable[[str], None] = print,
              progress: Callable | None = None) -> dict:
     """Build the benchmark, evaluate the default pipeline, index the database, run one search;
@@ -121,6 +107,7 @@ def run_demo(workdir: str | Path, engine: str = "onnx", echo: Callable[[str], No
     from cbir.index import Searcher, update_index
     from cbir.localize import LocalizerError
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
+    from cbir.synth import synthesize
 
     workdir = Path(workdir)
     bench_dir = build_demo_benchmark(workdir / "benchmark")
@@ -142,7 +129,10 @@ def run_demo(workdir: str | Path, engine: str = "onnx", echo: Callable[[str], No
     echo(f"\ncbir search {query} --index {index_dir} -k 3")
     for rank, h in enumerate(hits, 1):
         echo(f"{rank:3d}  {h.score:.4f}  {h.path}")
-    walls = load_benchmark(build_wall_benchmark(bench_dir, workdir / "walls"))
+    if not (workdir / "walls" / "gt.json").exists():  # 16 walls, 1-3 of the originals hung on each
+        originals = [bench_dir / "database" / f"{name}.jpg" for name in PHOTOS]
+        synthesize(originals, workdir / "walls", 16, seed=0, long_side=640, warn=lambda m: None)
+    walls = load_benchmark(workdir / "walls")
     n_obj = sum(len(q.objects or ()) for q in walls.queries)
     echo(f"\nseveral objects per photo: {walls.root} ({len(walls.queries)} wall photos, {n_obj} photographs "
          f"hung on them, {len(walls.database)} in the collection)")

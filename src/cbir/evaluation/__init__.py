@@ -1,13 +1,10 @@
-"""Evaluate a pipeline on a benchmark: extract, rank by inner product, score with `cbir.metrics`.
+"""Evaluate a pipeline on a benchmark: extract, re-rank (`cbir.rerank`), rank by inner product,
+score with `cbir.metrics`; with a localizer, by the multi-object protocol (`cbir.evaluation.objects`).
 
-With a localizer (`cbir.localize`), each query photo is first split into the objects it
-shows and scored by the multi-object protocol (`cbir.evaluation.objects`).
-
-Queries that share an image and box are extracted once (the Revisited protocols list each
-query three times). Database images that cannot be read are left out of every ranking, with a
-warning; a query that cannot be read scores AP 0, so a broken file can never raise the mAP,
-and is counted in ``n_queries_unreadable``.
-A pipeline's re-ranking steps (`cbir.rerank`) act on the query and database vectors first.
+Queries that share an image and box are extracted once (the Revisited protocols list each query
+three times). Unreadable database images are left out of every ranking, with a warning; an
+unreadable query scores AP 0 (so a broken file never raises the mAP) and is counted in
+``n_queries_unreadable``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from cbir.index import Searcher
 from cbir.service import errors
 from cbir.service.routes import STATIC, image_routes, search_routes, service_routes
-from cbir.service.state import DEFAULT_MAX_UPLOADS, DEFAULT_SERVICE_MAX_PIXELS, Service, Settings
+from cbir.service.state import DEFAULT_SERVICE_MAX_PIXELS, Service
 from cbir.service.uploads import FORM_SLACK, BodyLimit
 
 
@@ -32,7 +32,7 @@ def create_app(
     workers: int = 2,
     threads: int | None = None,
     read_only: bool = False,
-    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    max_uploads: int = 8,  # uploads (search or add) received at once; each holds its body in memory
     localizer: str | None = None,
 ) -> FastAPI:
     """The service over ``index_dir`` (or an existing ``searcher``), model loaded and warmed up."""
@@ -44,9 +44,8 @@ def create_app(
                             localizer=localizer)
     if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
         raise ValueError("max_upload_mb and max_megapixels must be positive, workers and max_uploads at least 1")
-    settings = Settings(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
-                        workers=workers, read_only=read_only, max_uploads=max_uploads)
-    svc = Service(searcher, settings)
+    svc = Service(searcher, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
+                  workers=workers, read_only=read_only, max_uploads=max_uploads)
     svc.warm_up()
 
     app = FastAPI(title="cbir search service", version="1",
@@ -54,17 +53,17 @@ def create_app(
                               "box of it), more like an indexed image, fetch images and thumbnails by id, add and "
                               "delete images. Every error is `{\"detail\": sentence}` with a 4xx status.")
     app.state.service = svc  # what `cbir.service.state.get_service` hands the routes
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FORM_SLACK, max_inflight=settings.max_uploads)
-    app.middleware("http")(nosniff)  # added last, so outermost: BodyLimit's own answers get the header too
+    app.add_middleware(BodyLimit, max_bytes=svc.max_upload_bytes + FORM_SLACK, max_inflight=svc.max_uploads)
     errors.install(app)
     for router in (service_routes, search_routes, image_routes):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")  # added last, so outermost: BodyLimit's own answers get the header too
+    async def nosniff(request: Request, call_next) -> Response:
+        """Every response is what its Content-Type says: browsers must not sniff it."""
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
     return app
-
-
-async def nosniff(request: Request, call_next) -> Response:
-    """Every response is what its Content-Type says: browsers must not sniff it."""
-    response = await call_next(request)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    return response

@@ -40,7 +40,6 @@ search_routes = APIRouter(tags=["search"])
 image_routes = APIRouter(tags=["images"])
 
 
-# -- service -------------------------------------------------------------------------------------
 @service_routes.get("/", include_in_schema=False)
 def page() -> HTMLResponse:
     return HTMLResponse((STATIC / "index.html").read_text(),
@@ -54,23 +53,18 @@ def health(svc: ServiceDep) -> Health:
 
 @service_routes.get("/api/stats", response_model=Stats, summary="Index statistics and the server's limits")
 def stats(svc: ServiceDep) -> Stats:
-    s, limits = svc.index.stats(), svc.settings
-    return Stats(count=s["count"], pipeline=s["pipeline"], dim=s["dim"], index_type=str(s["index_type"]),
-                 index_type_resolved=_resolved_type(svc), segments=s.get("segments", 0), read_only=limits.read_only,
-                 limits=Limits(max_upload_bytes=limits.max_upload_bytes, max_pixels=limits.max_pixels, max_k=MAX_K,
-                               max_files=MAX_FILES, max_uploads=limits.max_uploads, max_meta_bytes=MAX_META_BYTES))
-
-
-def _resolved_type(svc: Service) -> str | None:
-    """What the index's type resolved to, where the engine's search structure says (else None)."""
-    try:
+    s = svc.index.stats()
+    try:  # what the type resolved to; stats must answer even when the search structure cannot be built
         resolved = svc.index.search_index().type
-    except Exception:  # stats must answer even when the search structure cannot be built now
-        return None
-    return None if resolved is None else str(resolved)
+    except Exception:
+        resolved = None
+    return Stats(count=s["count"], pipeline=s["pipeline"], dim=s["dim"], index_type=str(s["index_type"]),
+                 index_type_resolved=None if resolved is None else str(resolved), segments=s.get("segments", 0),
+                 read_only=svc.read_only,
+                 limits=Limits(max_upload_bytes=svc.max_upload_bytes, max_pixels=svc.max_pixels, max_k=MAX_K,
+                               max_files=MAX_FILES, max_uploads=svc.max_uploads, max_meta_bytes=MAX_META_BYTES))
 
 
-# -- search --------------------------------------------------------------------------------------
 @search_routes.post("/api/search", response_model=SearchResponse, summary="Search by an uploaded image",
                     responses=responses(413, 415, 422, 503))
 async def search(
@@ -101,7 +95,6 @@ async def similar(
     return await svc.run_cpu(_similar, svc, image_id, k, box, data)
 
 
-# -- images --------------------------------------------------------------------------------------
 @image_routes.get("/api/images/{image_id}", response_model=ImageInfo, summary="An indexed image's catalog entry",
                   responses=responses(404))
 def image_info(svc: ServiceDep, image_id: IdParam) -> ImageInfo:
@@ -174,9 +167,8 @@ def _search_objects(svc: Service, data: bytes, box, k: int, what: str) -> Search
     objects = []
     for o in found:
         results = svc.results(o.results)
-        j = o.region.to_json()
-        objects.append(FoundObject(box=j["box"], polygon=j["polygon"], score=j["score"],
-                                   identified=results[0] if o.identified else None, results=results))
+        objects.append(FoundObject(**o.region.to_json(), identified=results[0] if o.identified else None,
+                                   results=results))
     return SearchResponse(results=objects[0].results if objects else [], objects=objects,
                           localizer="box" if box is not None else svc.searcher.localizer.name, k=k,
                           count=len(svc.index), ms=round((time.perf_counter() - t0) * 1000, 2),

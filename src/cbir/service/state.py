@@ -30,32 +30,28 @@ from cbir.service.errors import FileChanged, Invalid, NotFound, ReadOnly, WriteC
 from cbir.service.schemas import ImageInfo, Result
 from cbir.service.uploads import FORMATS, Upload, check_upload
 
-# The pixel cap is checked on the header, before decoding, so it also bounds the decode work
-# of one image (a tiny PNG can declare a huge, slow-to-inflate bitmap): 50 Mpixel takes a 45 MP
-# camera photo and about half the work of Pillow's own bomb threshold (89.5 Mpixel).
+# Checked on the header, before decoding, the pixel cap also bounds an image's decode work (docs/service.md):
+# 50 Mpixel takes a 45 MP camera photo and about half the work of Pillow's own bomb threshold (89.5 Mpixel).
 DEFAULT_SERVICE_MAX_PIXELS = min(50_000_000, DEFAULT_MAX_PIXELS)
-DEFAULT_MAX_UPLOADS = 8  # uploads (search or add) received at once; each holds its body in memory
 
 
-@dataclass
-class Settings:
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = DEFAULT_SERVICE_MAX_PIXELS
-    workers: int = 2
-    read_only: bool = False
-    thumbnail_cache: int = 512
-    max_uploads: int = DEFAULT_MAX_UPLOADS
-
-
+@dataclass(eq=False)  # hashed by identity
 class Service:
     """What the endpoints share: the searcher, the limits, the locks."""
 
-    def __init__(self, searcher: Searcher, settings: Settings) -> None:
-        self.searcher, self.settings = searcher, settings
-        self.index = searcher.index
+    searcher: Searcher
+    max_upload_bytes: int
+    max_pixels: int
+    workers: int
+    read_only: bool
+    max_uploads: int
+    thumbnail_cache: int = 512
+
+    def __post_init__(self) -> None:
+        self.index = self.searcher.index
         self.uploads = (self.index.root / "uploads").resolve()
         self.write_lock = threading.Lock()
-        self._thumbnails = functools.lru_cache(settings.thumbnail_cache)(self._render_thumbnail)
+        self._thumbnails = functools.lru_cache(self.thumbnail_cache)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
 
     def warm_up(self) -> None:
@@ -70,8 +66,7 @@ class Service:
 
     # -- catalog ------------------------------------------------------------------
     def entry(self, image_id: int) -> Entry:
-        e = self.index.get(image_id)
-        if e is None:
+        if (e := self.index.get(image_id)) is None:
             raise no_such_image(image_id)
         return e
 
@@ -161,16 +156,15 @@ class Service:
     # -- uploads, and CPU-bound work bounded ---------------------------------------------------
     async def receive(self, file: UploadFile) -> Upload:
         """An uploaded file, read (one byte over the limit tells it is over) and checked."""
-        s = self.settings
-        return check_upload(await file.read(s.max_upload_bytes + 1), file.filename, file.content_type,
-                            s.max_upload_bytes, s.max_pixels)
+        return check_upload(await file.read(self.max_upload_bytes + 1), file.filename, file.content_type,
+                            self.max_upload_bytes, self.max_pixels)
 
     async def run_cpu(self, fn, *args):
         """``fn(*args)`` in a worker thread, at most ``workers`` at once (the limiter is made in, and
         for, the running event loop)."""
         loop = asyncio.get_running_loop()
         if self._cpu is None or self._cpu[0] is not loop:
-            self._cpu = (loop, anyio.CapacityLimiter(self.settings.workers))
+            self._cpu = (loop, anyio.CapacityLimiter(self.workers))
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._cpu[1])
 
     def extract(self, data: bytes, bbox, what: str) -> np.ndarray:
@@ -180,7 +174,7 @@ class Service:
 
     # -- writing ----------------------------------------------------------------------
     def writable(self) -> None:
-        if self.settings.read_only:
+        if self.read_only:
             raise ReadOnly("this server is read-only (started with --read-only): it does not add or delete images")
 
     def add(self, uploads: list[Upload], vectors: np.ndarray, meta: dict) -> tuple[list[int], list[int]]:
@@ -205,9 +199,8 @@ class Service:
         return Entry(path, st.st_size, st.st_mtime_ns, u.sha256, {**meta, "filename": u.name})
 
     def delete(self, image_id: int) -> None:
-        """Drop an image. An upload's file goes too; an indexed folder's file stays on disk
-        (the service never deletes a user's files) and is recorded as deleted, so that the
-        next `cbir index` of its folder leaves it out until the file changes."""
+        """Drop an image: an upload's file too; an indexed folder's file stays on disk, recorded
+        as deleted (docs/service.md)."""
         with self._writing("delete from"):
             e = self.entry(image_id)
             upload = self.is_upload(e)
