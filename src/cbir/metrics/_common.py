@@ -8,8 +8,7 @@ import numpy as np
 def to_numpy(x) -> np.ndarray:
     """torch tensor (any device, with or without grad) / list / array -> numpy array.
 
-    Metrics are computed in numpy: they are bookkeeping, not part of a graph, and numpy
-    keeps them identical on every device.
+    Metrics are bookkeeping, not part of a graph: numpy keeps them identical on every device.
     """
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         return x.detach().cpu().numpy()

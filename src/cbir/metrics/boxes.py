@@ -34,15 +34,13 @@ Reduction = Literal["none", "mean", "sum"]
 _EPS = 1e-7
 
 
-def as_tensor(x, dtype: torch.dtype | None = None) -> Tensor:
-    """numpy array / list / tensor -> tensor (no copy when already a tensor of that dtype)."""
-    if isinstance(x, Tensor):
-        return x if dtype is None else x.to(dtype)
-    return torch.as_tensor(np.asarray(x), dtype=dtype)
+def _tensor(x) -> Tensor:
+    """numpy array / list / tensor -> tensor (a tensor is returned as is)."""
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
 
 
 def _as_boxes(boxes) -> Tensor:
-    b = as_tensor(boxes)
+    b = _tensor(boxes)
     if not b.is_floating_point():
         b = b.float()
     if b.shape[-1] != 4:
@@ -52,29 +50,28 @@ def _as_boxes(boxes) -> Tensor:
 
 # ---------------------------------------------------------------- conversions
 
+# Every conversion goes through xyxy: two small formulas per format instead of six.
+_TO_XYXY = {
+    "xyxy": lambda x1, y1, x2, y2: (x1, y1, x2, y2),
+    "xywh": lambda x, y, w, h: (x, y, x + w, y + h),
+    "cxcywh": lambda cx, cy, w, h: (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
+}
+_FROM_XYXY = {
+    "xyxy": _TO_XYXY["xyxy"],
+    "xywh": lambda x1, y1, x2, y2: (x1, y1, x2 - x1, y2 - y1),
+    "cxcywh": lambda x1, y1, x2, y2: ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1),
+}
+
 
 def box_convert(boxes, in_fmt: BoxFormat, out_fmt: BoxFormat) -> Tensor:
     """Convert ``(..., 4)`` boxes between ``xyxy``, ``xywh`` and ``cxcywh``."""
     b = _as_boxes(boxes)
     if in_fmt == out_fmt:
         return b
-    # Go through xyxy: two small formulas per format instead of six.
-    if in_fmt == "xywh":
-        x, y, w, h = b.unbind(-1)
-        b = torch.stack([x, y, x + w, y + h], dim=-1)
-    elif in_fmt == "cxcywh":
-        cx, cy, w, h = b.unbind(-1)
-        b = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    elif in_fmt != "xyxy":
-        raise ValueError(f"unknown box format {in_fmt!r}")
-    if out_fmt == "xyxy":
-        return b
-    x1, y1, x2, y2 = b.unbind(-1)
-    if out_fmt == "xywh":
-        return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
-    if out_fmt == "cxcywh":
-        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
-    raise ValueError(f"unknown box format {out_fmt!r}")
+    for fmt in (in_fmt, out_fmt):
+        if fmt not in _TO_XYXY:
+            raise ValueError(f"unknown box format {fmt!r}")
+    return torch.stack(_FROM_XYXY[out_fmt](*_TO_XYXY[in_fmt](*b.unbind(-1))), dim=-1)
 
 
 def xywh_to_xyxy(boxes) -> Tensor:
@@ -221,7 +218,7 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
 
 def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
     b = _as_boxes(boxes).detach()
-    s = as_tensor(scores).detach().to(b.dtype)
+    s = _tensor(scores).detach().to(b.dtype)
     if s.shape != b.shape[:1]:
         raise ValueError(f"scores must have shape ({b.shape[0]},), got {tuple(s.shape)}")
     return b, s
@@ -311,7 +308,7 @@ def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
 def _per_class(fn: Callable, boxes, scores, idxs, **kwargs) -> tuple[Tensor, Tensor]:
     """Run a single-class NMS per class of ``idxs`` and merge by decreasing (final) score."""
     b, s = _nms_inputs(boxes, scores)
-    labels = as_tensor(idxs).long()
+    labels = _tensor(idxs).long()
     keep_all, score_all = [torch.zeros(0, dtype=torch.long, device=b.device)], [s.new_zeros(0)]
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()

@@ -1,22 +1,14 @@
 """Weakly supervised object localization (WSOL) metrics (Zhou et al. 2016; Choe et al. 2020).
 
-Box level, one predicted box per image (or one per CAM threshold, to pick the best one):
-
-* GT-known localization accuracy: fraction of images whose predicted box has IoU >= delta
-  (0.5) with some ground-truth box of the image; the class is assumed known.
-* Top-1 localization accuracy: the same, counting only images whose top-1 class is right.
-* With one box per CAM threshold (N, T, 4), both are reported at the threshold with the
-  best GT-known accuracy (``MaxBoxAcc`` of Choe et al.).
+Box level: GT-known localization accuracy is the fraction of images whose predicted box has
+IoU >= delta (0.5) with some ground-truth box of the image (the class assumed known); top-1
+also needs the top-1 class right. With one box per CAM threshold (N, T, 4) both are reported
+at the threshold with the best GT-known accuracy (``MaxBoxAcc`` of Choe et al.).
 
 Pixel level: the CAM, normalised to [0, 1], is thresholded at tau in {0, 1/K, ..., (K-1)/K};
-``mask IoU at the best threshold`` is max_tau TP/(TP+FP+FN), pixels pooled over the dataset,
-and ``PxAP`` the AP of the pixel-wise precision-recall curve over those thresholds.
-The pixels are kept as two histograms of the quantised CAM (GT-foreground and background),
-one ``bincount`` each per batch.
-
-Functions over a whole evaluation set (Choe et al., "Evaluating WSOL right", CVPR 2020):
-`cam_boxes` (the box of every connected component of a thresholded CAM), `max_box_acc_v2`
-(MaxBoxAccV2, with the per-threshold curves) and `pxap`.
+mask IoU at the best threshold is max_tau TP/(TP+FP+FN), pixels pooled over the dataset, and
+PxAP the AP of the pixel-wise precision-recall curve. The pixels are kept as two histograms
+of the quantised CAM (GT foreground and background), one ``bincount`` each per batch.
 """
 
 from __future__ import annotations
@@ -51,7 +43,7 @@ def max_box_iou(pred_boxes, gt_boxes: Sequence) -> np.ndarray:
 
 
 class LocalizationAccuracy:
-    """Streaming GT-known and top-1 localization accuracy (see module docstring).
+    """Streaming GT-known and top-1 localization accuracy.
 
     ``update(pred_boxes, gt_boxes, pred_labels=None, gt_labels=None)``: pred_boxes (N, 4) or
     (N, T, 4) (one box per CAM threshold), gt_boxes a length-N sequence of (M_i, 4);
@@ -201,5 +193,5 @@ def pxap(cams: Sequence, gt_masks: Sequence, num_thresholds: int = 100) -> dict:
         raise ValueError(f"{len(cams)} CAMs for {len(gt_masks)} masks")
     m = MaskLocalization(num_thresholds)
     for cam, mask in zip(cams, gt_masks):
-        m.update(np.asarray(to_numpy(cam))[None], np.asarray(to_numpy(mask))[None])
+        m.update(to_numpy(cam)[None], to_numpy(mask)[None])
     return m.compute()
