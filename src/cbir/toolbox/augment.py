@@ -156,14 +156,14 @@ def _hw(work: Sample) -> tuple[int, int]:
 
 
 class Transform:
-    """Base class: ``__call__`` converts to the working form, ``apply`` does the work.
-
-    Subclasses implement ``apply(work, rng) -> work`` on the canonical numpy form (image
-    float32 HWC in its original range, ``work["_range"]`` = 255 or 1); or, when they have a
-    probability ``p``, ``_apply``, which ``apply`` runs if one ``rng.random()`` draw is below ``p``.
+    """Base class: ``__call__`` converts to the working form, ``apply(work, rng) -> work`` does
+    the work (``work["_range"]`` = 255 or 1). With a probability ``p``, subclasses implement
+    ``_apply`` instead, run when one ``rng.random()`` draw is below ``p``.
     """
 
     p: float
+    min_size: float = 2.0  # the box filter of the geometric transforms
+    min_visibility: float = 0.1
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
         return self._apply(work, rng) if rng.random() < self.p else work
@@ -296,11 +296,6 @@ class GaussianNoise(Transform):
 # Geometric: image, boxes and mask move together.
 
 
-class _BoxFilter:
-    min_size: float = 2.0
-    min_visibility: float = 0.1
-
-
 def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill: float, mask_fill: int,
                  min_size: float, min_visibility: float) -> Sample:
     """Warp image, mask and boxes by the forward affine ``matrix`` (3x3, pixel coords x, y).
@@ -399,7 +394,7 @@ class VerticalFlip(_Flip):
     _axis = 0
 
 
-class RandomScale(Transform, _BoxFilter):
+class RandomScale(Transform):
     """Resize the whole image by a factor drawn from ``scale`` (aspect kept); the output is
     ``round(s H) x round(s W)`` and boxes scale by the same per-axis factors."""
 
@@ -410,7 +405,7 @@ class RandomScale(Transform, _BoxFilter):
         return _rescale(work, rng.uniform(*self.scale), self.mask_fill, self.min_size, self.min_visibility)
 
 
-class RandomCrop(Transform, _BoxFilter):
+class RandomCrop(Transform):
     """Crop a random window: a fixed ``size=(h, w)`` (the image is padded with ``fill`` where
     it is smaller), or with ``size=None`` an area fraction from ``scale`` and aspect ratio
     (w / h) from ``ratio``, like RandomResizedCrop without the resize. Boxes are shifted,
@@ -440,12 +435,10 @@ class RandomCrop(Transform, _BoxFilter):
                           self.min_visibility)
 
 
-class RandomRotation(Transform, _BoxFilter):
+class RandomRotation(Transform):
     """Rotate about the image centre by an angle in ``[-degrees, degrees]`` (counter-clockwise
-    on screen for positive angles), same canvas size; corners are filled with ``fill``.
-
-    The new box encloses the rotated box corners - exact for the box itself, loose for
-    the object inside it (the usual cost of rotating axis-aligned boxes).
+    on screen for positive angles), same canvas size; corners are filled with ``fill``. The
+    new box encloses the rotated corners: loose for the object inside, as always with boxes.
     """
 
     def __init__(self, degrees: float = 10.0, p: float = 1.0, fill: float = 0.0, mask_fill: int = 0) -> None:
@@ -523,9 +516,8 @@ class Cutout(Transform):
 
 class HideAndSeek(Transform):
     """Hide-and-Seek (Singh & Lee 2017): split the image into ``g x g``-pixel patches, ``g``
-    drawn from ``grid_sizes`` (0 = hide nothing), and hide each patch with probability
-    ``p_hide``, filling with the mean (the paper uses the dataset mean so hidden patches
-    match the statistics a conv sees at test time)."""
+    drawn from ``grid_sizes`` (0 = hide nothing), and hide each with probability ``p_hide``
+    under the mean, so hidden patches keep the statistics a conv sees at test time."""
 
     def __init__(self, grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), p_hide: float = 0.5,
                  fill: float | str | None = "mean") -> None:
@@ -681,13 +673,10 @@ class CutMix:
 class Mosaic:
     """Mosaic (YOLOv4): four images around a random centre on one ``output_size`` canvas.
 
-    The centre ``(xc, yc)`` is drawn from the middle half of the canvas ``[0.25, 0.75]``;
-    each image is resized (aspect kept) to fit half the canvas and placed with its
-    bottom-right / bottom-left / top-right / top-left corner at the centre, for the
-    top-left / top-right / bottom-left / bottom-right quadrant. Each quadrant shows only its
-    image, so boxes are clipped to the quadrant; uncovered canvas is ``fill`` (YOLO grey)
-    and ``mask_fill`` in the mask. All samples must have the same channels; the output
-    takes the first sample's types.
+    The centre is drawn from the middle half of the canvas; each image, resized (aspect kept)
+    to fit half the canvas, touches it with its inner corner and fills one quadrant, to which
+    its boxes are clipped. Uncovered canvas is ``fill`` (YOLO grey), ``mask_fill`` in the
+    mask. All samples need the same channels; the output takes the first sample's types.
     """
 
     def __init__(self, output_size: tuple[int, int] = (640, 640), fill: float = YOLO_GREY,
