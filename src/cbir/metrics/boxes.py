@@ -225,10 +225,9 @@ def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
 
 
 def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, boxes visited by
-    decreasing score. The threshold test is done once for the whole matrix; the sequential
-    part is one numpy row-OR per kept box: O(N^2) memory, fast for the few thousand boxes a
-    detector keeps before NMS."""
+    """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, by decreasing
+    score: one threshold test for the matrix, then one numpy row-OR per kept box (O(N^2)
+    memory, fast for the few thousand boxes a detector keeps before NMS)."""
     b, s = _nms_inputs(boxes, scores)
     if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device)
@@ -269,13 +268,11 @@ def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
 def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
              method: Literal["linear", "gaussian"] = "gaussian",
              score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
-    """Soft-NMS (Bodla et al. 2017): instead of removing a neighbour of the selected box,
-    decay its score by ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by
-    ``exp(-IoU^2 / sigma)`` (gaussian); boxes whose score falls below ``score_threshold``
-    are dropped.
+    """Soft-NMS (Bodla et al. 2017): decay the score of a neighbour of the selected box by
+    ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by ``exp(-IoU^2 / sigma)``
+    (gaussian) instead of removing it; boxes below ``score_threshold`` are dropped.
 
-    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)) in selection order,
-    which is decreasing decayed score.
+    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)) by selection order.
     """
     b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):
