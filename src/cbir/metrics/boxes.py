@@ -142,10 +142,8 @@ def _ciou_v(t: dict[str, Tensor]) -> Tensor:
 
 
 def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tensor:
-    """IoU of xyxy boxes: (N,4) x (M,4) -> (N,M), or (N,4) x (N,4) -> (N,) when elementwise.
-
-    Pairs with zero union (two degenerate boxes) get 0 rather than NaN.
-    """
+    """IoU of xyxy boxes: (N,4) x (M,4) -> (N,M), or (N,4) x (N,4) -> (N,) when elementwise;
+    0 rather than NaN for pairs with zero union (two degenerate boxes)."""
     return _iou_terms(boxes1, boxes2, elementwise, eps)["iou"]
 
 
@@ -249,19 +247,14 @@ def _descending(scores: Tensor) -> Tensor:
 
 
 def nms(boxes, scores, iou_threshold: float) -> Tensor:
-    """Greedy NMS: keep the highest-scoring box, drop every box with IoU > threshold to it, repeat.
-
-    boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score.
-    """
+    """Greedy NMS: keep the highest-scoring box, drop every box with IoU > threshold to it,
+    repeat. boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score."""
     return _greedy(boxes, scores, iou_threshold, box_iou)
 
 
 def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
     """DIoU-NMS (Zheng et al. 2020): greedy NMS suppressing where IoU - rho^2/c^2 > threshold,
-    so overlapping boxes whose centres are far apart (occluded neighbours) survive.
-
-    boxes (N,4) xyxy, scores (N,) -> kept indices (K,), by decreasing score.
-    """
+    so overlapping boxes whose centres are far apart (occluded neighbours) survive; as :func:`nms`."""
     return _greedy(boxes, scores, iou_threshold, lambda b1, b2: box_diou(b1, b2, eps=0.0))
 
 
@@ -271,8 +264,7 @@ def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
     """Soft-NMS (Bodla et al. 2017): decay the score of a neighbour of the selected box by
     ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by ``exp(-IoU^2 / sigma)``
     (gaussian) instead of removing it; boxes below ``score_threshold`` are dropped.
-
-    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)) by selection order.
+    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)), decreasing.
     """
     b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):

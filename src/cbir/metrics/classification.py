@@ -164,11 +164,8 @@ class ClassificationMetrics:
 
 
 def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray | None = None):
-    """Cumulative (FP, TP) counts at each distinct score, highest score first.
-
-    ``weight`` (N,) counts each sample that many times (zero-weight samples are dropped),
-    which lets a histogram of scores stand for the samples themselves.
-    """
+    """Cumulative (FP, TP) counts at each distinct score, highest score first; ``weight`` (N,)
+    counts each sample that many times, so a histogram of scores can stand for the samples."""
     if weight is not None:
         nz = weight != 0
         target, scores, weight = target[nz], scores[nz], weight[nz].astype(np.float64)
@@ -244,11 +241,8 @@ def average_precision_score(target, scores, average: Average = "macro",
 
 
 class AveragePrecision:
-    """Streaming :func:`average_precision_score` and :func:`precision_recall_curve`.
-
-    AP is not decomposable over batches, so ``update`` stores the scores and targets
-    (a few bytes per sample) and ``compute`` ranks them all at once.
-    """
+    """Streaming :func:`average_precision_score` and :func:`precision_recall_curve`; AP does
+    not decompose over batches, so ``update`` stores scores and targets for ``compute``."""
 
     def __init__(self, average: Average = "macro"):
         self.average = average

@@ -172,9 +172,7 @@ class _ClassRecord:
 
 def _pr_curve(scores: np.ndarray, tp: np.ndarray, ignored: np.ndarray, n_gt: int):
     """One class pooled over images, at one IoU threshold: (recall, precision) per detection.
-
-    scores (D,), tp (D,), ignored (D,); detections matched to ignored GT leave the ranking.
-    """
+    scores (D,), tp (D,), ignored (D,); detections matched to ignored GT leave the ranking."""
     keep = ~ignored
     order = np.argsort(-scores[keep], kind="mergesort")  # stable: ties keep image order
     tps = np.cumsum(tp[keep][order], dtype=np.float64)

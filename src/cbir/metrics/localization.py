@@ -23,11 +23,9 @@ from cbir.metrics.classification import average_precision_score
 
 
 def max_box_iou(pred_boxes, gt_boxes: Sequence) -> np.ndarray:
-    """Best IoU of each predicted box with its image's ground-truth boxes.
-
-    pred_boxes (N, 4) or (N, T, 4) xyxy; gt_boxes a length-N sequence of (M_i, 4), or an
-    (N, 4) / (N, M, 4) array -> (N,) or (N, T); 0 for an image without ground truth.
-    """
+    """Best IoU of each predicted box with its image's ground-truth boxes: pred_boxes (N, 4) or
+    (N, T, 4) xyxy; gt_boxes a length-N sequence of (M_i, 4), or an (N, 4) / (N, M, 4) array
+    -> (N,) or (N, T); 0 for an image without ground truth."""
     pred = to_numpy(pred_boxes).astype(np.float64)
     squeeze = pred.ndim == 2
     pred = pred[:, None, :] if squeeze else pred

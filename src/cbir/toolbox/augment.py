@@ -134,10 +134,8 @@ def _select_boxes(work: Sample, keep: np.ndarray) -> None:
 
 def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_area: np.ndarray | None,
                  min_size: float, min_visibility: float) -> None:
-    """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones.
-
-    ``ref_area``: each box's area before clipping, in the same coordinates (default: now).
-    """
+    """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones
+    (``ref_area``: each box's area before clipping, default now)."""
     b = work["boxes"]
     if ref_area is None:
         ref_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])

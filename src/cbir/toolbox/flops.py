@@ -81,11 +81,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def count_flops(model: nn.Module,
                 inputs: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...]) -> FlopReport:
-    """Run one forward pass (eval mode, no gradients) under ``FlopCounterMode``.
-
-    ``inputs``: a tensor, a shape tuple (for a random tensor), or a sequence of tensors
-    passed as one list argument (the pyramid necks).
-    """
+    """Run one forward pass (eval mode, no gradients) under ``FlopCounterMode``. ``inputs``: a
+    tensor, a shape (for a random tensor), or tensors passed as one list (the pyramid necks)."""
     if isinstance(inputs, tuple) and all(isinstance(s, int) for s in inputs):
         param = next(model.parameters(), None)
         inputs = torch.randn(inputs, device=param.device if param is not None else "cpu")

@@ -73,11 +73,8 @@ def _first(v: int | Sequence[int]) -> int:
 
 
 def layers_from_module(model: nn.Module) -> list[LayerSpec]:
-    """The conv / pool layers of ``model`` in registration order, as height-axis specs.
-
-    Valid for plain chains (``nn.Sequential`` of convs, pools, norms and activations);
-    branches and skip connections have no single receptive field this can express.
-    """
+    """The conv / pool layers of ``model`` in registration order, as height-axis specs; valid
+    for plain chains only (branches and skips have no single receptive field)."""
     specs = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -83,10 +83,8 @@ class SpatialAttention(_Gate):
 
 @register_module("cbam")
 class CBAM(nn.Module):
-    """CBAM (Woo et al. 2018): channel attention then spatial attention, ``(B,C,H,W)`` -> same.
-
-    ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
-    """
+    """CBAM (Woo et al. 2018): ``y = x * Mc(x); out = y * Ms(y)``, channel attention first as
+    the paper found best."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
                  min_channels: int = 8) -> None:
