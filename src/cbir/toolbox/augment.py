@@ -404,10 +404,9 @@ class RandomScale(Transform):
 
 
 class RandomCrop(Transform):
-    """Crop a random window: a fixed ``size=(h, w)`` (the image is padded with ``fill`` where
-    it is smaller), or with ``size=None`` an area fraction from ``scale`` and aspect ratio
-    (w / h) from ``ratio``, like RandomResizedCrop without the resize. Boxes are shifted,
-    clipped and filtered; the mask is cropped with the image."""
+    """Crop a random window: a fixed ``size=(h, w)`` (padded with ``fill`` where the image is
+    smaller), or with ``size=None`` an area fraction from ``scale`` and aspect ratio (w / h)
+    from ``ratio``, like RandomResizedCrop without the resize."""
 
     def __init__(self, size: tuple[int, int] | None = None, scale: tuple[float, float] = (0.3, 1.0),
                  ratio: tuple[float, float] = (0.5, 2.0), p: float = 1.0, fill: float = 0.0,
@@ -535,12 +534,11 @@ class HideAndSeek(Transform):
 
 
 class GridMask(Transform):
-    """GridMask (Chen et al. 2020): remove a regular grid of squares.
+    """GridMask (Chen et al. 2020): remove a regular, randomly shifted grid of squares.
 
-    The unit size ``d`` is drawn from ``d_range`` (fractions of the short side) and the grid
-    shifted by a random offset; in each ``d x d`` unit a square of side ``(1 - ratio) d`` is
-    removed, so the kept fraction is ``1 - (1 - ratio)^2`` (the paper's ``k``; ratio 0.6
-    keeps 84 %). ``rotate`` turns the grid by a random angle up to that many degrees.
+    In each ``d x d`` unit (``d`` from ``d_range``, fractions of the short side) a square of
+    side ``(1 - ratio) d`` is removed: ratio 0.6 keeps 84 %. ``rotate``: random angle up to
+    that many degrees.
     """
 
     def __init__(self, d_range: tuple[float, float] = (0.1, 0.4), ratio: float = 0.6, rotate: float = 0.0,
@@ -606,9 +604,7 @@ class MixUp:
     """MixUp (Zhang et al. 2018) for detection as in YOLOv4/5: ``image = lam a + (1 - lam) b``
     with ``lam ~ Beta(alpha, alpha)``; boxes and labels of both are kept, and ``"weights"``
     carries ``lam`` / ``1 - lam`` per box for a weighted loss. ``"mixup_lambda"`` is added.
-
-    A mask cannot be blended, so the output keeps the mask of the dominant image
-    (``lam >= 0.5`` -> a). Both images must have the same size.
+    A mask cannot be blended: the dominant image's is kept. Both images need the same size.
     """
 
     def __init__(self, alpha: float = 8.0) -> None:
@@ -629,11 +625,10 @@ class MixUp:
 class CutMix:
     """CutMix (Yun et al. 2019): paste a rectangle of image ``b`` into ``a`` at the same place.
 
-    ``lam ~ Beta(alpha, alpha)``; the rectangle has area ``(1 - lam) H W`` and a uniform
-    centre (clipped at the borders, so ``"cutmix_lambda"`` is recomputed from the real area).
-    The mask is pasted the same way, so it stays aligned. ``a``'s boxes are kept unless less
-    than ``min_visibility`` of them stays visible; ``b``'s boxes are clipped to the
-    rectangle and kept if ``min_visibility`` of them is inside it.
+    ``lam ~ Beta(alpha, alpha)``; the rectangle (pasted into the mask too) has area
+    ``(1 - lam) H W`` and a uniform centre, clipped at the borders (``"cutmix_lambda"`` is from
+    the real area). Each box is kept if ``min_visibility`` of it shows: ``a``'s outside the
+    rectangle, ``b``'s (clipped) inside it.
     """
 
     def __init__(self, alpha: float = 1.0, min_visibility: float = 0.25, min_size: float = 2.0) -> None:

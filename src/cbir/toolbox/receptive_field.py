@@ -97,9 +97,7 @@ def _linearise(model: nn.Module) -> nn.Module:
             if isinstance(sub, nn.MaxPool2d):
                 if _first(sub.dilation) != 1:
                     raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
-                avg = nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode,
-                                   count_include_pad=True)
-                setattr(child, attr, avg)
+                setattr(child, attr, nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, sub.ceil_mode))
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Conv2d):
