@@ -159,11 +159,10 @@ def max_box_acc_v2(cams: Sequence, gt_boxes: Sequence, iou_thresholds: Sequence[
 
     ``cams``: per image a ``(H_i, W_i)`` map in [0, 1]; ``gt_boxes``: per image ``(M_i, 4)``
     xyxy in the CAM's pixel coordinates. At CAM threshold tau an image is correct at IoU delta
-    when some box of a connected component of ``cam >= tau`` has IoU >= delta with some
-    ground-truth box (all components count: the multi-contour variant). Returns
-    ``box_acc`` (T, D) (fraction of images correct), ``max_box_acc`` (D,) and
-    ``best_threshold`` (D,) (the best over tau for each delta), ``max_box_acc_v2`` (their
-    mean), and ``thresholds`` (T,).
+    when the box of some connected component of ``cam >= tau`` (the multi-contour variant) has
+    IoU >= delta with some ground-truth box. Returns ``box_acc`` (T, D) (fraction correct),
+    ``max_box_acc`` (D,) and ``best_threshold`` (D,) (best over tau per delta),
+    ``max_box_acc_v2`` (their mean), ``thresholds`` (T,).
     """
     if len(cams) != len(gt_boxes):
         raise ValueError(f"{len(cams)} CAMs for {len(gt_boxes)} images")

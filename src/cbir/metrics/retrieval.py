@@ -7,9 +7,6 @@ INRIA Holidays all use this rule). For the j-th positive (0-based) at 0-based ra
     AP += ((j / r if r > 0 else 1) + (j + 1) / (r + 1)) / 2 / n_positives
 
 so positives at ranks [0, 2] of 2 give 0.7917 and one positive at rank 1 gives 0.25.
-
-`RetrievalMAP` is the streaming form (``update`` per query, ``compute`` at the end, ``reset``).
-Classification and detection AP are different quantities (see :mod:`cbir.metrics.classification`).
 """
 
 from __future__ import annotations
