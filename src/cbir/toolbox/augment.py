@@ -547,8 +547,7 @@ class GridMask(Transform):
 
     def grid(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         """The ``(H, W)`` bool keep-mask (True = pixel kept)."""
-        short = min(h, w)
-        d = max(2, int(round(rng.uniform(*self.d_range) * short)))
+        d = max(2, int(round(rng.uniform(*self.d_range) * min(h, w))))
         hole = int(round((1.0 - self.ratio) * d))
         oy, ox = int(rng.integers(0, d)), int(rng.integers(0, d))
         # Work on a larger canvas so that a rotated grid still covers the corners.

@@ -47,20 +47,9 @@ class FlopReport:
         """The whole-model row."""
         return self.rows[0]
 
-    @property
-    def flops(self) -> int:
-        """Total FLOPs (2 per multiply-accumulate)."""
-        return self.total.flops
-
-    @property
-    def macs(self) -> int:
-        """Total multiply-accumulates."""
-        return self.total.macs
-
-    @property
-    def params(self) -> int:
-        """Total parameter count."""
-        return self.total.params
+    flops = property(lambda self: self.total.flops, doc="Total FLOPs (2 per multiply-accumulate).")
+    macs = property(lambda self: self.total.macs, doc="Total multiply-accumulates.")
+    params = property(lambda self: self.total.params, doc="Total parameter count.")
 
     def table(self, depth: int = 2) -> str:
         """The text table down to ``depth`` levels of nesting (see :func:`format_table`)."""

@@ -153,8 +153,7 @@ class BiFPN(nn.Module):
         _check(features, self.n_levels)
         p = [proj(f) for proj, f in zip(self.project, features)]
         n = self.n_levels
-        td = [torch.empty(0)] * n
-        td[n - 1] = p[n - 1]
+        td = [torch.empty(0)] * (n - 1) + [p[n - 1]]
         for k, i in enumerate(range(n - 2, -1, -1)):
             td[i] = self.td_conv[k](self.td_fuse[k]([p[i], resize_to(td[i + 1], p[i])]))
         out = [td[0]]
