@@ -53,11 +53,8 @@ class ChannelAttention(_Gate):
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8) -> None:
         super().__init__()
         hidden = max(min_channels, channels // reduction)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
-        )
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, channels, 1, bias=False))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
