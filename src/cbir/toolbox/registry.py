@@ -34,9 +34,9 @@ MODULES = Registry("toolbox module", lazy=("cbir.toolbox.layers",), error=KeyErr
 _T = TypeVar("_T", bound=Callable[..., nn.Module])
 
 
-def register_module(name: str, *, input_kind: InputKind = "channels", summary: str = "") -> Callable[[_T], _T]:
-    """Class/function decorator adding a constructor to `MODULES` under ``name``; ``summary``
-    defaults to the docstring's first line."""
+def register_module(name: str, *, input_kind: InputKind = "channels",
+                    summary: str = "") -> Callable[[_T], _T]:
+    """Decorator registering a constructor as ``name`` (``summary`` default: docstring's first line)."""
     return MODULES.register(name, summary=summary, input_kind=input_kind)
 
 
