@@ -1,13 +1,5 @@
-"""Every metric of cbir, and the box operations the detectors share.
-
-* :mod:`.retrieval`: trapezoid AP with junk, mAP, precision@k, recall@k, UKBench N-S.
-* :mod:`.classification`: confusion matrix, accuracy, P/R/F1 (per class, macro, micro,
-  weighted), PR curve and AP (sklearn definitions).
-* :mod:`.detection`: VOC all-point / 11-point and COCO AP and mAP.
-* :mod:`.segmentation`: PA, MPA, IoU, mIoU, FWIoU, Dice from one confusion matrix.
-* :mod:`.localization`: WSOL GT-known / top-1 localization accuracy, mask IoU, PxAP,
-  MaxBoxAccV2.
-* :mod:`.boxes`: conversions, IoU / GIoU / DIoU / CIoU, their losses, NMS variants.
+"""Every metric of cbir, and the box operations the detectors share (docs/metrics.md lists
+what each module computes and what it is checked against).
 
 Streaming metrics follow torchmetrics: ``update`` batch by batch, ``compute``, ``reset``;
 they accept numpy arrays and torch tensors.

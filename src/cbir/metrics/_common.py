@@ -6,11 +6,8 @@ import numpy as np
 
 
 def to_numpy(x) -> np.ndarray:
-    """torch tensor (any device, with or without grad) / list / array -> numpy array.
-
-    Metrics are computed in numpy: they are bookkeeping, not part of a graph, and numpy
-    keeps them identical on every device.
-    """
+    """torch tensor (any device, with or without grad) / list / array -> numpy array: metrics
+    are bookkeeping, not part of a graph, and numpy keeps them identical on every device."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
         return x.detach().cpu().numpy()
     return np.asarray(x)

@@ -34,15 +34,13 @@ Reduction = Literal["none", "mean", "sum"]
 _EPS = 1e-7
 
 
-def as_tensor(x, dtype: torch.dtype | None = None) -> Tensor:
-    """numpy array / list / tensor -> tensor (no copy when already a tensor of that dtype)."""
-    if isinstance(x, Tensor):
-        return x if dtype is None else x.to(dtype)
-    return torch.as_tensor(np.asarray(x), dtype=dtype)
+def _tensor(x) -> Tensor:
+    """numpy array / list / tensor -> tensor (a tensor is returned as is)."""
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
 
 
 def _as_boxes(boxes) -> Tensor:
-    b = as_tensor(boxes)
+    b = _tensor(boxes)
     if not b.is_floating_point():
         b = b.float()
     if b.shape[-1] != 4:
@@ -52,29 +50,28 @@ def _as_boxes(boxes) -> Tensor:
 
 # ---------------------------------------------------------------- conversions
 
+# Every conversion goes through xyxy: two small formulas per format instead of six.
+_TO_XYXY = {
+    "xyxy": lambda x1, y1, x2, y2: (x1, y1, x2, y2),
+    "xywh": lambda x, y, w, h: (x, y, x + w, y + h),
+    "cxcywh": lambda cx, cy, w, h: (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
+}
+_FROM_XYXY = {
+    "xyxy": _TO_XYXY["xyxy"],
+    "xywh": lambda x1, y1, x2, y2: (x1, y1, x2 - x1, y2 - y1),
+    "cxcywh": lambda x1, y1, x2, y2: ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1),
+}
+
 
 def box_convert(boxes, in_fmt: BoxFormat, out_fmt: BoxFormat) -> Tensor:
     """Convert ``(..., 4)`` boxes between ``xyxy``, ``xywh`` and ``cxcywh``."""
     b = _as_boxes(boxes)
     if in_fmt == out_fmt:
         return b
-    # Go through xyxy: two small formulas per format instead of six.
-    if in_fmt == "xywh":
-        x, y, w, h = b.unbind(-1)
-        b = torch.stack([x, y, x + w, y + h], dim=-1)
-    elif in_fmt == "cxcywh":
-        cx, cy, w, h = b.unbind(-1)
-        b = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    elif in_fmt != "xyxy":
-        raise ValueError(f"unknown box format {in_fmt!r}")
-    if out_fmt == "xyxy":
-        return b
-    x1, y1, x2, y2 = b.unbind(-1)
-    if out_fmt == "xywh":
-        return torch.stack([x1, y1, x2 - x1, y2 - y1], dim=-1)
-    if out_fmt == "cxcywh":
-        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
-    raise ValueError(f"unknown box format {out_fmt!r}")
+    for fmt in (in_fmt, out_fmt):
+        if fmt not in _TO_XYXY:
+            raise ValueError(f"unknown box format {fmt!r}")
+    return torch.stack(_FROM_XYXY[out_fmt](*_TO_XYXY[in_fmt](*b.unbind(-1))), dim=-1)
 
 
 def xywh_to_xyxy(boxes) -> Tensor:
@@ -145,10 +142,8 @@ def _ciou_v(t: dict[str, Tensor]) -> Tensor:
 
 
 def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tensor:
-    """IoU of xyxy boxes: (N,4) x (M,4) -> (N,M), or (N,4) x (N,4) -> (N,) when elementwise.
-
-    Pairs with zero union (two degenerate boxes) get 0 rather than NaN.
-    """
+    """IoU of xyxy boxes: (N,4) x (M,4) -> (N,M), or (N,4) x (N,4) -> (N,) when elementwise;
+    0 rather than NaN for pairs with zero union (two degenerate boxes)."""
     return _iou_terms(boxes1, boxes2, elementwise, eps)["iou"]
 
 
@@ -221,17 +216,16 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
 
 def _nms_inputs(boxes, scores) -> tuple[Tensor, Tensor]:
     b = _as_boxes(boxes).detach()
-    s = as_tensor(scores).detach().to(b.dtype)
+    s = _tensor(scores).detach().to(b.dtype)
     if s.shape != b.shape[:1]:
         raise ValueError(f"scores must have shape ({b.shape[0]},), got {tuple(s.shape)}")
     return b, s
 
 
 def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, boxes visited by
-    decreasing score. The threshold test is done once for the whole matrix; the sequential
-    part is one numpy row-OR per kept box: O(N^2) memory, fast for the few thousand boxes a
-    detector keeps before NMS."""
+    """Greedy suppression where ``overlap`` (the (N,N) matrix) > threshold, by decreasing
+    score: one threshold test for the matrix, then one numpy row-OR per kept box (O(N^2)
+    memory, fast for the few thousand boxes a detector keeps before NMS)."""
     b, s = _nms_inputs(boxes, scores)
     if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device)
@@ -253,32 +247,24 @@ def _descending(scores: Tensor) -> Tensor:
 
 
 def nms(boxes, scores, iou_threshold: float) -> Tensor:
-    """Greedy NMS: keep the highest-scoring box, drop every box with IoU > threshold to it, repeat.
-
-    boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score.
-    """
+    """Greedy NMS: keep the highest-scoring box, drop every box with IoU > threshold to it,
+    repeat. boxes (N,4) xyxy, scores (N,) -> indices (K,) of the kept boxes, by decreasing score."""
     return _greedy(boxes, scores, iou_threshold, box_iou)
 
 
 def diou_nms(boxes, scores, iou_threshold: float) -> Tensor:
     """DIoU-NMS (Zheng et al. 2020): greedy NMS suppressing where IoU - rho^2/c^2 > threshold,
-    so overlapping boxes whose centres are far apart (occluded neighbours) survive.
-
-    boxes (N,4) xyxy, scores (N,) -> kept indices (K,), by decreasing score.
-    """
+    so overlapping boxes whose centres are far apart (occluded neighbours) survive; as :func:`nms`."""
     return _greedy(boxes, scores, iou_threshold, lambda b1, b2: box_diou(b1, b2, eps=0.0))
 
 
 def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
              method: Literal["linear", "gaussian"] = "gaussian",
              score_threshold: float = 0.001) -> tuple[Tensor, Tensor]:
-    """Soft-NMS (Bodla et al. 2017): instead of removing a neighbour of the selected box,
-    decay its score by ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by
-    ``exp(-IoU^2 / sigma)`` (gaussian); boxes whose score falls below ``score_threshold``
-    are dropped.
-
-    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)) in selection order,
-    which is decreasing decayed score.
+    """Soft-NMS (Bodla et al. 2017): decay the score of a neighbour of the selected box by
+    ``1 - IoU`` when IoU > ``iou_threshold`` (linear) or by ``exp(-IoU^2 / sigma)``
+    (gaussian) instead of removing it; boxes below ``score_threshold`` are dropped.
+    boxes (N,4) xyxy, scores (N,) -> (indices (K,), decayed scores (K,)), decreasing.
     """
     b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):
@@ -311,7 +297,7 @@ def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
 def _per_class(fn: Callable, boxes, scores, idxs, **kwargs) -> tuple[Tensor, Tensor]:
     """Run a single-class NMS per class of ``idxs`` and merge by decreasing (final) score."""
     b, s = _nms_inputs(boxes, scores)
-    labels = as_tensor(idxs).long()
+    labels = _tensor(idxs).long()
     keep_all, score_all = [torch.zeros(0, dtype=torch.long, device=b.device)], [s.new_zeros(0)]
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()

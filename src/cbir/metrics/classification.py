@@ -5,12 +5,10 @@ Two families:
 * From a confusion matrix (rows = true class, columns = predicted class, as sklearn):
   accuracy, and precision / recall / F1 per class and averaged ``macro`` (plain mean over
   classes), ``micro`` (from the summed counts; equals accuracy for single-label data) and
-  ``weighted`` (mean weighted by support). The matrix is one ``bincount`` and is shared with
-  the segmentation metrics, where PA, per-class accuracy and Dice are these same quantities.
+  ``weighted`` (mean weighted by support). Segmentation shares the matrix and formulas.
 * From scores: the precision-recall curve and its *uninterpolated* AP (step-function
-  integral ``sum_k (R_k - R_{k-1}) P_k``, sklearn's ``average_precision_score``). This is a
-  different quantity from the trapezoid AP of retrieval (:mod:`cbir.metrics.retrieval`) and
-  from the interpolated AP of detection (:mod:`cbir.metrics.detection`).
+  integral ``sum_k (R_k - R_{k-1}) P_k``, sklearn's ``average_precision_score``), not the
+  AP of retrieval or detection (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -32,10 +30,9 @@ _CHUNK = 1 << 16  # elements per bincount in confusion_matrix
 def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """(C, C) int64 counts of (true, predicted) pairs from integer labels of any shape.
 
-    Elements whose target equals ``ignore_index`` are not counted. A target or prediction
-    outside ``[0, C)`` otherwise is an error (it would land silently in another cell).
-    Fast (a few hundred Mpixel/s on one core): min/max checks, then ``t * C + p`` and a
-    ``bincount``, chunk by chunk; no boolean mask of the ignored pixels is ever built.
+    Elements whose target equals ``ignore_index`` are not counted; any other label outside
+    ``[0, C)`` is an error (it would land silently in another cell). A few hundred Mpixel/s
+    on one core: ``t * C + p`` and a ``bincount`` chunk by chunk, no mask of ignored pixels.
     """
     t = to_numpy(target).reshape(-1)
     p = to_numpy(pred).reshape(-1)
@@ -96,15 +93,13 @@ def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_divisi
     ``precision_recall_fscore_support(labels=range(C))``.
 
     Per class: P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN); ``zero_division`` where
-    the denominator is 0 (a class never predicted / never present). ``average`` is None
-    (arrays of shape (C,)), 'macro', 'micro' or 'weighted' (floats). Support is per class
-    (C,) for None, else the total.
+    the denominator is 0. ``average`` None gives (C,) arrays and per-class support; 'macro',
+    'micro' or 'weighted' give floats and the total support.
     """
     cm = np.asarray(cm)
     tp = np.diag(cm).astype(np.float64)
     pred_pos = cm.sum(axis=0).astype(np.float64)  # TP + FP
-    support = cm.sum(axis=1)  # TP + FN
-    true_pos = support
+    support = true_pos = cm.sum(axis=1)  # TP + FN
     if average == "micro":
         tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
     prf = (
@@ -169,11 +164,8 @@ class ClassificationMetrics:
 
 
 def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray | None = None):
-    """Cumulative (FP, TP) counts at each distinct score, highest score first.
-
-    ``weight`` (N,) counts each sample that many times (zero-weight samples are dropped),
-    which lets a histogram of scores stand for the samples themselves.
-    """
+    """Cumulative (FP, TP) counts at each distinct score, highest score first; ``weight`` (N,)
+    counts each sample that many times, so a histogram of scores can stand for the samples."""
     if weight is not None:
         nz = weight != 0
         target, scores, weight = target[nz], scores[nz], weight[nz].astype(np.float64)
@@ -249,11 +241,8 @@ def average_precision_score(target, scores, average: Average = "macro",
 
 
 class AveragePrecision:
-    """Streaming :func:`average_precision_score` and :func:`precision_recall_curve`.
-
-    AP is not decomposable over batches, so ``update`` stores the scores and targets
-    (a few bytes per sample) and ``compute`` ranks them all at once.
-    """
+    """Streaming :func:`average_precision_score` and :func:`precision_recall_curve`; AP does
+    not decompose over batches, so ``update`` stores scores and targets for ``compute``."""
 
     def __init__(self, average: Average = "macro"):
         self.average = average

@@ -141,9 +141,8 @@ def _match_voc(ious: np.ndarray, gt_ignore: np.ndarray,
     """
     n_dt, n_gt = ious.shape
     tp = np.zeros((thresholds.size, n_dt), dtype=bool)
-    ign = np.zeros((thresholds.size, n_dt), dtype=bool)
     if n_gt == 0 or n_dt == 0:
-        return tp, ign
+        return tp, tp.copy()
     best = ious.argmax(axis=1)
     hit = ious[np.arange(n_dt), best][None, :] > thresholds[:, None]  # (T, D)
     ign = hit & gt_ignore[best][None, :]
@@ -172,9 +171,7 @@ class _ClassRecord:
 
 def _pr_curve(scores: np.ndarray, tp: np.ndarray, ignored: np.ndarray, n_gt: int):
     """One class pooled over images, at one IoU threshold: (recall, precision) per detection.
-
-    scores (D,), tp (D,), ignored (D,); detections matched to ignored GT leave the ranking.
-    """
+    scores (D,), tp (D,), ignored (D,); detections matched to ignored GT leave the ranking."""
     keep = ~ignored
     order = np.argsort(-scores[keep], kind="mergesort")  # stable: ties keep image order
     tps = np.cumsum(tp[keep][order], dtype=np.float64)
@@ -199,8 +196,6 @@ class DetectionMAP:
       and ``map_50`` / ``map_75`` when those thresholds are evaluated;
     * COCO style also: ``map_small``, ``map_medium``, ``map_large``, ``mar_{m}`` for each
       ``max_detection_thresholds`` m, ``mar_small``, ``mar_medium``, ``mar_large``.
-
-    Undefined values (no ground truth at all) are -1.
     """
 
     def __init__(self, style: Style = "coco", iou_thresholds: Sequence[float] | None = None,

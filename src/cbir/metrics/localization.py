@@ -1,22 +1,14 @@
 """Weakly supervised object localization (WSOL) metrics (Zhou et al. 2016; Choe et al. 2020).
 
-Box level, one predicted box per image (or one per CAM threshold, to pick the best one):
-
-* GT-known localization accuracy: fraction of images whose predicted box has IoU >= delta
-  (0.5) with some ground-truth box of the image; the class is assumed known.
-* Top-1 localization accuracy: the same, counting only images whose top-1 class is right.
-* With one box per CAM threshold (N, T, 4), both are reported at the threshold with the
-  best GT-known accuracy (``MaxBoxAcc`` of Choe et al.).
+Box level: GT-known localization accuracy is the fraction of images whose predicted box has
+IoU >= delta (0.5) with some ground-truth box of the image (the class assumed known); top-1
+also needs the top-1 class right. With one box per CAM threshold (N, T, 4) both are reported
+at the threshold with the best GT-known accuracy (``MaxBoxAcc`` of Choe et al.).
 
 Pixel level: the CAM, normalised to [0, 1], is thresholded at tau in {0, 1/K, ..., (K-1)/K};
-``mask IoU at the best threshold`` is max_tau TP/(TP+FP+FN), pixels pooled over the dataset,
-and ``PxAP`` the AP of the pixel-wise precision-recall curve over those thresholds.
-The pixels are kept as two histograms of the quantised CAM (GT-foreground and background),
-one ``bincount`` each per batch.
-
-Functions over a whole evaluation set (Choe et al., "Evaluating WSOL right", CVPR 2020):
-`cam_boxes` (the box of every connected component of a thresholded CAM), `max_box_acc_v2`
-(MaxBoxAccV2, with the per-threshold curves) and `pxap`.
+mask IoU at the best threshold is max_tau TP/(TP+FP+FN), pixels pooled over the dataset, and
+PxAP the AP of the pixel-wise precision-recall curve. The pixels are kept as two histograms
+of the quantised CAM (GT foreground and background), one ``bincount`` each per batch.
 """
 
 from __future__ import annotations
@@ -31,11 +23,9 @@ from cbir.metrics.classification import average_precision_score
 
 
 def max_box_iou(pred_boxes, gt_boxes: Sequence) -> np.ndarray:
-    """Best IoU of each predicted box with its image's ground-truth boxes.
-
-    pred_boxes (N, 4) or (N, T, 4) xyxy; gt_boxes a length-N sequence of (M_i, 4), or an
-    (N, 4) / (N, M, 4) array -> (N,) or (N, T); 0 for an image without ground truth.
-    """
+    """Best IoU of each predicted box with its image's ground-truth boxes: pred_boxes (N, 4) or
+    (N, T, 4) xyxy; gt_boxes a length-N sequence of (M_i, 4), or an (N, 4) / (N, M, 4) array
+    -> (N,) or (N, T); 0 for an image without ground truth."""
     pred = to_numpy(pred_boxes).astype(np.float64)
     squeeze = pred.ndim == 2
     pred = pred[:, None, :] if squeeze else pred
@@ -51,7 +41,7 @@ def max_box_iou(pred_boxes, gt_boxes: Sequence) -> np.ndarray:
 
 
 class LocalizationAccuracy:
-    """Streaming GT-known and top-1 localization accuracy (see module docstring).
+    """Streaming GT-known and top-1 localization accuracy.
 
     ``update(pred_boxes, gt_boxes, pred_labels=None, gt_labels=None)``: pred_boxes (N, 4) or
     (N, T, 4) (one box per CAM threshold), gt_boxes a length-N sequence of (M_i, 4);
@@ -169,11 +159,10 @@ def max_box_acc_v2(cams: Sequence, gt_boxes: Sequence, iou_thresholds: Sequence[
 
     ``cams``: per image a ``(H_i, W_i)`` map in [0, 1]; ``gt_boxes``: per image ``(M_i, 4)``
     xyxy in the CAM's pixel coordinates. At CAM threshold tau an image is correct at IoU delta
-    when some box of a connected component of ``cam >= tau`` has IoU >= delta with some
-    ground-truth box (all components count: the multi-contour variant). Returns
-    ``box_acc`` (T, D) (fraction of images correct), ``max_box_acc`` (D,) and
-    ``best_threshold`` (D,) (the best over tau for each delta), ``max_box_acc_v2`` (their
-    mean), and ``thresholds`` (T,).
+    when the box of some connected component of ``cam >= tau`` (the multi-contour variant) has
+    IoU >= delta with some ground-truth box. Returns ``box_acc`` (T, D) (fraction correct),
+    ``max_box_acc`` (D,) and ``best_threshold`` (D,) (best over tau per delta),
+    ``max_box_acc_v2`` (their mean), ``thresholds`` (T,).
     """
     if len(cams) != len(gt_boxes):
         raise ValueError(f"{len(cams)} CAMs for {len(gt_boxes)} images")
@@ -201,5 +190,5 @@ def pxap(cams: Sequence, gt_masks: Sequence, num_thresholds: int = 100) -> dict:
         raise ValueError(f"{len(cams)} CAMs for {len(gt_masks)} masks")
     m = MaskLocalization(num_thresholds)
     for cam, mask in zip(cams, gt_masks):
-        m.update(np.asarray(to_numpy(cam))[None], np.asarray(to_numpy(mask))[None])
+        m.update(to_numpy(cam)[None], to_numpy(mask)[None])
     return m.compute()

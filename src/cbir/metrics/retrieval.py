@@ -7,9 +7,6 @@ INRIA Holidays all use this rule). For the j-th positive (0-based) at 0-based ra
     AP += ((j / r if r > 0 else 1) + (j + 1) / (r + 1)) / 2 / n_positives
 
 so positives at ranks [0, 2] of 2 give 0.7917 and one positive at rank 1 gives 0.25.
-
-`RetrievalMAP` is the streaming form (``update`` per query, ``compute`` at the end, ``reset``).
-Classification and detection AP are different quantities (see :mod:`cbir.metrics.classification`).
 """
 
 from __future__ import annotations
@@ -23,11 +20,8 @@ import numpy as np
 
 
 def ap_from_positive_ranks(ranks: Sequence[int] | np.ndarray, n_positives: int) -> float:
-    """AP from the 0-based ranks of the positives that were retrieved (junk already removed).
-
-    ``n_positives`` counts all positives, retrieved or not: a positive missing from the
-    ranking contributes nothing, as in the benchmarks' own ``compute_ap``.
-    """
+    """AP from the 0-based ranks of the positives that were retrieved (junk already removed);
+    ``n_positives`` counts the missing ones too, as the benchmarks' own ``compute_ap``."""
     if n_positives <= 0:
         raise ValueError("AP is undefined for a query without positives")
     r = np.sort(np.asarray(ranks, dtype=np.float64))
@@ -71,11 +65,8 @@ def ukbench_ns_score(ranks: np.ndarray) -> float:
 
 @dataclass
 class RetrievalMAP:
-    """Streaming mAP, precision@k and recall@k, overall and per tag.
-
-    ``update`` takes one query's ranking; ``compute`` returns a dict. Queries without
-    positives are counted in ``n_skipped`` and left out of every mean.
-    """
+    """Streaming mAP, precision@k and recall@k, overall and per tag, one query per ``update``.
+    Queries without positives are counted in ``n_skipped`` and left out of every mean."""
 
     ks: tuple[int, ...] = (1, 5, 10)
     aps_: list[float] = field(default_factory=list)

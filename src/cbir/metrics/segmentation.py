@@ -53,11 +53,9 @@ def segmentation_scores(cm: np.ndarray) -> dict:
 
 
 class SegmentationMetrics:
-    """Streaming PA, MPA, IoU / mIoU, FWIoU and Dice over a dataset.
-
-    ``update(preds, target)``: target (N, H, W) or (H, W) integer labels (``ignore_index``
-    pixels are skipped); preds the same shape of labels, or scores / logits with a class
-    axis at dim 1 ((N, C, H, W), or (C, H, W) for one image), reduced by argmax.
+    """Streaming PA, MPA, IoU / mIoU, FWIoU and Dice over a dataset. ``update(preds, target)``:
+    target (N, H, W) or (H, W) integer labels (``ignore_index`` pixels skipped); preds labels
+    of that shape, or scores with a class axis at dim 1 ((N, C, H, W) or (C, H, W)), argmaxed.
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255):

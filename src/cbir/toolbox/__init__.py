@@ -1,13 +1,6 @@
-"""cbir.toolbox: the detector / segmenter building blocks of the notes, separate from retrieval.
-
-* :mod:`cbir.toolbox.layers` - attention, receptive-field, fusion, activation, DropBlock modules
-* :mod:`cbir.toolbox.registry` - ``create_module("cbam", channels=64)``, ``list_modules()``
-* :mod:`cbir.toolbox.augment` - bag-of-freebies augmentations keeping boxes/masks consistent
-* :mod:`cbir.toolbox.losses` - focal, label-smoothing CE, Dice (+ IoU-family re-exported)
-* :mod:`cbir.toolbox.flops` - per-module FLOPs / MACs / params table
-* :mod:`cbir.toolbox.receptive_field` - theoretical and empirical receptive fields
-
-``augment``, ``losses``, ``flops`` and ``receptive_field`` are imported on demand.
+"""cbir.toolbox: the detector / segmenter building blocks of the notes, separate from retrieval
+(docs/toolbox.md). ``layers`` and the registry are imported here; ``augment``, ``losses``,
+``flops`` and ``receptive_field`` on demand.
 """
 
 from cbir.toolbox import layers

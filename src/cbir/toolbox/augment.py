@@ -134,10 +134,8 @@ def _select_boxes(work: Sample, keep: np.ndarray) -> None:
 
 def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_area: np.ndarray | None,
                  min_size: float, min_visibility: float) -> None:
-    """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones.
-
-    ``ref_area``: each box's area before clipping, in the same coordinates (default: now).
-    """
+    """Clip boxes to ``region`` (x0, y0, x1, y1); drop thin ones and mostly-cut-away ones
+    (``ref_area``: each box's area before clipping, default now)."""
     b = work["boxes"]
     if ref_area is None:
         ref_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -156,14 +154,14 @@ def _hw(work: Sample) -> tuple[int, int]:
 
 
 class Transform:
-    """Base class: ``__call__`` converts to the working form, ``apply`` does the work.
-
-    Subclasses implement ``apply(work, rng) -> work`` on the canonical numpy form (image
-    float32 HWC in its original range, ``work["_range"]`` = 255 or 1); or, when they have a
-    probability ``p``, ``_apply``, which ``apply`` runs if one ``rng.random()`` draw is below ``p``.
+    """Base class: ``__call__`` converts to the working form, ``apply(work, rng) -> work`` does
+    the work (``work["_range"]`` = 255 or 1). With a probability ``p``, subclasses implement
+    ``_apply`` instead, run when one ``rng.random()`` draw is below ``p``.
     """
 
     p: float
+    min_size: float = 2.0  # the box filter of the geometric transforms
+    min_visibility: float = 0.1
 
     def apply(self, work: Sample, rng: np.random.Generator) -> Sample:  # noqa: D102
         return self._apply(work, rng) if rng.random() < self.p else work
@@ -296,11 +294,6 @@ class GaussianNoise(Transform):
 # Geometric: image, boxes and mask move together.
 
 
-class _BoxFilter:
-    min_size: float = 2.0
-    min_visibility: float = 0.1
-
-
 def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill: float, mask_fill: int,
                  min_size: float, min_visibility: float) -> Sample:
     """Warp image, mask and boxes by the forward affine ``matrix`` (3x3, pixel coords x, y).
@@ -399,7 +392,7 @@ class VerticalFlip(_Flip):
     _axis = 0
 
 
-class RandomScale(Transform, _BoxFilter):
+class RandomScale(Transform):
     """Resize the whole image by a factor drawn from ``scale`` (aspect kept); the output is
     ``round(s H) x round(s W)`` and boxes scale by the same per-axis factors."""
 
@@ -410,11 +403,10 @@ class RandomScale(Transform, _BoxFilter):
         return _rescale(work, rng.uniform(*self.scale), self.mask_fill, self.min_size, self.min_visibility)
 
 
-class RandomCrop(Transform, _BoxFilter):
-    """Crop a random window: a fixed ``size=(h, w)`` (the image is padded with ``fill`` where
-    it is smaller), or with ``size=None`` an area fraction from ``scale`` and aspect ratio
-    (w / h) from ``ratio``, like RandomResizedCrop without the resize. Boxes are shifted,
-    clipped and filtered; the mask is cropped with the image."""
+class RandomCrop(Transform):
+    """Crop a random window: a fixed ``size=(h, w)`` (padded with ``fill`` where the image is
+    smaller), or with ``size=None`` an area fraction from ``scale`` and aspect ratio (w / h)
+    from ``ratio``, like RandomResizedCrop without the resize."""
 
     def __init__(self, size: tuple[int, int] | None = None, scale: tuple[float, float] = (0.3, 1.0),
                  ratio: tuple[float, float] = (0.5, 2.0), p: float = 1.0, fill: float = 0.0,
@@ -440,12 +432,10 @@ class RandomCrop(Transform, _BoxFilter):
                           self.min_visibility)
 
 
-class RandomRotation(Transform, _BoxFilter):
+class RandomRotation(Transform):
     """Rotate about the image centre by an angle in ``[-degrees, degrees]`` (counter-clockwise
-    on screen for positive angles), same canvas size; corners are filled with ``fill``.
-
-    The new box encloses the rotated box corners - exact for the box itself, loose for
-    the object inside it (the usual cost of rotating axis-aligned boxes).
+    on screen for positive angles), same canvas size; corners are filled with ``fill``. The
+    new box encloses the rotated corners: loose for the object inside, as always with boxes.
     """
 
     def __init__(self, degrees: float = 10.0, p: float = 1.0, fill: float = 0.0, mask_fill: int = 0) -> None:
@@ -523,9 +513,8 @@ class Cutout(Transform):
 
 class HideAndSeek(Transform):
     """Hide-and-Seek (Singh & Lee 2017): split the image into ``g x g``-pixel patches, ``g``
-    drawn from ``grid_sizes`` (0 = hide nothing), and hide each patch with probability
-    ``p_hide``, filling with the mean (the paper uses the dataset mean so hidden patches
-    match the statistics a conv sees at test time)."""
+    drawn from ``grid_sizes`` (0 = hide nothing), and hide each with probability ``p_hide``
+    under the mean, so hidden patches keep the statistics a conv sees at test time."""
 
     def __init__(self, grid_sizes: Sequence[int] = (0, 16, 32, 44, 56), p_hide: float = 0.5,
                  fill: float | str | None = "mean") -> None:
@@ -545,12 +534,11 @@ class HideAndSeek(Transform):
 
 
 class GridMask(Transform):
-    """GridMask (Chen et al. 2020): remove a regular grid of squares.
+    """GridMask (Chen et al. 2020): remove a regular, randomly shifted grid of squares.
 
-    The unit size ``d`` is drawn from ``d_range`` (fractions of the short side) and the grid
-    shifted by a random offset; in each ``d x d`` unit a square of side ``(1 - ratio) d`` is
-    removed, so the kept fraction is ``1 - (1 - ratio)^2`` (the paper's ``k``; ratio 0.6
-    keeps 84 %). ``rotate`` turns the grid by a random angle up to that many degrees.
+    In each ``d x d`` unit (``d`` from ``d_range``, fractions of the short side) a square of
+    side ``(1 - ratio) d`` is removed: ratio 0.6 keeps 84 %. ``rotate``: random angle up to
+    that many degrees.
     """
 
     def __init__(self, d_range: tuple[float, float] = (0.1, 0.4), ratio: float = 0.6, rotate: float = 0.0,
@@ -559,8 +547,7 @@ class GridMask(Transform):
 
     def grid(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         """The ``(H, W)`` bool keep-mask (True = pixel kept)."""
-        short = min(h, w)
-        d = max(2, int(round(rng.uniform(*self.d_range) * short)))
+        d = max(2, int(round(rng.uniform(*self.d_range) * min(h, w))))
         hole = int(round((1.0 - self.ratio) * d))
         oy, ox = int(rng.integers(0, d)), int(rng.integers(0, d))
         # Work on a larger canvas so that a rotated grid still covers the corners.
@@ -616,9 +603,7 @@ class MixUp:
     """MixUp (Zhang et al. 2018) for detection as in YOLOv4/5: ``image = lam a + (1 - lam) b``
     with ``lam ~ Beta(alpha, alpha)``; boxes and labels of both are kept, and ``"weights"``
     carries ``lam`` / ``1 - lam`` per box for a weighted loss. ``"mixup_lambda"`` is added.
-
-    A mask cannot be blended, so the output keeps the mask of the dominant image
-    (``lam >= 0.5`` -> a). Both images must have the same size.
+    A mask cannot be blended: the dominant image's is kept. Both images need the same size.
     """
 
     def __init__(self, alpha: float = 8.0) -> None:
@@ -639,11 +624,10 @@ class MixUp:
 class CutMix:
     """CutMix (Yun et al. 2019): paste a rectangle of image ``b`` into ``a`` at the same place.
 
-    ``lam ~ Beta(alpha, alpha)``; the rectangle has area ``(1 - lam) H W`` and a uniform
-    centre (clipped at the borders, so ``"cutmix_lambda"`` is recomputed from the real area).
-    The mask is pasted the same way, so it stays aligned. ``a``'s boxes are kept unless less
-    than ``min_visibility`` of them stays visible; ``b``'s boxes are clipped to the
-    rectangle and kept if ``min_visibility`` of them is inside it.
+    ``lam ~ Beta(alpha, alpha)``; the rectangle (pasted into the mask too) has area
+    ``(1 - lam) H W`` and a uniform centre, clipped at the borders (``"cutmix_lambda"`` is from
+    the real area). Each box is kept if ``min_visibility`` of it shows: ``a``'s outside the
+    rectangle, ``b``'s (clipped) inside it.
     """
 
     def __init__(self, alpha: float = 1.0, min_visibility: float = 0.25, min_size: float = 2.0) -> None:
@@ -681,13 +665,10 @@ class CutMix:
 class Mosaic:
     """Mosaic (YOLOv4): four images around a random centre on one ``output_size`` canvas.
 
-    The centre ``(xc, yc)`` is drawn from the middle half of the canvas ``[0.25, 0.75]``;
-    each image is resized (aspect kept) to fit half the canvas and placed with its
-    bottom-right / bottom-left / top-right / top-left corner at the centre, for the
-    top-left / top-right / bottom-left / bottom-right quadrant. Each quadrant shows only its
-    image, so boxes are clipped to the quadrant; uncovered canvas is ``fill`` (YOLO grey)
-    and ``mask_fill`` in the mask. All samples must have the same channels; the output
-    takes the first sample's types.
+    The centre is drawn from the middle half of the canvas; each image, resized (aspect kept)
+    to fit half the canvas, touches it with its inner corner and fills one quadrant, to which
+    its boxes are clipped. Uncovered canvas is ``fill`` (YOLO grey), ``mask_fill`` in the
+    mask. All samples need the same channels; the output takes the first sample's types.
     """
 
     def __init__(self, output_size: tuple[int, int] = (640, 640), fill: float = YOLO_GREY,

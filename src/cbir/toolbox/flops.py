@@ -1,16 +1,10 @@
 """FLOPs, MACs and parameter counts per module, measured with PyTorch's own flop counter.
 
-Convention (stated because papers mix them up):
-
-* **MACs** = multiply-accumulates. A ``k x k`` conv producing ``C_out x H x W`` from
-  ``C_in`` channels costs ``C_out H W C_in k^2 / groups`` MACs; a linear layer ``in x out``.
-* **FLOPs** = 2 x MACs (one multiply + one add), which is what
-  ``torch.utils.flop_counter.FlopCounterMode`` reports. fvcore's ``FlopCountAnalysis`` and
-  most papers' "FLOPs" (e.g. "EfficientNet-B0: 0.39B FLOPs") are really MACs.
-
-Only matmul-like ops are counted (convolutions, linear/matmul/bmm, attention); biases,
-normalisation, activations, pooling and element-wise ops are not, as in fvcore and timm's
-figures. A module called twice is counted twice; counts are for the given batch size.
+**FLOPs = 2 x MACs** (multiply-accumulates; a ``k x k`` conv to ``C_out x H x W`` costs
+``C_out H W C_in k^2 / groups`` MACs), as ``FlopCounterMode`` reports; fvcore's and most
+papers' "FLOPs" are MACs. Only matmul-like ops are counted (conv, linear/matmul/bmm,
+attention), as in fvcore and timm. A module called twice counts twice; counts are for the
+given batch size.
 """
 
 from __future__ import annotations
@@ -53,20 +47,9 @@ class FlopReport:
         """The whole-model row."""
         return self.rows[0]
 
-    @property
-    def flops(self) -> int:
-        """Total FLOPs (2 per multiply-accumulate)."""
-        return self.total.flops
-
-    @property
-    def macs(self) -> int:
-        """Total multiply-accumulates."""
-        return self.total.macs
-
-    @property
-    def params(self) -> int:
-        """Total parameter count."""
-        return self.total.params
+    flops = property(lambda self: self.total.flops, doc="Total FLOPs (2 per multiply-accumulate).")
+    macs = property(lambda self: self.total.macs, doc="Total multiply-accumulates.")
+    params = property(lambda self: self.total.params, doc="Total parameter count.")
 
     def table(self, depth: int = 2) -> str:
         """The text table down to ``depth`` levels of nesting (see :func:`format_table`)."""
@@ -87,13 +70,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def count_flops(model: nn.Module,
                 inputs: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...]) -> FlopReport:
-    """Run one forward pass under ``FlopCounterMode`` and collect per-module costs.
-
-    ``inputs``: a tensor, a shape tuple (a random tensor of that shape is used - FLOPs do
-    not depend on values), or a sequence of tensors passed as a single list argument
-    (for the pyramid necks, which take a list of maps). The model runs in eval mode and
-    without gradients; its mode is restored afterwards.
-    """
+    """Run one forward pass (eval mode, no gradients) under ``FlopCounterMode``. ``inputs``: a
+    tensor, a shape (for a random tensor), or tensors passed as one list (the pyramid necks)."""
     if isinstance(inputs, tuple) and all(isinstance(s, int) for s in inputs):
         param = next(model.parameters(), None)
         inputs = torch.randn(inputs, device=param.device if param is not None else "cpu")
@@ -131,10 +109,8 @@ def _fmt_int(n: int) -> str:
 def format_table(report: FlopReport, depth: int = 2) -> str:
     """A plain-text table: module, type, params, MACs, FLOPs, share of the total FLOPs.
 
-    Costs are in G (1e9) - in M (1e6) when the total is under 0.1 GFLOPs, so small blocks
-    stay readable. Modules nested deeper than ``depth`` are folded into their parents
-    (depth 0 = total only). Rows with neither parameters nor FLOPs (activations, pooling)
-    are left out.
+    Costs in G, or M when the total is under 0.1 GFLOPs. Modules nested deeper than ``depth``
+    are folded into their parents (0 = total only); rows without params or FLOPs are left out.
     """
     t = report.total
     total = max(report.flops, 1)

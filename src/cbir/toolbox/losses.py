@@ -33,11 +33,10 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
                        gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
     """Binary focal loss (Lin et al., RetinaNet 2017) on logits; any shape, targets in [0, 1].
 
-    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``p_t = p`` for positives and ``1 - p``
-    for negatives: the ``(1 - p_t)^gamma`` factor shrinks the loss of well-classified
-    (mostly easy background) examples so the rare hard ones dominate. ``alpha`` weighs
-    positives (``1 - alpha`` negatives); ``alpha=None`` and ``gamma=0`` give plain BCE.
-    Soft targets (e.g. smoothed or IoU-valued) are accepted: ``p_t`` is then interpolated.
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)``, ``p_t = p`` for positives and ``1 - p`` for
+    negatives: easy (mostly background) examples weigh less, so the rare hard ones dominate.
+    ``alpha`` weighs positives (``1 - alpha`` negatives); ``alpha=None, gamma=0`` is BCE.
+    Soft targets (smoothed, IoU-valued) interpolate ``p_t``.
     """
     targets = targets.to(logits.dtype)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # stable log
@@ -94,10 +93,9 @@ def label_smoothing_cross_entropy(logits: torch.Tensor, target: torch.Tensor, sm
                                   reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against ``q = (1 - eps) onehot(y) + eps / K`` (Szegedy et al. 2016).
 
-    ``logits (N, K)`` (or ``(N, K, d1, ...)``), ``target (N)`` class indices. One-hot
-    targets push the logit gap to infinity; smoothing bounds it and calibrates better.
-    Equals ``F.cross_entropy(..., label_smoothing=eps)``, written out as
-    ``(1 - eps) * NLL + eps * mean_k(-log p_k)``.
+    ``logits (N, K)`` (or ``(N, K, d1, ...)``), ``target (N)`` class indices. Smoothing bounds
+    the logit gap that one-hot targets push to infinity. Equals ``F.cross_entropy(...,
+    label_smoothing=eps)``: ``(1 - eps) * NLL + eps * mean_k(-log p_k)``.
     """
     logp = F.log_softmax(logits, dim=1)
     nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -125,9 +123,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, mode: str = "binary", 
     * ``mode="multiclass"``: ``logits (B, K, H, W)``, ``target (B, H, W)`` class indices;
       softmax probabilities against one-hot targets, Dice averaged over the K classes.
 
-    ``"none"`` returns ``(B,)``. Dice = 2 IoU / (1 + IoU) for hard masks; it ignores the
-    true negatives, which suits very unbalanced foreground/background (its gradients can
-    be unstable when both sets are tiny - ``smooth`` keeps it finite).
+    ``"none"`` returns ``(B,)``. Ignoring the true negatives suits very unbalanced
+    foreground/background; ``smooth`` keeps it finite when both sets are tiny.
     """
     if mode == "binary":
         probs = torch.sigmoid(logits) if from_logits else logits

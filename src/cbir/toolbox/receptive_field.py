@@ -1,19 +1,13 @@
 """Receptive field of a stack of conv / pool layers: the formula and an empirical check.
 
 A layer with kernel ``k`` and dilation ``d`` covers ``k_eff = (d - 1)(k - 1) + k`` input
-pixels - the notes' formula for a dilated conv (``d = 2``, ``k = 3`` -> 5). Stacking layers,
-with ``j`` the distance in input pixels between neighbouring units of the current map
-(the product of the strides so far)::
+pixels. With ``j`` the distance in input pixels between neighbouring units of the current
+map (the product of the strides so far)::
 
     r_out = r_in + (k_eff - 1) * j_in        j_out = j_in * stride
 
-The notes' second case, "padding" dilated convs where a 3x3 rate-2 conv reaches 7x7 and a
-rate-4 conv 15x15 (``2 (d - 1)(k - 1) + k``), is this recursion applied to the DeepLab
-figure, in which each dilated conv sits on top of the previous ones: 3x3/d1 -> 3, then
-3x3/d2 -> 3 + 4 = 7, then 3x3/d4 -> 7 + 8 = 15.
-
-:func:`empirical_receptive_field` measures it instead: back-propagate from one output
-unit and see which input pixels get a gradient.
+so the DeepLab figure's stack 3x3/d1, 3x3/d2, 3x3/d4 sees 3, 7 and 15 pixels (the notes'
+``2 (d - 1)(k - 1) + k``). :func:`empirical_receptive_field` measures it instead.
 """
 
 from __future__ import annotations
@@ -79,11 +73,8 @@ def _first(v: int | Sequence[int]) -> int:
 
 
 def layers_from_module(model: nn.Module) -> list[LayerSpec]:
-    """The conv / pool layers of ``model`` in registration order, as height-axis specs.
-
-    Valid for plain chains (``nn.Sequential`` of convs, pools, norms and activations);
-    branches and skip connections have no single receptive field this can express.
-    """
+    """The conv / pool layers of ``model`` in registration order, as height-axis specs; valid
+    for plain chains only (branches and skips have no single receptive field)."""
     specs = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -106,9 +97,7 @@ def _linearise(model: nn.Module) -> nn.Module:
             if isinstance(sub, nn.MaxPool2d):
                 if _first(sub.dilation) != 1:
                     raise ValueError(f"{name}.{attr}: a dilated max-pool has no average-pool stand-in")
-                avg = nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode,
-                                   count_include_pad=True)
-                setattr(child, attr, avg)
+                setattr(child, attr, nn.AvgPool2d(sub.kernel_size, sub.stride, sub.padding, sub.ceil_mode))
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.Conv2d):
@@ -120,14 +109,11 @@ def _linearise(model: nn.Module) -> nn.Module:
 
 def empirical_receptive_field(model: nn.Module, input_size: int = 128,
                               channels: int | None = None) -> tuple[int, int]:
-    """Measure ``(height, width)`` of the input region that one central output unit depends on.
+    """Measure ``(height, width)`` of the input region that one central output unit depends on:
+    the extent of the non-zero gradient of a ``(1, C, S, S)`` input through a linearised copy.
 
-    Feeds a ``(1, C, S, S)`` input of ones through a linearised copy (see ``_linearise``),
-    back-propagates from the output unit at the centre of the map (summed over channels)
-    and returns the extent of the non-zero input gradient. Choose ``input_size`` well above
-    the receptive field so that the image border does not clip it. ``channels`` defaults
-    to the input channels of the first ``Conv2d`` registered in ``model`` - pass it for
-    models whose first registered conv is not the first applied.
+    ``input_size`` S must be well above the receptive field (the border would clip it);
+    ``channels`` defaults to the input channels of the first ``Conv2d`` registered in ``model``.
     """
     if channels is None:
         conv = next((mm for mm in model.modules() if isinstance(mm, nn.Conv2d)), None)

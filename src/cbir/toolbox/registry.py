@@ -34,17 +34,10 @@ MODULES = Registry("toolbox module", lazy=("cbir.toolbox.layers",), error=KeyErr
 _T = TypeVar("_T", bound=Callable[..., nn.Module])
 
 
-def register_module(name: str | None = None, *, input_kind: InputKind = "channels",
-                    summary: str | None = None) -> Callable[[_T], _T]:
-    """Class/function decorator adding a constructor to `MODULES` under ``name``.
-
-    ``name`` defaults to the lower-cased class name; ``summary`` to the docstring's first line.
-    """
-
-    def wrap(fn: _T) -> _T:
-        return MODULES.register((name or fn.__name__).lower(), summary=summary or "", input_kind=input_kind)(fn)
-
-    return wrap
+def register_module(name: str, *, input_kind: InputKind = "channels",
+                    summary: str = "") -> Callable[[_T], _T]:
+    """Decorator registering a constructor as ``name`` (``summary`` default: docstring's first line)."""
+    return MODULES.register(name, summary=summary, input_kind=input_kind)
 
 
 def list_modules(pattern: str | None = None) -> list[str]:

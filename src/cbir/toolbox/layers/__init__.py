@@ -1,13 +1,5 @@
-"""Toolbox layers: one concept per file, every module registered by name.
-
-* :mod:`.attention` - SE, CBAM (channel attention + SAM), ECA
-* :mod:`.receptive_field` - SPP, SPPF, ASPP, RFB, RFB-s, PPM
-* :mod:`.fusion` - FPN, PAN, BiFPN (fast normalised fusion), ASFF
-* :mod:`.activations` - Mish, Swish/SiLU, hard-swish, FRN + TLU
-* :mod:`.dropblock` - DropBlock
-* :mod:`.conv` - ConvBnAct, the shared conv unit
-* :mod:`.csp` - Bottleneck, C3 (YOLOv5's CSP block)
-"""
+"""Toolbox layers: one concept per file (attention, receptive_field, fusion, activations,
+dropblock, conv, csp), every module registered by name (table in docs/toolbox.md)."""
 
 from cbir.toolbox.layers.activations import FRN, HardSwish, Mish, Swish, hard_swish, mish, swish
 from cbir.toolbox.layers.attention import CBAM, ECA, SE, ChannelAttention, SpatialAttention, eca_kernel_size

@@ -76,9 +76,8 @@ class FRN(nn.Module):
         y = gamma * x / sqrt(nu2 + |eps|) + beta        # FRN: no mean subtraction, no batch stats
         z = max(y, tau)                                  # TLU: a learned ReLU threshold
 
-    No batch statistics are used, so it behaves the same at batch size 1 and in eval. The
-    TLU is needed because without mean centring ``y`` may be all-positive/all-negative and a
-    plain ReLU could kill a channel. ``learnable_eps`` follows the paper's advice for 1x1 maps.
+    Without batch statistics it behaves the same at batch size 1 and in eval; without mean
+    centring a plain ReLU could kill a channel, hence the TLU. ``learnable_eps``: for 1x1 maps.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6, learnable_eps: bool = False,

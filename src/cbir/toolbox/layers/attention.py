@@ -19,10 +19,9 @@ __all__ = ["CBAM", "ECA", "SE", "ChannelAttention", "SpatialAttention", "eca_ker
 
 
 class _Gate(nn.Module):
-    """``forward(x) = x * gate(x)``; subclasses define ``gate``."""
+    """``forward(x) = x * gate(x)``; subclasses define ``gate`` (shapes in the module docstring)."""
 
-    def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        """The gate in (0, 1): ``(B, C, 1, 1)`` for channel attention, ``(B, 1, H, W)`` for SAM."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover  # noqa: D102
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -31,11 +30,8 @@ class _Gate(nn.Module):
 
 @register_module("se")
 class SE(_Gate):
-    """Squeeze-and-Excitation (Hu et al. 2018): per-channel gate from global average pooling.
-
-    ``s = sigmoid(W2 relu(W1 avgpool(x)))`` with ``W1: C -> C/r``, ``W2: C/r -> C``; output
-    ``x * s``. The 1x1 convs are the paper's two FC layers applied to a ``(B, C, 1, 1)`` map.
-    """
+    """Squeeze-and-Excitation (Hu et al. 2018): ``s = sigmoid(W2 relu(W1 avgpool(x)))``,
+    ``W1: C -> C/r``, ``W2: C/r -> C`` (the paper's FC layers as 1x1 convs); output ``x * s``."""
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8, act: str = "relu") -> None:
         super().__init__()
@@ -51,20 +47,14 @@ class SE(_Gate):
 
 @register_module("channel_attention")
 class ChannelAttention(_Gate):
-    """CBAM channel attention (CAM): a shared MLP on both avg- and max-pooled descriptors.
-
-    ``s = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, gate ``(B, C, 1, 1)``; output ``x * s``.
-    Max pooling adds the "most distinctive" cue that SE's average alone misses.
-    """
+    """CBAM channel attention (CAM): ``s = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, one
+    shared MLP; max pooling adds the "most distinctive" cue SE's average misses."""
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8) -> None:
         super().__init__()
         hidden = max(min_channels, channels // reduction)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
-        )
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, channels, 1, bias=False))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
@@ -74,11 +64,8 @@ class ChannelAttention(_Gate):
 
 @register_module("sam", input_kind="channels", summary="Spatial attention module (CBAM's SAM), any C")
 class SpatialAttention(_Gate):
-    """CBAM spatial attention (SAM): a 7x7 conv over the channel-wise mean and max maps.
-
-    ``s = sigmoid(conv7x7([mean_c(x); max_c(x)]))``, gate ``(B, 1, H, W)``; output ``x * s``.
-    ``channels`` is accepted (and ignored) so every attention module is built the same way.
-    """
+    """CBAM spatial attention (SAM): ``s = sigmoid(conv7x7([mean_c(x); max_c(x)]))``.
+    ``channels`` is accepted (and ignored) so every attention module is built the same way."""
 
     def __init__(self, channels: int | None = None, kernel_size: int = 7) -> None:
         super().__init__()
@@ -93,10 +80,8 @@ class SpatialAttention(_Gate):
 
 @register_module("cbam")
 class CBAM(nn.Module):
-    """CBAM (Woo et al. 2018): channel attention then spatial attention, ``(B,C,H,W)`` -> same.
-
-    ``y = x * Mc(x); out = y * Ms(y)`` - sequential, channel first, as the paper found best.
-    """
+    """CBAM (Woo et al. 2018): ``y = x * Mc(x); out = y * Ms(y)``, channel attention first as
+    the paper found best."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
                  min_channels: int = 8) -> None:
@@ -119,12 +104,8 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 @register_module("eca")
 class ECA(_Gate):
-    """Efficient Channel Attention (Wang et al. 2020): a 1-D conv across pooled channels.
-
-    ``s = sigmoid(conv1d_k(avgpool(x)))`` - local cross-channel interaction without the SE
-    bottleneck (no dimensionality reduction); ``k`` from :func:`eca_kernel_size` unless
-    given. Gate ``(B, C, 1, 1)``; output ``x * s``.
-    """
+    """Efficient Channel Attention (Wang et al. 2020): ``s = sigmoid(conv1d_k(avgpool(x)))``,
+    cross-channel interaction without SE's bottleneck; ``k`` from :func:`eca_kernel_size`."""
 
     def __init__(self, channels: int, kernel_size: int | None = None, gamma: int = 2, b: int = 1) -> None:
         super().__init__()

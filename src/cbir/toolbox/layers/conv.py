@@ -42,11 +42,8 @@ def make_act(act: str | Callable[[], nn.Module] | None) -> nn.Module:
 
 
 class ConvBnAct(nn.Sequential):
-    """``Conv2d(bias=False) -> BatchNorm2d -> act``; "same" padding for odd kernels.
-
-    The conv has no bias because the BatchNorm that follows would cancel it. Non-square
-    kernels (``(1, 3)``, ``(3, 1)``, used by RFB-s) get per-axis padding.
-    """
+    """``Conv2d(bias=False) -> BatchNorm2d -> act`` (BN would cancel a bias); "same" padding
+    for odd kernels, per axis for non-square ones (``(1, 3)``, ``(3, 1)`` in RFB-s)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair = 1, stride: int = 1,
                  dilation: int = 1, groups: int = 1, act: str | Callable[[], nn.Module] | None = "relu",

@@ -28,15 +28,13 @@ def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int,
         return x
     b, c, h, w = x.shape
     bs = min(block_size, h, w)
-    # Seed rate so that about drop_prob of the units end up dropped (paper eq. 1): each seed
-    # drops bs^2 units, and seeds are only sampled where a whole block fits - the second
-    # factor makes up for the smaller seed area.
+    # Paper eq. 1: each seed drops bs^2 units; the second factor makes up for seeds being
+    # sampled only where a whole block fits.
     gamma = drop_prob / bs**2 * (h * w) / ((h - bs + 1) * (w - bs + 1))
     seed_shape = (b, c, h - bs + 1, w - bs + 1)
     seeds = (torch.rand(seed_shape, generator=generator, device=x.device) < gamma).to(x.dtype)
-    # Seed (i, j) drops the block whose top-left corner is (i, j). Padding the seed map by
-    # bs - 1 on every side and max-pooling with a bs x bs window (no padding) spreads each 1
-    # over exactly that block and returns an H x W map, for odd and even block sizes alike.
+    # Seed (i, j) drops the block with top-left corner (i, j): padding by bs - 1 and a bs x bs
+    # max-pool spread each 1 over that block, into an H x W map, for odd and even bs alike.
     seeds = F.pad(seeds, (bs - 1, bs - 1, bs - 1, bs - 1))
     block = F.max_pool2d(seeds, kernel_size=bs, stride=1)
     keep = 1.0 - block
@@ -48,9 +46,8 @@ def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int,
 class DropBlock2d(nn.Module):
     """DropBlock for ``(B, C, H, W)`` maps; identity in eval mode or when ``drop_prob == 0``.
 
-    ``drop_prob`` is the target fraction of dropped units (the paper's ``1 - keep_prob``,
-    0.1 at the end of a linear schedule); set the attribute during training to schedule it.
-    ``block_size`` 7 in the paper for ResNet-50 on ImageNet.
+    ``drop_prob``: target fraction of dropped units (the paper's ``1 - keep_prob``, 0.1 at the
+    end of a linear schedule: set the attribute to schedule it); ``block_size`` 7 as the paper.
     """
 
     def __init__(self, drop_prob: float = 0.1, block_size: int = 7) -> None:

@@ -39,10 +39,8 @@ def _check(features: Sequence[torch.Tensor], n: int) -> None:
 class FPN(nn.Module):
     """Feature Pyramid Network (Lin et al. 2017): top-down pathway with lateral connections.
 
-    ``L_i = conv1x1(C_i)``; ``P_top = L_top``; ``P_i = L_i + upsample(P_{i+1})`` (nearest);
-    each ``P_i`` then goes through a 3x3 conv to reduce the upsampling aliasing. Every
-    output level thus mixes its own detail with all coarser levels' semantics.
-    ``[(B, C_i, H_i, W_i)] -> [(B, out_channels, H_i, W_i)]``.
+    ``L_i = conv1x1(C_i)``; ``P_top = L_top``; ``P_i = L_i + upsample(P_{i+1})`` (nearest),
+    then a 3x3 conv against the upsampling aliasing.
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256) -> None:
@@ -64,10 +62,8 @@ class PAN(nn.Module):
     """Path Aggregation Network (Liu et al. 2018): FPN top-down plus a bottom-up path.
 
     After the FPN outputs ``P_i``: ``N_0 = P_0``; ``N_{i+1} = conv3x3(P_{i+1} +
-    conv3x3_stride2(N_i))``. The short bottom-up path carries the fine, well-localised
-    features to the coarse levels in a few layers instead of through the whole backbone.
-    (YOLOv4's modified PAN concatenates instead of adding; ``fuse="concat"`` does that,
-    with a 1x1 conv back to ``out_channels``.) ``[(B, C_i, H_i, W_i)] -> [(B, out, H_i, W_i)]``.
+    conv3x3_stride2(N_i))``, a short path from the well-localised fine levels to the coarse
+    ones. ``fuse="concat"`` (YOLOv4's PAN) concatenates instead, then a 1x1 conv.
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256, fuse: str = "add") -> None:
@@ -92,11 +88,8 @@ class PAN(nn.Module):
 
 
 class FastNormalizedFusion(nn.Module):
-    """EfficientDet's fast normalised fusion of ``n`` same-shape maps.
-
-    ``O = sum_i w_i I_i / (eps + sum_j w_j)`` with ``w = relu(raw)``: the weights are
-    non-negative and sum to (almost) 1 like a softmax, without its exp (~30% faster on GPU).
-    """
+    """EfficientDet's fast normalised fusion of ``n`` same-shape maps:
+    ``O = sum_i w_i I_i / (eps + sum_j w_j)``, ``w = relu(raw)`` - a softmax without the exp."""
 
     def __init__(self, n_inputs: int, eps: float = 1e-4) -> None:
         super().__init__()
@@ -128,15 +121,11 @@ class _SeparableConv(nn.Sequential):
 class BiFPN(nn.Module):
     """One BiFPN layer (Tan et al., EfficientDet 2020): weighted bidirectional fusion.
 
-    Top-down: ``P_i^td = conv(fuse(P_i, up(P_{i+1}^td)))`` from the second-coarsest level
-    down to the finest (which is also its output). Bottom-up: ``P_i^out = conv(fuse(P_i,
-    P_i^td, down(P_{i-1}^out)))`` - the extra same-level edge from the input - and the
-    coarsest ``P^out = conv(fuse(P_top, down(P_{top-1}^out)))``. Every ``fuse`` is a
-    :class:`FastNormalizedFusion`; ``down`` is a 3x3 stride-2 max-pool. Stack several
-    layers (``nn.Sequential`` works: input and output are lists) for the full BiFPN.
-
-    ``in_channels`` may differ per level (1x1 conv/BN projections are added) or be one int.
-    ``[(B, C_i, H_i, W_i)] -> [(B, channels, H_i, W_i)]``.
+    Top-down ``P_i^td = conv(fuse(P_i, up(P_{i+1}^td)))``, the finest being its own output;
+    bottom-up ``P_i^out = conv(fuse(P_i, P_i^td, down(P_{i-1}^out)))``, without ``P_i^td``
+    at the coarsest level. ``fuse``: :class:`FastNormalizedFusion`; ``down``: 3x3 stride-2
+    max-pool. Stack layers (``nn.Sequential``: lists in and out) for the full BiFPN.
+    ``in_channels`` (one int, or per level) other than ``channels`` get a 1x1 conv/BN.
     """
 
     def __init__(self, in_channels: Sequence[int] | int, channels: int | None = None,
@@ -164,8 +153,7 @@ class BiFPN(nn.Module):
         _check(features, self.n_levels)
         p = [proj(f) for proj, f in zip(self.project, features)]
         n = self.n_levels
-        td = [torch.empty(0)] * n
-        td[n - 1] = p[n - 1]
+        td = [torch.empty(0)] * (n - 1) + [p[n - 1]]
         for k, i in enumerate(range(n - 2, -1, -1)):
             td[i] = self.td_conv[k](self.td_fuse[k]([p[i], resize_to(td[i + 1], p[i])]))
         out = [td[0]]
@@ -178,15 +166,13 @@ class BiFPN(nn.Module):
 
 @register_module("asff", input_kind="pyramid")
 class ASFF(nn.Module):
-    """Adaptively Spatial Feature Fusion (Liu et al. 2019) of three levels into ``level``.
+    """Adaptively Spatial Feature Fusion (Liu et al. 2019) of three levels into ``level``
+    (0 = the finest). ``[3 x (B, C_i, H_i, W_i)] -> (B, out, H_level, W_level)``.
 
-    Each level is brought to the target level's resolution and channels - coarser levels by
-    1x1 conv then nearest upsampling, finer levels by a 3x3 stride-2 conv (a 2x step) or a
-    3x3 stride-2 max-pool then that conv (a 4x step). Per-pixel weights come from 1x1
-    convs on each resized map (``compress`` channels), concatenated, a 1x1 conv to 3 logits
-    and a softmax over the levels: ``y = a * x0 + b * x1 + c * x2`` with ``a + b + c = 1`` at
-    every location, then a 3x3 conv to ``out_channels``. Levels ordered fine -> coarse:
-    ``level=0`` fuses into the finest map. ``[3 x (B, C_i, H_i, W_i)] -> (B, out, H_level, W_level)``.
+    Coarser levels get a 1x1 conv and nearest upsampling, finer ones a 3x3 stride-2 conv
+    (after a 3x3 stride-2 max-pool for a 4x step). Per-pixel softmax weights over the levels
+    (1x1 convs to ``compress`` channels, concatenated, 1x1 conv to 3 logits) give
+    ``y = a x0 + b x1 + c x2``, ``a + b + c = 1``; then a 3x3 conv to ``out_channels``.
     """
 
     def __init__(self, in_channels: Sequence[int], level: int = 0, out_channels: int | None = None,
@@ -204,10 +190,8 @@ class ASFF(nn.Module):
             elif i > level:  # coarser: fix channels, upsample in forward
                 resize.append(ConvBnAct(ci, c, 1, act="leaky_relu"))
             else:  # finer: downsample 2x per level step
-                steps = level - i
-                layers: list[nn.Module] = [nn.MaxPool2d(3, stride=2, padding=1) for _ in range(steps - 1)]
-                layers.append(ConvBnAct(ci, c, 3, stride=2, act="leaky_relu"))
-                resize.append(nn.Sequential(*layers))
+                pools = [nn.MaxPool2d(3, stride=2, padding=1) for _ in range(level - i - 1)]
+                resize.append(nn.Sequential(*pools, ConvBnAct(ci, c, 3, stride=2, act="leaky_relu")))
         self.resize = nn.ModuleList(resize)
         self.weight_convs = nn.ModuleList(ConvBnAct(c, compress, 1, act="leaky_relu") for _ in range(3))
         self.weight_logits = nn.Conv2d(3 * compress, 3, 1)

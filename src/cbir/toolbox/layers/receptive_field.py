@@ -24,10 +24,9 @@ __all__ = ["ASPP", "PPM", "RFB", "RFBs", "SPP", "SPPF"]
 class SPP(nn.Module):
     """YOLO-style SPP: parallel stride-1 max-pools (5, 9, 13) with ``k // 2`` padding.
 
-    ``1x1 conv (C_in -> C_hid) -> [x, pool5(x), pool9(x), pool13(x)] -> concat -> 1x1 conv
-    (4 C_hid -> C_out)``. Unlike He et al.'s SPP-net (fixed 1x1/2x2/4x4 bins -> a vector),
-    the padding keeps ``H x W`` so it can sit inside a fully convolutional neck (YOLOv3-SPP,
-    v4, v5). ``C_hid`` defaults to ``C_in // 2`` as in YOLOv5.
+    ``1x1 conv (C_in -> C_hid = C_in // 2) -> concat[x, pool5(x), pool9(x), pool13(x)] -> 1x1
+    conv (4 C_hid -> C_out)``. Unlike SPP-net's fixed bins (-> a vector), the padding keeps
+    ``H x W``, so it fits in a fully convolutional neck (YOLOv3-SPP, v4, v5).
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None,
@@ -48,11 +47,8 @@ class SPP(nn.Module):
 
 @register_module("sppf")
 class SPPF(nn.Module):
-    """SPP-Fast (YOLOv5): three *sequential* 5x5 max-pools, concatenated.
-
-    Two stacked stride-1 5x5 max-pools equal one 9x9, three equal a 13x13, so SPPF(k=5)
-    computes exactly SPP(5, 9, 13) with fewer comparisons. Same shapes as :class:`SPP`.
-    """
+    """SPP-Fast (YOLOv5): three *sequential* 5x5 max-pools, concatenated; two stacked 5x5
+    pools equal one 9x9 and three a 13x13, so this is exactly SPP(5, 9, 13), cheaper."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, kernel_size: int = 5,
                  n_pools: int = 3, hidden_channels: int | None = None, act: str = "silu") -> None:
@@ -81,7 +77,6 @@ class _ImagePooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         y = self.conv(F.adaptive_avg_pool2d(x, 1))
-        # A 1x1 map upsampled bilinearly is a constant map, i.e. a broadcast.
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -89,15 +84,11 @@ class _ImagePooling(nn.Module):
 class ASPP(nn.Module):
     """Atrous Spatial Pyramid Pooling, DeepLabv3 version (Chen et al. 2017).
 
-    Five parallel branches, each ``conv -> BN -> ReLU`` with ``C_hid`` (256 in the paper)
-    channels: one 1x1 conv, three 3x3 convs with dilation ``rates`` (6, 12, 18 at output
-    stride 16; double them at output stride 8) and image pooling. They are concatenated
-    ``(B, 5 C_hid, H, W)`` and projected by 1x1 conv/BN/ReLU (+ dropout) to ``C_out``.
-
-    A 3x3 conv with dilation ``r`` sees a ``(r - 1)(3 - 1) + 3`` pixel window with 9 weights;
-    ``padding = r`` keeps the size. ``branches[0]`` is the 1x1 branch, ``branches[1:4]`` the
-    dilated ones, ``branches[4]`` the pooling. Its BN sees one value per channel and sample,
-    so training needs a batch of at least 2 (as in torchvision's DeepLabv3).
+    Five parallel ``conv -> BN -> ReLU`` branches of ``C_hid`` (256) channels: ``branches[0]``
+    a 1x1 conv, ``branches[1:4]`` 3x3 convs dilated by ``rates`` (6, 12, 18 at output stride
+    16; double them at 8), ``branches[4]`` image pooling, whose BN sees one value per channel
+    and sample (train with a batch of at least 2). Concatenated ``(B, 5 C_hid, H, W)``, then
+    1x1 conv/BN/ReLU (+ dropout) to ``C_out``.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (6, 12, 18),
@@ -136,16 +127,14 @@ class _RFBase(nn.Module):
 class RFB(_RFBase):
     """Receptive Field Block (Liu et al., ECCV 2018, Fig. 4a): Inception branches + dilation.
 
-    Three branches, each a 1x1 bottleneck, a conv of growing size and a 3x3 dilated conv
-    whose rate grows with it (small kernel <-> small eccentricity, as in human pRFs)::
+    Each branch ends in a 3x3 conv dilated in step with its kernel size (small kernel <->
+    small eccentricity, as in human pRFs); width ``C_in // 8`` (x2 in the dilated layers)::
 
         1x1 -> 3x3 (rate r0)
         1x1 -> 3x3 -> 3x3 (rate r1)
         1x1 -> 3x3 -> 3x3 -> 3x3 (rate r2)    # the 5x5 as two 3x3s, as in the authors' code
 
-    ``rates`` default (1, 3, 5) as in the paper's figure. Then concat -> 1x1 conv (no ReLU),
-    a 1x1 shortcut, ``relu(scale * y + shortcut)``. Branch width ``C_in // 8`` (x2 in the
-    dilated layers) as in the authors' code. ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+    Then ``relu(scale * conv1x1(concat) + shortcut(x))``, the 1x1 fuse without ReLU.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
@@ -166,16 +155,14 @@ class RFB(_RFBase):
 
 @register_module("rfb_s")
 class RFBs(_RFBase):
-    """RFB-s (Fig. 4b): the "shallow" RFB that mimics smaller pRFs in shallow human retinotopic maps.
-
-    Four branches; 3x3 replaces 5x5 and 1x3 / 3x1 replace 3x3 to save computation::
+    """RFB-s (Fig. 4b), the shallow-layer RFB: 3x3 replaces 5x5, 1x3 / 3x1 replace 3x3::
 
         1x1 -> 3x3 (rate r0)
         1x1 -> 3x1 -> 3x3 (rate r1)
         1x1 -> 1x3 -> 3x3 (rate r1)
         1x1 -> 1x3 -> 3x1 -> 3x3 (rate r2)
 
-    ``rates`` default (1, 3, 5); branch width ``C_in // 4``. Fused like :class:`RFB`.
+    Branch width ``C_in // 4``; fused like :class:`RFB`.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, rates: Sequence[int] = (1, 3, 5),
@@ -199,11 +186,10 @@ class RFBs(_RFBase):
 class PPM(nn.Module):
     """Pyramid Pooling Module (PSPNet, Zhao et al. 2017).
 
-    For each bin size ``b`` in ``bins`` (1, 2, 3, 6): adaptive average pooling to ``b x b``
-    (each cell averages an ``H/b x W/b`` region), 1x1 conv/BN/ReLU to ``C_in / len(bins)``
-    channels, bilinear upsampling back to ``H x W``. The four maps are concatenated with the
-    input ``(B, 2 C_in, H, W)`` and fused by a 3x3 conv/BN/ReLU to ``C_out``. The pooled BN
-    sees one value per channel for bin 1: train with a batch of at least 2.
+    Per bin size ``b`` in ``bins``: average pooling to ``b x b``, 1x1 conv/BN/ReLU to
+    ``C_in / len(bins)`` channels, bilinear upsampling to ``H x W``; concatenated with the
+    input ``(B, 2 C_in, H, W)``, fused by a 3x3 conv/BN/ReLU to ``C_out``. Bin 1's BN sees one
+    value per channel: train with a batch of at least 2.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, bins: Sequence[int] = (1, 2, 3, 6),
