@@ -1,16 +1,10 @@
 """``cbir compare``: evaluate a grid of pipelines on one benchmark, sharing the forward passes.
 
-Pipelines that share a backbone, input size, scales and region method form a group; each
-group runs the network once per image with the union of the layers its pipelines tap, and
-every pipeline of the group pools, fuses, encodes and post-processes those feature maps its
-own way. So a grid of twenty poolings costs about one extraction, not twenty.
-
-The ``ms/img`` column is per database or query image: the group's forward pass (image
-decoding, scaling and the network with all the group's layers) plus the pipeline's own
-pooling / encoding / post-processing. Re-ranking happens at search time and is not in it.
-
-Learned steps (PCA, vocabularies, layer weights) are fitted on ``--fit-on``, a folder
-separate from the benchmark; a benchmark folder there gives labels for ``Wlearn``.
+Pipelines that share a backbone, input size, scales and region method form a group: the network
+runs once per image with the union of the group's layers, and each pipeline pools, fuses, encodes
+and post-processes those maps its own way. So a grid of twenty poolings costs about one
+extraction. docs/methods.md ("Comparison") says what ``ms/img`` counts. Learned steps are fitted
+on ``--fit-on``, a folder separate from the benchmark (a benchmark folder there labels ``Wlearn``).
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Re-ranking after the first search: query expansion, database augmentation, k-reciprocal, diffusion.
 
 Pure functions on L2-normalised descriptors, queries ``q (Q, D)`` and database ``db (N, D)``;
-inner products are the similarities. Pipeline tokens (after the post-processing steps; their
-forms and defaults: `RERANKERS`): ``QE<k>`` / ``aQE<k>a<alpha>`` average / alpha query expansion
-(Chum et al. 2007, Radenovic et al. 2018), ``DBA<k>`` database-side augmentation (Arandjelovic &
-Zisserman 2012), ``KRR<k1>`` k-reciprocal re-ranking (Zhong et al. 2017), ``DIFF<k>`` diffusion
-on the mutual k-NN graph, solved by conjugate gradient (Iscen et al. 2017).
-
-Steps run in order: the vector steps (``DBA``, ``QE``, ``aQE``) change the query or database
-vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must come last.
+inner products are the similarities. The pipeline tokens (after the post-processing steps) are
+`RERANKERS`: average / alpha query expansion (Chum et al. 2007, Radenovic et al. 2018),
+database-side augmentation (Arandjelovic & Zisserman 2012), k-reciprocal re-ranking (Zhong et
+al. 2017), diffusion (Iscen et al. 2017). Steps run in order: the vector steps (``DBA``, ``QE``,
+``aQE``) change the query or database vectors; a score step (``KRR``, ``DIFF``) replaces the
+similarities and must come last.
 """
 
 from __future__ import annotations
@@ -41,10 +39,8 @@ def _weighted_sum(sims: np.ndarray, vecs: np.ndarray, alpha: float) -> np.ndarra
 
 
 def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
-    """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised.
-
-    ``alpha = 0``: average QE (all w = 1); ``alpha > 0``: alpha-QE, ``w = max(sim, 0)^alpha``.
-    """
+    """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised
+    (``w`` as in `_weighted_sum`: ``alpha = 0`` average QE, ``alpha > 0`` alpha-QE)."""
     if k <= 0 or len(db) == 0:
         return q
     sims = q @ db.T

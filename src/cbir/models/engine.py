@@ -13,14 +13,12 @@ benchmarks/extract_speed.py --int8), so build and search an index with the same 
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
-import threading
 import tempfile
 from collections.abc import Sequence
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -43,13 +41,6 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("cbir"))
-
-
-class Engine(Protocol):
-    layers: tuple[str, ...]
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """uint8 ``(N, H, W, 3)`` RGB -> one array per layer: ``(N, C, h, w)`` or ``(N, C)``."""
 
 
 def onnx_cache_path(backbone: Backbone, layers: Sequence[str]) -> Path:
@@ -115,11 +106,7 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     return path
 
 
-_SESSIONS: "collections.OrderedDict[tuple[str, int], object]" = collections.OrderedDict()
-_SESSIONS_LOCK = threading.Lock()
-_MAX_SESSIONS = 4
-
-
+@lru_cache(maxsize=4)
 def onnx_session(path: str, threads: int):
     """An ONNX Runtime session over ``path``, shared by the engines of this process (building
     one takes ~50 ms and a copy of the weights; ``run`` is thread-safe). The graph file is
@@ -127,24 +114,14 @@ def onnx_session(path: str, threads: int):
     """
     import onnxruntime as ort
 
-    key = (path, threads)
-    with _SESSIONS_LOCK:
-        if key in _SESSIONS:
-            _SESSIONS.move_to_end(key)
-            return _SESSIONS[key]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # Idle intra-op threads sleep instead of spinning: on a machine shared with other
-        # work (or with cbir's own decoding threads) spinning halves throughput, and it buys
-        # little on an idle one.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        _SESSIONS[key] = session
-        while len(_SESSIONS) > _MAX_SESSIONS:
-            _SESSIONS.popitem(last=False)
-        return session
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    # Idle intra-op threads sleep instead of spinning: on a machine shared with other work (or
+    # with cbir's own decoding threads) spinning halves throughput, and it buys little on an idle one.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 @ENGINES.register("onnx", summary="ONNX Runtime, the default: faster on CPU")
@@ -162,13 +139,11 @@ class OnnxEngine:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         outs = self.session.run(None, {self.input_name: self.backbone.prepare(batch)})
         if isinstance(self.backbone, OnnxGraphBackbone):
-            outs = self.backbone.postprocess_outputs(outs, self.layers)
+            outs = self.backbone.postprocess_outputs(outs)
         return outs
 
 
-@ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")
-def _onnx_int8(backbone: Backbone, layers: Sequence[str], threads: int | None = None) -> OnnxEngine:
-    return OnnxEngine(backbone, layers, threads, int8=True)
+ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")(partial(OnnxEngine, int8=True))
 
 
 @ENGINES.register("torch", summary="eager PyTorch")
@@ -191,6 +166,7 @@ class TorchEngine:
         return [o.numpy() for o in outs]
 
 
-def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None) -> Engine:
-    """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``."""
+def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None):
+    """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``: its
+    ``layers`` and ``run(uint8 (N, H, W, 3) RGB) -> one (N, C, h, w) or (N, C) array per layer``."""
     return ENGINES.get(engine).build(backbone, layers, threads)
