@@ -89,14 +89,14 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
     """
     from cbir.evaluation import query_keys, score_vectors
     from cbir.models import create_engine
-    from cbir.pipeline import Extractor, PipelineError, resolve_spec
+    from cbir.pipeline import Extractor, resolve_spec
 
     rows: list[dict] = [{} for _ in pipelines]
     groups: dict[tuple, list[_Member]] = {}
     for i, text in enumerate(pipelines):
         try:
             ex = Extractor(resolve_spec(text, weights), weights, engine, threads)
-        except (PipelineError, ValueError) as e:
+        except ValueError as e:  # a PipelineError too
             rows[i] = {"method": text, "error": str(e)}
             continue
         key = (ex.spec.backbone, str(ex.spec.resize), ex.spec.scales or "", ex.spec.regions or "")
@@ -140,7 +140,7 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                                else ex.raw_from_maps(maps))
                         for k, r in zip(keys, raw):
                             m.raw[part][k] = r
-                    except (ValueError, PipelineError) as e:
+                    except ValueError as e:
                         rows[m.index] = rows[m.index] or {"method": str(ex.spec), "error": str(e)}
                     if part != "fit":
                         m.seconds += time.perf_counter() - t1
@@ -156,7 +156,7 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                 continue
             try:
                 rows[m.index] = _finish(bench, m, crop, fit_labels, forward_s, n_timed, score_vectors)
-            except (ValueError, PipelineError, RuntimeError) as e:
+            except (ValueError, RuntimeError) as e:
                 rows[m.index] = {"method": str(m.extractor.spec), "error": str(e).splitlines()[0]}
             m.raw.clear()
     return rows
@@ -246,17 +246,16 @@ def compare(
 ) -> None:
     """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
     import sys
+    from functools import partial
+
+    from tqdm import tqdm
 
     from cbir.datasets import load_benchmark
     from cbir.pipeline import fit_set
 
     bench = load_benchmark(dataset_dir)
     fit_paths, fit_labels = fit_set(fit_on) if fit_on else (None, None)
-    def progress(**kw):
-        from tqdm import tqdm
-
-        return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, leave=False, **kw)
-
+    progress = partial(tqdm, file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
     rows = compare_pipelines(bench, _split_methods(methods), fit_paths, fit_labels, weights, engine,
                              crop=not no_crop, progress=None if as_json else progress,
                              warn=lambda m: typer.echo(m, err=True))

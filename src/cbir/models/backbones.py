@@ -72,30 +72,6 @@ class Backbone(ABC):
                                     f"choose one of: {', '.join(known)}")
 
 
-def _tap_module(model, layers: Sequence[str]):
-    import torch
-    from timm.models import create_feature_extractor
-
-    classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
-    node = {"head": "global_pool", "logits": classifier}
-    nodes = {node.get(layer, layer): layer for layer in layers}
-    extractor = create_feature_extractor(model, return_nodes=nodes)
-    order = list(layers)
-
-    class TapModule(torch.nn.Module):
-        """(N, 3, H, W) float -> tuple of the tapped outputs, in the order asked for."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.extractor = extractor
-
-        def forward(self, x):
-            out = self.extractor(x)
-            return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
-
-    return TapModule().eval()
-
-
 @dataclass
 class TimmBackbone(Backbone):
     """Any timm model; weights from a local file (state dict) or from the hub when online.
@@ -160,13 +136,33 @@ class TimmBackbone(Backbone):
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def layer_names(self) -> list[str]:
-        model = self.model()
-        names = [n for n, _ in model.named_modules() if n and _is_tap_candidate(n)]
+        # Top-level stages and blocks: deep enough to be useful, few enough to list.
+        parents = {"blocks", "stages", "layers", "features"}
+        names = [n for n, _ in self.model().named_modules()
+                 if n and (len(p := n.split(".")) == 1 or (len(p) == 2 and p[0] in parents))]
         return names + list(VECTOR_LAYERS)
 
     def torch_module(self, layers: Sequence[str]):
+        """A module: ``(N, 3, H, W)`` float -> the tuple of the tapped outputs, in the order asked for."""
+        import torch
+        from timm.models import create_feature_extractor
+
         self.check_layers(layers)
-        return _tap_module(self.model(), layers)
+        model = self.model()
+        node = {"head": "global_pool", "logits": getattr(model, "default_cfg", {}).get("classifier", "classifier")}
+        extractor = create_feature_extractor(model, return_nodes={node.get(la, la): la for la in layers})
+        order = list(layers)
+
+        class TapModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.extractor = extractor
+
+            def forward(self, x):
+                out = self.extractor(x)
+                return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
+
+        return TapModule().eval()
 
     def export_onnx(self, layers: Sequence[str], path: Path) -> None:
         import warnings
@@ -185,12 +181,6 @@ class TimmBackbone(Backbone):
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["image"],
                               output_names=outputs, dynamic_axes=dynamic, opset_version=17)
-
-
-def _is_tap_candidate(name: str) -> bool:
-    """Top-level stages and blocks: deep enough to be useful, few enough to list."""
-    parts = name.split(".")
-    return len(parts) == 1 or (len(parts) == 2 and parts[0] in {"blocks", "stages", "layers", "features"})
 
 
 def lukemelas_to_timm(state: dict, target: dict) -> dict:
