@@ -82,11 +82,9 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                       fit_labels: Sequence | None = None, weights: str | Path | None = None,
                       engine: str = "onnx", crop: bool = True, threads: int | None = None,
                       progress: Callable | None = None, warn: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given.
-
-    A row: ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, and ``error`` for a
-    pipeline that could not run (e.g. a learned step with no fitting set).
-    """
+    """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given:
+    ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, or ``error`` for a pipeline
+    that could not run (e.g. a learned step with no fitting set)."""
     from cbir.evaluation import query_keys, score_vectors
     from cbir.models import create_engine
     from cbir.pipeline import Extractor, resolve_spec
@@ -119,10 +117,9 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
         def maps_of(batch):
             return [first.region_maps(img, eng) for img in batch] if regions else first.forward(batch, eng)
 
-        need_fit = any(m.extractor.needs_fit for m in members)
         forward_s, n_timed = 0.0, 0
         for part, (sources, bboxes) in parts.items():
-            if part == "fit" and not need_fit:
+            if part == "fit" and not any(m.extractor.needs_fit for m in members):
                 continue
             for m in members:
                 m.raw[part] = [None] * len(sources)

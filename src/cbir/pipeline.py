@@ -186,12 +186,9 @@ def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
 
 
 def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
-    """Images of a fitting set and, where the folder says, their labels.
-
-    A benchmark folder (``gt.json``): its database and query images, labelled by the groups
-    of images that show the same object (a query with its positives). A folder of class
-    folders: labelled by folder. Otherwise no labels.
-    """
+    """Images of a fitting set and, where the folder says, their labels: a benchmark folder
+    (``gt.json``) gives its database and query images, labelled by the groups that show the same
+    object (a query with its positives); a folder of class folders, labels by folder; else none."""
     from cbir.images import list_images
 
     root = Path(root)
@@ -299,11 +296,8 @@ class Extractor:
         return self.raw_from_maps(self.forward(batch))
 
     def forward(self, batch: np.ndarray, engine=None) -> list[dict[str, np.ndarray]]:
-        """The tapped layers for ``batch``, one ``{layer: (N, C, h, w)}`` per scale.
-
-        ``engine`` (default this pipeline's own) may tap more layers: `cbir.compare` runs one
-        engine with the union of its pipelines' layers and lets each pool what it needs.
-        """
+        """The tapped layers for ``batch``, one ``{layer: (N, C, h, w)}`` per scale. ``engine`` (default
+        this pipeline's own) may tap more layers: `cbir.compare` shares one among its pipelines."""
         engine = engine or self.engine
         scaled = (batch if s == 1.0 else rescale_batch(batch, s) for s in self.scales)
         return [dict(zip(engine.layers, engine.run(b))) for b in scaled]
@@ -366,11 +360,8 @@ class Extractor:
         `raw_descriptors`; `cbir.compare` asks for its own engine's feature maps, `fit` for region
         sets). Bad images go to ``on_error`` (without it the first one raises); ``progress`` gets
         the number of images done, good or bad; both are called from this (the consumer's) thread.
-
-        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) while the
-        engine runs the batch before; a bounded window is decoded ahead, so memory holds about
-        one or two batches of pixels. Images of equal size after scaling are batched together.
-        """
+        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) a bounded window
+        ahead of the engine (memory: one or two batches of pixels); equal sizes are batched together."""
         compute = compute or self.raw_descriptors
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n

