@@ -202,8 +202,7 @@ def best_row(rows: list[dict]) -> dict | None:
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The comparison as a text or Markdown table; the best mAP is marked with *."""
     tags = list(dict.fromkeys(t for r in rows for t in r.get("map_by_tag", {})))
-    ok = [r for r in rows if "map" in r]
-    best = max((r["map"] for r in ok), default=None)
+    best = max((r["map"] for r in rows if "map" in r), default=None)
     head = ["method", "dim", "mAP"] + [f"mAP {t}" for t in tags] + ["ms/img"]
     body = []
     for r in rows:

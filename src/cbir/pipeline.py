@@ -235,8 +235,7 @@ class Extractor:
             self.backbone.check_layers(list(self.spec.layers))
         except BackboneError as e:
             raise PipelineError(str(e)) from None
-        self._pooling: tuple[PoolingMethod, float | None] | None = (
-            parse_pooling(self.spec.pooling) if self.spec.pooling else None)
+        self._pooling = parse_pooling(self.spec.pooling) if self.spec.pooling else None
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
         self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)

@@ -94,34 +94,33 @@ class TimmBackbone(Backbone):
     def model(self):
         """The timm model in eval mode with its weights loaded (built once, under a lock: the
         backbone is shared by every extractor of the process and their threads)."""
-        with self._lock:
-            return self._model if self._model is not None else self._build()
-
-    def _build(self):
         import timm
         import torch
 
-        try:
-            model = timm.create_model(self.timm_name, pretrained=self.weights is None)
-        except RuntimeError as e:  # unknown name
-            raise BackboneError(f"timm has no model {self.timm_name!r}") from e
-        except Exception as e:  # hub unreachable: say so in one line
-            raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
-                                f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
-        if self.weights is not None:
-            state = torch.load(self.weights, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            if self.key_map is not None:
-                state = self.key_map(state, model.state_dict())
+        with self._lock:
+            if self._model is not None:
+                return self._model
             try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                first = str(e).splitlines()[0]
-                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
-                                    f"{first}") from e
-        self._model = model.eval()
-        return self._model
+                model = timm.create_model(self.timm_name, pretrained=self.weights is None)
+            except RuntimeError as e:  # unknown name
+                raise BackboneError(f"timm has no model {self.timm_name!r}") from e
+            except Exception as e:  # hub unreachable: say so in one line
+                raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
+                                    f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
+            if self.weights is not None:
+                state = torch.load(self.weights, map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state:
+                    state = state["state_dict"]
+                if self.key_map is not None:
+                    state = self.key_map(state, model.state_dict())
+                try:
+                    model.load_state_dict(state, strict=True)
+                except RuntimeError as e:
+                    first = str(e).splitlines()[0]
+                    raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
+                                        f"{first}") from e
+            self._model = model.eval()
+            return self._model
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean, np.float32) * 255.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import timeit
 
 import numpy as np
 
@@ -38,13 +38,8 @@ def measure(extractor, candidates=CANDIDATES, repeats: int = 2) -> dict[int, flo
         if bs * h * w * 3 * 4 > MAX_BATCH_BYTES:  # float32 network input
             break
         batch = rng.integers(0, 256, (bs, h, w, 3), dtype=np.uint8)
-        extractor.raw_descriptors(batch)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            extractor.raw_descriptors(batch)
-            best = min(best, time.perf_counter() - t0)
-        out[bs] = best / bs
+        extractor.raw_descriptors(batch)  # warm-up
+        out[bs] = min(timeit.repeat(lambda: extractor.raw_descriptors(batch), number=1, repeat=repeats)) / bs
     return out
 
 
