@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import timeit
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,12 @@ from cbir.fileio import atomic_write_bytes
 CANDIDATES = (1, 2, 4, 8, 16)
 TOLERANCE = 1.05
 MAX_BATCH_BYTES = 256 << 20  # never measure (or use) a batch of pixels larger than this
+
+
+def _cache_file() -> Path:
+    from cbir.models.engine import cache_dir
+
+    return cache_dir() / "batch_sizes.json"
 
 
 def _key(extractor) -> str:
@@ -50,9 +57,7 @@ def choose(per_image: dict[int, float]) -> int:
 
 def measured_batch_size(extractor, refresh: bool = False) -> int:
     """The cached choice for this extractor's engine on this machine, measured if missing."""
-    from cbir.models.engine import cache_dir
-
-    path, key = cache_dir() / "batch_sizes.json", _key(extractor)
+    path, key = _cache_file(), _key(extractor)
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
