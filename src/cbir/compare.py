@@ -1,16 +1,10 @@
 """``cbir compare``: evaluate a grid of pipelines on one benchmark, sharing the forward passes.
 
-Pipelines that share a backbone, input size, scales and region method form a group; each
-group runs the network once per image with the union of the layers its pipelines tap, and
-every pipeline of the group pools, fuses, encodes and post-processes those feature maps its
-own way. So a grid of twenty poolings costs about one extraction, not twenty.
-
-The ``ms/img`` column is per database or query image: the group's forward pass (image
-decoding, scaling and the network with all the group's layers) plus the pipeline's own
-pooling / encoding / post-processing. Re-ranking happens at search time and is not in it.
-
-Learned steps (PCA, vocabularies, layer weights) are fitted on ``--fit-on``, a folder
-separate from the benchmark; a benchmark folder there gives labels for ``Wlearn``.
+Pipelines that share a backbone, input size, scales and region method form a group: the network
+runs once per image with the union of the group's layers, and each pipeline pools, fuses, encodes
+and post-processes those maps its own way. So a grid of twenty poolings costs about one
+extraction. docs/methods.md ("Comparison") says what ``ms/img`` counts. Learned steps are fitted
+on ``--fit-on``, a folder separate from the benchmark (a benchmark folder there labels ``Wlearn``).
 """
 
 from __future__ import annotations
@@ -88,21 +82,19 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                       fit_labels: Sequence | None = None, weights: str | Path | None = None,
                       engine: str = "onnx", crop: bool = True, threads: int | None = None,
                       progress: Callable | None = None, warn: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given.
-
-    A row: ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, and ``error`` for a
-    pipeline that could not run (e.g. a learned step with no fitting set).
-    """
+    """Evaluate ``pipelines`` on ``bench``; one result row per pipeline, in the order given:
+    ``method``, ``dim``, ``map``, ``map_by_tag``, ``ms_per_image``, or ``error`` for a pipeline
+    that could not run (e.g. a learned step with no fitting set)."""
     from cbir.evaluation import query_keys, score_vectors
     from cbir.models import create_engine
-    from cbir.pipeline import Extractor, PipelineError, resolve_spec
+    from cbir.pipeline import Extractor, resolve_spec
 
     rows: list[dict] = [{} for _ in pipelines]
     groups: dict[tuple, list[_Member]] = {}
     for i, text in enumerate(pipelines):
         try:
             ex = Extractor(resolve_spec(text, weights), weights, engine, threads)
-        except (PipelineError, ValueError) as e:
+        except ValueError as e:  # a PipelineError too
             rows[i] = {"method": text, "error": str(e)}
             continue
         key = (ex.spec.backbone, str(ex.spec.resize), ex.spec.scales or "", ex.spec.regions or "")
@@ -125,10 +117,9 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
         def maps_of(batch):
             return [first.region_maps(img, eng) for img in batch] if regions else first.forward(batch, eng)
 
-        need_fit = any(m.extractor.needs_fit for m in members)
         forward_s, n_timed = 0.0, 0
         for part, (sources, bboxes) in parts.items():
-            if part == "fit" and not need_fit:
+            if part == "fit" and not any(m.extractor.needs_fit for m in members):
                 continue
             for m in members:
                 m.raw[part] = [None] * len(sources)
@@ -146,7 +137,7 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                                else ex.raw_from_maps(maps))
                         for k, r in zip(keys, raw):
                             m.raw[part][k] = r
-                    except (ValueError, PipelineError) as e:
+                    except ValueError as e:
                         rows[m.index] = rows[m.index] or {"method": str(ex.spec), "error": str(e)}
                     if part != "fit":
                         m.seconds += time.perf_counter() - t1
@@ -162,7 +153,7 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
                 continue
             try:
                 rows[m.index] = _finish(bench, m, crop, fit_labels, forward_s, n_timed, score_vectors)
-            except (ValueError, PipelineError, RuntimeError) as e:
+            except (ValueError, RuntimeError) as e:
                 rows[m.index] = {"method": str(m.extractor.spec), "error": str(e).splitlines()[0]}
             m.raw.clear()
     return rows
@@ -211,8 +202,7 @@ def best_row(rows: list[dict]) -> dict | None:
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The comparison as a text or Markdown table; the best mAP is marked with *."""
     tags = list(dict.fromkeys(t for r in rows for t in r.get("map_by_tag", {})))
-    ok = [r for r in rows if "map" in r]
-    best = max((r["map"] for r in ok), default=None)
+    best = max((r["map"] for r in rows if "map" in r), default=None)
     head = ["method", "dim", "mAP"] + [f"mAP {t}" for t in tags] + ["ms/img"]
     body = []
     for r in rows:
@@ -252,17 +242,16 @@ def compare(
 ) -> None:
     """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
     import sys
+    from functools import partial
+
+    from tqdm import tqdm
 
     from cbir.datasets import load_benchmark
     from cbir.pipeline import fit_set
 
     bench = load_benchmark(dataset_dir)
     fit_paths, fit_labels = fit_set(fit_on) if fit_on else (None, None)
-    def progress(**kw):
-        from tqdm import tqdm
-
-        return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, leave=False, **kw)
-
+    progress = partial(tqdm, file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
     rows = compare_pipelines(bench, _split_methods(methods), fit_paths, fit_labels, weights, engine,
                              crop=not no_crop, progress=None if as_json else progress,
                              warn=lambda m: typer.echo(m, err=True))

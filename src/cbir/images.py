@@ -35,12 +35,9 @@ class TooManyPixels(ImageError):
 
 @dataclass(frozen=True)
 class Resize:
-    """How an image is scaled before the network.
-
-    ``long``: the whole image, longer side scaled to ``size``, aspect kept (no content lost;
-    the network sees any size). ``crop``: shorter side scaled to ``size``, then the centre
-    ``size`` x ``size`` square (the ImageNet classification convention; loses the borders).
-    """
+    """How an image is scaled before the network. ``long``: longer side to ``size``, aspect kept
+    (no content lost; the network sees any size). ``crop``: shorter side to ``size``, then the
+    centre ``size`` x ``size`` square (the ImageNet classification convention; loses the borders)."""
 
     mode: str  # "long" | "crop"
     size: int
@@ -65,11 +62,9 @@ class Resize:
 
 
 def list_images(root: str | Path, unreadable: list[OSError] | None = None) -> list[Path]:
-    """Image files under ``root``, recursively, sorted; hidden files and folders skipped.
-
-    A folder that cannot be listed is left out; its error (``filename``: the folder) goes to
-    ``unreadable`` if given, so that a caller can tell "empty" from "could not look".
-    """
+    """Image files under ``root``, recursively, sorted; hidden files and folders skipped. A folder
+    that cannot be listed is left out, its error (``filename``: the folder) appended to
+    ``unreadable`` if given, so that a caller can tell "empty" from "could not look"."""
     root = Path(root)
     if not root.exists():
         raise ImageError(f"{root}: no such directory")
@@ -88,10 +83,8 @@ def open_image(source: str | Path | bytes | Image.Image, resize: Resize | None =
                bbox: tuple[float, float, float, float] | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path, encoded bytes, or a decoded image) to RGB, crop ``bbox``, scale by ``resize``.
-
-    JPEGs are decoded at a reduced DCT scale when the target is much smaller than the file
-    (Pillow's ``draft``), which is faster and, after the final antialiased resize, looks the same.
-    """
+    JPEGs much larger than the target are decoded at a reduced DCT scale (Pillow's ``draft``):
+    faster, and after the final antialiased resize it looks the same."""
     if isinstance(source, Image.Image):  # already decoded (a region of a photo, say)
         img = source if source.mode == "RGB" else source.convert("RGB")
         img = crop_box(img, bbox, "image region") if bbox is not None else img
@@ -145,8 +138,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     Pillow's own conversion clips every value above 255, so a 16-bit photo would become blank
     white. 16-bit modes (and ``I`` holding 16-bit values, as from a 16-bit PNG) are scaled by
     their full range, 65535 -> 255, so that a 16-bit copy of an 8-bit image matches it;
-    floats in [0, 1] by 255; anything else is stretched from its minimum to its maximum.
-    """
+    floats in [0, 1] by 255; anything else is stretched from its minimum to its maximum."""
     a = np.asarray(img).astype(np.float64)
     finite = a[np.isfinite(a)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
@@ -185,11 +177,9 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int,
                      max_pending: int | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape.
-
-    ``max_pending`` bounds how many images wait for a partner of their shape: past it, the
-    oldest group goes out as it is, so memory stays at about one batch however many shapes.
-    """
+    """Group ``(key, HWC array)`` items into ``(keys, NHWC batch)`` of equal shape. Past
+    ``max_pending`` images waiting for a partner of their shape, the oldest group goes out as it
+    is, so memory stays at about one batch however many shapes."""
     pending: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     n_pending = 0
     for key, arr in items:

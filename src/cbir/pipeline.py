@@ -2,29 +2,16 @@
 
 The string reads left to right in the order the data flows, like a faiss factory string::
 
-    efficientnet_lite0/bn2,long384,GeM3,L2
-    ^backbone         ^layer ^input ^pooling ^post-processing steps...
-
     efficientnet_lite0/blocks.5+bn2,long512,MS3,GeM3,W0.3-0.7,PCAW64,L2,DBA5,aQE5a3
-    ^several layers, fused         ^scales  ^pool ^weights ^post   ^re-ranking
+    ^backbone/layers                ^input  ^scales  ^fusion  ^post     ^re-ranking
 
     efficientnet_lite0/head,long512,regions:sliding3,VLAD32,L2
     ^region descriptors             ^regions         ^encoder
 
-The vocabulary of each stage is its registry's (`cbir pipelines` lists it, docs/methods.md
-explains it). ``/layer`` is optional (the backbone's default). The input is ``long<S>``
-(longer side to S, aspect kept) or ``crop<S>`` (shorter side to S, centre crop). ``head``
-(the backbone's own pooled feature) and ``logits`` are vectors and take no pooling; several
-layers ``a+b`` are each pooled and need a fusion step ``W...`` first among the post-processing
-steps. ``MS<n>`` / ``scales...`` merge the per-scale descriptors as the pooling requires;
-``regions:...`` put each region through the network, and an encoder follows the pooling.
-Learned steps (PCA, vocabularies, ``Wlearn``) are fitted on a separate image set and saved
-with the index.
-
-The string less its re-ranking steps, plus the weights' hash, identify the descriptor: an index
-refuses queries from a pipeline whose identity differs, and can be searched with any re-ranking
-(it acts at search time). The engine (onnx / torch) is not part of it: both compute the same
-function to ~1e-5.
+docs/methods.md explains the stages (`cbir pipelines` lists their vocabulary). The string less
+its re-ranking steps, plus the weights' hash, identify the descriptor: an index refuses queries
+from a pipeline whose identity differs, and can be searched with any re-ranking. The engine
+(onnx / torch) is not part of it: both compute the same function to ~1e-5.
 """
 
 from __future__ import annotations
@@ -110,7 +97,7 @@ class PipelineSpec:
         if not tokens:
             raise PipelineError("empty pipeline string")
         backbone, _, layer = tokens[0].partition("/")
-        if backbone.startswith("timm:") is False and ":" in backbone:
+        if ":" in backbone and not backbone.startswith("timm:"):
             raise PipelineError(f"bad backbone {backbone!r}")
         found: dict[str, list[str]] = {s: [] for s in _STAGES}
         last = -1
@@ -199,12 +186,9 @@ def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
 
 
 def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
-    """Images of a fitting set and, where the folder says, their labels.
-
-    A benchmark folder (``gt.json``): its database and query images, labelled by the groups
-    of images that show the same object (a query with its positives). A folder of class
-    folders: labelled by folder. Otherwise no labels.
-    """
+    """Images of a fitting set and, where the folder says, their labels: a benchmark folder
+    (``gt.json``) gives its database and query images, labelled by the groups that show the same
+    object (a query with its positives); a folder of class folders, labels by folder; else none."""
     from cbir.images import list_images
 
     root = Path(root)
@@ -251,8 +235,7 @@ class Extractor:
             self.backbone.check_layers(list(self.spec.layers))
         except BackboneError as e:
             raise PipelineError(str(e)) from None
-        self._pooling: tuple[PoolingMethod, float | None] | None = (
-            parse_pooling(self.spec.pooling) if self.spec.pooling else None)
+        self._pooling = parse_pooling(self.spec.pooling) if self.spec.pooling else None
         self.post = [parse_postprocess(t) for t in self.spec.post]
         self._engine = None
         self.scales: tuple[float, ...] = parse_scales(self.spec.scales) if self.spec.scales else (1.0,)
@@ -286,13 +269,10 @@ class Extractor:
         return self._engine
 
     def engine_threads(self) -> int | None:
-        """Intra-op threads of the engine: ``threads``, else (ONNX engines) the cores shared
-        among the ``infer_workers`` batches that run at once.
-
-        A pool sized for the whole machine per run oversubscribes (2 workers x 2 threads on 2
-        cores): one thread per worker there is ~9% more images/s (benchmarks/extract_speed.py).
-        The torch engine keeps its default (its thread count is process-wide).
-        """
+        """Intra-op threads of the engine: ``threads``, else (ONNX engines) the cores shared among
+        the ``infer_workers`` batches that run at once (a pool per run sized for the whole machine
+        oversubscribes: ~9% fewer images/s on 2 cores, benchmarks/extract_speed.py). The torch
+        engine keeps its default (its thread count is process-wide)."""
         if self.threads:
             return self.threads
         if self.engine_name.startswith("onnx") and self.infer_workers > 1:
@@ -315,11 +295,8 @@ class Extractor:
         return self.raw_from_maps(self.forward(batch))
 
     def forward(self, batch: np.ndarray, engine=None) -> list[dict[str, np.ndarray]]:
-        """The tapped layers for ``batch``, one ``{layer: (N, C, h, w)}`` per scale.
-
-        ``engine`` (default this pipeline's own) may tap more layers: `cbir.compare` runs one
-        engine with the union of its pipelines' layers and lets each pool what it needs.
-        """
+        """The tapped layers for ``batch``, one ``{layer: (N, C, h, w)}`` per scale. ``engine`` (default
+        this pipeline's own) may tap more layers: `cbir.compare` shares one among its pipelines."""
         engine = engine or self.engine
         scaled = (batch if s == 1.0 else rescale_batch(batch, s) for s in self.scales)
         return [dict(zip(engine.layers, engine.run(b))) for b in scaled]
@@ -382,11 +359,8 @@ class Extractor:
         `raw_descriptors`; `cbir.compare` asks for its own engine's feature maps, `fit` for region
         sets). Bad images go to ``on_error`` (without it the first one raises); ``progress`` gets
         the number of images done, good or bad; both are called from this (the consumer's) thread.
-
-        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) while the
-        engine runs the batch before; a bounded window is decoded ahead, so memory holds about
-        one or two batches of pixels. Images of equal size after scaling are batched together.
-        """
+        ``decode_workers`` threads decode and scale images (Pillow releases the GIL) a bounded window
+        ahead of the engine (memory: one or two batches of pixels); equal sizes are batched together."""
         compute = compute or self.raw_descriptors
         n = len(sources)
         bboxes = bboxes if bboxes is not None else [None] * n

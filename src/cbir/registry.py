@@ -1,16 +1,11 @@
 """One registry shape for every named, swappable part of cbir (the timm ``create_model`` idea).
 
 A `Registry` maps a name to an `Entry`: the constructor, the one number a token may carry
-(``GeM3``: p = 3) with its default, a one-line summary, and what else its kind needs. Pooling,
-post-processing, encoders, region methods, re-ranking, backbones, engines, localizers and the
-toolbox modules are all registries; ``cbir`` prints its vocabularies, ``--help`` texts and
-"unknown name" errors from the entries, so they can never drift apart from what is registered.
-
-Two token forms:
-
-- ``name`` or ``name:<option>`` (localizers, ``timm:<model>``): `Registry.create`;
-- the argument glued to the name (``GeM3``, ``PCAWS64-0.5``, ``KRR20-6-0.3``): the entry's
-  ``pattern`` is the regex the text after the name must match; `Registry.match` finds the entry.
+(``GeM3``: p = 3) with its default, a one-line summary, and what else its kind needs. ``cbir``
+prints its vocabularies, ``--help`` texts and "unknown name" errors from the entries, so they
+never drift apart from what is registered. A token is ``name`` or ``name:<option>``
+(`Registry.create`; localizers, ``timm:<model>``), or the name with its argument glued on
+(``GeM3``, ``PCAWS64-0.5``; `Registry.match`, by the entry's ``pattern``).
 
     >>> LOCALIZERS = Registry("localizer")
     >>> @LOCALIZERS.register("whole", summary="the whole photo")
@@ -30,11 +25,8 @@ _T = TypeVar("_T", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered constructor: ``name``, ``build``, the token's option and its summary.
-
-    ``extra`` holds the fields only one kind has (pooling's ``needs``/``combine``, a toolbox
-    module's ``input_kind``, a backbone's ``package``); they read as attributes: ``entry.needs``.
-    """
+    """One registered constructor; ``extra`` holds the fields only one kind has (pooling's
+    ``needs``/``combine``, a backbone's ``package``), read as attributes: ``entry.needs``."""
 
     name: str
     build: Callable[..., Any]
@@ -60,12 +52,9 @@ class Entry:
 
 
 class Registry:
-    """Name -> `Entry`; entries from modules listed in ``lazy`` load on first use.
-
-    Listing order does not depend on which module happened to be imported first: entries
-    registered outside the lazy modules come first, then each lazy module's in the order
-    ``lazy`` lists them, each in its registration order. Unknown names raise ``error``.
-    """
+    """Name -> `Entry`; entries from modules listed in ``lazy`` load on first use. Listing order:
+    entries registered outside the lazy modules, then each lazy module's in the order ``lazy``
+    lists them, each in registration order (not import order). Unknown names raise ``error``."""
 
     def __init__(self, kind: str, lazy: tuple[str, ...] = (), error: type[Exception] = ValueError) -> None:
         self.kind = kind

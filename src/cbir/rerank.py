@@ -1,14 +1,12 @@
 """Re-ranking after the first search: query expansion, database augmentation, k-reciprocal, diffusion.
 
 Pure functions on L2-normalised descriptors, queries ``q (Q, D)`` and database ``db (N, D)``;
-inner products are the similarities. Pipeline tokens (after the post-processing steps; their
-forms and defaults: `RERANKERS`): ``QE<k>`` / ``aQE<k>a<alpha>`` average / alpha query expansion
-(Chum et al. 2007, Radenovic et al. 2018), ``DBA<k>`` database-side augmentation (Arandjelovic &
-Zisserman 2012), ``KRR<k1>`` k-reciprocal re-ranking (Zhong et al. 2017), ``DIFF<k>`` diffusion
-on the mutual k-NN graph, solved by conjugate gradient (Iscen et al. 2017).
-
-Steps run in order: the vector steps (``DBA``, ``QE``, ``aQE``) change the query or database
-vectors; a score step (``KRR``, ``DIFF``) replaces the similarities and must come last.
+inner products are the similarities. The pipeline tokens (after the post-processing steps) are
+`RERANKERS`: average / alpha query expansion (Chum et al. 2007, Radenovic et al. 2018),
+database-side augmentation (Arandjelovic & Zisserman 2012), k-reciprocal re-ranking (Zhong et
+al. 2017), diffusion (Iscen et al. 2017). Steps run in order: the vector steps (``DBA``, ``QE``,
+``aQE``) change the query or database vectors; a score step (``KRR``, ``DIFF``) replaces the
+similarities and must come last.
 """
 
 from __future__ import annotations
@@ -41,10 +39,8 @@ def _weighted_sum(sims: np.ndarray, vecs: np.ndarray, alpha: float) -> np.ndarra
 
 
 def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
-    """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised.
-
-    ``alpha = 0``: average QE (all w = 1); ``alpha > 0``: alpha-QE, ``w = max(sim, 0)^alpha``.
-    """
+    """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised
+    (``w`` as in `_weighted_sum`: ``alpha = 0`` average QE, ``alpha > 0`` alpha-QE)."""
     if k <= 0 or len(db) == 0:
         return q
     sims = q @ db.T
@@ -64,12 +60,10 @@ def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndar
 def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
     """k-reciprocal re-ranking (Zhong et al. CVPR 2017) -> similarities ``-distance`` (Q, N).
 
-    On the set of queries and database items together: the squared Euclidean distance (rows
-    scaled by their maximum), each item's k-reciprocal neighbours R(i, k1), expanded with the
-    R(j, k1/2) of its members that overlap it by more than 2/3, encoded as Gaussian-weighted
-    vectors V, averaged over the k2 nearest (local query expansion); the Jaccard distance of
-    the V's is mixed with the original distance: ``(1 - lam) d_J + lam d``.
-    """
+    On queries and database together: squared Euclidean distances (rows scaled by their maximum);
+    each item's k-reciprocal neighbours R(i, k1), expanded with the R(j, k1/2) of its members that
+    overlap it by more than 2/3, as Gaussian-weighted vectors V averaged over the k2 nearest (local
+    query expansion); the V's Jaccard distance is mixed with the original: ``(1 - lam) d_J + lam d``."""
     nq = len(q)
     allx = np.concatenate([q, db]).astype(np.float64)
     n = len(allx)
@@ -110,8 +104,7 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
 
     Affinities ``a_ij = max(0, <x_i, x_j>)^gamma`` between mutual k-nearest database neighbours,
     ``S = D^-1/2 A D^-1/2``; the query's own top-k give ``y``; ``(I - alpha S) f = y`` is solved
-    by conjugate gradient (the matrix is symmetric positive definite).
-    """
+    by conjugate gradient (the matrix is symmetric positive definite)."""
     from scipy.sparse import csr_matrix, diags, identity
     from scipy.sparse.linalg import cg
 
@@ -227,12 +220,11 @@ SHORTLIST = 100  # how many first-search hits a search re-ranks
 
 def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reranker],
                      neighbours=None) -> np.ndarray:
-    """Re-rank one query's shortlist: scores ``(M,)`` of the candidates, vectors ``cand_vecs`` ``(M, D)``.
+    """Re-rank one query's shortlist ``cand_vecs (M, D)`` -> the candidates' scores ``(M,)``.
 
-    DBA augments each candidate with its neighbours in the whole database, which
-    ``neighbours(vecs, k) -> (sims (M, k), vectors (M, k, D))`` finds (an index search); the
-    other steps (QE, k-reciprocal, diffusion) work on the shortlist alone.
-    """
+    DBA augments each candidate with its neighbours in the whole database, found by
+    ``neighbours(vecs, k) -> (sims (M, k), vectors (M, k, D))`` (an index search); the other
+    steps (QE, k-reciprocal, diffusion) work on the shortlist alone."""
     check_order(steps)
     vecs = np.asarray(cand_vecs, np.float32)
     rest = []
@@ -245,10 +237,8 @@ def rerank_shortlist(q: np.ndarray, cand_vecs: np.ndarray, steps: Sequence[Reran
 
 
 def rerank_hits(index, vector: np.ndarray, ids: np.ndarray, steps: Sequence[Reranker]) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank an index search's hits ``ids`` (``-1`` = empty) with the index's live vectors.
-
-    Returns (scores (1, M), ids (1, M)) best first, as `Index.search` does.
-    """
+    """Re-rank an index search's hits ``ids`` (``-1`` = empty) with the index's live vectors
+    -> (scores (1, M), ids (1, M)) best first, as `Index.search` returns."""
     ids = np.asarray([i for i in ids if i >= 0], np.int64)
     if len(ids) == 0:
         return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)

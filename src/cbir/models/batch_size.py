@@ -1,9 +1,6 @@
-"""Batch size by measurement.
-
-The engine is timed on synthetic images of the pipeline's input size at a few batch sizes;
-the smallest size within 5% of the best per-image time wins (a smaller batch holds less
-memory and fills sooner with images of one shape). The answer is cached per machine in the
-user cache dir, keyed by everything that changes it: engine graph, input size, threads, cores.
+"""Batch size by measurement (docs/scaling.md): the smallest of a few batch sizes within 5% of the
+best per-image time (a smaller batch holds less memory and fills sooner with images of one shape),
+cached per machine, keyed by everything that changes it.
 """
 
 from __future__ import annotations
@@ -11,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +45,8 @@ def measure(extractor, candidates=CANDIDATES, repeats: int = 2) -> dict[int, flo
         if bs * h * w * 3 * 4 > MAX_BATCH_BYTES:  # float32 network input
             break
         batch = rng.integers(0, 256, (bs, h, w, 3), dtype=np.uint8)
-        extractor.raw_descriptors(batch)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            extractor.raw_descriptors(batch)
-            best = min(best, time.perf_counter() - t0)
-        out[bs] = best / bs
+        extractor.raw_descriptors(batch)  # warm-up
+        out[bs] = min(timeit.repeat(lambda: extractor.raw_descriptors(batch), number=1, repeat=repeats)) / bs
     return out
 
 

@@ -1,26 +1,20 @@
 """Inference engines: run a backbone's tapped layers on a prepared batch.
 
 ONNX Runtime is the default: on a 2-core CPU it runs EfficientNet-Lite0 about 4x faster than
-eager PyTorch with outputs equal to ~1e-5. The ONNX graph is exported on first use and cached
-under the user's cache directory, keyed by backbone, weights hash, layers and export settings,
-and written atomically so that a killed export never leaves a broken cache entry.
-
-``onnx-int8`` runs the same graph statically quantized by ONNX Runtime (QDQ, per-channel int8
-weights, uint8 activations calibrated on photos scikit-image ships), cached beside it. Its
-descriptors approximate the float ones (cosine > 0.9; the museum mAP is unchanged, see
-benchmarks/extract_speed.py --int8), so build and search an index with the same engine.
+eager PyTorch with outputs equal to ~1e-5. Its graph is exported on first use and cached under
+the user's cache directory, keyed by backbone, weights hash, layers and export settings, and
+written atomically. ``onnx-int8`` runs it statically quantized (docs/scaling.md); its
+descriptors approximate the float ones, so build and search an index with the same engine.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
-import threading
 import tempfile
 from collections.abc import Sequence
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -45,13 +39,6 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("cbir"))
 
 
-class Engine(Protocol):
-    layers: tuple[str, ...]
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """uint8 ``(N, H, W, 3)`` RGB -> one array per layer: ``(N, C, h, w)`` or ``(N, C)``."""
-
-
 def onnx_cache_path(backbone: Backbone, layers: Sequence[str]) -> Path:
     key = "|".join([backbone.name, backbone.weights_sha256, ",".join(layers), f"v{EXPORT_VERSION}"])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -74,12 +61,12 @@ def calibration_batches(backbone: Backbone, size: int = 512) -> list[np.ndarray]
     import skimage.data
     from PIL import Image
 
+    from cbir.images import Resize, scale
+
     out = []
     for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
         img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        s = size / max(img.size)
-        img = img.resize((max(16, round(img.width * s)), max(16, round(img.height * s))), Image.BILINEAR)
-        arr = np.asarray(img, np.uint8)
+        arr = np.asarray(scale(img, Resize("long", size)), np.uint8)
         out += [backbone.prepare(arr[None]), backbone.prepare(np.ascontiguousarray(arr[:, ::-1])[None])]
     return out
 
@@ -88,8 +75,7 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     """The cached int8 graph (ONNX Runtime static quantization, QDQ, per-channel weights).
 
     Only convolutions and matrix products are quantized: the shape arithmetic of the graph
-    (TF "same" padding) stays in float, so any input size still gives the float graph's shapes.
-    """
+    (TF "same" padding) stays in float, so any input size still gives the float graph's shapes."""
     src = export_cached(backbone, layers)
     path = src.with_name(f"{src.stem}-int8v{QUANT_VERSION}.onnx")
     if path.exists():
@@ -115,36 +101,21 @@ def quantized_cached(backbone: Backbone, layers: Sequence[str]) -> Path:
     return path
 
 
-_SESSIONS: "collections.OrderedDict[tuple[str, int], object]" = collections.OrderedDict()
-_SESSIONS_LOCK = threading.Lock()
-_MAX_SESSIONS = 4
-
-
+@lru_cache(maxsize=4)
 def onnx_session(path: str, threads: int):
     """An ONNX Runtime session over ``path``, shared by the engines of this process (building
     one takes ~50 ms and a copy of the weights; ``run`` is thread-safe). The graph file is
-    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale.
-    """
+    content-addressed (its name hashes backbone, weights, layers): a cached session is never stale."""
     import onnxruntime as ort
 
-    key = (path, threads)
-    with _SESSIONS_LOCK:
-        if key in _SESSIONS:
-            _SESSIONS.move_to_end(key)
-            return _SESSIONS[key]
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # Idle intra-op threads sleep instead of spinning: on a machine shared with other
-        # work (or with cbir's own decoding threads) spinning halves throughput, and it buys
-        # little on an idle one.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        _SESSIONS[key] = session
-        while len(_SESSIONS) > _MAX_SESSIONS:
-            _SESSIONS.popitem(last=False)
-        return session
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    # Idle intra-op threads sleep instead of spinning: on a machine shared with other work (or
+    # with cbir's own decoding threads) spinning halves throughput, and it buys little on an idle one.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 @ENGINES.register("onnx", summary="ONNX Runtime, the default: faster on CPU")
@@ -162,13 +133,12 @@ class OnnxEngine:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         outs = self.session.run(None, {self.input_name: self.backbone.prepare(batch)})
         if isinstance(self.backbone, OnnxGraphBackbone):
-            outs = self.backbone.postprocess_outputs(outs, self.layers)
+            outs = self.backbone.postprocess_outputs(outs)
         return outs
 
 
-@ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")
-def _onnx_int8(backbone: Backbone, layers: Sequence[str], threads: int | None = None) -> OnnxEngine:
-    return OnnxEngine(backbone, layers, threads, int8=True)
+ENGINES.register("onnx-int8", summary="ONNX Runtime on the int8-quantized graph")(
+    partial(OnnxEngine, int8=True))
 
 
 @ENGINES.register("torch", summary="eager PyTorch")
@@ -191,6 +161,8 @@ class TorchEngine:
         return [o.numpy() for o in outs]
 
 
-def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx", threads: int | None = None) -> Engine:
-    """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``."""
+def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx",
+                  threads: int | None = None):
+    """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``: its
+    ``layers`` and ``run(uint8 (N, H, W, 3) RGB) -> one (N, C, h, w) or (N, C) array per layer``."""
     return ENGINES.get(engine).build(backbone, layers, threads)

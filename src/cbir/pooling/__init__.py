@@ -2,13 +2,7 @@
 
 `functional` holds the pure functions; the `POOLINGS` registry maps the pipeline tokens
 (``SUM``, ``AVE``, ``MAX``, ``GeM3``, ``RMAC3``, ``SPP``, ``CroW``, ``SCDA``, ``CAM``) to them.
-Adding a method is one function in `functional` plus one `register_pooling` line, which may say:
-
-- ``param``/``default``: the one number the token may carry (``GeM3``: p = 3);
-- ``needs``: context the function takes besides the map, supplied by the extractor
-  (``"classifier"``: the backbone's classifier ``weight`` and ``bias``, for CAM);
-- ``combine``: how descriptors of several input scales merge (``MS`` step): ``"mean"``
-  (default), ``"max"``, or ``"power"`` (GeM averages ``v^p`` with its own p, then the 1/p-th root).
+Adding a method is one function in `functional` plus one `register_pooling` line.
 """
 
 from __future__ import annotations
@@ -30,7 +24,11 @@ _NUMBER = r"([0-9]+(?:\.[0-9]+)?)?"
 def register_pooling(name: str, fn: Callable[..., torch.Tensor], param: str | None = None,
                      default: float | None = None, summary: str = "", needs: tuple[str, ...] = (),
                      combine: str = "mean") -> None:
-    """Add ``fn`` as pooling ``name``; ``param``: the keyword the token's number is passed as."""
+    """Add ``fn`` as pooling ``name``. ``param``/``default``: the keyword the token's number is
+    passed as (``GeM3``: p = 3); ``needs``: context besides the map, supplied by the extractor
+    (``"classifier"``: the backbone's classifier ``weight`` and ``bias``, for CAM); ``combine``: how
+    descriptors of several input scales merge (``MS``): ``"mean"``, ``"max"``, or ``"power"`` (GeM
+    averages ``v^p`` with its own p, then takes the 1/p-th root)."""
     POOLINGS.register(name, summary=summary, option=param, default=default, pattern=_NUMBER,
                       needs=tuple(needs), combine=combine)(fn)
 

@@ -33,19 +33,16 @@ def mac(x: torch.Tensor) -> torch.Tensor:
 def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalised mean (GeM, Radenovic et al. 2018): ``(mean(x^p))^(1/p)`` per channel.
 
-    p = 1 is AVE, p -> inf tends to MAX. ``eps`` clamps from below so that x^p is defined.
-    """
+    p = 1 is AVE, p -> inf tends to MAX. ``eps`` clamps from below so that x^p is defined."""
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
 def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
     """R-MAC's square regions ``(y, x, side_h, side_w)`` on an ``h`` x ``w`` grid (Tolias et al. 2016).
 
-    At level ``l`` (1..levels) the side is ``floor(2 min(h, w) / (l + 1))``; along the longer
-    dimension one or more extra regions are placed so that neighbours overlap by about
-    ``overlap``; centres are spread uniformly. The same grid gives the sliding windows of
-    `cbir.local.regions`.
-    """
+    At level ``l`` (1..levels) the side is ``floor(2 min(h, w) / (l + 1))``; extra regions along the
+    longer dimension make neighbours overlap by about ``overlap``; centres are spread uniformly.
+    The same grid gives the sliding windows of `cbir.local.regions`."""
     short = min(h, w)
     steps = np.arange(2, 8)
     b = (max(h, w) - short) / (steps - 1)
@@ -92,8 +89,7 @@ def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> 
 
     Spatial weight: the channel-summed map ``S``, normalised as ``(S / ||S||_a)^(1/b)``.
     Channel weight: ``log(sum_k Q_k / Q_c)`` with ``Q_c`` the fraction of non-zero positions
-    of channel c (rare channels weigh more), ``eps`` added to both sums.
-    """
+    of channel c (rare channels weigh more), ``eps`` added to both sums."""
     s = x.sum(dim=1, keepdim=True)
     norm = s.pow(a).sum(dim=(-2, -1), keepdim=True).pow(1.0 / a)
     s = (s / (norm + eps)).pow(1.0 / b)
@@ -137,8 +133,7 @@ def cam(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
 
     The classifier ``(weight (K, C), bias (K,))`` scores the AVE-pooled map; for the ``k`` top
     classes the CAM ``sum_c weight[k, c] x[c]`` is taken, rectified and scaled to max 1; their
-    mean ``A`` weights the positions: ``sum_hw A x / sum_hw A``.
-    """
+    mean ``A`` weights the positions: ``sum_hw A x / sum_hw A``."""
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"CAM: the classifier takes {weight.shape[1]} channels, the layer has {x.shape[1]}")
     scores = ave(x) @ weight.T + (bias if bias is not None else 0)

@@ -20,11 +20,8 @@ _NUMBER = r"\d+(?:\.\d+)?"
 
 def register_postprocess(prefix: str, factory: Callable, summary: str, option: str | None = None,
                          default: float | None = None, arg: str | None = None) -> None:
-    """Add a step ``<prefix>[<option>]``: an option without a default must be given.
-
-    ``factory`` takes the token's number (float; the default, or None, when absent) or, with an
-    ``arg`` pattern, the argument text that matched it.
-    """
+    """Add a step ``<prefix>[<option>]`` (an option without a default must be given); ``factory`` takes
+    the token's number (float; the default, or None) or, with an ``arg`` pattern, the text it matched."""
     POSTPROCESS.register(prefix, summary=summary, option=option, default=default, pattern=arg or _NUMBER,
                          text=arg is not None)(factory)
 

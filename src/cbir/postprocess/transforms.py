@@ -62,12 +62,10 @@ class PowerNormalizer(Transform):
 
 
 class PCA(Transform):
-    """PCA to ``n_components`` dims, optionally whitened (Jegou & Chum 2012 for retrieval).
-
-    ``whiten=True`` divides each component by ``sqrt(eigenvalue + eps)`` so every direction
-    has unit variance, which down-weights the bursty dominant directions of CNN descriptors.
-    Fitted attributes: ``mean_`` (D,), ``components_`` (K, D), ``explained_variance_`` (K,).
-    """
+    """PCA to ``n_components`` dims, optionally whitened (Jegou & Chum 2012 for retrieval):
+    ``whiten=True`` divides each component by ``sqrt(eigenvalue + eps)`` (unit variance), which
+    down-weights the bursty dominant directions of CNN descriptors.
+    Fitted attributes: ``mean_`` (D,), ``components_`` (K, D), ``explained_variance_`` (K,)."""
 
     learned = True
 
@@ -102,12 +100,10 @@ class PCA(Transform):
 class WhiteningPCA(PCA):
     """PCA-whitening variants: each component is divided by ``(eigenvalue')^power``.
 
-    ``power = 0.5`` is plain whitening (unit variance), ``power = 0.25`` square-root whitening
-    (the power-law whitening of the literature with alpha = 0.5: the dominant directions are
-    damped, not flattened). ``shrinkage`` s in [0, 1] first pulls the eigenvalues towards their
-    mean, ``(1 - s) eigenvalue + s mean(eigenvalue)`` (covariance shrinkage), which keeps the
-    weak, noisily estimated directions from being blown up when the fitting set is small.
-    """
+    ``power = 0.5`` is plain whitening, ``power = 0.25`` square-root whitening (the literature's
+    power-law whitening with alpha = 0.5: dominant directions damped, not flattened). ``shrinkage``
+    s in [0, 1] first pulls the eigenvalues towards their mean, ``(1 - s) eigenvalue + s mean``,
+    so that weak, noisily estimated directions are not blown up when the fitting set is small."""
 
     def __init__(self, n_components: int, power: float = 0.5, shrinkage: float = 0.0, eps: float = 1e-6) -> None:
         super().__init__(n_components, whiten=False, eps=eps)
@@ -124,14 +120,12 @@ class WhiteningPCA(PCA):
 
 
 class LayerFusion(Transform):
-    """Multi-layer fusion: the raw descriptor is the concatenation of per-layer pooled vectors.
+    """Multi-layer fusion of the raw descriptor, the concatenation of per-layer pooled vectors.
 
-    Each layer's block is L2-normalised and scaled by ``sqrt(w_i / sum w)``, so that the inner
-    product of two fused descriptors is ``sum_i w_i cos_i / sum w`` (a weighted mean of the
-    per-layer cosine similarities) and the result has unit norm. ``dims_`` (the block sizes)
-    is set by the extractor. ``weights=None``: learned by `fit` from a labelled set (``y``),
-    the weights on the simplex (step 0.1) of the highest leave-one-out mAP (ties: the most uniform).
-    """
+    Each layer's block (sizes ``dims_``, set by the extractor) is L2-normalised and scaled by
+    ``sqrt(w_i / sum w)``: the inner product of two fused descriptors is the weighted mean of the
+    per-layer cosines, and the result has unit norm. ``weights=None``: learned by `fit` from a
+    labelled set ``y``, the simplex point (step 0.1) of the best leave-one-out mAP (ties: most uniform)."""
 
     supervised = True
 
@@ -171,9 +165,8 @@ class LayerFusion(Transform):
 
 def loo_map(sims: np.ndarray, y: np.ndarray) -> float:
     """Leave-one-out retrieval mAP on a labelled set: each item queries all the others."""
-    n = len(y)
     aps = []
-    for i in range(n):
+    for i in range(len(y)):
         s = np.delete(sims[i], i)
         rel = np.delete(y == y[i], i)
         if not rel.any():
