@@ -1,31 +1,13 @@
-"""FAISS index types for the derived search index: choice by collection size, build, update.
+"""FAISS index types for the derived search index: choice by collection size, build, update, tuning.
 
-An index type is a FAISS factory string, stored in ``index.json`` (``factory``):
-
-- ``Flat``: exact inner product. Best up to ~50k vectors (a few ms per query there).
-- ``HNSW32``: a graph; fast and no training. FAISS cannot delete from it, so a deleted
-  vector stays in the graph as a tombstone that searches skip (an id filter); once
-  tombstones pass `TOMBSTONE_MAX` of the graph it is rebuilt from the live vectors.
-- ``IVF<nlist>,PQ<m>``: inverted lists of product-quantized codes; with the cbir suffix
-  ``,RFlat`` the shortlist (``k_factor`` x k) is re-ranked exactly with the stored vectors.
-  Training runs on a sample; adds and deletes afterwards are incremental.
-- ``auto`` (the default for new indexes): ``Flat`` below `FLAT_MAX` vectors, then
-  ``IVF<nlist>_HNSW32,PQ<m>,RFlat`` with ``nlist`` ~ sqrt(N) (a power of two, an HNSW graph
-  over the centroids to assign vectors fast) and ``m`` = d/4 (at most 64), and ``HNSW32``
-  from `GRAPH_MIN` on. The choice is re-made, and the index rebuilt, when the collection
-  grows past a step.
-
-Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``) are chosen by
-measurement when an index is built (`tune`: the cheapest setting whose recall@10 on a held-out
-sample of the index's own vectors reaches a target, 0.95 by default; stored in ``index.json``
-as ``tuned``), can be fixed per index (``search_params`` in ``index.json``, e.g.
-``nprobe=32,k_factor=8``, which win over the tuned ones) and overridden per search call.
-``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped.
-
-`SearchIndex.sync` keeps the structure up to date with the live vectors of the store, the
-source of truth. Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and
-BLAS both): one query per thread is what a server wants, and an unpinned pool makes latency
-depend on whatever else the machine runs.
+An index type is a FAISS factory string, stored in ``index.json`` (``factory``): ``Flat``;
+``HNSW32`` (FAISS cannot delete from a graph: deleted vectors stay as tombstones that
+searches skip, up to `TOMBSTONE_MAX`); ``IVF<nlist>,PQ<m>``, with the cbir suffix ``,RFlat``
+for an exact re-ranking of a ``k_factor`` x k shortlist; or ``auto`` (`auto_factory`, re-chosen
+as the collection grows). Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``:
+IVF lists memory-mapped from the cache file) are measured when an index is built (`tune`,
+stored as ``tuned``), can be fixed per index (``search_params``, which win) and overridden per
+call. docs/scaling.md explains the choices and their measurements.
 """
 
 from __future__ import annotations
@@ -66,7 +48,8 @@ EF_CONSTRUCTION = 200
 # fraction of the live vectors, before the graph is rebuilt without them: each one still costs
 # a visit during the walk, and the graph's routes through them age.
 TOMBSTONE_MAX = 0.1
-# Threads per search call (OpenMP and BLAS); see `search_threads`.
+# Threads per search call (OpenMP and BLAS; see `search_threads`): one query per thread is what
+# a server wants, and an unpinned pool makes latency depend on whatever else the machine runs.
 SEARCH_THREADS = 1
 # The recall@10 `tune` aims at unless the index stores another (``cbir index --recall``).
 DEFAULT_RECALL = 0.95
@@ -134,7 +117,8 @@ def ivf_nlist(n: int) -> int:
 
 
 def auto_factory(n: int, d: int) -> str:
-    """The index type `auto` resolves to for ``n`` vectors of dimension ``d``."""
+    """The index type `auto` resolves to for ``n`` vectors of dimension ``d`` (between the steps,
+    IVF with an HNSW graph over its centroids, to assign vectors fast)."""
     if n < FLAT_MAX:
         return "Flat"
     if n >= GRAPH_MIN:
@@ -304,7 +288,7 @@ class SearchIndex:
             index.add_with_ids(q, ids[held])
             # The curve is the measurement; `tune` reads the target's setting off it.
             self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
-            self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
+            self.tuning = tune(self, tune_target, ids, vecs)
         return self._set_live(ids, vecs, t0)
 
     def _set_live(self, ids: np.ndarray, vecs: np.ndarray, t0: float) -> "SearchIndex":
@@ -435,19 +419,18 @@ class SearchIndex:
         return self._skip
 
     # -- tuning ------------------------------------------------------------------
-    def tune(self, target: float = DEFAULT_RECALL, **kw) -> dict:
-        """Measure and store the cheapest search setting reaching recall@10 ``target``
-        (see `tune`); returns the record kept in ``self.tuning`` and ``index.json``.
+    def tune(self, target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+        """Measure and store the cheapest search setting reaching recall@10 ``target`` on the
+        live ``ids``/``vecs`` (see `tune`); returns the record kept in ``self.tuning``.
 
-        A graph without a current held-out measurement (`graph_curve`) is rebuilt from
-        ``ids``/``vecs`` (the live ones) to take one: its own vectors are no test of it."""
-        vecs = kw.get("vecs")
-        if vecs is not None and _current_curve(self) is None and _holdout_rows(self.type, len(vecs)) is not None:
-            fresh = SearchIndex(str(self.type), self.dim, dict(self.params)).build(kw["ids"], vecs, target)
+        A graph without a current held-out measurement (`graph_curve`) is rebuilt to take one:
+        its own vectors are no test of it."""
+        if _current_curve(self) is None and _holdout_rows(self.type, len(vecs)) is not None:
+            fresh = SearchIndex(str(self.type), self.dim, dict(self.params)).build(ids, vecs, target)
             self.index, self.ids, self.dead, self._skip = fresh.index, fresh.ids, fresh.dead, None
             self.tuning = fresh.tuning
         else:
-            self.tuning = tune(self, target, **kw)
+            self.tuning = tune(self, target, ids, vecs)
         self._apply_params()
         return self.tuning
 
@@ -557,27 +540,26 @@ def search_threads(n: int, blas: bool = True):
 # -- tuning ------------------------------------------------------------------------
 TUNE_QUERIES = 500
 TUNE_K = 10  # recall@10 is what the targets mean
+TUNE_TIMED = 100  # queries timed, one at a time, per candidate setting
+# A setting qualifies when the lower one-sided 95 % confidence bound of its mean recall (mean -
+# CONFIDENCE x standard error) reaches the target: the sample is finite, new queries should too.
+CONFIDENCE = 1.64
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 K_FACTOR_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # As fine as benchmarks/search_speed.py sweeps its peers: a coarse step costs latency for nothing.
 EF_GRID = (10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
 
-def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A sample of the index's own vectors as queries, and their exact top-``k`` *others*.
 
     Returns (rows (nq,) into ``vecs``, truth (nq, k) ids). Each query is left out of its own
     ground truth (and `recall_at` drops it from the answers), so the sample measures what a
     new query from the same collection would get."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(ids), min(nq, len(ids)), replace=False))
+    rows = np.sort(np.random.default_rng(0).choice(len(ids), min(nq, len(ids)), replace=False))
     _, nn = faiss.knn(np.ascontiguousarray(vecs[rows]), vecs, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = np.empty((len(rows), k), np.int64)
-    for i, (r, row) in enumerate(zip(rows, nn)):
-        row = row[row != r]
-        truth[i] = ids[row[:k]]
-    return rows, truth
+    others = np.argsort(nn == rows[:, None], axis=1, kind="stable")[:, :k]  # the query's own row last
+    return rows, ids[np.take_along_axis(nn, others, axis=1)]
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, self_ids: np.ndarray | None = None) -> np.ndarray:
@@ -630,78 +612,50 @@ def _current_curve(si: "SearchIndex") -> list | None:
     return rec["curve"] if 0.5 <= si.ntotal / max(1, int(rec.get("n", 0))) <= 2 else None
 
 
-def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence: float = 1.64,
-                stop: float = 0.999) -> list[list[float]]:
+def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray) -> list[list[float]]:
     """Recall@k of a graph at each efSearch of `EF_GRID`, on queries it does not hold.
 
     A graph answers its own vectors far too well (the walk lands on the query's node, whose
     edges are its neighbours), so held-out index vectors, the test `tune` uses for IVF,
     would pick too small an efSearch. q (Q, d) and truth (Q, k) their exact neighbours among
     the graph's vectors. Returns [[efSearch, mean recall, lower confidence bound], ...], up to
-    the first whose bound reaches ``stop``."""
+    the first whose bound reaches 0.999."""
     curve = []
     for ef in EF_GRID:
-        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth, confidence)
+        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth)
         curve.append([ef, round(mean, 4), round(bound, 4)])
-        if bound >= stop:
+        if bound >= 0.999:
             break
     return curve
 
 
 def _recall(si: "SearchIndex", q: np.ndarray, k: int, params: dict[str, int], truth: np.ndarray,
-            confidence: float, self_ids: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (see `tune`)."""
+            self_ids: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (`CONFIDENCE`)."""
     _, found = si.search(q, k, params, threads=os.cpu_count() or 1)
     per_query = recall_at(found, truth, self_ids)
     mean = float(per_query.mean())
-    return mean, mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
+    return mean, mean - CONFIDENCE * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
 
 
-def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
-    """Median over ``repeats`` of the mean ms per query, queries one at a time (as served)."""
+def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int]) -> float:
+    """Median over 3 runs of the mean ms per top-10 query, queries one at a time (as served)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(3):
         t0 = time.perf_counter()
         for i in range(len(queries)):
-            si.search(queries[i:i + 1], k, params)
+            si.search(queries[i:i + 1], TUNE_K, params)
         times.append((time.perf_counter() - t0) / len(queries) * 1000)
     return float(np.median(times))
 
 
-def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries: int = TUNE_QUERIES,
-         ids: np.ndarray | None = None, vecs: np.ndarray | None = None, timed: int = 100,
-         confidence: float = 1.64) -> dict:
-    """The fastest search setting of ``si`` whose recall@``k`` reaches ``target``, measured.
-
-    Queries are ``queries`` of the index's own vectors (``ids``/``vecs``, default the
-    re-ranking ones), held out of their own ground truth. A setting qualifies when the lower
-    one-sided confidence bound of its mean recall (mean - ``confidence`` x standard error)
-    is at least ``target``: the sample is finite, and new queries should reach the target
-    too. Along each chain (`_candidates`) the first qualifying setting is kept; among those,
-    the one with the lowest measured single-query latency (``timed`` queries) wins. If none
-    qualifies, the setting with the highest recall is kept and ``reached`` is False. A graph
-    with a current held-out curve (`graph_curve`, taken when it was built) is read off that
-    instead: its first efSearch whose bound reaches ``target``.
-    Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
-    """
-    t0 = time.perf_counter()
-    ids = si.ids if ids is None else ids
-    vecs = si.vecs if vecs is None else vecs
-    record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
-              "n": int(si.ntotal), "queries": 0, "ms": None}
-    curve = _current_curve(si)
-    if curve is not None:  # a graph, measured on vectors held out of it: pick from that
-        hit = next((c for c in curve if c[2] >= target), None)
-        ef, recall, _ = hit or max(curve, key=lambda c: c[1])
-        timed_q = np.ascontiguousarray(vecs[: max(1, timed)]) if vecs is not None else None
-        ms = _time_ms(si, timed_q, {"efSearch": ef}, k) if timed_q is not None else None
-        return {**record, "params": {"efSearch": int(ef)}, "recall": recall, "reached": hit is not None,
-                "n": si.tuning["n"], "queries": si.tuning["queries"], "ms": None if ms is None else round(ms, 4),
-                "curve": curve, "held_out": True, "seconds": round(time.perf_counter() - t0, 2)}
+def _measure(si: "SearchIndex", target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+    """`tune` by the chains of `_candidates`, on `TUNE_QUERIES` held-out index vectors: the fields
+    of the record it measures ({} when there is nothing to choose)."""
     inner, chains = _candidates(si)
-    if not chains or vecs is None or len(ids) <= k + 1:
-        return {**record, "seconds": round(time.perf_counter() - t0, 2)}
-    rows, truth = held_out_truth(ids, vecs, queries, k)
+    if not chains or len(ids) <= TUNE_K + 1:
+        return {}
+    rows, truth = held_out_truth(ids, vecs, TUNE_QUERIES, TUNE_K)
     q, self_ids = np.ascontiguousarray(vecs[rows]), ids[rows]
     fallback: tuple[dict, float] = ({}, -1.0)
     qualified: list[tuple[dict, float]] = []
@@ -711,7 +665,7 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
             chain = [p for p in chain if p[inner] < limit]
         hit = None
         for params in chain:
-            mean, bound = _recall(si, q, k + 1, params, truth, confidence, self_ids)
+            mean, bound = _recall(si, q, TUNE_K + 1, params, truth, self_ids)
             if mean > fallback[1]:
                 fallback = (params, mean)
             if bound >= target:
@@ -721,8 +675,34 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         if qualified and (hit is None or inner is None):
             break  # a dearer outer setting that does not beat the last one: none further will
         limit = hit[inner] if hit is not None and inner else limit
-    reached = bool(qualified)
-    scored = [(_time_ms(si, q[: max(1, timed)], p, k), p, r) for p, r in qualified or [fallback]]
+    scored = [(_time_ms(si, q[:TUNE_TIMED], p), p, r) for p, r in qualified or [fallback]]
     ms, params, recall = min(scored, key=lambda x: x[0])
-    return {**record, "params": dict(params), "recall": round(recall, 4), "reached": reached,
-            "queries": len(rows), "ms": round(ms, 4), "seconds": round(time.perf_counter() - t0, 2)}
+    return {"params": dict(params), "recall": round(recall, 4), "reached": bool(qualified), "queries": len(rows),
+            "ms": round(ms, 4)}
+
+
+def tune(si: "SearchIndex", target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+    """The fastest search setting of ``si`` whose recall@10 reaches ``target``, measured.
+
+    Queries are index vectors (``ids``/``vecs``, the live ones) held out of their own ground
+    truth; a setting qualifies when its recall's lower bound (`CONFIDENCE`) reaches ``target``.
+    Along each chain (`_candidates`) the first qualifying setting is kept; among those, the one
+    with the lowest measured single-query latency wins. If none qualifies, the setting with the
+    highest recall is kept and ``reached`` is False. A graph with a current held-out curve
+    (`graph_curve`, taken when it was built) is read off that instead.
+    Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
+    """
+    t0 = time.perf_counter()
+    record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
+              "n": int(si.ntotal), "queries": 0, "ms": None}
+    curve = _current_curve(si)
+    if curve is None:
+        record.update(_measure(si, target, ids, vecs))
+    else:  # a graph, measured on vectors held out of it: pick from that
+        hit = next((c for c in curve if c[2] >= target), None)
+        ef, recall, _ = hit or max(curve, key=lambda c: c[1])
+        ms = _time_ms(si, vecs[:TUNE_TIMED], {"efSearch": ef})
+        record.update(params={"efSearch": int(ef)}, recall=recall, reached=hit is not None, n=si.tuning["n"],
+                      queries=si.tuning["queries"], ms=round(ms, 4), curve=curve, held_out=True)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record
