@@ -1,23 +1,11 @@
 """The on-disk index: vectors are the source of truth, a SQLite catalog says what they are.
 
-Layout of an index directory::
-
-    index.json        format, pipeline identity, dimension, FAISS factory string
-    post.npz          learned post-processing state (PCA), if the pipeline has any
-    catalog.sqlite    one row per image: path, size, mtime, sha256, metadata, (segment, row)
-    vectors/seg-*.npy float32 (n, d) segments, append-only, memory-mapped on read
-    .lock             held by the one writer
-
-Crash safety, by construction rather than by recovery code: a segment file is written to a
-temporary name, fsynced and renamed *before* the SQLite transaction that references it
-commits. Killed before the commit, the run leaves an unreferenced file that the next writer
-deletes; killed after, everything it added is there. Deletes and replacements are single
-transactions. So at any instant the catalog names only complete vectors, and whatever an
-earlier run committed survives.
-
-Searches go to a `SearchBackend` (`cbir.index.backends`): by default a FAISS index of the
-type ``index.json`` names, derived from the live vectors and cached in ``faiss/``; a missing
-or stale cache only costs a rebuild from the vectors, which stay the source of truth.
+The layout (``index.json``, ``post.npz``, ``catalog.sqlite``, ``vectors/seg-*.npy``, ``faiss/``)
+is in docs/index-and-pipelines.md. Crash safety comes by construction rather than by recovery
+code: a segment file is written to a temporary name, fsynced and renamed *before* the SQLite
+transaction that references it commits (a killed run leaves an unreferenced file that the next
+writer deletes), and deletes and replacements are single transactions; so the catalog only
+ever names complete vectors. Searches go to a `SearchBackend` (`cbir.index.backends`).
 """
 
 from __future__ import annotations
@@ -145,7 +133,8 @@ class Index:
         self._local = threading.local()
         self._mmaps: dict[str, np.ndarray] = {}
         self.faiss = FaissBackend(self)
-        self._backend_uri: str | None = self.info.get("backend")
+        # ``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS).
+        self.backend_uri: str | None = self.info.get("backend")
         self._remote: SearchBackend | None = None
 
     # -- creation ------------------------------------------------------------------
@@ -168,33 +157,28 @@ class Index:
         with _writer_lock(root):
             if (root / "index.json").exists():  # another process finished creating it meanwhile
                 raise IndexExists(f"{root}: an index already exists here")
-            cls._create_locked(root, identity, dim, post_state, factory)
+            found = {p.name for p in root.iterdir()}
+            if found - CREATION_LEFTOVERS:
+                raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+            # A creation killed before index.json was written: nothing was committed, start over
+            # (all but the lock file, which is held now).
+            for name in found - {".lock"}:
+                p = root / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            (root / "vectors").mkdir(parents=True, exist_ok=True)
+            if post_state:
+                buf = io.BytesIO()
+                np.savez(buf, **post_state)
+                atomic_write_bytes(root / "post.npz", buf.getvalue())
+            con = sqlite3.connect(root / "catalog.sqlite")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA + LATER_SCHEMA)  # (commits)
+            con.close()
+            info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            # index.json last: until it exists, the directory is not an index.
+            atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
         return cls(root)
-
-    @staticmethod
-    def _create_locked(root: Path, identity: dict, dim: int, post_state: dict | None, factory: str) -> None:
-        found = {p.name for p in root.iterdir()}
-        if found - CREATION_LEFTOVERS:
-            raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
-        # A creation killed before index.json was written: nothing was committed, start over
-        # (all but the lock file, which is held now).
-        for name in found - {".lock"}:
-            p = root / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        (root / "vectors").mkdir(parents=True, exist_ok=True)
-        if post_state:
-            buf = io.BytesIO()
-            np.savez(buf, **post_state)
-            atomic_write_bytes(root / "post.npz", buf.getvalue())
-        con = sqlite3.connect(root / "catalog.sqlite")
-        con.execute("PRAGMA journal_mode=WAL")
-        con.executescript(SCHEMA + LATER_SCHEMA)
-        con.commit()
-        con.close()
-        info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        # index.json last: until it exists, the directory is not an index.
-        atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
 
     # -- properties ----------------------------------------------------------------
     @property
@@ -362,30 +346,25 @@ class Index:
         return self.search_backend.search(queries, max(1, int(k)), params)
 
     # -- the search backend ---------------------------------------------------------
-    @property
-    def backend_uri(self) -> str | None:
-        """``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS)."""
-        return self._backend_uri
-
     def use_backend(self, uri: str | None) -> None:
         """Search through ``uri`` in this process (``None``: the embedded FAISS index)."""
-        self._backend_uri, self._remote = uri, None
+        self.backend_uri, self._remote = uri, None
 
     @property
     def search_backend(self) -> SearchBackend:
         """The `SearchBackend` searches go to and every committed change is reported to."""
-        if not self._backend_uri:
+        if not self.backend_uri:
             return self.faiss
         if self._remote is None:
             from cbir.index.milvus import MilvusBackend
 
-            self._remote = MilvusBackend(self._backend_uri, self.dim, record=self.root)
+            self._remote = MilvusBackend(self.backend_uri, self.dim, record=self.root)
         return self._remote
 
     def _report(self, added: tuple[list[int], np.ndarray] | None = None, removed: list[int] = ()) -> None:
         """Tell the backend about a committed change; a backend that cannot take it now is
         warned about, not fatal: the commit stands, and `cbir index` re-syncs it."""
-        if not self._backend_uri or (added is None and not removed):
+        if not self.backend_uri or (added is None and not removed):
             return
         try:
             if len(removed):
@@ -393,7 +372,7 @@ class Index:
             if added is not None:
                 self.search_backend.add(np.asarray(added[0], np.int64), added[1])
         except (RuntimeError, ValueError, OSError) as e:
-            warnings.warn(f"{self._backend_uri}: {e}; `cbir index` will send the change again", stacklevel=3)
+            warnings.warn(f"{self.backend_uri}: {e}; `cbir index` will send the change again", stacklevel=3)
 
     def set_backend(self, uri: str | None) -> None:
         """Store the backend in ``index.json`` (``cbir search`` then uses it by default)."""
@@ -469,7 +448,7 @@ class Index:
         con = self.db
         seg_id, file = self._write_segment(vectors)
         now = time.time()
-        replaced = self._ids_of_paths([e.path for e in entries]) if self._backend_uri else []
+        replaced = self._ids_of_paths([e.path for e in entries]) if self.backend_uri else []
         with con:  # one transaction: the vectors become visible all at once, or not at all
             con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
             con.executemany("DELETE FROM images WHERE path = ?", [(e.path,) for e in entries])
@@ -532,7 +511,7 @@ class Index:
         ``keep_out``: also record the files (as they are now) so that later scans of their
         folder leave them out until they change (a deletion through the service).
         """
-        gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self._backend_uri else [])
+        gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self.backend_uri else [])
         with self.db as con:
             n = 0
             if keep_out and ids:
