@@ -1,14 +1,9 @@
-"""Extraction on Ray Data: the same code on a laptop (local Ray) and on a cluster.
+"""Extraction on Ray Data: the same code on a laptop (local Ray) and on a cluster (docs/scaling.md).
 
-``cbir index DIR -i INDEX --engine ray [--ray-address ray://HEAD:10001 | auto]`` lists the
-folder and works out what changed exactly as the one-machine path does, then sends the
-paths to Ray: ``map_batches`` over an actor pool, so each worker loads the model once
-(`Embedder`), decodes and extracts its batches and returns rows that Ray writes as Parquet
-shards (`cbir.scale.shards`). The driver then ingests the shards into the index, one
-transaction per shard file. On a cluster the images (and the index's parent folder, for the
-shards) must be on storage every node mounts at the same path.
-
-Install with ``pip install 'cbir[ray]'``.
+``cbir index DIR -i INDEX --engine ray`` works out what changed as the one-machine path does,
+then ``map_batches`` the paths over an actor pool (`Embedder`: each worker loads the model once)
+into Parquet shards (`cbir.scale.shards`) that the driver ingests, one transaction per file. On
+a cluster the images and the index's parent folder must be mounted at the same path everywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from cbir.images import ImageError, sha256_file
 
 
 class RayUnavailable(ImportError):
-    pass
+    """Ray Data is not installed."""
 
 
 def _ray():
@@ -63,12 +58,12 @@ class Embedder:
                 sizes[i], mtimes[i], hashes[i] = st.st_size, st.st_mtime_ns, sha256_file(p)
             except OSError as e:
                 errors[i] = f"{p}: cannot read ({e.strerror})"
-
-        def on_error(i: int, e: ImageError) -> None:
-            errors[i] = str(e)
-
         todo = [i for i in range(len(paths)) if not errors[i]]
-        vecs = self.extractor.extract([paths[i] for i in todo], on_error=lambda j, e: on_error(todo[j], e))
+
+        def on_error(j: int, e: ImageError) -> None:
+            errors[todo[j]] = str(e)
+
+        vecs = self.extractor.extract([paths[i] for i in todo], on_error=on_error)
         dim = vecs.shape[1] if len(todo) else (self.dim or 1)
         out = np.zeros((len(paths), dim), np.float32)
         for j, i in enumerate(todo):
@@ -120,7 +115,8 @@ def extract_to_shards(
     if workers is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, cpus // max(1, threads_per_worker or 1))
-    write_manifest(shards_dir, extractor.identity, extractor.output_dim, {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_manifest(shards_dir, extractor.identity, extractor.output_dim,
+                   {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if not paths:
         return shards_dir
     items = [{"path": str(p)} for p in paths]

@@ -53,13 +53,6 @@ def write_manifest(shards_dir: Path, identity: dict, dim: int, extra: dict | Non
     (shards_dir / MANIFEST).write_text(json.dumps({"identity": identity, "dim": int(dim), **(extra or {})}, indent=1))
 
 
-def read_manifest(shards_dir: Path) -> dict:
-    p = Path(shards_dir) / MANIFEST
-    if not p.exists():
-        raise ShardError(f"{shards_dir}: no {MANIFEST}; not a cbir shard directory")
-    return json.loads(p.read_text())
-
-
 def shard_files(shards_dir: Path) -> list[Path]:
     return sorted(Path(shards_dir).rglob("*.parquet"))
 
@@ -87,7 +80,10 @@ def ingest_shards(index, shards_dir: Path, meta: dict[str, dict] | None = None, 
     """
     from cbir.index.store import Entry, IndexMismatch
 
-    manifest = read_manifest(shards_dir)
+    p = Path(shards_dir) / MANIFEST
+    if not p.exists():
+        raise ShardError(f"{shards_dir}: no {MANIFEST}; not a cbir shard directory")
+    manifest = json.loads(p.read_text())
     if manifest["identity"] != index.identity:
         raise IndexMismatch(f"shards in {shards_dir} hold descriptors of {manifest['identity']['pipeline']!r}, "
                             f"the index {index.root} those of {index.pipeline!r} (or other weights)")
