@@ -78,14 +78,13 @@ class FaissBackend(SearchBackend):
 
     # -- tuning ----------------------------------------------------------------------
     def _needs_tuning(self, si) -> bool:
-        """Tune when the stored measurement is for another type or target, or for a collection
-        less than half or more than twice this size (the best setting moves with N)."""
+        """Tune when the stored measurement no longer `describes` ``si`` or is for another target."""
+        from cbir.index.factory import describes
+
         if si.type is None or str(si.type) == "Flat" or not si.ntotal:
             return False
         rec = self.index.info.get("tuned") or {}
-        n = max(1, int(rec.get("n", 0)))
-        return (rec.get("type") != str(si.type) or rec.get("target") != self.index.recall_target
-                or not 0.5 <= si.ntotal / n <= 2)
+        return not describes(rec, si) or rec.get("target") != self.index.recall_target
 
     def _tune(self, si, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Measure ``si``'s search setting (`cbir.index.factory.tune`) and keep it in index.json

@@ -104,11 +104,7 @@ def pq_m(d: int) -> int:
 
     Measured on 1M clustered 256-d vectors (benchmarks/search_speed.py): PQ64 with an 8x
     re-ranked shortlist reaches recall@10 0.98 where PQ32 needs a 32x shortlist for 0.99."""
-    target = max(1, min(64, d // 4))
-    for m in range(target, 0, -1):
-        if d % m == 0:
-            return m
-    return 1
+    return next(m for m in range(max(1, min(64, d // 4)), 0, -1) if d % m == 0)
 
 
 def ivf_nlist(n: int) -> int:
@@ -221,12 +217,10 @@ def _set_training(index, t: IndexType) -> None:
 
 
 def _train_sample(vecs: np.ndarray, t: IndexType) -> np.ndarray:
-    n = len(vecs)
     want = max(TRAIN_PER_LIST * (t.nlist or 0), 1 << 15)
-    if n <= want:
+    if len(vecs) <= want:
         return vecs
-    rows = np.sort(np.random.default_rng(1234).choice(n, want, replace=False))
-    return vecs[rows]
+    return vecs[np.sort(np.random.default_rng(1234).choice(len(vecs), want, replace=False))]
 
 
 @dataclass
@@ -603,13 +597,17 @@ def _holdout_rows(t: IndexType | None, n: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(0).choice(n, nq, replace=False))
 
 
+def describes(rec: dict, si: "SearchIndex") -> bool:
+    """Whether the tuning record ``rec`` still describes ``si``: same type, and a collection at
+    most 2x smaller or larger (the best setting moves with N)."""
+    n = max(1, int(rec.get("n", 0)))
+    return si.type is not None and rec.get("type") == str(si.type) and 0.5 <= si.ntotal / n <= 2
+
+
 def _current_curve(si: "SearchIndex") -> list | None:
-    """The graph's held-out measurement, while it still describes the graph (same type, at
-    most 2x smaller or larger)."""
+    """The graph's held-out measurement, while it still `describes` the graph."""
     rec = si.tuning or {}
-    if "curve" not in rec or si.type is None or rec.get("type") != str(si.type):
-        return None
-    return rec["curve"] if 0.5 <= si.ntotal / max(1, int(rec.get("n", 0))) <= 2 else None
+    return rec["curve"] if "curve" in rec and describes(rec, si) else None
 
 
 def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray) -> list[list[float]]:
