@@ -521,14 +521,12 @@ def search_threads(n: int, blas: bool = True):
     False); OpenMP's costs nothing."""
     n = max(1, int(n))
     omp_before = faiss.omp_get_max_threads()
-    if omp_before != n:
-        faiss.omp_set_num_threads(n)
+    faiss.omp_set_num_threads(n)
     try:
         with _blas_threads(n) if blas else nullcontext():
             yield
     finally:
-        if omp_before != n:
-            faiss.omp_set_num_threads(omp_before)
+        faiss.omp_set_num_threads(omp_before)
 
 
 # -- tuning ------------------------------------------------------------------------

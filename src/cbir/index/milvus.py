@@ -53,10 +53,8 @@ class MilvusURI:
 
 class MilvusBackend(SearchBackend):
     """One collection: ``id`` INT64 primary key, ``vector`` FLOAT_VECTOR(dim), inner product.
-
     ``record``: the index directory where the ids the collection holds are remembered
-    (``milvus-<collection>.ids.npy``), updated only after Milvus took a change.
-    """
+    (``milvus-<collection>.ids.npy``), updated only after Milvus took a change."""
 
     def __init__(self, uri: str | MilvusURI, dim: int, timeout: float = 30.0, record: str | Path | None = None) -> None:
         try:

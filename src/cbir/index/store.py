@@ -386,12 +386,9 @@ class Index:
     def update_info(self, **changes) -> bool:
         """Store fields in ``index.json`` (a value of None removes the field); atomically.
         Returns whether anything changed."""
-        info = dict(self.info)
-        for k, v in changes.items():
-            if v is None:
-                info.pop(k, None)
-            else:
-                info[k] = v
+        info = {**self.info, **changes}
+        for k in [k for k, v in changes.items() if v is None]:
+            del info[k]
         if info == self.info:
             return False
         atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
@@ -399,11 +396,8 @@ class Index:
         return True
 
     def set_index_type(self, factory: str | None = None, search_params: str | None = None) -> bool:
-        """Change the index type and/or search parameters stored in ``index.json``.
-
-        The derived index is rebuilt on next use (vectors are untouched). Returns whether
-        anything changed.
-        """
+        """Change the index type and/or search parameters stored in ``index.json`` (the derived
+        index is rebuilt on next use); returns whether anything changed."""
         from cbir.index.factory import IndexTypeError, parse_params, validate
 
         changes = {}
@@ -507,10 +501,8 @@ class Index:
 
     def remove(self, ids: list[int] | None = None, paths: list[str] | None = None, keep_out: bool = False) -> int:
         """Drop images from the catalog (one transaction); returns how many were removed.
-
         ``keep_out``: also record the files (as they are now) so that later scans of their
-        folder leave them out until they change (a deletion through the service).
-        """
+        folder leave them out until they change (a deletion through the service)."""
         gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self.backend_uri else [])
         with self.db as con:
             n = 0
