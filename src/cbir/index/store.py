@@ -130,6 +130,9 @@ class Index:
         self.info = json.loads(info_path.read_text())
         if self.info.get("format") != FORMAT:
             raise IndexStoreError(f"{self.root}: index format {self.info.get('format')!r}, this cbir reads {FORMAT!r}")
+        self.identity: dict = self.info["identity"]
+        self.pipeline: str = self.identity["pipeline"]
+        self.dim: int = self.info["dim"]
         self._local = threading.local()
         self._mmaps: dict[str, np.ndarray] = {}
         self.faiss = FaissBackend(self)
@@ -181,18 +184,6 @@ class Index:
         return cls(root)
 
     # -- properties ----------------------------------------------------------------
-    @property
-    def identity(self) -> dict:
-        return self.info["identity"]
-
-    @property
-    def pipeline(self) -> str:
-        return self.identity["pipeline"]
-
-    @property
-    def dim(self) -> int:
-        return self.info["dim"]
-
     @property
     def factory(self) -> str:
         return self.info.get("factory", "Flat")
