@@ -44,14 +44,9 @@ class UpdateReport:
         return s + f" in {self.seconds:.1f} s"
 
 
-def open_or_create(
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    fit_on: Sequence[Path] | None = None,
-    warn: Callable[[str], None] = print,
-) -> tuple[Index, Extractor]:
+def open_or_create(index_dir: str | Path, pipeline: str | None = None, weights: str | Path | None = None,
+                   engine: str = "onnx", fit_on: Sequence[Path] | None = None,
+                   warn: Callable[[str], None] = print) -> tuple[Index, Extractor]:
     """The index at ``index_dir`` with its extractor; a new one is created if none exists.
     For an existing index, ``pipeline`` (if given) must match the index's own."""
     index_dir = Path(index_dir)
@@ -149,18 +144,10 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
     return known, todo
 
 
-def update_index(
-    images_dir: str | Path,
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    fit_on: Sequence[Path] | None = None,
-    commit_every: int = 64,
-    commit_seconds: float = 15.0,
-    progress: Callable | None = None,
-    warn: Callable[[str], None] = print,
-) -> UpdateReport:
+def update_index(images_dir: str | Path, index_dir: str | Path, pipeline: str | None = None,
+                 weights: str | Path | None = None, engine: str = "onnx", fit_on: Sequence[Path] | None = None,
+                 commit_every: int = 64, commit_seconds: float = 15.0, progress: Callable | None = None,
+                 warn: Callable[[str], None] = print) -> UpdateReport:
     """Make the index at ``index_dir`` reflect the images under ``images_dir``."""
     t0 = time.perf_counter()
     images_dir = Path(images_dir).resolve()

@@ -135,10 +135,8 @@ def validate(factory: str, d: int) -> str:
         faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
-        raise IndexTypeError(
-            f"FAISS cannot build index type {factory!r} for dimension {d} ({msg}); "
-            f"try Flat, HNSW32, IVF1024,PQ{pq_m(d)},RFlat or auto"
-        ) from None
+        raise IndexTypeError(f"FAISS cannot build index type {factory!r} for dimension {d} ({msg}); "
+                             f"try Flat, HNSW32, IVF1024,PQ{pq_m(d)},RFlat or auto") from None
     return str(t)
 
 

@@ -199,12 +199,10 @@ class Index:
         if identity != self.identity:
             mine, theirs = self.identity, identity
             what = "pipeline" if mine["pipeline"] != theirs["pipeline"] else "weights"
-            raise IndexMismatch(
-                f"{self.root} was built with pipeline {mine['pipeline']!r} "
-                f"(weights {mine['weights_sha256'][:12]}), not {theirs['pipeline']!r} "
-                f"(weights {theirs['weights_sha256'][:12]}): the {what} differs; "
-                f"search with the index's own pipeline or build a new index"
-            )
+            raise IndexMismatch(f"{self.root} was built with pipeline {mine['pipeline']!r} "
+                                f"(weights {mine['weights_sha256'][:12]}), not {theirs['pipeline']!r} "
+                                f"(weights {theirs['weights_sha256'][:12]}): the {what} differs; "
+                                f"search with the index's own pipeline or build a new index")
 
     # -- catalog -------------------------------------------------------------------
     @property
@@ -283,9 +281,7 @@ class Index:
             q = VECTOR_ROWS + f" WHERE images.id IN ({','.join('?' * len(chunk))})"
             where.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk)})
         for n, i in enumerate(ids):
-            if i not in where:
-                raise KeyError(i)
-            file, row = where[i]
+            file, row = where[i]  # KeyError for an id not in the catalog
             out[n] = self._segment(file)[row]
         return out
 

@@ -94,15 +94,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     return ray
 
 
-def extract_to_shards(
-    paths: Sequence[str | Path],
-    shards_dir: str | Path,
-    extractor,
-    workers: int | None = None,
-    batch_size: int = 32,
-    threads_per_worker: int | None = None,
-    address: str | None = None,
-) -> Path:
+def extract_to_shards(paths: Sequence[str | Path], shards_dir: str | Path, extractor, workers: int | None = None,
+                      batch_size: int = 32, threads_per_worker: int | None = None, address: str | None = None) -> Path:
     """Extract ``paths`` on Ray into Parquet shards under ``shards_dir`` (with the manifest).
 
     ``extractor`` (built on the driver) gives the pipeline, weights, engine and learned
@@ -138,20 +131,11 @@ def extract_to_shards(
     return shards_dir
 
 
-def update_index_ray(
-    images_dir: str | Path,
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    fit_on: Sequence[Path] | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    batch_size: int = 32,
-    threads_per_worker: int | None = None,
-    shards_dir: str | Path | None = None,
-    engine: str = "onnx",
-    warn: Callable[[str], None] = print,
-):
+def update_index_ray(images_dir: str | Path, index_dir: str | Path, pipeline: str | None = None,
+                     weights: str | Path | None = None, fit_on: Sequence[Path] | None = None,
+                     address: str | None = None, workers: int | None = None, batch_size: int = 32,
+                     threads_per_worker: int | None = None, shards_dir: str | Path | None = None,
+                     engine: str = "onnx", warn: Callable[[str], None] = print):
     """`cbir.index.update_index`, with the extraction on Ray and the results through shards.
 
     New and changed files (size or mtime differ) are extracted on Ray; deleted ones dropped.
