@@ -8,7 +8,6 @@ picks up from there. `Searcher` pairs an index with the extractor of its own pip
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 
 from cbir.identify import Calibration, calibrate
 from cbir.images import ImageError, list_images, open_image, sha256_file
-from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir
+from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir, json_object
 from cbir.localize import Localizer, Region, create_localizer
 from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
@@ -76,12 +75,7 @@ def folder_metadata(images_dir: Path) -> dict[str, dict]:
         p = base / "metadata.json"
         if not p.exists():
             continue
-        try:
-            data = json.loads(p.read_text())
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
-            return {}
-        if not isinstance(data, dict):
-            return {}
+        data = json_object(p.read_text())
         prefix = images_dir.relative_to(base).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
         return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)}

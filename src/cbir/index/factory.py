@@ -166,13 +166,6 @@ def default_params(t: IndexType) -> dict[str, int]:
     return p
 
 
-def _new_index(t: IndexType, d: int):
-    """IVF indexes store ids themselves (and renumber nothing on delete); the others get an
-    id map (FAISS's IndexIDMap assumes, rightly for them, that a delete shifts later rows)."""
-    index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
-    return index if t.nlist else faiss.IndexIDMap2(index)
-
-
 def _parts(index):
     """(base, ivf, graph quantizer) of ``index``: the FAISS index inside its id map, its IVF
     part and that part's HNSW quantizer, downcast; None where it has no such part."""
@@ -185,12 +178,26 @@ def _parts(index):
     return base, ivf, quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
-def _set_ef_construction(index) -> None:
-    """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
-    base, _, quantizer = _parts(index)
+def _new_index(t: IndexType, d: int):
+    """An empty index of type ``t`` with cbir's build settings (`EF_CONSTRUCTION` for every HNSW
+    graph, `TRAIN_NITER`). IVF indexes store ids themselves (and renumber nothing on delete);
+    the others get an id map (FAISS's IndexIDMap assumes, rightly for them, that a delete
+    shifts later rows)."""
+    index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
+    index = index if t.nlist else faiss.IndexIDMap2(index)
+    base, ivf, quantizer = _parts(index)
     for graph in (base, quantizer):
         if hasattr(graph, "hnsw"):
             graph.hnsw.efConstruction = max(graph.hnsw.efConstruction, EF_CONSTRUCTION)
+    if t.nlist:
+        base = ivf
+        base.cp.niter = TRAIN_NITER
+    if hasattr(base, "do_polysemous_training"):
+        base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
+    pq = getattr(base, "pq", None)
+    if pq is not None:
+        pq.cp.niter = TRAIN_NITER
+    return index
 
 
 def _stored_ids(index) -> np.ndarray:
@@ -200,18 +207,6 @@ def _stored_ids(index) -> np.ndarray:
     parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
              for lst in range(invlists.nlist) if invlists.list_size(lst)]
     return np.concatenate([np.empty(0, np.int64), *parts]).astype(np.int64)
-
-
-def _set_training(index, t: IndexType) -> None:
-    base, ivf, _ = _parts(index)
-    if t.nlist:
-        base = ivf
-        base.cp.niter = TRAIN_NITER
-    if hasattr(base, "do_polysemous_training"):
-        base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
-    pq = getattr(base, "pq", None)
-    if pq is not None:
-        pq.cp.niter = TRAIN_NITER
 
 
 def _train_sample(vecs: np.ndarray, t: IndexType) -> np.ndarray:
@@ -252,7 +247,6 @@ class SearchIndex:
         n = len(ids)
         t = resolve(self.factory, n, self.dim)
         index = _new_index(t, self.dim)
-        _set_ef_construction(index)
         if not index.is_trained:
             need = max(t.nlist or 1, 256 if "PQ" in t.base else 1)
             if n < need:
@@ -263,7 +257,6 @@ class SearchIndex:
                 t = IndexType("Flat", False)
                 index = _new_index(t, self.dim)
             else:
-                _set_training(index, t)
                 index.train(_train_sample(vecs, t))
                 self.trained_now = True
         self.index, self.type = index, t

@@ -87,9 +87,9 @@ class Entry:
     id: int | None = None
 
 
-def _load_meta(text: str) -> dict:
-    """A row's metadata; one that cannot be read back (nested too deep, not an object) is empty,
-    so that a bad row never breaks a look-up or a search."""
+def json_object(text: str) -> dict:
+    """The JSON object in ``text``; {} for one that cannot be read back (not JSON, nested too
+    deep, not an object), so that a bad catalog row never breaks a look-up or a search."""
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError):
@@ -242,7 +242,7 @@ class Index:
 
     @staticmethod
     def _entry(r: sqlite3.Row) -> Entry:
-        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], _load_meta(r["meta"]), r["id"])
+        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], json_object(r["meta"]), r["id"])
 
     # -- vectors -------------------------------------------------------------------
     def _segment(self, file: str) -> np.ndarray:
