@@ -151,14 +151,14 @@ class FaissBackend(SearchBackend):
 
     def search_index(self):
         """The derived search structure (`cbir.index.factory.SearchIndex`), built or updated now."""
-        from cbir.index.factory import SearchIndex
+        from cbir.index.factory import SearchIndex, parse_params
 
         version = self.index.version()
         with self._lock:
             if self._si is not None and self._version == version:
                 return self._si
             ids, vecs = self.index.live()
-            params = self.index.search_params()
+            params = parse_params(self.index.info.get("search_params"))
             si = self._si if self._si is not None else self._load_cached(ids, params)
             if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
                 # Read-only memory-mapped lists cannot take updates: update a copy in RAM.

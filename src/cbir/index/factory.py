@@ -289,12 +289,10 @@ class SearchIndex:
              ) -> tuple["SearchIndex", bool]:
         """The index brought up to date with the live ``(ids, vecs)``: (index, changed).
 
-        Never modifies ``self`` (other threads may be searching it): a change gives a new
-        object. New ids are added and gone ones removed on a copy (an HNSW graph keeps them as
-        tombstones, `dead`); a rebuild happens where the type should change (``auto`` crossed a
-        size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
-        index was never built; a graph built then is tuned to ``tune_target`` on the way.
-        """
+        Never modifies ``self`` (other threads may be searching it): new ids are added and gone
+        ones removed on a copy (an HNSW graph keeps them as tombstones, `dead`). It is rebuilt
+        (a graph tuned to ``tune_target`` on the way) where the type should change, where the
+        tombstones pass `TOMBSTONE_MAX` (with a warning), or where it was never built."""
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
         # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
         # an explicit type never changes otherwise; auto follows the size steps.

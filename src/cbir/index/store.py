@@ -289,11 +289,6 @@ class Index:
         return self.vectors([image_id])[0]
 
     # -- search --------------------------------------------------------------------
-    def search_params(self) -> dict[str, int]:
-        from cbir.index.factory import parse_params
-
-        return parse_params(self.info.get("search_params"))
-
     @property
     def recall_target(self) -> float:
         """The recall@10 search parameters are tuned for (``cbir index --recall``)."""
@@ -470,11 +465,10 @@ class Index:
         """Files under a folder deleted through the service: path -> (size, mtime_ns) then."""
         prefix = under.rstrip("/") + "/"
         try:
-            rows = self.db.execute("SELECT path, size, mtime_ns FROM deleted WHERE substr(path, 1, ?) = ?",
-                                   (len(prefix), prefix)).fetchall()
+            return {r[0]: (r[1], r[2]) for r in self.db.execute(
+                "SELECT path, size, mtime_ns FROM deleted WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))}
         except sqlite3.OperationalError:
             return {}
-        return {r[0]: (r[1], r[2]) for r in rows}
 
     def forget_tombstones(self, paths: list[str]) -> None:
         with self.db as con:

@@ -50,22 +50,22 @@ class Embedder:
         from cbir.scale.shards import table
 
         paths = [str(p) for p in batch["path"]]
-        errors = [""] * len(paths)
-        sizes, mtimes, hashes = [0] * len(paths), [0] * len(paths), [""] * len(paths)
+        n = len(paths)
+        errors, sizes, mtimes, hashes = [""] * n, [0] * n, [0] * n, [""] * n
         for i, p in enumerate(paths):
             try:
                 st = os.stat(p)
                 sizes[i], mtimes[i], hashes[i] = st.st_size, st.st_mtime_ns, sha256_file(p)
             except OSError as e:
                 errors[i] = f"{p}: cannot read ({e.strerror})"
-        todo = [i for i in range(len(paths)) if not errors[i]]
+        todo = [i for i in range(n) if not errors[i]]
 
         def on_error(j: int, e: ImageError) -> None:
             errors[todo[j]] = str(e)
 
         vecs = self.extractor.extract([paths[i] for i in todo], on_error=on_error)
         dim = vecs.shape[1] if len(todo) else (self.dim or 1)
-        out = np.zeros((len(paths), dim), np.float32)
+        out = np.zeros((n, dim), np.float32)
         for j, i in enumerate(todo):
             if not errors[i]:
                 out[i] = vecs[j]
@@ -88,8 +88,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         if object_store_mb:
             kw["object_store_memory"] = object_store_mb << 20
     ray.init(**kw)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # cbir prints its own one-line report
+    ray.data.DataContext.get_current().enable_progress_bars = False  # cbir prints its own one-line report
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
