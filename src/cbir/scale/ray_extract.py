@@ -96,10 +96,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
 def extract_to_shards(paths: Sequence[str | Path], shards_dir: str | Path, extractor, workers: int | None = None,
                       batch_size: int = 32, threads_per_worker: int | None = None, address: str | None = None) -> Path:
     """Extract ``paths`` on Ray into Parquet shards under ``shards_dir`` (with the manifest).
-
     ``extractor`` (built on the driver) gives the pipeline, weights, engine and learned
-    post-processing state; each of ``workers`` actors builds its own copy once.
-    """
+    post-processing state; each of ``workers`` actors builds its own copy once."""
     from cbir.scale.shards import write_manifest
 
     shards_dir = Path(shards_dir)
@@ -135,11 +133,8 @@ def update_index_ray(images_dir: str | Path, index_dir: str | Path, pipeline: st
                      address: str | None = None, workers: int | None = None, batch_size: int = 32,
                      threads_per_worker: int | None = None, shards_dir: str | Path | None = None,
                      engine: str = "onnx", warn: Callable[[str], None] = print):
-    """`cbir.index.update_index`, with the extraction on Ray and the results through shards.
-
-    New and changed files (size or mtime differ) are extracted on Ray; deleted ones dropped.
-    Shards go to ``shards_dir`` (kept) or to a folder inside the index (removed after ingest).
-    """
+    """`cbir.index.update_index`, with the extraction on Ray and the results through shards:
+    to ``shards_dir`` (kept) or to a folder inside the index (removed after the ingest)."""
     from cbir.index.builder import UpdateReport, folder_metadata, open_or_create, scan_changes
     from cbir.scale.shards import ingest_shards
 

@@ -73,11 +73,8 @@ def read_shard(path: Path) -> tuple[dict[str, list], np.ndarray]:
 
 def ingest_shards(index, shards_dir: Path, meta: dict[str, dict] | None = None, meta_root: Path | None = None,
                   warn: Callable[[str], None] = print) -> tuple[int, list[str]]:
-    """Add every shard under ``shards_dir`` to ``index`` (call under ``index.writer()``).
-
-    Returns (rows added, paths that failed to extract). ``meta`` maps paths relative to
-    ``meta_root`` to their metadata (as ``metadata.json`` gives it).
-    """
+    """Add every shard under ``shards_dir`` to ``index`` (call under ``index.writer()``); returns
+    (rows added, paths that failed to extract). ``meta``: `folder_metadata` of ``meta_root``."""
     from cbir.index.store import Entry, IndexMismatch
 
     p = Path(shards_dir) / MANIFEST
