@@ -29,9 +29,7 @@ import numpy as np
 AUTO = "auto"
 FLAT_MAX = 50_000
 # From this size on `auto` builds an HNSW graph instead of IVF + PQ: on data with real
-# descriptors' statistics the graph answers 2-12x faster at 300k-1M vectors for the same
-# recall, while at 100k IVF + PQ is faster and the graph cannot reach recall 0.99
-# (benchmarks/search_speed.py, docs/scaling.md).
+# descriptors' statistics it is the faster of the two for the same recall (docs/scaling.md).
 GRAPH_MIN = 200_000
 REFINE_SUFFIXES = ("RFlat", "Refine")
 DEFAULT_K_FACTOR = 8

@@ -399,18 +399,15 @@ class Index:
     # -- writing -------------------------------------------------------------------
     @contextmanager
     def writer(self):
-        """Exclusive write access; cleans what a killed writer left behind, then yields."""
+        """Exclusive write access; first deletes the segment files that no committed transaction
+        references (a killed writer's)."""
         with _writer_lock(self.root):
             self.db.executescript(LATER_SCHEMA)  # an index made by an older cbir gains the newer tables
-            self._collect_garbage()
+            known = {r[0] for r in self.db.execute("SELECT file FROM segments")}
+            for f in (self.root / "vectors").iterdir():
+                if f.name not in known:
+                    f.unlink()
             yield self
-
-    def _collect_garbage(self) -> None:
-        """Delete segment files that no committed transaction references (a killed run's)."""
-        known = {r[0] for r in self.db.execute("SELECT file FROM segments")}
-        for f in (self.root / "vectors").iterdir():
-            if f.name not in known:
-                f.unlink()
 
     def add(self, entries: list[Entry], vectors: np.ndarray) -> list[int]:
         """Add images (replacing any catalog rows with the same paths) in one transaction."""
@@ -421,30 +418,32 @@ class Index:
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.shape[1] != self.dim:
             raise IndexStoreError(f"vectors of dimension {vectors.shape[1]} do not fit index dimension {self.dim}")
-        con = self.db
-        seg_id, file = self._write_segment(vectors)
         now = time.time()
         replaced = self._ids_of_paths([e.path for e in entries]) if self.backend_uri else []
-        with con:  # one transaction: the vectors become visible all at once, or not at all
-            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
+        with self._new_segment(vectors) as (con, seg_id):
             con.executemany("DELETE FROM images WHERE path = ?", [(e.path,) for e in entries])
             con.executemany(
                 "INSERT INTO images (path, size, mtime_ns, sha256, meta, segment, row, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.path, e.size, e.mtime_ns, e.sha256, json.dumps(e.meta), seg_id, i, now) for i, e in enumerate(entries)],
             )
-            con.execute(BUMP)
-        self._drop_empty_segments()
-        ids = [r[0] for r in con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
+        ids = [r[0] for r in self.db.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
         self._report((ids, vectors), replaced)
         return ids
 
-    def _write_segment(self, vectors: np.ndarray) -> tuple[int, str]:
+    @contextmanager
+    def _new_segment(self, vectors: np.ndarray):
         """Write ``vectors`` (n, D) float32 as the next segment file (durably, before any
-        transaction names it): (segment id, file name)."""
+        transaction names it), then yield (connection, segment id) inside the one transaction
+        that adds the segment, the body's changes and a generation bump: the vectors become
+        visible all at once, or not at all. Segments left empty are dropped after the commit."""
         seg_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
         atomic_write_npy(self.root / "vectors" / file, vectors)
-        return seg_id, file
+        with self.db as con:
+            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(vectors)))
+            yield con, seg_id
+            con.execute(BUMP)
+        self._drop_empty_segments()
 
     def _ids_of_paths(self, paths: list[str]) -> list[int]:
         return [i for p in paths for (i,) in self.db.execute("SELECT id FROM images WHERE path = ?", (p,))]
@@ -516,13 +515,9 @@ class Index:
         if not total[0] or (1 - live / total[0] < min_dead_fraction and total[1] < min_segments):
             return False
         ids, vecs = self.live()
-        seg_id, file = self._write_segment(vecs)
-        with self.db as con:
-            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
+        with self._new_segment(vecs) as (con, seg_id):
             con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
                             [(seg_id, r, int(i)) for r, i in enumerate(ids)])
-            con.execute(BUMP)
-        self._drop_empty_segments()
         return True
 
     def stats(self) -> dict:

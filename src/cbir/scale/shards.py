@@ -37,13 +37,12 @@ def table(paths: list[str], sizes: list[int], mtimes: list[int], hashes: list[st
     """One shard's rows as an Arrow table (rows with an error carry a zero vector)."""
     pa, _ = _pa()
     vectors = np.ascontiguousarray(vectors, np.float32)
-    dim = vectors.shape[1]
     return pa.table({
         "path": pa.array(paths, pa.string()),
         "size": pa.array(sizes, pa.int64()),
         "mtime_ns": pa.array(mtimes, pa.int64()),
         "sha256": pa.array(hashes, pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]),
         "error": pa.array(errors, pa.string()),
     })
 
