@@ -68,9 +68,7 @@ def _problem(key: object, value: object) -> str | None:
 
 def displayable_meta(obj: object) -> dict[str, Any]:
     """The pairs of a stored ``obj`` that have the metadata shape (all of them for a good row).
-
-    Never raises and never recurses, so that a bad row in the catalog cannot break a search.
-    """
+    Never raises and never recurses, so that a bad row in the catalog cannot break a search."""
     if not isinstance(obj, dict):
         return {}
     good = {k: v for k, v in obj.items() if _problem(k, v) is None}

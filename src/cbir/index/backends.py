@@ -1,17 +1,9 @@
 """Search backends: where an index's vectors are searched.
 
 The index directory (`cbir.index.store`) keeps the catalog and the vectors, the source of
-truth; a `SearchBackend` answers the top-k over them. The store talks to it only through
-this interface: it reports every committed change (`add`, `remove`) and asks it to `search`.
-
-- `FaissBackend`: the embedded FAISS index of the type ``index.json`` names (see
-  `cbir.index.factory`), derived from the vectors when first needed, tuned to the recall
-  target, cached in ``faiss/`` (trained or slow-to-build ones; keyed by the type, labelled
-  with the catalog generation). It ignores the change reports: it catches up from the
-  catalog's generation at the next search, which covers other processes' writes too.
-- `cbir.index.milvus.MilvusBackend`: a Milvus collection holding a copy of the vectors under
-  the same ids; each committed change is sent at once (so images added or deleted through
-  the service reach it), and `sync` repairs whatever a failed send left behind.
+truth; a `SearchBackend` answers the top-k over them. The store reports every committed change
+to it (`add`, `remove`) and asks it to `search`: the embedded `FaissBackend`, or
+`cbir.index.milvus.MilvusBackend`, which holds a copy of the vectors under the same ids.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbir.fileio import atomic_write_bytes, atomic_write_npy
+from cbir.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbir.index.store import Index
@@ -53,20 +45,25 @@ class SearchBackend(ABC):
 
 
 class FaissBackend(SearchBackend):
-    """The embedded FAISS index, derived from the vectors of ``index`` (see the module doc)."""
+    """The embedded FAISS index of the type ``index.json`` names (`cbir.index.factory`), derived
+    from the vectors when first needed, tuned to the recall target, cached in ``faiss/`` (trained
+    or slow-to-build ones; keyed by the type, labelled with the catalog generation). It ignores
+    the change reports: it catches up from the catalog's generation at the next search, which
+    covers other processes' writes too."""
 
     # Building a derived index faster than this is not worth a cache file.
     CACHE_MIN_SECONDS = 1.0
 
     def __init__(self, index: "Index") -> None:
         self.index = index
+        self.cache_dir = index.root / "faiss"
         self._si = None
         self._version = None
         self._lock = threading.Lock()
 
     # -- the interface ------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        pass  # caught up from the catalog at the next search (see the module doc)
+        pass  # caught up from the catalog at the next search
 
     def remove(self, ids: np.ndarray) -> None:
         pass
@@ -81,14 +78,13 @@ class FaissBackend(SearchBackend):
 
     # -- tuning ----------------------------------------------------------------------
     def _needs_tuning(self, si) -> bool:
-        """Tune when the stored measurement is for another type or target, or for a collection
-        less than half or more than twice this size (the best setting moves with N)."""
+        """Tune when the stored measurement no longer `describes` ``si`` or is for another target."""
+        from cbir.index.factory import describes
+
         if si.type is None or str(si.type) == "Flat" or not si.ntotal:
             return False
         rec = self.index.info.get("tuned") or {}
-        n = max(1, int(rec.get("n", 0)))
-        return (rec.get("type") != str(si.type) or rec.get("target") != self.index.recall_target
-                or not 0.5 <= si.ntotal / n <= 2)
+        return not describes(rec, si) or rec.get("target") != self.index.recall_target
 
     def _tune(self, si, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Measure ``si``'s search setting (`cbir.index.factory.tune`) and keep it in index.json
@@ -109,9 +105,6 @@ class FaissBackend(SearchBackend):
         return self.index.info.get("tuned") if si.type is not None and str(si.type) != "Flat" else None
 
     # -- the cache -------------------------------------------------------------------
-    def _cache_dir(self) -> Path:
-        return self.index.root / "faiss"
-
     def _cache_prefix(self) -> str:
         return hashlib.sha256(f"{self.index.factory}|{self.index.dim}".encode()).hexdigest()[:12]
 
@@ -119,7 +112,7 @@ class FaissBackend(SearchBackend):
         """(generation, resolved type, path) of this index type's cache files, newest first."""
         out = []
         prefix = self._cache_prefix() + "-g"
-        for f in self._cache_dir().glob(prefix + "*.faiss"):
+        for f in self.cache_dir.glob(prefix + "*.faiss"):
             gen, _, resolved = f.stem[len(prefix):].partition("-")
             if gen.isdigit() and resolved:
                 out.append((int(gen), resolved.replace("+", ","), f))
@@ -145,11 +138,11 @@ class FaissBackend(SearchBackend):
 
     def _save_cache(self, si, version: int) -> Path | None:
         name = f"{self._cache_prefix()}-g{version:010d}-{str(si.type).replace(',', '+')}.faiss"
-        path = self._cache_dir() / name
+        path = self.cache_dir / name
         try:
-            self._cache_dir().mkdir(exist_ok=True)
+            self.cache_dir.mkdir(exist_ok=True)
             atomic_write_bytes(path, si.to_bytes())
-            for f in self._cache_dir().iterdir():  # older generations, and other index types
+            for f in self.cache_dir.iterdir():  # older generations, and other index types
                 if f != path and f.suffix == ".faiss":
                     f.unlink(missing_ok=True)
         except OSError:
@@ -158,14 +151,14 @@ class FaissBackend(SearchBackend):
 
     def search_index(self):
         """The derived search structure (`cbir.index.factory.SearchIndex`), built or updated now."""
-        from cbir.index.factory import SearchIndex
+        from cbir.index.factory import SearchIndex, parse_params
 
         version = self.index.version()
         with self._lock:
             if self._si is not None and self._version == version:
                 return self._si
             ids, vecs = self.index.live()
-            params = self.index.search_params()
+            params = parse_params(self.index.info.get("search_params"))
             si = self._si if self._si is not None else self._load_cached(ids, params)
             if si is not None and si.mmapped and not np.array_equal(si.ids, ids):
                 # Read-only memory-mapped lists cannot take updates: update a copy in RAM.
@@ -184,18 +177,3 @@ class FaissBackend(SearchBackend):
             self._si, self._version = si, version
             return si
 
-
-def record_ids(path: Path, ids: np.ndarray) -> None:
-    """Atomically store a sorted id set (what a remote backend holds)."""
-    atomic_write_npy(path, np.unique(np.asarray(ids, np.int64)))
-
-
-def read_ids(path: Path) -> np.ndarray | None:
-    """An id set stored by `record_ids`; None when missing or unreadable."""
-    try:
-        return np.load(path)
-    except (OSError, ValueError):
-        return None
-
-
-__all__ = ["FaissBackend", "SearchBackend", "read_ids", "record_ids"]

@@ -8,7 +8,6 @@ picks up from there. `Searcher` pairs an index with the extractor of its own pip
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 
 from cbir.identify import Calibration, calibrate
 from cbir.images import ImageError, list_images, open_image, sha256_file
-from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir
+from cbir.index.store import Entry, Index, IndexExists, IndexStoreError, check_index_dir, json_object
 from cbir.localize import Localizer, Region, create_localizer
 from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
@@ -44,18 +43,11 @@ class UpdateReport:
         return s + f" in {self.seconds:.1f} s"
 
 
-def open_or_create(
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    fit_on: Sequence[Path] | None = None,
-    warn: Callable[[str], None] = print,
-) -> tuple[Index, Extractor]:
+def open_or_create(index_dir: str | Path, pipeline: str | None = None, weights: str | Path | None = None,
+                   engine: str = "onnx", fit_on: Sequence[Path] | None = None,
+                   warn: Callable[[str], None] = print) -> tuple[Index, Extractor]:
     """The index at ``index_dir`` with its extractor; a new one is created if none exists.
-
-    For an existing index, ``pipeline`` (if given) must match the index's own.
-    """
+    For an existing index, ``pipeline`` (if given) must match the index's own."""
     index_dir = Path(index_dir)
     index = Index(index_dir) if (index_dir / "index.json").exists() else None
     spec = resolve_spec(pipeline or (index.pipeline if index else DEFAULT_PIPELINE), weights)
@@ -83,12 +75,7 @@ def folder_metadata(images_dir: Path) -> dict[str, dict]:
         p = base / "metadata.json"
         if not p.exists():
             continue
-        try:
-            data = json.loads(p.read_text())
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
-            return {}
-        if not isinstance(data, dict):
-            return {}
+        data = json_object(p.read_text())
         prefix = images_dir.relative_to(base).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
         return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix) and isinstance(v, dict)}
@@ -97,15 +84,13 @@ def folder_metadata(images_dir: Path) -> dict[str, dict]:
 
 def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
                  warn: Callable[[str], None] = print) -> tuple[dict[str, Entry], list[tuple[Path, int, int]]]:
-    """Compare the folder with the catalog: drop the entries of deleted files (one transaction),
-    count the unchanged ones, and return (catalog entries under the folder, files to look at
-    as ``(path, size, mtime_ns)``: new ones, and those whose size or mtime changed).
+    """Compare the folder with the catalog (call under ``index.writer()``): drop the entries of
+    deleted files (one transaction), count the unchanged ones, and return (catalog entries under
+    the folder, new files and those whose size or mtime changed as ``(path, size, mtime_ns)``).
 
-    One bad entry never stops the scan: a file that vanished (or a dangling symlink) is
-    skipped with a warning; a folder that cannot be listed is skipped with a warning and its
-    indexed images are kept, since not seeing them is not their deletion. Files deleted
-    through the service stay out until they change. Call under ``index.writer()``.
-    """
+    A file that vanished (or a dangling symlink) is skipped with a warning; so is a folder that
+    cannot be listed, whose indexed images are kept: not seeing them is not their deletion.
+    Files deleted through the service stay out until they change."""
     index.add_root(str(images_dir))
     known = index.entries(under=str(images_dir))
     unreadable: list[OSError] = []
@@ -153,18 +138,10 @@ def scan_changes(index: Index, images_dir: Path, report: UpdateReport,
     return known, todo
 
 
-def update_index(
-    images_dir: str | Path,
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    engine: str = "onnx",
-    fit_on: Sequence[Path] | None = None,
-    commit_every: int = 64,
-    commit_seconds: float = 15.0,
-    progress: Callable | None = None,
-    warn: Callable[[str], None] = print,
-) -> UpdateReport:
+def update_index(images_dir: str | Path, index_dir: str | Path, pipeline: str | None = None,
+                 weights: str | Path | None = None, engine: str = "onnx", fit_on: Sequence[Path] | None = None,
+                 commit_every: int = 64, commit_seconds: float = 15.0, progress: Callable | None = None,
+                 warn: Callable[[str], None] = print) -> UpdateReport:
     """Make the index at ``index_dir`` reflect the images under ``images_dir``."""
     t0 = time.perf_counter()
     images_dir = Path(images_dir).resolve()
@@ -188,38 +165,34 @@ def update_index(
                 pending.clear()
             last_commit = time.monotonic()
 
-        def on_error(i: int, e: ImageError) -> None:
-            report.failed.append(str(todo[i][0]))
+        def skip(p: Path, e: ImageError) -> None:
+            report.failed.append(str(p))
             warn(f"warning: skipped {e}")
 
         # Touched-but-identical files only need their mtime recorded, not a forward pass.
-        extract_rows: list[int] = []
-        hashes: list[str] = []
-        for i, (p, size, mtime) in enumerate(todo):
+        extract: list[tuple[Path, int, int, str]] = []  # (path, size, mtime_ns, sha256)
+        for p, size, mtime in todo:
             try:
                 digest = sha256_file(p)
             except OSError as e:
-                on_error(i, ImageError(f"{p}: cannot read ({e.strerror})"))
-                digest = ""
-            hashes.append(digest)
-            e = known.get(str(p))
-            if digest and e is not None and e.sha256 == digest:
+                skip(p, ImageError(f"{p}: cannot read ({e.strerror})"))
+            else:
+                old = known.get(str(p))
+                if old is None or old.sha256 != digest:
+                    extract.append((p, size, mtime, digest))
+                    continue
                 index.touch(str(p), size, mtime)
                 report.unchanged += 1
-            elif digest:
-                extract_rows.append(i)
-                continue
             if bar:
                 bar.update(1)
 
-        sources = [todo[i][0] for i in extract_rows]
-        for keys, vecs in extractor.iter_vectors(sources, on_error=lambda j, e: on_error(extract_rows[j], e),
+        paths = [x[0] for x in extract]
+        for keys, vecs in extractor.iter_vectors(paths, on_error=lambda j, e: skip(paths[j], e),
                                                  progress=bar.update if bar else None):
             for j, v in zip(keys, vecs):
-                i = extract_rows[j]
-                p, size, mtime = todo[i]
+                p, size, mtime, digest = extract[j]
                 rel = p.relative_to(images_dir).as_posix()
-                pending.append((Entry(str(p), size, mtime, hashes[i], meta.get(rel, {})), v))
+                pending.append((Entry(str(p), size, mtime, digest, meta.get(rel, {})), v))
                 if str(p) in known:
                     report.updated += 1
                 else:
@@ -247,11 +220,9 @@ class Hit:
 
 @dataclass
 class ObjectHits:
-    """One object found in a query photo and what it matched.
-
-    ``identified``: the path of the database image it is, when the top hit's score passes the
-    index's acceptance threshold (`cbir.identify`); None: "not in the collection".
-    """
+    """One object found in a query photo and what it matched. ``identified``: the path of the
+    database image it is, when the top hit's score passes the index's acceptance threshold
+    (`cbir.identify`); None: "not in the collection"."""
 
     region: Region
     results: list[Hit]
@@ -274,11 +245,8 @@ def calibrate_index(index: Index, extractor: Extractor, warn: Callable[[str], No
 
 
 class Searcher:
-    """An index and the extractor of its own pipeline: images in, ranked hits out.
-
-    ``localizer``: how `search_objects` finds the objects of a photo; default the one stored
-    with the index (``cbir index --localizer``), else ``whole``.
-    """
+    """An index and the extractor of its own pipeline: images in, ranked hits out. ``localizer``:
+    how `search_objects` finds the objects of a photo; default the index's own, else ``whole``."""
 
     def __init__(self, index_dir: str | Path, weights: str | Path | None = None, engine: str = "onnx",
                  pipeline: str | None = None, threads: int | None = None, localizer: str | None = None) -> None:

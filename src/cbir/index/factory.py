@@ -1,31 +1,13 @@
-"""FAISS index types for the derived search index: choice by collection size, build, update.
+"""FAISS index types for the derived search index: choice by collection size, build, update, tuning.
 
-An index type is a FAISS factory string, stored in ``index.json`` (``factory``):
-
-- ``Flat``: exact inner product. Best up to ~50k vectors (a few ms per query there).
-- ``HNSW32``: a graph; fast and no training. FAISS cannot delete from it, so a deleted
-  vector stays in the graph as a tombstone that searches skip (an id filter); once
-  tombstones pass `TOMBSTONE_MAX` of the graph it is rebuilt from the live vectors.
-- ``IVF<nlist>,PQ<m>``: inverted lists of product-quantized codes; with the cbir suffix
-  ``,RFlat`` the shortlist (``k_factor`` x k) is re-ranked exactly with the stored vectors.
-  Training runs on a sample; adds and deletes afterwards are incremental.
-- ``auto`` (the default for new indexes): ``Flat`` below `FLAT_MAX` vectors, then
-  ``IVF<nlist>_HNSW32,PQ<m>,RFlat`` with ``nlist`` ~ sqrt(N) (a power of two, an HNSW graph
-  over the centroids to assign vectors fast) and ``m`` = d/4 (at most 64), and ``HNSW32``
-  from `GRAPH_MIN` on. The choice is re-made, and the index rebuilt, when the collection
-  grows past a step.
-
-Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``) are chosen by
-measurement when an index is built (`tune`: the cheapest setting whose recall@10 on a held-out
-sample of the index's own vectors reaches a target, 0.95 by default; stored in ``index.json``
-as ``tuned``), can be fixed per index (``search_params`` in ``index.json``, e.g.
-``nprobe=32,k_factor=8``, which win over the tuned ones) and overridden per search call.
-``ondisk=1`` (IVF types) keeps the inverted lists in the index's cache file, memory-mapped.
-
-`SearchIndex.sync` keeps the structure up to date with the live vectors of the store, the
-source of truth. Searching runs on a fixed number of threads (`SEARCH_THREADS`, OpenMP and
-BLAS both): one query per thread is what a server wants, and an unpinned pool makes latency
-depend on whatever else the machine runs.
+An index type is a FAISS factory string, stored in ``index.json`` (``factory``): ``Flat``;
+``HNSW32`` (FAISS cannot delete from a graph: deleted vectors stay as tombstones that
+searches skip, up to `TOMBSTONE_MAX`); ``IVF<nlist>,PQ<m>``, with the cbir suffix ``,RFlat``
+for an exact re-ranking of a ``k_factor`` x k shortlist; or ``auto`` (`auto_factory`, re-chosen
+as the collection grows). Search parameters (``nprobe``, ``efSearch``, ``k_factor``, ``ondisk``:
+IVF lists memory-mapped from the cache file) are measured when an index is built (`tune`,
+stored as ``tuned``), can be fixed per index (``search_params``, which win) and overridden per
+call. docs/scaling.md explains the choices and their measurements.
 """
 
 from __future__ import annotations
@@ -47,9 +29,7 @@ import numpy as np
 AUTO = "auto"
 FLAT_MAX = 50_000
 # From this size on `auto` builds an HNSW graph instead of IVF + PQ: on data with real
-# descriptors' statistics the graph answers 2-12x faster at 300k-1M vectors for the same
-# recall, while at 100k IVF + PQ is faster and the graph cannot reach recall 0.99
-# (benchmarks/search_speed.py, docs/scaling.md).
+# descriptors' statistics it is the faster of the two for the same recall (docs/scaling.md).
 GRAPH_MIN = 200_000
 REFINE_SUFFIXES = ("RFlat", "Refine")
 DEFAULT_K_FACTOR = 8
@@ -66,7 +46,8 @@ EF_CONSTRUCTION = 200
 # fraction of the live vectors, before the graph is rebuilt without them: each one still costs
 # a visit during the walk, and the graph's routes through them age.
 TOMBSTONE_MAX = 0.1
-# Threads per search call (OpenMP and BLAS); see `search_threads`.
+# Threads per search call (OpenMP and BLAS; see `search_threads`): one query per thread is what
+# a server wants, and an unpinned pool makes latency depend on whatever else the machine runs.
 SEARCH_THREADS = 1
 # The recall@10 `tune` aims at unless the index stores another (``cbir index --recall``).
 DEFAULT_RECALL = 0.95
@@ -121,11 +102,7 @@ def pq_m(d: int) -> int:
 
     Measured on 1M clustered 256-d vectors (benchmarks/search_speed.py): PQ64 with an 8x
     re-ranked shortlist reaches recall@10 0.98 where PQ32 needs a 32x shortlist for 0.99."""
-    target = max(1, min(64, d // 4))
-    for m in range(target, 0, -1):
-        if d % m == 0:
-            return m
-    return 1
+    return next(m for m in range(max(1, min(64, d // 4)), 0, -1) if d % m == 0)
 
 
 def ivf_nlist(n: int) -> int:
@@ -134,7 +111,8 @@ def ivf_nlist(n: int) -> int:
 
 
 def auto_factory(n: int, d: int) -> str:
-    """The index type `auto` resolves to for ``n`` vectors of dimension ``d``."""
+    """The index type `auto` resolves to for ``n`` vectors of dimension ``d`` (between the steps,
+    IVF with an HNSW graph over its centroids, to assign vectors fast)."""
     if n < FLAT_MAX:
         return "Flat"
     if n >= GRAPH_MIN:
@@ -155,10 +133,8 @@ def validate(factory: str, d: int) -> str:
         faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
-        raise IndexTypeError(
-            f"FAISS cannot build index type {factory!r} for dimension {d} ({msg}); "
-            f"try Flat, HNSW32, IVF1024,PQ{pq_m(d)},RFlat or auto"
-        ) from None
+        raise IndexTypeError(f"FAISS cannot build index type {factory!r} for dimension {d} ({msg}); "
+                             f"try Flat, HNSW32, IVF1024,PQ{pq_m(d)},RFlat or auto") from None
     return str(t)
 
 
@@ -188,13 +164,6 @@ def default_params(t: IndexType) -> dict[str, int]:
     return p
 
 
-def _new_index(t: IndexType, d: int):
-    """IVF indexes store ids themselves (and renumber nothing on delete); the others get an
-    id map (FAISS's IndexIDMap assumes, rightly for them, that a delete shifts later rows)."""
-    index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
-    return index if t.nlist else faiss.IndexIDMap2(index)
-
-
 def _parts(index):
     """(base, ivf, graph quantizer) of ``index``: the FAISS index inside its id map, its IVF
     part and that part's HNSW quantizer, downcast; None where it has no such part."""
@@ -207,12 +176,26 @@ def _parts(index):
     return base, ivf, quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
-def _set_ef_construction(index) -> None:
-    """efConstruction for every HNSW graph in ``index`` (HNSW32, or an IVF's HNSW quantizer)."""
-    base, _, quantizer = _parts(index)
+def _new_index(t: IndexType, d: int):
+    """An empty index of type ``t`` with cbir's build settings (`EF_CONSTRUCTION` for every HNSW
+    graph, `TRAIN_NITER`). IVF indexes store ids themselves (and renumber nothing on delete);
+    the others get an id map (FAISS's IndexIDMap assumes, rightly for them, that a delete
+    shifts later rows)."""
+    index = faiss.index_factory(d, t.base, faiss.METRIC_INNER_PRODUCT)
+    index = index if t.nlist else faiss.IndexIDMap2(index)
+    base, ivf, quantizer = _parts(index)
     for graph in (base, quantizer):
         if hasattr(graph, "hnsw"):
             graph.hnsw.efConstruction = max(graph.hnsw.efConstruction, EF_CONSTRUCTION)
+    if t.nlist:
+        base = ivf
+        base.cp.niter = TRAIN_NITER
+    if hasattr(base, "do_polysemous_training"):
+        base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
+    pq = getattr(base, "pq", None)
+    if pq is not None:
+        pq.cp.niter = TRAIN_NITER
+    return index
 
 
 def _stored_ids(index) -> np.ndarray:
@@ -224,25 +207,11 @@ def _stored_ids(index) -> np.ndarray:
     return np.concatenate([np.empty(0, np.int64), *parts]).astype(np.int64)
 
 
-def _set_training(index, t: IndexType) -> None:
-    base, ivf, _ = _parts(index)
-    if t.nlist:
-        base = ivf
-        base.cp.niter = TRAIN_NITER
-    if hasattr(base, "do_polysemous_training"):
-        base.do_polysemous_training = False  # for Hamming-filtered search, which cbir does not use; slow
-    pq = getattr(base, "pq", None)
-    if pq is not None:
-        pq.cp.niter = TRAIN_NITER
-
-
 def _train_sample(vecs: np.ndarray, t: IndexType) -> np.ndarray:
-    n = len(vecs)
     want = max(TRAIN_PER_LIST * (t.nlist or 0), 1 << 15)
-    if n <= want:
+    if len(vecs) <= want:
         return vecs
-    rows = np.sort(np.random.default_rng(1234).choice(n, want, replace=False))
-    return vecs[rows]
+    return vecs[np.sort(np.random.default_rng(1234).choice(len(vecs), want, replace=False))]
 
 
 @dataclass
@@ -276,7 +245,6 @@ class SearchIndex:
         n = len(ids)
         t = resolve(self.factory, n, self.dim)
         index = _new_index(t, self.dim)
-        _set_ef_construction(index)
         if not index.is_trained:
             need = max(t.nlist or 1, 256 if "PQ" in t.base else 1)
             if n < need:
@@ -287,7 +255,6 @@ class SearchIndex:
                 t = IndexType("Flat", False)
                 index = _new_index(t, self.dim)
             else:
-                _set_training(index, t)
                 index.train(_train_sample(vecs, t))
                 self.trained_now = True
         self.index, self.type = index, t
@@ -304,7 +271,7 @@ class SearchIndex:
             index.add_with_ids(q, ids[held])
             # The curve is the measurement; `tune` reads the target's setting off it.
             self.tuning = {"type": str(t), "n": int(n), "queries": len(held), "curve": curve}
-            self.tuning = tune(self, tune_target, ids=ids, vecs=vecs)
+            self.tuning = tune(self, tune_target, ids, vecs)
         return self._set_live(ids, vecs, t0)
 
     def _set_live(self, ids: np.ndarray, vecs: np.ndarray, t0: float) -> "SearchIndex":
@@ -320,12 +287,10 @@ class SearchIndex:
              ) -> tuple["SearchIndex", bool]:
         """The index brought up to date with the live ``(ids, vecs)``: (index, changed).
 
-        Never modifies ``self`` (other threads may be searching it): a change gives a new
-        object. New ids are added and gone ones removed on a copy (an HNSW graph keeps them as
-        tombstones, `dead`); a rebuild happens where the type should change (``auto`` crossed a
-        size step), where the tombstones pass `TOMBSTONE_MAX` (with a warning), or where the
-        index was never built; a graph built then is tuned to ``tune_target`` on the way.
-        """
+        Never modifies ``self`` (other threads may be searching it): new ids are added and gone
+        ones removed on a copy (an HNSW graph keeps them as tombstones, `dead`). It is rebuilt
+        (a graph tuned to ``tune_target`` on the way) where the type should change, where the
+        tombstones pass `TOMBSTONE_MAX` (with a warning), or where it was never built."""
         fresh = SearchIndex(self.factory, self.dim, dict(self.params), tuning=self.tuning)
         # A forced fallback to Flat (too few vectors to train) is left as soon as there are enough;
         # an explicit type never changes otherwise; auto follows the size steps.
@@ -435,19 +400,18 @@ class SearchIndex:
         return self._skip
 
     # -- tuning ------------------------------------------------------------------
-    def tune(self, target: float = DEFAULT_RECALL, **kw) -> dict:
-        """Measure and store the cheapest search setting reaching recall@10 ``target``
-        (see `tune`); returns the record kept in ``self.tuning`` and ``index.json``.
+    def tune(self, target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+        """Measure and store the cheapest search setting reaching recall@10 ``target`` on the
+        live ``ids``/``vecs`` (see `tune`); returns the record kept in ``self.tuning``.
 
-        A graph without a current held-out measurement (`graph_curve`) is rebuilt from
-        ``ids``/``vecs`` (the live ones) to take one: its own vectors are no test of it."""
-        vecs = kw.get("vecs")
-        if vecs is not None and _current_curve(self) is None and _holdout_rows(self.type, len(vecs)) is not None:
-            fresh = SearchIndex(str(self.type), self.dim, dict(self.params)).build(kw["ids"], vecs, target)
+        A graph without a current held-out measurement (`graph_curve`) is rebuilt to take one:
+        its own vectors are no test of it."""
+        if _current_curve(self) is None and _holdout_rows(self.type, len(vecs)) is not None:
+            fresh = SearchIndex(str(self.type), self.dim, dict(self.params)).build(ids, vecs, target)
             self.index, self.ids, self.dead, self._skip = fresh.index, fresh.ids, fresh.dead, None
             self.tuning = fresh.tuning
         else:
-            self.tuning = tune(self, target, **kw)
+            self.tuning = tune(self, target, ids, vecs)
         self._apply_params()
         return self.tuning
 
@@ -544,40 +508,37 @@ def search_threads(n: int, blas: bool = True):
     False); OpenMP's costs nothing."""
     n = max(1, int(n))
     omp_before = faiss.omp_get_max_threads()
-    if omp_before != n:
-        faiss.omp_set_num_threads(n)
+    faiss.omp_set_num_threads(n)
     try:
         with _blas_threads(n) if blas else nullcontext():
             yield
     finally:
-        if omp_before != n:
-            faiss.omp_set_num_threads(omp_before)
+        faiss.omp_set_num_threads(omp_before)
 
 
 # -- tuning ------------------------------------------------------------------------
 TUNE_QUERIES = 500
 TUNE_K = 10  # recall@10 is what the targets mean
+TUNE_TIMED = 100  # queries timed, one at a time, per candidate setting
+# A setting qualifies when the lower one-sided 95 % confidence bound of its mean recall (mean -
+# CONFIDENCE x standard error) reaches the target: the sample is finite, new queries should too.
+CONFIDENCE = 1.64
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 K_FACTOR_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # As fine as benchmarks/search_speed.py sweeps its peers: a coarse step costs latency for nothing.
 EF_GRID = (10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
 
-def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def held_out_truth(ids: np.ndarray, vecs: np.ndarray, nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A sample of the index's own vectors as queries, and their exact top-``k`` *others*.
 
     Returns (rows (nq,) into ``vecs``, truth (nq, k) ids). Each query is left out of its own
     ground truth (and `recall_at` drops it from the answers), so the sample measures what a
     new query from the same collection would get."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(ids), min(nq, len(ids)), replace=False))
+    rows = np.sort(np.random.default_rng(0).choice(len(ids), min(nq, len(ids)), replace=False))
     _, nn = faiss.knn(np.ascontiguousarray(vecs[rows]), vecs, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = np.empty((len(rows), k), np.int64)
-    for i, (r, row) in enumerate(zip(rows, nn)):
-        row = row[row != r]
-        truth[i] = ids[row[:k]]
-    return rows, truth
+    others = np.argsort(nn == rows[:, None], axis=1, kind="stable")[:, :k]  # the query's own row last
+    return rows, ids[np.take_along_axis(nn, others, axis=1)]
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, self_ids: np.ndarray | None = None) -> np.ndarray:
@@ -621,87 +582,63 @@ def _holdout_rows(t: IndexType | None, n: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(0).choice(n, nq, replace=False))
 
 
+def describes(rec: dict, si: "SearchIndex") -> bool:
+    """Whether the tuning record ``rec`` still describes ``si``: same type, and a collection at
+    most 2x smaller or larger (the best setting moves with N)."""
+    n = max(1, int(rec.get("n", 0)))
+    return si.type is not None and rec.get("type") == str(si.type) and 0.5 <= si.ntotal / n <= 2
+
+
 def _current_curve(si: "SearchIndex") -> list | None:
-    """The graph's held-out measurement, while it still describes the graph (same type, at
-    most 2x smaller or larger)."""
+    """The graph's held-out measurement, while it still `describes` the graph."""
     rec = si.tuning or {}
-    if "curve" not in rec or si.type is None or rec.get("type") != str(si.type):
-        return None
-    return rec["curve"] if 0.5 <= si.ntotal / max(1, int(rec.get("n", 0))) <= 2 else None
+    return rec["curve"] if "curve" in rec and describes(rec, si) else None
 
 
-def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray, confidence: float = 1.64,
-                stop: float = 0.999) -> list[list[float]]:
+def graph_curve(si: "SearchIndex", q: np.ndarray, truth: np.ndarray) -> list[list[float]]:
     """Recall@k of a graph at each efSearch of `EF_GRID`, on queries it does not hold.
 
     A graph answers its own vectors far too well (the walk lands on the query's node, whose
     edges are its neighbours), so held-out index vectors, the test `tune` uses for IVF,
     would pick too small an efSearch. q (Q, d) and truth (Q, k) their exact neighbours among
     the graph's vectors. Returns [[efSearch, mean recall, lower confidence bound], ...], up to
-    the first whose bound reaches ``stop``."""
+    the first whose bound reaches 0.999."""
     curve = []
     for ef in EF_GRID:
-        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth, confidence)
+        mean, bound = _recall(si, q, truth.shape[1], {"efSearch": ef}, truth)
         curve.append([ef, round(mean, 4), round(bound, 4)])
-        if bound >= stop:
+        if bound >= 0.999:
             break
     return curve
 
 
 def _recall(si: "SearchIndex", q: np.ndarray, k: int, params: dict[str, int], truth: np.ndarray,
-            confidence: float, self_ids: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (see `tune`)."""
+            self_ids: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean recall (`recall_at`) of ``si``'s top-``k`` at ``params``, and its lower bound (`CONFIDENCE`)."""
     _, found = si.search(q, k, params, threads=os.cpu_count() or 1)
     per_query = recall_at(found, truth, self_ids)
     mean = float(per_query.mean())
-    return mean, mean - confidence * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
+    return mean, mean - CONFIDENCE * float(per_query.std(ddof=1)) / np.sqrt(len(per_query))
 
 
-def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int], k: int, repeats: int = 3) -> float:
-    """Median over ``repeats`` of the mean ms per query, queries one at a time (as served)."""
+def _time_ms(si: "SearchIndex", queries: np.ndarray, params: dict[str, int]) -> float:
+    """Median over 3 runs of the mean ms per top-10 query, queries one at a time (as served)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(3):
         t0 = time.perf_counter()
         for i in range(len(queries)):
-            si.search(queries[i:i + 1], k, params)
+            si.search(queries[i:i + 1], TUNE_K, params)
         times.append((time.perf_counter() - t0) / len(queries) * 1000)
     return float(np.median(times))
 
 
-def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries: int = TUNE_QUERIES,
-         ids: np.ndarray | None = None, vecs: np.ndarray | None = None, timed: int = 100,
-         confidence: float = 1.64) -> dict:
-    """The fastest search setting of ``si`` whose recall@``k`` reaches ``target``, measured.
-
-    Queries are ``queries`` of the index's own vectors (``ids``/``vecs``, default the
-    re-ranking ones), held out of their own ground truth. A setting qualifies when the lower
-    one-sided confidence bound of its mean recall (mean - ``confidence`` x standard error)
-    is at least ``target``: the sample is finite, and new queries should reach the target
-    too. Along each chain (`_candidates`) the first qualifying setting is kept; among those,
-    the one with the lowest measured single-query latency (``timed`` queries) wins. If none
-    qualifies, the setting with the highest recall is kept and ``reached`` is False. A graph
-    with a current held-out curve (`graph_curve`, taken when it was built) is read off that
-    instead: its first efSearch whose bound reaches ``target``.
-    Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
-    """
-    t0 = time.perf_counter()
-    ids = si.ids if ids is None else ids
-    vecs = si.vecs if vecs is None else vecs
-    record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
-              "n": int(si.ntotal), "queries": 0, "ms": None}
-    curve = _current_curve(si)
-    if curve is not None:  # a graph, measured on vectors held out of it: pick from that
-        hit = next((c for c in curve if c[2] >= target), None)
-        ef, recall, _ = hit or max(curve, key=lambda c: c[1])
-        timed_q = np.ascontiguousarray(vecs[: max(1, timed)]) if vecs is not None else None
-        ms = _time_ms(si, timed_q, {"efSearch": ef}, k) if timed_q is not None else None
-        return {**record, "params": {"efSearch": int(ef)}, "recall": recall, "reached": hit is not None,
-                "n": si.tuning["n"], "queries": si.tuning["queries"], "ms": None if ms is None else round(ms, 4),
-                "curve": curve, "held_out": True, "seconds": round(time.perf_counter() - t0, 2)}
+def _measure(si: "SearchIndex", target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+    """`tune` by the chains of `_candidates`, on `TUNE_QUERIES` held-out index vectors: the fields
+    of the record it measures ({} when there is nothing to choose)."""
     inner, chains = _candidates(si)
-    if not chains or vecs is None or len(ids) <= k + 1:
-        return {**record, "seconds": round(time.perf_counter() - t0, 2)}
-    rows, truth = held_out_truth(ids, vecs, queries, k)
+    if not chains or len(ids) <= TUNE_K + 1:
+        return {}
+    rows, truth = held_out_truth(ids, vecs, TUNE_QUERIES, TUNE_K)
     q, self_ids = np.ascontiguousarray(vecs[rows]), ids[rows]
     fallback: tuple[dict, float] = ({}, -1.0)
     qualified: list[tuple[dict, float]] = []
@@ -711,7 +648,7 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
             chain = [p for p in chain if p[inner] < limit]
         hit = None
         for params in chain:
-            mean, bound = _recall(si, q, k + 1, params, truth, confidence, self_ids)
+            mean, bound = _recall(si, q, TUNE_K + 1, params, truth, self_ids)
             if mean > fallback[1]:
                 fallback = (params, mean)
             if bound >= target:
@@ -721,8 +658,34 @@ def tune(si: "SearchIndex", target: float = DEFAULT_RECALL, k: int = 10, queries
         if qualified and (hit is None or inner is None):
             break  # a dearer outer setting that does not beat the last one: none further will
         limit = hit[inner] if hit is not None and inner else limit
-    reached = bool(qualified)
-    scored = [(_time_ms(si, q[: max(1, timed)], p, k), p, r) for p, r in qualified or [fallback]]
+    scored = [(_time_ms(si, q[:TUNE_TIMED], p), p, r) for p, r in qualified or [fallback]]
     ms, params, recall = min(scored, key=lambda x: x[0])
-    return {**record, "params": dict(params), "recall": round(recall, 4), "reached": reached,
-            "queries": len(rows), "ms": round(ms, 4), "seconds": round(time.perf_counter() - t0, 2)}
+    return {"params": dict(params), "recall": round(recall, 4), "reached": bool(qualified), "queries": len(rows),
+            "ms": round(ms, 4)}
+
+
+def tune(si: "SearchIndex", target: float, ids: np.ndarray, vecs: np.ndarray) -> dict:
+    """The fastest search setting of ``si`` whose recall@10 reaches ``target``, measured.
+
+    Queries are index vectors (``ids``/``vecs``, the live ones) held out of their own ground
+    truth; a setting qualifies when its recall's lower bound (`CONFIDENCE`) reaches ``target``.
+    Along each chain (`_candidates`) the first qualifying setting is kept; among those, the one
+    with the lowest measured single-query latency wins. If none qualifies, the setting with the
+    highest recall is kept and ``reached`` is False. A graph with a current held-out curve
+    (`graph_curve`, taken when it was built) is read off that instead.
+    Returns {"type", "params", "recall", "target", "reached", "n", "queries", "ms", "seconds"}.
+    """
+    t0 = time.perf_counter()
+    record = {"type": str(si.type), "params": {}, "recall": 1.0, "target": float(target), "reached": True,
+              "n": int(si.ntotal), "queries": 0, "ms": None}
+    curve = _current_curve(si)
+    if curve is None:
+        record.update(_measure(si, target, ids, vecs))
+    else:  # a graph, measured on vectors held out of it: pick from that
+        hit = next((c for c in curve if c[2] >= target), None)
+        ef, recall, _ = hit or max(curve, key=lambda c: c[1])
+        ms = _time_ms(si, vecs[:TUNE_TIMED], {"efSearch": ef})
+        record.update(params={"efSearch": int(ef)}, recall=recall, reached=hit is not None, n=si.tuning["n"],
+                      queries=si.tuning["queries"], ms=round(ms, 4), curve=curve, held_out=True)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record

@@ -1,19 +1,11 @@
-"""A Milvus backend for the vector search, for collections that outgrow one machine.
+"""A Milvus search backend, for collections that outgrow one machine (docs/scaling.md).
 
 ``--backend milvus://HOST:PORT/COLLECTION`` (``milvuss://`` for TLS; a token for an
-authenticated server comes from ``$MILVUS_TOKEN``). The local index directory stays what it
-is: the catalog (paths, metadata) and the vectors, the source of truth. Milvus holds a copy
-of the vectors under the same ids and answers the top-k. It is the index's `SearchBackend`:
-every committed add and delete (`cbir index`, the service) is sent as it happens, and
-`MilvusBackend.sync` brings the collection up to date with the catalog (insert new ids,
-delete gone ones), remembering what Milvus holds in ``milvus-<collection>.ids.npy`` so that
-a sync costs O(changes) on the wire.
-
-The client code is pymilvus's ``MilvusClient``, the path a Milvus cluster (or Zilliz Cloud)
-takes. Tests run it against ``milvus-lite`` started as a gRPC server on a loopback port:
-milvus-lite is pure Python and O(N) per query, a protocol test double, never a default.
-
-Install with ``pip install 'cbir[milvus]'``.
+authenticated server comes from ``$MILVUS_TOKEN``). Milvus holds a copy of the index's
+vectors under the same ids: every committed change is sent as it happens, and
+`MilvusBackend.sync` repairs whatever a failed send left behind. The client is pymilvus's
+``MilvusClient``, the path a Milvus cluster takes; tests run it against ``milvus-lite`` (pure
+Python, O(N) per query: a protocol test double, never a default).
 """
 
 from __future__ import annotations
@@ -25,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.index.backends import SearchBackend, read_ids, record_ids
+from cbir.fileio import atomic_write_npy
+from cbir.index.backends import SearchBackend
 
 _URI = re.compile(r"^(milvus|milvuss)://([^/:]+|\[[^\]]+\]):(\d+)/([A-Za-z_][A-Za-z0-9_]*)$")
 INSERT_CHUNK = 2000
@@ -60,10 +53,8 @@ class MilvusURI:
 
 class MilvusBackend(SearchBackend):
     """One collection: ``id`` INT64 primary key, ``vector`` FLOAT_VECTOR(dim), inner product.
-
     ``record``: the index directory where the ids the collection holds are remembered
-    (``milvus-<collection>.ids.npy``), updated only after Milvus took a change.
-    """
+    (``milvus-<collection>.ids.npy``), updated only after Milvus took a change."""
 
     def __init__(self, uri: str | MilvusURI, dim: int, timeout: float = 30.0, record: str | Path | None = None) -> None:
         try:
@@ -110,20 +101,21 @@ class MilvusBackend(SearchBackend):
     def _send(self, ids: np.ndarray, vecs: np.ndarray, gone: np.ndarray, record: bool = True) -> None:
         """Upsert ``ids``/``vecs`` and delete ``gone``; the record follows only what Milvus took
         (``record=False``: the caller records the whole set itself)."""
+        if not len(ids) and not len(gone):
+            return
         try:
             for i in range(0, len(gone), INSERT_CHUNK):
                 self.client.delete(self.collection, ids=[int(v) for v in gone[i:i + INSERT_CHUNK]])
             for i in range(0, len(ids), INSERT_CHUNK):
                 self.client.upsert(self.collection, [{"id": int(j), "vector": v.tolist()}
                                                      for j, v in zip(ids[i:i + INSERT_CHUNK], vecs[i:i + INSERT_CHUNK])])
-            if len(ids) or len(gone):
-                self.client.flush(self.collection)
+            self.client.flush(self.collection)
         except Exception as e:
             raise MilvusError(f"Milvus at {self.uri.endpoint} refused the change: {_one_line(e)}") from None
-        if record and self.record is not None and (len(ids) or len(gone)):
-            held = read_ids(self.record)
+        if record and self.record is not None:
+            held = _read_ids(self.record)
             if held is not None:
-                record_ids(self.record, np.setdiff1d(np.union1d(held, ids), gone))
+                atomic_write_npy(self.record, np.setdiff1d(np.union1d(held, ids), gone))
 
     def remote_ids(self) -> np.ndarray:
         """Every id in the collection (a full scan: used only when the local record is missing)."""
@@ -140,13 +132,13 @@ class MilvusBackend(SearchBackend):
         """Make the collection hold exactly the index's live vectors; returns (inserted, deleted)."""
         ids, vecs = index.live()
         record = self.record or Path(index.root) / f"milvus-{self.collection}.ids.npy"
-        sent = read_ids(record)
+        sent = _read_ids(record)
         if sent is None:
             sent = self.remote_ids()
         new = ~np.isin(ids, sent, assume_unique=True)
         gone = np.setdiff1d(sent, ids, assume_unique=True)
         self._send(ids[new], vecs[new], gone, record=False)
-        record_ids(record, ids)  # only after Milvus took every change
+        atomic_write_npy(record, ids)  # sorted and unique; only after Milvus took every change
         return int(new.sum()), int(len(gone))
 
     # -- search ----------------------------------------------------------------------
@@ -173,6 +165,14 @@ class MilvusBackend(SearchBackend):
 
     def drop(self) -> None:
         self.client.drop_collection(self.collection)
+
+
+def _read_ids(path: Path) -> np.ndarray | None:
+    """The sorted ids a record file says the collection holds; None when missing or unreadable."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _one_line(e: Exception) -> str:

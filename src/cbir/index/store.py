@@ -1,23 +1,11 @@
 """The on-disk index: vectors are the source of truth, a SQLite catalog says what they are.
 
-Layout of an index directory::
-
-    index.json        format, pipeline identity, dimension, FAISS factory string
-    post.npz          learned post-processing state (PCA), if the pipeline has any
-    catalog.sqlite    one row per image: path, size, mtime, sha256, metadata, (segment, row)
-    vectors/seg-*.npy float32 (n, d) segments, append-only, memory-mapped on read
-    .lock             held by the one writer
-
-Crash safety, by construction rather than by recovery code: a segment file is written to a
-temporary name, fsynced and renamed *before* the SQLite transaction that references it
-commits. Killed before the commit, the run leaves an unreferenced file that the next writer
-deletes; killed after, everything it added is there. Deletes and replacements are single
-transactions. So at any instant the catalog names only complete vectors, and whatever an
-earlier run committed survives.
-
-Searches go to a `SearchBackend` (`cbir.index.backends`): by default a FAISS index of the
-type ``index.json`` names, derived from the live vectors and cached in ``faiss/``; a missing
-or stale cache only costs a rebuild from the vectors, which stay the source of truth.
+The layout (``index.json``, ``post.npz``, ``catalog.sqlite``, ``vectors/seg-*.npy``, ``faiss/``)
+is in docs/index-and-pipelines.md. Crash safety comes by construction rather than by recovery
+code: a segment file is written to a temporary name, fsynced and renamed *before* the SQLite
+transaction that references it commits (a killed run leaves an unreferenced file that the next
+writer deletes), and deletes and replacements are single transactions; so the catalog only
+ever names complete vectors. Searches go to a `SearchBackend` (`cbir.index.backends`).
 """
 
 from __future__ import annotations
@@ -99,9 +87,9 @@ class Entry:
     id: int | None = None
 
 
-def _load_meta(text: str) -> dict:
-    """A row's metadata; one that cannot be read back (nested too deep, not an object) is empty,
-    so that a bad row never breaks a look-up or a search."""
+def json_object(text: str) -> dict:
+    """The JSON object in ``text``; {} for one that cannot be read back (not JSON, nested too
+    deep, not an object), so that a bad catalog row never breaks a look-up or a search."""
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError):
@@ -142,10 +130,14 @@ class Index:
         self.info = json.loads(info_path.read_text())
         if self.info.get("format") != FORMAT:
             raise IndexStoreError(f"{self.root}: index format {self.info.get('format')!r}, this cbir reads {FORMAT!r}")
+        self.identity: dict = self.info["identity"]
+        self.pipeline: str = self.identity["pipeline"]
+        self.dim: int = self.info["dim"]
         self._local = threading.local()
         self._mmaps: dict[str, np.ndarray] = {}
         self.faiss = FaissBackend(self)
-        self._backend_uri: str | None = self.info.get("backend")
+        # ``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS).
+        self.backend_uri: str | None = self.info.get("backend")
         self._remote: SearchBackend | None = None
 
     # -- creation ------------------------------------------------------------------
@@ -168,47 +160,30 @@ class Index:
         with _writer_lock(root):
             if (root / "index.json").exists():  # another process finished creating it meanwhile
                 raise IndexExists(f"{root}: an index already exists here")
-            cls._create_locked(root, identity, dim, post_state, factory)
+            found = {p.name for p in root.iterdir()}
+            if found - CREATION_LEFTOVERS:
+                raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
+            # A creation killed before index.json was written: nothing was committed, start over
+            # (all but the lock file, which is held now).
+            for name in found - {".lock"}:
+                p = root / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            (root / "vectors").mkdir(parents=True, exist_ok=True)
+            if post_state:
+                buf = io.BytesIO()
+                np.savez(buf, **post_state)
+                atomic_write_bytes(root / "post.npz", buf.getvalue())
+            con = sqlite3.connect(root / "catalog.sqlite")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA + LATER_SCHEMA)  # (commits)
+            con.close()
+            info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            # index.json last: until it exists, the directory is not an index.
+            atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
         return cls(root)
 
-    @staticmethod
-    def _create_locked(root: Path, identity: dict, dim: int, post_state: dict | None, factory: str) -> None:
-        found = {p.name for p in root.iterdir()}
-        if found - CREATION_LEFTOVERS:
-            raise IndexStoreError(f"{root}: directory is not empty and is not a cbir index")
-        # A creation killed before index.json was written: nothing was committed, start over
-        # (all but the lock file, which is held now).
-        for name in found - {".lock"}:
-            p = root / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        (root / "vectors").mkdir(parents=True, exist_ok=True)
-        if post_state:
-            buf = io.BytesIO()
-            np.savez(buf, **post_state)
-            atomic_write_bytes(root / "post.npz", buf.getvalue())
-        con = sqlite3.connect(root / "catalog.sqlite")
-        con.execute("PRAGMA journal_mode=WAL")
-        con.executescript(SCHEMA + LATER_SCHEMA)
-        con.commit()
-        con.close()
-        info = {"format": FORMAT, "identity": identity, "dim": int(dim), "factory": factory,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        # index.json last: until it exists, the directory is not an index.
-        atomic_write_bytes(root / "index.json", json.dumps(info, indent=1).encode())
-
     # -- properties ----------------------------------------------------------------
-    @property
-    def identity(self) -> dict:
-        return self.info["identity"]
-
-    @property
-    def pipeline(self) -> str:
-        return self.identity["pipeline"]
-
-    @property
-    def dim(self) -> int:
-        return self.info["dim"]
-
     @property
     def factory(self) -> str:
         return self.info.get("factory", "Flat")
@@ -224,12 +199,10 @@ class Index:
         if identity != self.identity:
             mine, theirs = self.identity, identity
             what = "pipeline" if mine["pipeline"] != theirs["pipeline"] else "weights"
-            raise IndexMismatch(
-                f"{self.root} was built with pipeline {mine['pipeline']!r} "
-                f"(weights {mine['weights_sha256'][:12]}), not {theirs['pipeline']!r} "
-                f"(weights {theirs['weights_sha256'][:12]}): the {what} differs; "
-                f"search with the index's own pipeline or build a new index"
-            )
+            raise IndexMismatch(f"{self.root} was built with pipeline {mine['pipeline']!r} "
+                                f"(weights {mine['weights_sha256'][:12]}), not {theirs['pipeline']!r} "
+                                f"(weights {theirs['weights_sha256'][:12]}): the {what} differs; "
+                                f"search with the index's own pipeline or build a new index")
 
     # -- catalog -------------------------------------------------------------------
     @property
@@ -269,7 +242,7 @@ class Index:
 
     @staticmethod
     def _entry(r: sqlite3.Row) -> Entry:
-        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], _load_meta(r["meta"]), r["id"])
+        return Entry(r["path"], r["size"], r["mtime_ns"], r["sha256"], json_object(r["meta"]), r["id"])
 
     # -- vectors -------------------------------------------------------------------
     def _segment(self, file: str) -> np.ndarray:
@@ -308,9 +281,7 @@ class Index:
             q = VECTOR_ROWS + f" WHERE images.id IN ({','.join('?' * len(chunk))})"
             where.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk)})
         for n, i in enumerate(ids):
-            if i not in where:
-                raise KeyError(i)
-            file, row = where[i]
+            file, row = where[i]  # KeyError for an id not in the catalog
             out[n] = self._segment(file)[row]
         return out
 
@@ -318,11 +289,6 @@ class Index:
         return self.vectors([image_id])[0]
 
     # -- search --------------------------------------------------------------------
-    def search_params(self) -> dict[str, int]:
-        from cbir.index.factory import parse_params
-
-        return parse_params(self.info.get("search_params"))
-
     @property
     def recall_target(self) -> float:
         """The recall@10 search parameters are tuned for (``cbir index --recall``)."""
@@ -362,30 +328,25 @@ class Index:
         return self.search_backend.search(queries, max(1, int(k)), params)
 
     # -- the search backend ---------------------------------------------------------
-    @property
-    def backend_uri(self) -> str | None:
-        """``milvus://HOST:PORT/COLLECTION`` when searches go to Milvus, else None (embedded FAISS)."""
-        return self._backend_uri
-
     def use_backend(self, uri: str | None) -> None:
         """Search through ``uri`` in this process (``None``: the embedded FAISS index)."""
-        self._backend_uri, self._remote = uri, None
+        self.backend_uri, self._remote = uri, None
 
     @property
     def search_backend(self) -> SearchBackend:
         """The `SearchBackend` searches go to and every committed change is reported to."""
-        if not self._backend_uri:
+        if not self.backend_uri:
             return self.faiss
         if self._remote is None:
             from cbir.index.milvus import MilvusBackend
 
-            self._remote = MilvusBackend(self._backend_uri, self.dim, record=self.root)
+            self._remote = MilvusBackend(self.backend_uri, self.dim, record=self.root)
         return self._remote
 
     def _report(self, added: tuple[list[int], np.ndarray] | None = None, removed: list[int] = ()) -> None:
         """Tell the backend about a committed change; a backend that cannot take it now is
         warned about, not fatal: the commit stands, and `cbir index` re-syncs it."""
-        if not self._backend_uri or (added is None and not removed):
+        if not self.backend_uri or (added is None and not removed):
             return
         try:
             if len(removed):
@@ -393,7 +354,7 @@ class Index:
             if added is not None:
                 self.search_backend.add(np.asarray(added[0], np.int64), added[1])
         except (RuntimeError, ValueError, OSError) as e:
-            warnings.warn(f"{self._backend_uri}: {e}; `cbir index` will send the change again", stacklevel=3)
+            warnings.warn(f"{self.backend_uri}: {e}; `cbir index` will send the change again", stacklevel=3)
 
     def set_backend(self, uri: str | None) -> None:
         """Store the backend in ``index.json`` (``cbir search`` then uses it by default)."""
@@ -407,12 +368,9 @@ class Index:
     def update_info(self, **changes) -> bool:
         """Store fields in ``index.json`` (a value of None removes the field); atomically.
         Returns whether anything changed."""
-        info = dict(self.info)
-        for k, v in changes.items():
-            if v is None:
-                info.pop(k, None)
-            else:
-                info[k] = v
+        info = {**self.info, **changes}
+        for k in [k for k, v in changes.items() if v is None]:
+            del info[k]
         if info == self.info:
             return False
         atomic_write_bytes(self.root / "index.json", json.dumps(info, indent=1).encode())
@@ -420,11 +378,8 @@ class Index:
         return True
 
     def set_index_type(self, factory: str | None = None, search_params: str | None = None) -> bool:
-        """Change the index type and/or search parameters stored in ``index.json``.
-
-        The derived index is rebuilt on next use (vectors are untouched). Returns whether
-        anything changed.
-        """
+        """Change the index type and/or search parameters stored in ``index.json`` (the derived
+        index is rebuilt on next use); returns whether anything changed."""
         from cbir.index.factory import IndexTypeError, parse_params, validate
 
         changes = {}
@@ -444,18 +399,15 @@ class Index:
     # -- writing -------------------------------------------------------------------
     @contextmanager
     def writer(self):
-        """Exclusive write access; cleans what a killed writer left behind, then yields."""
+        """Exclusive write access; first deletes the segment files that no committed transaction
+        references (a killed writer's)."""
         with _writer_lock(self.root):
             self.db.executescript(LATER_SCHEMA)  # an index made by an older cbir gains the newer tables
-            self._collect_garbage()
+            known = {r[0] for r in self.db.execute("SELECT file FROM segments")}
+            for f in (self.root / "vectors").iterdir():
+                if f.name not in known:
+                    f.unlink()
             yield self
-
-    def _collect_garbage(self) -> None:
-        """Delete segment files that no committed transaction references (a killed run's)."""
-        known = {r[0] for r in self.db.execute("SELECT file FROM segments")}
-        for f in (self.root / "vectors").iterdir():
-            if f.name not in known:
-                f.unlink()
 
     def add(self, entries: list[Entry], vectors: np.ndarray) -> list[int]:
         """Add images (replacing any catalog rows with the same paths) in one transaction."""
@@ -466,30 +418,32 @@ class Index:
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.shape[1] != self.dim:
             raise IndexStoreError(f"vectors of dimension {vectors.shape[1]} do not fit index dimension {self.dim}")
-        con = self.db
-        seg_id, file = self._write_segment(vectors)
         now = time.time()
-        replaced = self._ids_of_paths([e.path for e in entries]) if self._backend_uri else []
-        with con:  # one transaction: the vectors become visible all at once, or not at all
-            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(entries)))
+        replaced = self._ids_of_paths([e.path for e in entries]) if self.backend_uri else []
+        with self._new_segment(vectors) as (con, seg_id):
             con.executemany("DELETE FROM images WHERE path = ?", [(e.path,) for e in entries])
             con.executemany(
                 "INSERT INTO images (path, size, mtime_ns, sha256, meta, segment, row, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.path, e.size, e.mtime_ns, e.sha256, json.dumps(e.meta), seg_id, i, now) for i, e in enumerate(entries)],
             )
-            con.execute(BUMP)
-        self._drop_empty_segments()
-        ids = [r[0] for r in con.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
+        ids = [r[0] for r in self.db.execute("SELECT id FROM images WHERE segment = ? ORDER BY row", (seg_id,))]
         self._report((ids, vectors), replaced)
         return ids
 
-    def _write_segment(self, vectors: np.ndarray) -> tuple[int, str]:
+    @contextmanager
+    def _new_segment(self, vectors: np.ndarray):
         """Write ``vectors`` (n, D) float32 as the next segment file (durably, before any
-        transaction names it): (segment id, file name)."""
+        transaction names it), then yield (connection, segment id) inside the one transaction
+        that adds the segment, the body's changes and a generation bump: the vectors become
+        visible all at once, or not at all. Segments left empty are dropped after the commit."""
         seg_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()[0] + 1
         file = f"seg-{seg_id:08d}-{os.getpid()}.npy"
         atomic_write_npy(self.root / "vectors" / file, vectors)
-        return seg_id, file
+        with self.db as con:
+            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(vectors)))
+            yield con, seg_id
+            con.execute(BUMP)
+        self._drop_empty_segments()
 
     def _ids_of_paths(self, paths: list[str]) -> list[int]:
         return [i for p in paths for (i,) in self.db.execute("SELECT id FROM images WHERE path = ?", (p,))]
@@ -510,11 +464,10 @@ class Index:
         """Files under a folder deleted through the service: path -> (size, mtime_ns) then."""
         prefix = under.rstrip("/") + "/"
         try:
-            rows = self.db.execute("SELECT path, size, mtime_ns FROM deleted WHERE substr(path, 1, ?) = ?",
-                                   (len(prefix), prefix)).fetchall()
+            return {r[0]: (r[1], r[2]) for r in self.db.execute(
+                "SELECT path, size, mtime_ns FROM deleted WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))}
         except sqlite3.OperationalError:
             return {}
-        return {r[0]: (r[1], r[2]) for r in rows}
 
     def forget_tombstones(self, paths: list[str]) -> None:
         with self.db as con:
@@ -528,11 +481,9 @@ class Index:
 
     def remove(self, ids: list[int] | None = None, paths: list[str] | None = None, keep_out: bool = False) -> int:
         """Drop images from the catalog (one transaction); returns how many were removed.
-
         ``keep_out``: also record the files (as they are now) so that later scans of their
-        folder leave them out until they change (a deletion through the service).
-        """
-        gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self._backend_uri else [])
+        folder leave them out until they change (a deletion through the service)."""
+        gone = [int(i) for i in ids or []] + (self._ids_of_paths(list(paths)) if paths and self.backend_uri else [])
         with self.db as con:
             n = 0
             if keep_out and ids:
@@ -564,13 +515,9 @@ class Index:
         if not total[0] or (1 - live / total[0] < min_dead_fraction and total[1] < min_segments):
             return False
         ids, vecs = self.live()
-        seg_id, file = self._write_segment(vecs)
-        with self.db as con:
-            con.execute("INSERT INTO segments (id, file, n) VALUES (?, ?, ?)", (seg_id, file, len(ids)))
+        with self._new_segment(vecs) as (con, seg_id):
             con.executemany("UPDATE images SET segment = ?, row = ? WHERE id = ?",
                             [(seg_id, r, int(i)) for r, i in enumerate(ids)])
-            con.execute(BUMP)
-        self._drop_empty_segments()
         return True
 
     def stats(self) -> dict:

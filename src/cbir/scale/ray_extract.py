@@ -1,14 +1,9 @@
-"""Extraction on Ray Data: the same code on a laptop (local Ray) and on a cluster.
+"""Extraction on Ray Data: the same code on a laptop (local Ray) and on a cluster (docs/scaling.md).
 
-``cbir index DIR -i INDEX --engine ray [--ray-address ray://HEAD:10001 | auto]`` lists the
-folder and works out what changed exactly as the one-machine path does, then sends the
-paths to Ray: ``map_batches`` over an actor pool, so each worker loads the model once
-(`Embedder`), decodes and extracts its batches and returns rows that Ray writes as Parquet
-shards (`cbir.scale.shards`). The driver then ingests the shards into the index, one
-transaction per shard file. On a cluster the images (and the index's parent folder, for the
-shards) must be on storage every node mounts at the same path.
-
-Install with ``pip install 'cbir[ray]'``.
+``cbir index DIR -i INDEX --engine ray`` works out what changed as the one-machine path does,
+then ``map_batches`` the paths over an actor pool (`Embedder`: each worker loads the model once)
+into Parquet shards (`cbir.scale.shards`) that the driver ingests, one transaction per file. On
+a cluster the images and the index's parent folder must be mounted at the same path everywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from cbir.images import ImageError, sha256_file
 
 
 class RayUnavailable(ImportError):
-    pass
+    """Ray Data is not installed."""
 
 
 def _ray():
@@ -55,22 +50,22 @@ class Embedder:
         from cbir.scale.shards import table
 
         paths = [str(p) for p in batch["path"]]
-        errors = [""] * len(paths)
-        sizes, mtimes, hashes = [0] * len(paths), [0] * len(paths), [""] * len(paths)
+        n = len(paths)
+        errors, sizes, mtimes, hashes = [""] * n, [0] * n, [0] * n, [""] * n
         for i, p in enumerate(paths):
             try:
                 st = os.stat(p)
                 sizes[i], mtimes[i], hashes[i] = st.st_size, st.st_mtime_ns, sha256_file(p)
             except OSError as e:
                 errors[i] = f"{p}: cannot read ({e.strerror})"
+        todo = [i for i in range(n) if not errors[i]]
 
-        def on_error(i: int, e: ImageError) -> None:
-            errors[i] = str(e)
+        def on_error(j: int, e: ImageError) -> None:
+            errors[todo[j]] = str(e)
 
-        todo = [i for i in range(len(paths)) if not errors[i]]
-        vecs = self.extractor.extract([paths[i] for i in todo], on_error=lambda j, e: on_error(todo[j], e))
+        vecs = self.extractor.extract([paths[i] for i in todo], on_error=on_error)
         dim = vecs.shape[1] if len(todo) else (self.dim or 1)
-        out = np.zeros((len(paths), dim), np.float32)
+        out = np.zeros((n, dim), np.float32)
         for j, i in enumerate(todo):
             if not errors[i]:
                 out[i] = vecs[j]
@@ -93,26 +88,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         if object_store_mb:
             kw["object_store_memory"] = object_store_mb << 20
     ray.init(**kw)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # cbir prints its own one-line report
+    ray.data.DataContext.get_current().enable_progress_bars = False  # cbir prints its own one-line report
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 
-def extract_to_shards(
-    paths: Sequence[str | Path],
-    shards_dir: str | Path,
-    extractor,
-    workers: int | None = None,
-    batch_size: int = 32,
-    threads_per_worker: int | None = None,
-    address: str | None = None,
-) -> Path:
+def extract_to_shards(paths: Sequence[str | Path], shards_dir: str | Path, extractor, workers: int | None = None,
+                      batch_size: int = 32, threads_per_worker: int | None = None, address: str | None = None) -> Path:
     """Extract ``paths`` on Ray into Parquet shards under ``shards_dir`` (with the manifest).
-
     ``extractor`` (built on the driver) gives the pipeline, weights, engine and learned
-    post-processing state; each of ``workers`` actors builds its own copy once.
-    """
+    post-processing state; each of ``workers`` actors builds its own copy once."""
     from cbir.scale.shards import write_manifest
 
     shards_dir = Path(shards_dir)
@@ -120,7 +105,8 @@ def extract_to_shards(
     if workers is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, cpus // max(1, threads_per_worker or 1))
-    write_manifest(shards_dir, extractor.identity, extractor.output_dim, {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_manifest(shards_dir, extractor.identity, extractor.output_dim,
+                   {"images": len(paths), "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if not paths:
         return shards_dir
     items = [{"path": str(p)} for p in paths]
@@ -142,25 +128,13 @@ def extract_to_shards(
     return shards_dir
 
 
-def update_index_ray(
-    images_dir: str | Path,
-    index_dir: str | Path,
-    pipeline: str | None = None,
-    weights: str | Path | None = None,
-    fit_on: Sequence[Path] | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    batch_size: int = 32,
-    threads_per_worker: int | None = None,
-    shards_dir: str | Path | None = None,
-    engine: str = "onnx",
-    warn: Callable[[str], None] = print,
-):
-    """`cbir.index.update_index`, with the extraction on Ray and the results through shards.
-
-    New and changed files (size or mtime differ) are extracted on Ray; deleted ones dropped.
-    Shards go to ``shards_dir`` (kept) or to a folder inside the index (removed after ingest).
-    """
+def update_index_ray(images_dir: str | Path, index_dir: str | Path, pipeline: str | None = None,
+                     weights: str | Path | None = None, fit_on: Sequence[Path] | None = None,
+                     address: str | None = None, workers: int | None = None, batch_size: int = 32,
+                     threads_per_worker: int | None = None, shards_dir: str | Path | None = None,
+                     engine: str = "onnx", warn: Callable[[str], None] = print):
+    """`cbir.index.update_index`, with the extraction on Ray and the results through shards:
+    to ``shards_dir`` (kept) or to a folder inside the index (removed after the ingest)."""
     from cbir.index.builder import UpdateReport, folder_metadata, open_or_create, scan_changes
     from cbir.scale.shards import ingest_shards
 

@@ -37,13 +37,12 @@ def table(paths: list[str], sizes: list[int], mtimes: list[int], hashes: list[st
     """One shard's rows as an Arrow table (rows with an error carry a zero vector)."""
     pa, _ = _pa()
     vectors = np.ascontiguousarray(vectors, np.float32)
-    dim = vectors.shape[1]
     return pa.table({
         "path": pa.array(paths, pa.string()),
         "size": pa.array(sizes, pa.int64()),
         "mtime_ns": pa.array(mtimes, pa.int64()),
         "sha256": pa.array(hashes, pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]),
         "error": pa.array(errors, pa.string()),
     })
 
@@ -51,13 +50,6 @@ def table(paths: list[str], sizes: list[int], mtimes: list[int], hashes: list[st
 def write_manifest(shards_dir: Path, identity: dict, dim: int, extra: dict | None = None) -> None:
     shards_dir.mkdir(parents=True, exist_ok=True)
     (shards_dir / MANIFEST).write_text(json.dumps({"identity": identity, "dim": int(dim), **(extra or {})}, indent=1))
-
-
-def read_manifest(shards_dir: Path) -> dict:
-    p = Path(shards_dir) / MANIFEST
-    if not p.exists():
-        raise ShardError(f"{shards_dir}: no {MANIFEST}; not a cbir shard directory")
-    return json.loads(p.read_text())
 
 
 def shard_files(shards_dir: Path) -> list[Path]:
@@ -80,14 +72,14 @@ def read_shard(path: Path) -> tuple[dict[str, list], np.ndarray]:
 
 def ingest_shards(index, shards_dir: Path, meta: dict[str, dict] | None = None, meta_root: Path | None = None,
                   warn: Callable[[str], None] = print) -> tuple[int, list[str]]:
-    """Add every shard under ``shards_dir`` to ``index`` (call under ``index.writer()``).
-
-    Returns (rows added, paths that failed to extract). ``meta`` maps paths relative to
-    ``meta_root`` to their metadata (as ``metadata.json`` gives it).
-    """
+    """Add every shard under ``shards_dir`` to ``index`` (call under ``index.writer()``); returns
+    (rows added, paths that failed to extract). ``meta``: `folder_metadata` of ``meta_root``."""
     from cbir.index.store import Entry, IndexMismatch
 
-    manifest = read_manifest(shards_dir)
+    p = Path(shards_dir) / MANIFEST
+    if not p.exists():
+        raise ShardError(f"{shards_dir}: no {MANIFEST}; not a cbir shard directory")
+    manifest = json.loads(p.read_text())
     if manifest["identity"] != index.identity:
         raise IndexMismatch(f"shards in {shards_dir} hold descriptors of {manifest['identity']['pipeline']!r}, "
                             f"the index {index.root} those of {index.pipeline!r} (or other weights)")
