@@ -55,9 +55,7 @@ def _progress():
 
 def _user_errors():
     """Exceptions that are the user's to fix, printed as one line, never as a traceback: cbir's own
-    (`IndexStoreError`, `RayUnavailable`; DatasetError, ImageError, PipelineError... are ValueErrors),
-    any ValueError (e.g. PCA asked for more dims than fitting images), OSError (a path that is a
-    file where a folder is needed, a full disk, no permission...)."""
+    (DatasetError, ImageError, PipelineError... are ValueErrors) and OSError (a full disk...)."""
     from cbir.index import IndexStoreError
     from cbir.scale.ray_extract import RayUnavailable
 
@@ -264,16 +262,18 @@ def search(
         searcher.index.use_backend(uri)
     t0 = time.perf_counter()
     if box is None and (localizer is not None or searcher.index.info.get("localizer")):
-        objects = searcher.search_objects(query, k)
-        _print_objects(objects, (time.perf_counter() - t0) * 1000, as_json)
-        return
-    hits = searcher.search(query, k, box)
+        key, found = "objects", searcher.search_objects(query, k)
+    else:
+        key, found = "results", searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
     if as_json:
-        typer.echo(json.dumps({"results": [h.to_json() for h in hits], "ms": round(ms, 2)}))
+        typer.echo(json.dumps({key: [x.to_json() for x in found], "ms": round(ms, 2)}))
         return
-    _print_hits(hits)
-    typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+    if key == "objects":
+        _print_objects(found)
+    else:
+        _print_hits(found)
+    typer.echo(f"({len(found)} {'object(s)' if key == 'objects' else 'results'} in {ms:.0f} ms)", err=True)
 
 
 def _print_hits(hits, indent: str = "") -> None:
@@ -282,10 +282,7 @@ def _print_hits(hits, indent: str = "") -> None:
         typer.echo(f"{indent}{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
 
 
-def _print_objects(objects, ms: float, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps({"objects": [o.to_json() for o in objects], "ms": round(ms, 2)}))
-        return
+def _print_objects(objects) -> None:
     if not objects:
         typer.echo("no object found in the photo")
     for n, o in enumerate(objects, 1):
@@ -293,7 +290,6 @@ def _print_objects(objects, ms: float, as_json: bool) -> None:
         verdict = f"is {o.identified}" if o.identified else "not in the collection"
         typer.echo(f"object {n}: box {x0},{y0},{x1},{y1}  (score {o.region.score:.2f})  {verdict}")
         _print_hits(o.results, "  ")
-    typer.echo(f"({len(objects)} object(s) in {ms:.0f} ms)", err=True)
 
 
 @app.command()

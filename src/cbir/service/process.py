@@ -42,8 +42,7 @@ def running_server(index_dir: str | Path, *extra: str, timeout: float = 180, env
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
+        proc.stderr.close()
 
 
 def _wait_ready(url: str, deadline: float) -> None:

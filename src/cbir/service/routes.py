@@ -1,7 +1,6 @@
 """The routes, in three routers: `search_routes` (by upload; more like an indexed image),
 `image_routes` (an image's entry, file and thumbnail; add, delete) and `service_routes` (health,
-stats, the page). Each reaches the shared `Service` through `ServiceDep` and refuses a request
-by raising an exception of `cbir.service.errors`, whose table chooses the status."""
+stats, the page). Refusals are exceptions of `cbir.service.errors`."""
 
 from __future__ import annotations
 
@@ -55,11 +54,11 @@ def health(svc: ServiceDep) -> Health:
 def stats(svc: ServiceDep) -> Stats:
     s = svc.index.stats()
     try:  # what the type resolved to; stats must answer even when the search structure cannot be built
-        resolved = svc.index.search_index().type
+        resolved = str(svc.index.search_index().type)
     except Exception:
         resolved = None
     return Stats(count=s["count"], pipeline=s["pipeline"], dim=s["dim"], index_type=str(s["index_type"]),
-                 index_type_resolved=None if resolved is None else str(resolved), segments=s.get("segments", 0),
+                 index_type_resolved=resolved, segments=s.get("segments", 0),
                  read_only=svc.read_only,
                  limits=Limits(max_upload_bytes=svc.max_upload_bytes, max_pixels=svc.max_pixels, max_k=MAX_K,
                                max_files=MAX_FILES, max_uploads=svc.max_uploads, max_meta_bytes=MAX_META_BYTES))
@@ -91,7 +90,7 @@ async def similar(
     box = parse_bbox(bbox)
     if box is None:
         return await anyio.to_thread.run_sync(_similar, svc, image_id, k, None)
-    data = await anyio.to_thread.run_sync(lambda: svc.read_file(svc.entry(image_id)))
+    data = await anyio.to_thread.run_sync(svc.read_file, image_id)
     return await svc.run_cpu(_similar, svc, image_id, k, box, data)
 
 

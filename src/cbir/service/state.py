@@ -73,18 +73,17 @@ class Service:
     def is_upload(self, e: Entry) -> bool:
         return Path(e.path).parent == self.uploads
 
-    def name(self, e: Entry) -> str:
-        if self.is_upload(e) and isinstance(e.meta.get("filename"), str):
-            return e.meta["filename"]
-        return Path(e.path).name
+    def name(self, path: str, meta: dict) -> str:
+        if Path(path).parent == self.uploads and isinstance(meta.get("filename"), str):
+            return meta["filename"]
+        return Path(path).name
 
     def results(self, hits: list[Hit]) -> list[Result]:
         """Search hits as the API shows them."""
         out = []
         for h in hits:
             meta = displayable_meta(h.meta)  # a row stored before meta was checked must not break the search
-            name = self.name(Entry(h.path, 0, 0, "", meta, h.id))
-            out.append(Result(id=h.id, name=name, score=round(h.score, 6), meta=meta, **urls(h.id)))
+            out.append(Result(id=h.id, name=self.name(h.path, meta), score=round(h.score, 6), meta=meta, **urls(h.id)))
         return out
 
     def info(self, e: Entry) -> ImageInfo:
@@ -95,7 +94,7 @@ class Service:
                 w, h = img.size
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
-        return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
+        return ImageInfo(id=e.id, name=self.name(e.path, e.meta), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
                          width=w, height=h, uploaded=self.is_upload(e), **urls(e.id))
 
     def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
@@ -130,9 +129,9 @@ class Service:
             raise
         return f, st
 
-    def read_file(self, e: Entry) -> bytes:
-        """The bytes of the entry's checked file (see `open_file`)."""
-        f, _ = self.open_file(e)
+    def read_file(self, image_id: int) -> bytes:
+        """The bytes of the image's checked file (see `open_file`)."""
+        f, _ = self.open_file(self.entry(image_id))
         with f:
             return f.read()
 
@@ -144,7 +143,7 @@ class Service:
 
     def _render_thumbnail(self, image_id: int, sha256: str, size: int) -> bytes:
         """A JPEG of the image's checked file, its longer side ``size`` (never enlarged)."""
-        raw = self.read_file(self.entry(image_id))  # the same checks as the file itself
+        raw = self.read_file(image_id)  # the same checks as the file itself
         with contextlib.suppress(Exception), Image.open(io.BytesIO(raw)) as probe:
             size = min(size, max(probe.size))
         try:
