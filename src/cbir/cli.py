@@ -295,8 +295,7 @@ def _print_objects(objects) -> None:
 @app.command()
 def localizers() -> None:
     """List the localizers: how a photo is split into the objects that are searched."""
-    for line in LOCALIZERS.describe():
-        typer.echo(line)
+    typer.echo("\n".join(LOCALIZERS.describe()))
     typer.echo(f"{'gt':22s} the benchmark's ground-truth boxes (cbir eval only: the upper bound)")
 
 

@@ -60,7 +60,7 @@ class EvalResult:
         if self.detection_pr is not None:
             ax = axes[0, 1]
             recall, precision = self.detection_pr
-            envelope = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+            envelope = np.maximum.accumulate(precision[::-1])[::-1]
             ax.plot(recall, precision, lw=1, alpha=0.5, label="precision")
             ax.plot(recall, envelope, lw=2.5, label=f"envelope (AP50 {self.summary['det_ap50']:.3f})")
             ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),

@@ -129,9 +129,7 @@ async def add_images(
     meta: Annotated[str | None, Form(description='Optional metadata for these images, e.g. '
                                                  '{"artist": "...", "title": "..."}: ' + META_SHAPE + '.')] = None,
 ) -> AddResponse:
-    svc.writable()
-    if not files:
-        raise Invalid("files is required: send one or more images")
+    svc.writable()  # FastAPI refuses a request without files (missing) before this
     if len(files) > MAX_FILES:
         raise Invalid(f"{len(files)} files in one request; at most {MAX_FILES} are accepted")
     # Checked before anything is read or written: a stored bad row would break searches.

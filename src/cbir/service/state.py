@@ -45,21 +45,19 @@ class Service:
     workers: int
     read_only: bool
     max_uploads: int
-    thumbnail_cache: int = 512
 
     def __post_init__(self) -> None:
         self.index = self.searcher.index
         self.uploads = (self.index.root / "uploads").resolve()
         self.write_lock = threading.Lock()
-        self._thumbnails = functools.lru_cache(self.thumbnail_cache)(self._render_thumbnail)
+        self._thumbnails = functools.lru_cache(512)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
 
     def warm_up(self) -> None:
-        """Create the inference session and the FAISS index now, not on the first request."""
+        """Create the inference session, the FAISS index, the localizer's model and the acceptance
+        threshold (a calibration, if the index stores none, takes seconds) now, not on the first request."""
         img = Image.new("RGB", (96, 64), (128, 128, 128))
         self.searcher.search_vector(self.searcher.extractor.extract_one(jpeg(img)), 1)
-        # The localizer's model and the acceptance threshold, too (a calibration, if the index
-        # stores none, takes seconds).
         self.searcher.localizer(img)
         if len(self.index) >= 3:
             self.searcher.calibration  # noqa: B018
@@ -136,8 +134,7 @@ class Service:
             return f.read()
 
     def thumbnail(self, image_id: int, size: int) -> tuple[bytes, str]:
-        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id,
-        content, size)."""
+        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id, content, size)."""
         sha256 = self.entry(image_id).sha256
         return self._thumbnails(image_id, sha256, size), sha256
 
