@@ -124,8 +124,7 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
     unique = query_keys(bench, crop)
     valid_db = ~np.isnan(db[:, 0])
     db_ids = np.asarray(bench.database, dtype=object)
-    sims = similarities(q_vecs, db, rerankers)
-    order = np.argsort(-sims, axis=1, kind="stable")
+    order = np.argsort(-similarities(q_vecs, db, rerankers), axis=1, kind="stable")
 
     metric = RetrievalMAP()
     per_query, curves, ns, unreadable_q = [], {}, [], 0

@@ -97,7 +97,7 @@ async def similar(
 @image_routes.get("/api/images/{image_id}", response_model=ImageInfo, summary="An indexed image's catalog entry",
                   responses=responses(404))
 def image_info(svc: ServiceDep, image_id: IdParam) -> ImageInfo:
-    return svc.info(svc.entry(image_id))
+    return svc.info(image_id)
 
 
 @image_routes.get("/api/images/{image_id}/file", summary="An indexed image's file", response_class=Response,
@@ -138,7 +138,7 @@ async def add_images(
     ups = [await svc.receive(f) for f in files]
     vecs = [await svc.run_cpu(svc.extract, u.data, None, u.name) for u in ups]
     ids, existing = await anyio.to_thread.run_sync(svc.add, ups, np.stack(vecs), extra)
-    infos = await anyio.to_thread.run_sync(lambda: [svc.info(svc.entry(i)) for i in ids])
+    infos = await anyio.to_thread.run_sync(lambda: [svc.info(i) for i in ids])
     return AddResponse(added=infos, existing=existing, count=len(svc.index))
 
 

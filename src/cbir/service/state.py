@@ -84,7 +84,8 @@ class Service:
             out.append(Result(id=h.id, name=self.name(h.path, meta), score=round(h.score, 6), meta=meta, **urls(h.id)))
         return out
 
-    def info(self, e: Entry) -> ImageInfo:
+    def info(self, image_id: int) -> ImageInfo:
+        e = self.entry(image_id)
         w = h = None
         with contextlib.suppress(Exception):  # not servable now, or not decodable: the size is unknown
             f, _ = self.open_file(e)
