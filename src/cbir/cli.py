@@ -7,13 +7,16 @@ step, a mismatched index) ends as one line on stderr naming it, and exit status 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from tqdm import tqdm
 
 from cbir.datasets import load_benchmark
 from cbir.images import list_images, parse_box
@@ -48,8 +51,6 @@ _warn = functools.partial(typer.echo, err=True)
 
 
 def _progress():
-    from tqdm import tqdm
-
     return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=None)
 
 
@@ -194,8 +195,6 @@ def _prepare_search(idx, index_type: str | None, search_params: str | None, back
     """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
     (large or non-default types) and tune its search parameters to the recall target, so that
     the first search does not pay for it."""
-    import warnings
-
     from cbir.index.factory import FLAT_MAX
 
     with warnings.catch_warnings(record=True) as caught:
@@ -356,8 +355,6 @@ def demo(
 def _register_optional_commands() -> None:
     """Commands whose code lives with its own part of cbir, and the ``train`` group; a module
     that is not there (an extra that is not installed) simply adds no command."""
-    import importlib
-
     for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),
                          ("cbir.compare", "compare"), ("cbir.synth", "synth"),
                          ("cbir.localize.tscam", "cam")):

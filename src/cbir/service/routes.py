@@ -32,7 +32,6 @@ CACHED = {"Cache-Control": "public, max-age=3600"}  # files and thumbnails: ids 
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'")
 IdParam = Annotated[int, PathParam(ge=1, le=ID_MAX, description="An image's id in the catalog.")]
-KQuery = Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")]
 
 service_routes = APIRouter(tags=["service"])
 search_routes = APIRouter(tags=["search"])
@@ -83,7 +82,7 @@ async def search(
 async def similar(
     svc: ServiceDep,
     image_id: IdParam,
-    k: KQuery = 10,
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")] = 10,
     bbox: Annotated[str | None, Query(description="Optional box `x0,y0,x1,y1` in pixels of the indexed image: "
                                                   "search with that region of it.")] = None,
 ) -> SearchResponse:

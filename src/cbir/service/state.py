@@ -68,11 +68,11 @@ class Service:
             raise no_such_image(image_id)
         return e
 
-    def is_upload(self, e: Entry) -> bool:
-        return Path(e.path).parent == self.uploads
+    def is_upload(self, path: str) -> bool:
+        return Path(path).parent == self.uploads
 
     def name(self, path: str, meta: dict) -> str:
-        if Path(path).parent == self.uploads and isinstance(meta.get("filename"), str):
+        if self.is_upload(path) and isinstance(meta.get("filename"), str):
             return meta["filename"]
         return Path(path).name
 
@@ -94,7 +94,7 @@ class Service:
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
         return ImageInfo(id=e.id, name=self.name(e.path, e.meta), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
-                         width=w, height=h, uploaded=self.is_upload(e), **urls(e.id))
+                         width=w, height=h, uploaded=self.is_upload(e.path), **urls(e.id))
 
     def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
         """The entry's file, opened, if it is still what was indexed (the checks of docs/service.md,
@@ -200,7 +200,7 @@ class Service:
         as deleted (docs/service.md)."""
         with self._writing("delete from"):
             e = self.entry(image_id)
-            upload = self.is_upload(e)
+            upload = self.is_upload(e.path)
             self.index.remove(ids=[image_id], keep_out=not upload)
             if upload:
                 Path(e.path).unlink(missing_ok=True)

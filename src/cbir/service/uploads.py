@@ -29,7 +29,7 @@ class BodyLimit:
     bound, so that the client sees the 413, not a reset connection). An upload in flight holds
     several copies of its body (buffered, parsed, decoded): beyond ``max_inflight``, a 503."""
 
-    def __init__(self, app, max_bytes: int, max_inflight: int = 8) -> None:
+    def __init__(self, app, max_bytes: int, max_inflight: int) -> None:
         self.app, self.max_bytes, self.max_inflight = app, max_bytes, max_inflight
         self.inflight = 0  # only touched from the event loop, between awaits: no lock needed
 
