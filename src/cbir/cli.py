@@ -7,13 +7,16 @@ step, a mismatched index) ends as one line on stderr naming it, and exit status 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from tqdm import tqdm
 
 from cbir.datasets import load_benchmark
 from cbir.images import list_images, parse_box
@@ -48,16 +51,12 @@ _warn = functools.partial(typer.echo, err=True)
 
 
 def _progress():
-    from tqdm import tqdm
-
     return functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, smoothing=0.1, disable=None)
 
 
 def _user_errors():
     """Exceptions that are the user's to fix, printed as one line, never as a traceback: cbir's own
-    (`IndexStoreError`, `RayUnavailable`; DatasetError, ImageError, PipelineError... are ValueErrors),
-    any ValueError (e.g. PCA asked for more dims than fitting images), OSError (a path that is a
-    file where a folder is needed, a full disk, no permission...)."""
+    (DatasetError, ImageError, PipelineError... are ValueErrors) and OSError (a full disk...)."""
     from cbir.index import IndexStoreError
     from cbir.scale.ray_extract import RayUnavailable
 
@@ -196,8 +195,6 @@ def _prepare_search(idx, index_type: str | None, search_params: str | None, back
     """Store the index type / backend asked for, then sync Milvus or build the FAISS index now
     (large or non-default types) and tune its search parameters to the recall target, so that
     the first search does not pay for it."""
-    import warnings
-
     from cbir.index.factory import FLAT_MAX
 
     with warnings.catch_warnings(record=True) as caught:
@@ -264,16 +261,18 @@ def search(
         searcher.index.use_backend(uri)
     t0 = time.perf_counter()
     if box is None and (localizer is not None or searcher.index.info.get("localizer")):
-        objects = searcher.search_objects(query, k)
-        _print_objects(objects, (time.perf_counter() - t0) * 1000, as_json)
-        return
-    hits = searcher.search(query, k, box)
+        key, found = "objects", searcher.search_objects(query, k)
+    else:
+        key, found = "results", searcher.search(query, k, box)
     ms = (time.perf_counter() - t0) * 1000
     if as_json:
-        typer.echo(json.dumps({"results": [h.to_json() for h in hits], "ms": round(ms, 2)}))
+        typer.echo(json.dumps({key: [x.to_json() for x in found], "ms": round(ms, 2)}))
         return
-    _print_hits(hits)
-    typer.echo(f"({len(hits)} results in {ms:.0f} ms)", err=True)
+    if key == "objects":
+        _print_objects(found)
+    else:
+        _print_hits(found)
+    typer.echo(f"({len(found)} {'object(s)' if key == 'objects' else 'results'} in {ms:.0f} ms)", err=True)
 
 
 def _print_hits(hits, indent: str = "") -> None:
@@ -282,10 +281,7 @@ def _print_hits(hits, indent: str = "") -> None:
         typer.echo(f"{indent}{rank:3d}  {h.score:.4f}  {h.path}" + (f"  [{extra}]" if extra else ""))
 
 
-def _print_objects(objects, ms: float, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps({"objects": [o.to_json() for o in objects], "ms": round(ms, 2)}))
-        return
+def _print_objects(objects) -> None:
     if not objects:
         typer.echo("no object found in the photo")
     for n, o in enumerate(objects, 1):
@@ -293,14 +289,12 @@ def _print_objects(objects, ms: float, as_json: bool) -> None:
         verdict = f"is {o.identified}" if o.identified else "not in the collection"
         typer.echo(f"object {n}: box {x0},{y0},{x1},{y1}  (score {o.region.score:.2f})  {verdict}")
         _print_hits(o.results, "  ")
-    typer.echo(f"({len(objects)} object(s) in {ms:.0f} ms)", err=True)
 
 
 @app.command()
 def localizers() -> None:
     """List the localizers: how a photo is split into the objects that are searched."""
-    for line in LOCALIZERS.describe():
-        typer.echo(line)
+    typer.echo("\n".join(LOCALIZERS.describe()))
     typer.echo(f"{'gt':22s} the benchmark's ground-truth boxes (cbir eval only: the upper bound)")
 
 
@@ -361,8 +355,6 @@ def demo(
 def _register_optional_commands() -> None:
     """Commands whose code lives with its own part of cbir, and the ``train`` group; a module
     that is not there (an extra that is not installed) simply adds no command."""
-    import importlib
-
     for module, name in (("cbir.toolbox.cli", "flops"), ("cbir.service.cli", "serve"),
                          ("cbir.compare", "compare"), ("cbir.synth", "synth"),
                          ("cbir.localize.tscam", "cam")):

@@ -91,10 +91,9 @@ def build_demo_benchmark(root: str | Path, seed: int = 0) -> Path:
             rel = f"queries/{name}_{edit}.jpg"
             fn(img, rng).save(root / rel, quality=90)
             queries.append({"image": rel, "positives": group, "junk": [], "tags": [edit]})
-    gt = {"name": "cbir-demo", "database": database, "queries": queries}
     (root / "metadata.json").write_text(json.dumps(metadata, indent=1))
     # gt.json last: its presence means the benchmark is complete.
-    (root / "gt.json").write_text(json.dumps(gt, indent=1))
+    (root / "gt.json").write_text(json.dumps({"name": "cbir-demo", "database": database, "queries": queries}, indent=1))
     return root
 
 

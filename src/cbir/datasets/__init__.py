@@ -13,10 +13,10 @@ lists itself as junk, except in UKBench where, by that benchmark's convention, i
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -189,10 +189,7 @@ def _images(root: Path, folder: Path | None = None) -> list[str]:
 
 def _groups(files: list[str], key) -> list[list[str]]:
     """``files`` grouped by ``key(file)``, groups in key order."""
-    groups = defaultdict(list)
-    for f in files:
-        groups[key(f)].append(f)
-    return [groups[k] for k in sorted(groups)]
+    return [list(g) for _, g in itertools.groupby(sorted(files, key=key), key)]
 
 
 def _load_holidays(root: Path, files: list[str]) -> Benchmark:

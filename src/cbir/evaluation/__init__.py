@@ -60,7 +60,7 @@ class EvalResult:
         if self.detection_pr is not None:
             ax = axes[0, 1]
             recall, precision = self.detection_pr
-            envelope = np.maximum.accumulate(precision[::-1])[::-1] if precision.size else precision
+            envelope = np.maximum.accumulate(precision[::-1])[::-1]
             ax.plot(recall, precision, lw=1, alpha=0.5, label="precision")
             ax.plot(recall, envelope, lw=2.5, label=f"envelope (AP50 {self.summary['det_ap50']:.3f})")
             ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
@@ -124,8 +124,7 @@ def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bo
     unique = query_keys(bench, crop)
     valid_db = ~np.isnan(db[:, 0])
     db_ids = np.asarray(bench.database, dtype=object)
-    sims = similarities(q_vecs, db, rerankers)
-    order = np.argsort(-sims, axis=1, kind="stable")
+    order = np.argsort(-similarities(q_vecs, db, rerankers), axis=1, kind="stable")
 
     metric = RetrievalMAP()
     per_query, curves, ns, unreadable_q = [], {}, [], 0

@@ -36,14 +36,14 @@ def create_app(
     localizer: str | None = None,
 ) -> FastAPI:
     """The service over ``index_dir`` (or an existing ``searcher``), model loaded and warmed up."""
+    if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
+        raise ValueError("max_upload_mb and max_megapixels must be positive, workers and max_uploads at least 1")
     if searcher is None:
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         # ONNX Runtime threads per extraction: share the cores among the concurrent workers.
-        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)),
+        searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // workers),
                             localizer=localizer)
-    if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
-        raise ValueError("max_upload_mb and max_megapixels must be positive, workers and max_uploads at least 1")
     svc = Service(searcher, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
                   workers=workers, read_only=read_only, max_uploads=max_uploads)
     svc.warm_up()

@@ -16,7 +16,7 @@ from pathlib import Path
 @contextmanager
 def running_server(index_dir: str | Path, *extra: str, timeout: float = 180, env: dict | None = None) -> Iterator[str]:
     """Start ``cbir serve --index DIR --port 0 EXTRA...``; yield its base URL once it answers; stop it."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
     cmd = [sys.executable, "-m", "cbir.cli", "serve", "--index", str(index_dir), "--host", "127.0.0.1",
            "--port", "0", "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -42,16 +42,14 @@ def running_server(index_dir: str | Path, *extra: str, timeout: float = 180, env
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
+        proc.stderr.close()
 
 
 def _wait_ready(url: str, deadline: float) -> None:
     while True:
         try:
-            with urllib.request.urlopen(url + "api/health", timeout=5) as r:
-                if r.status == 200:
-                    return
+            with urllib.request.urlopen(url + "api/health", timeout=5):  # a status over 399 raises
+                return
         except OSError:
             if time.monotonic() > deadline:
                 raise

@@ -1,7 +1,6 @@
 """The routes, in three routers: `search_routes` (by upload; more like an indexed image),
 `image_routes` (an image's entry, file and thumbnail; add, delete) and `service_routes` (health,
-stats, the page). Each reaches the shared `Service` through `ServiceDep` and refuses a request
-by raising an exception of `cbir.service.errors`, whose table chooses the status."""
+stats, the page). Refusals are exceptions of `cbir.service.errors`."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ CACHED = {"Cache-Control": "public, max-age=3600"}  # files and thumbnails: ids 
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'")
 IdParam = Annotated[int, PathParam(ge=1, le=ID_MAX, description="An image's id in the catalog.")]
-KQuery = Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")]
 
 service_routes = APIRouter(tags=["service"])
 search_routes = APIRouter(tags=["search"])
@@ -55,11 +53,11 @@ def health(svc: ServiceDep) -> Health:
 def stats(svc: ServiceDep) -> Stats:
     s = svc.index.stats()
     try:  # what the type resolved to; stats must answer even when the search structure cannot be built
-        resolved = svc.index.search_index().type
+        resolved = str(svc.index.search_index().type)
     except Exception:
         resolved = None
     return Stats(count=s["count"], pipeline=s["pipeline"], dim=s["dim"], index_type=str(s["index_type"]),
-                 index_type_resolved=None if resolved is None else str(resolved), segments=s.get("segments", 0),
+                 index_type_resolved=resolved, segments=s.get("segments", 0),
                  read_only=svc.read_only,
                  limits=Limits(max_upload_bytes=svc.max_upload_bytes, max_pixels=svc.max_pixels, max_k=MAX_K,
                                max_files=MAX_FILES, max_uploads=svc.max_uploads, max_meta_bytes=MAX_META_BYTES))
@@ -84,21 +82,21 @@ async def search(
 async def similar(
     svc: ServiceDep,
     image_id: IdParam,
-    k: KQuery = 10,
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")] = 10,
     bbox: Annotated[str | None, Query(description="Optional box `x0,y0,x1,y1` in pixels of the indexed image: "
                                                   "search with that region of it.")] = None,
 ) -> SearchResponse:
     box = parse_bbox(bbox)
     if box is None:
         return await anyio.to_thread.run_sync(_similar, svc, image_id, k, None)
-    data = await anyio.to_thread.run_sync(lambda: svc.read_file(svc.entry(image_id)))
+    data = await anyio.to_thread.run_sync(svc.read_file, image_id)
     return await svc.run_cpu(_similar, svc, image_id, k, box, data)
 
 
 @image_routes.get("/api/images/{image_id}", response_model=ImageInfo, summary="An indexed image's catalog entry",
                   responses=responses(404))
 def image_info(svc: ServiceDep, image_id: IdParam) -> ImageInfo:
-    return svc.info(svc.entry(image_id))
+    return svc.info(image_id)
 
 
 @image_routes.get("/api/images/{image_id}/file", summary="An indexed image's file", response_class=Response,
@@ -130,9 +128,7 @@ async def add_images(
     meta: Annotated[str | None, Form(description='Optional metadata for these images, e.g. '
                                                  '{"artist": "...", "title": "..."}: ' + META_SHAPE + '.')] = None,
 ) -> AddResponse:
-    svc.writable()
-    if not files:
-        raise Invalid("files is required: send one or more images")
+    svc.writable()  # FastAPI refuses a request without files (missing) before this
     if len(files) > MAX_FILES:
         raise Invalid(f"{len(files)} files in one request; at most {MAX_FILES} are accepted")
     # Checked before anything is read or written: a stored bad row would break searches.
@@ -141,7 +137,7 @@ async def add_images(
     ups = [await svc.receive(f) for f in files]
     vecs = [await svc.run_cpu(svc.extract, u.data, None, u.name) for u in ups]
     ids, existing = await anyio.to_thread.run_sync(svc.add, ups, np.stack(vecs), extra)
-    infos = await anyio.to_thread.run_sync(lambda: [svc.info(svc.entry(i)) for i in ids])
+    infos = await anyio.to_thread.run_sync(lambda: [svc.info(i) for i in ids])
     return AddResponse(added=infos, existing=existing, count=len(svc.index))
 
 

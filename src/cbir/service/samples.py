@@ -49,8 +49,7 @@ def build_index(root: str | Path, engine: str = "onnx") -> tuple[Path, Path]:
 def crop_query(name: str = "chelsea", box=(0.22, 0.12, 0.78, 0.95)) -> bytes:
     """An edited copy of a sample photo: a crop of it, re-encoded."""
     img = photo(name)
-    w, h = img.size
-    return jpeg(img.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))), 85)
+    return jpeg(img.crop(tuple(int(f * side) for f, side in zip(box, img.size * 2))), 85)
 
 
 def composite_query(left: str = "coffee", right: str = "chelsea", side: int = 320) -> tuple[bytes, tuple, tuple]:

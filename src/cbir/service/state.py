@@ -45,21 +45,19 @@ class Service:
     workers: int
     read_only: bool
     max_uploads: int
-    thumbnail_cache: int = 512
 
     def __post_init__(self) -> None:
         self.index = self.searcher.index
         self.uploads = (self.index.root / "uploads").resolve()
         self.write_lock = threading.Lock()
-        self._thumbnails = functools.lru_cache(self.thumbnail_cache)(self._render_thumbnail)
+        self._thumbnails = functools.lru_cache(512)(self._render_thumbnail)
         self._cpu: tuple[object, anyio.CapacityLimiter] | None = None
 
     def warm_up(self) -> None:
-        """Create the inference session and the FAISS index now, not on the first request."""
+        """Create the inference session, the FAISS index, the localizer's model and the acceptance
+        threshold (a calibration, if the index stores none, takes seconds) now, not on the first request."""
         img = Image.new("RGB", (96, 64), (128, 128, 128))
         self.searcher.search_vector(self.searcher.extractor.extract_one(jpeg(img)), 1)
-        # The localizer's model and the acceptance threshold, too (a calibration, if the index
-        # stores none, takes seconds).
         self.searcher.localizer(img)
         if len(self.index) >= 3:
             self.searcher.calibration  # noqa: B018
@@ -70,24 +68,24 @@ class Service:
             raise no_such_image(image_id)
         return e
 
-    def is_upload(self, e: Entry) -> bool:
-        return Path(e.path).parent == self.uploads
+    def is_upload(self, path: str) -> bool:
+        return Path(path).parent == self.uploads
 
-    def name(self, e: Entry) -> str:
-        if self.is_upload(e) and isinstance(e.meta.get("filename"), str):
-            return e.meta["filename"]
-        return Path(e.path).name
+    def name(self, path: str, meta: dict) -> str:
+        if self.is_upload(path) and isinstance(meta.get("filename"), str):
+            return meta["filename"]
+        return Path(path).name
 
     def results(self, hits: list[Hit]) -> list[Result]:
         """Search hits as the API shows them."""
         out = []
         for h in hits:
             meta = displayable_meta(h.meta)  # a row stored before meta was checked must not break the search
-            name = self.name(Entry(h.path, 0, 0, "", meta, h.id))
-            out.append(Result(id=h.id, name=name, score=round(h.score, 6), meta=meta, **urls(h.id)))
+            out.append(Result(id=h.id, name=self.name(h.path, meta), score=round(h.score, 6), meta=meta, **urls(h.id)))
         return out
 
-    def info(self, e: Entry) -> ImageInfo:
+    def info(self, image_id: int) -> ImageInfo:
+        e = self.entry(image_id)
         w = h = None
         with contextlib.suppress(Exception):  # not servable now, or not decodable: the size is unknown
             f, _ = self.open_file(e)
@@ -95,8 +93,8 @@ class Service:
                 w, h = img.size
                 if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: a quarter turn
                     w, h = h, w
-        return ImageInfo(id=e.id, name=self.name(e), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
-                         width=w, height=h, uploaded=self.is_upload(e), **urls(e.id))
+        return ImageInfo(id=e.id, name=self.name(e.path, e.meta), meta=displayable_meta(e.meta), size=e.size, sha256=e.sha256,
+                         width=w, height=h, uploaded=self.is_upload(e.path), **urls(e.id))
 
     def open_file(self, e: Entry) -> tuple[io.BufferedReader, os.stat_result]:
         """The entry's file, opened, if it is still what was indexed (the checks of docs/service.md,
@@ -130,21 +128,20 @@ class Service:
             raise
         return f, st
 
-    def read_file(self, e: Entry) -> bytes:
-        """The bytes of the entry's checked file (see `open_file`)."""
-        f, _ = self.open_file(e)
+    def read_file(self, image_id: int) -> bytes:
+        """The bytes of the image's checked file (see `open_file`)."""
+        f, _ = self.open_file(self.entry(image_id))
         with f:
             return f.read()
 
     def thumbnail(self, image_id: int, size: int) -> tuple[bytes, str]:
-        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id,
-        content, size)."""
+        """A JPEG thumbnail of the image and the SHA-256 it shows, from an LRU keyed by (id, content, size)."""
         sha256 = self.entry(image_id).sha256
         return self._thumbnails(image_id, sha256, size), sha256
 
     def _render_thumbnail(self, image_id: int, sha256: str, size: int) -> bytes:
         """A JPEG of the image's checked file, its longer side ``size`` (never enlarged)."""
-        raw = self.read_file(self.entry(image_id))  # the same checks as the file itself
+        raw = self.read_file(image_id)  # the same checks as the file itself
         with contextlib.suppress(Exception), Image.open(io.BytesIO(raw)) as probe:
             size = min(size, max(probe.size))
         try:
@@ -203,7 +200,7 @@ class Service:
         as deleted (docs/service.md)."""
         with self._writing("delete from"):
             e = self.entry(image_id)
-            upload = self.is_upload(e)
+            upload = self.is_upload(e.path)
             self.index.remove(ids=[image_id], keep_out=not upload)
             if upload:
                 Path(e.path).unlink(missing_ok=True)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
+from starlette.responses import JSONResponse
 
 from cbir.images import TooManyPixels, parse_box
 from cbir.service.errors import BadRequest, Busy, Invalid, NotAnImage, ServiceError, TooLarge, status_of
@@ -29,7 +29,7 @@ class BodyLimit:
     bound, so that the client sees the 413, not a reset connection). An upload in flight holds
     several copies of its body (buffered, parsed, decoded): beyond ``max_inflight``, a 503."""
 
-    def __init__(self, app, max_bytes: int, max_inflight: int = 8) -> None:
+    def __init__(self, app, max_bytes: int, max_inflight: int) -> None:
         self.app, self.max_bytes, self.max_inflight = app, max_bytes, max_inflight
         self.inflight = 0  # only touched from the event loop, between awaits: no lock needed
 
@@ -38,9 +38,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         if self.inflight >= self.max_inflight:
             await self._drain(receive, None)
-            return await _refuse(send, Busy(f"this server is already receiving {self.max_inflight} uploads, its "
-                                            f"limit (set with `cbir serve --max-uploads`); retry shortly"),
-                                 [(b"retry-after", b"1")])
+            busy = Busy(f"this server is already receiving {self.max_inflight} uploads, its limit "
+                        f"(set with `cbir serve --max-uploads`); retry shortly")
+            return await _refusal(busy, {"retry-after": "1"})(scope, receive, send)
         self.inflight += 1
         try:
             return await self._limited(scope, receive, send)
@@ -52,10 +52,10 @@ class BodyLimit:
         try:
             declared = None if declared is None else int(declared)
         except ValueError:
-            return await _refuse(send, BadRequest("the Content-Length header is not a number"))
+            return await _refusal(BadRequest("the Content-Length header is not a number"))(scope, receive, send)
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, declared)
-            return await _refuse(send, self._too_large(declared))
+            return await _refusal(self._too_large(declared))(scope, receive, send)
         chunks, total, more = [], 0, True
         while more:
             msg = await receive()
@@ -67,7 +67,7 @@ class BodyLimit:
             if total > self.max_bytes:
                 if more:
                     total += await self._drain(receive, None)
-                return await _refuse(send, self._too_large(total))
+                return await _refusal(self._too_large(total))(scope, receive, send)
             chunks.append(body)
         buffered = iter([{"type": "http.request", "body": b"".join(chunks), "more_body": False}])
 
@@ -95,13 +95,9 @@ class BodyLimit:
                         f"per request (set with `cbir serve --max-upload-mb`)")
 
 
-async def _refuse(send, exc: ServiceError, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    """Send a refusal as the exception handlers would: this middleware runs outside them."""
-    body = json.dumps({"detail": str(exc)}).encode()
-    await send({"type": "http.response.start", "status": status_of(exc),
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
-    await send({"type": "http.response.body", "body": body})
+def _refusal(exc: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refusal as the exception handlers send it (this middleware runs outside them); it closes the connection."""
+    return JSONResponse({"detail": str(exc)}, status_of(exc), {"connection": "close", **(headers or {})})
 
 
 def _mb(n: int) -> str:
