@@ -128,7 +128,9 @@ async def add_images(
     meta: Annotated[str | None, Form(description='Optional metadata for these images, e.g. '
                                                  '{"artist": "...", "title": "..."}: ' + META_SHAPE + '.')] = None,
 ) -> AddResponse:
-    svc.writable()  # FastAPI refuses a request without files (missing) before this
+    svc.writable()
+    if not files:  # FastAPI refuses a request without files before this; kept in case it lets one by
+        raise Invalid("files is required: send one or more images")
     if len(files) > MAX_FILES:
         raise Invalid(f"{len(files)} files in one request; at most {MAX_FILES} are accepted")
     # Checked before anything is read or written: a stored bad row would break searches.
