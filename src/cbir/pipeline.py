@@ -102,8 +102,8 @@ class PipelineSpec:
         found: dict[str, list[str]] = {s: [] for s in _STAGES}
         last = -1
         for tok in tokens[1:]:
-            try:
-                stage = _stage_of(tok)
+            try:  # the first parser (tried in `_PARSERS` order) that accepts the token
+                stage = next((name for name, parse in _PARSERS if parse(tok) is not None), None)
             except ValueError as e:
                 raise PipelineError(str(e)) from None
             if stage is None:
@@ -165,10 +165,6 @@ class PipelineSpec:
 _PARSERS = (("input", Resize.parse), ("scales", parse_scales), ("regions", parse_regions),
             ("pooling", parse_pooling), ("encoder", parse_encoder), ("rerank", parse_rerank),
             ("post", parse_postprocess))
-
-
-def _stage_of(tok: str) -> str | None:
-    return next((stage for stage, parse in _PARSERS if parse(tok) is not None), None)
 
 
 def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
