@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from cbir.images import ImageError, Resize, batches_by_shape, open_image, to_array
+from cbir.images import ImageError, Resize, batches_by_shape, list_images, open_image, to_array
 from cbir.local import LocalEncoder, RegionSpec, parse_encoder, parse_regions
 from cbir.local.regions import crop_and_warp
 from cbir.models import BackboneError, create_engine, get_backbone
 from cbir.models.backbones import VECTOR_LAYERS
+from cbir.models.batch_size import measured_batch_size
 from cbir.pooling import PoolingMethod, combine_scales, parse_pooling, pool
 from cbir.postprocess import LayerFusion, Transform, parse_postprocess
 from cbir.rerank import Reranker, check_order, parse_rerank
@@ -185,8 +187,6 @@ def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
     """Images of a fitting set and, where the folder says, their labels: a benchmark folder
     (``gt.json``) gives its database and query images, labelled by the groups that show the same
     object (a query with its positives); a folder of class folders, labels by folder; else none."""
-    from cbir.images import list_images
-
     root = Path(root)
     if (root / "gt.json").exists():
         from cbir.datasets import load_benchmark
@@ -428,8 +428,6 @@ class Extractor:
         """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
         if self.batch_size and self.batch_size > 0:
             return int(self.batch_size)
-        from cbir.models.batch_size import measured_batch_size
-
         self.batch_size = measured_batch_size(self)
         return self.batch_size
 
@@ -497,8 +495,6 @@ def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, windo
 
 def rescale_batch(batch: np.ndarray, scale: float) -> np.ndarray:
     """uint8 ``(N, H, W, 3)`` -> the same images resized by ``scale`` (antialiased)."""
-    from PIL import Image
-
     n, h, w, _ = batch.shape
     size = (max(16, round(w * scale)), max(16, round(h * scale)))
     return np.stack([np.asarray(Image.fromarray(b).resize(size, Image.BICUBIC)) for b in batch])

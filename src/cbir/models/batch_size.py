@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.fileio import atomic_write_bytes
+from cbir.models.engine import cache_dir
 
 CANDIDATES = (1, 2, 4, 8, 16)
 TOLERANCE = 1.05
@@ -21,8 +22,6 @@ MAX_BATCH_BYTES = 256 << 20  # never measure (or use) a batch of pixels larger t
 
 
 def _cache_file() -> Path:
-    from cbir.models.engine import cache_dir
-
     return cache_dir() / "batch_sizes.json"
 
 

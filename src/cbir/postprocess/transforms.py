@@ -120,12 +120,10 @@ class WhiteningPCA(PCA):
 
 
 class LayerFusion(Transform):
-    """Multi-layer fusion of the raw descriptor, the concatenation of per-layer pooled vectors.
-
-    Each layer's block (sizes ``dims_``, set by the extractor) is L2-normalised and scaled by
-    ``sqrt(w_i / sum w)``: the inner product of two fused descriptors is the weighted mean of the
-    per-layer cosines, and the result has unit norm. ``weights=None``: learned by `fit` from a
-    labelled set ``y``, the simplex point (step 0.1) of the best leave-one-out mAP (ties: most uniform)."""
+    """Multi-layer fusion of the raw descriptor, the concatenation of per-layer pooled vectors: each
+    layer's block (sizes ``dims_``, set by the extractor) L2-normalised and scaled by ``sqrt(w_i / sum w)``
+    (unit norm; inner product: the weighted mean of the per-layer cosines). ``weights=None``: learned
+    by `fit` from a labelled set ``y`` (docs/methods.md, "Learned layer weights")."""
 
     supervised = True
 
@@ -171,9 +169,7 @@ def loo_map(sims: np.ndarray, y: np.ndarray) -> float:
         rel = np.delete(y == y[i], i)
         if not rel.any():
             continue
-        order = np.argsort(-s, kind="stable")
-        hits = rel[order]
-        ranks = np.flatnonzero(hits)
+        ranks = np.flatnonzero(rel[np.argsort(-s, kind="stable")])  # where the relevant items rank
         aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
     return float(np.mean(aps)) if aps else 0.0
 
