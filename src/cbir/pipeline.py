@@ -272,10 +272,7 @@ class Extractor:
         if self.threads:
             return self.threads
         if self.engine_name.startswith("onnx") and self.infer_workers > 1:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # pragma: no cover - not Linux
-                cores = os.cpu_count() or 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             return max(1, cores // self.infer_workers)
         return None
 
