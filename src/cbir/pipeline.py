@@ -113,11 +113,10 @@ class PipelineSpec:
                                     "see `cbir pipelines` for the vocabulary")
             i = _STAGES.index(stage)
             if i < last or (i == last and stage not in ("post", "rerank")):
-                order = " -> ".join(_STAGES)
                 what = {"input": f"input size {tok!r} must come right after the backbone",
                         "pooling": f"pooling {tok!r} must come before post-processing and only once"
                         }.get(stage, f"{stage} step {tok!r} is out of place or repeated")
-                raise PipelineError(f"{what}; the order is: backbone -> {order}")
+                raise PipelineError(f"{what}; the order is: backbone -> {' -> '.join(_STAGES)}")
             last = i
             found[stage].append(tok)
         if not found["input"]:
@@ -423,10 +422,9 @@ class Extractor:
 
     def resolved_batch_size(self) -> int:
         """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
-        if self.batch_size and self.batch_size > 0:
-            return int(self.batch_size)
-        self.batch_size = measured_batch_size(self)
-        return self.batch_size
+        if not self.batch_size or self.batch_size < 0:
+            self.batch_size = measured_batch_size(self)
+        return int(self.batch_size)
 
     def fit(self, sources: _Sources, on_error: _OnError = None,
             labels: Sequence | None = None) -> "Extractor":

@@ -114,9 +114,8 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     n = len(db)
     if n == 0:
         return np.zeros((len(q), 0), np.float32)
-    kk = min(k, n)
     sims = db @ db.T
-    nn = _topk(sims, kk + 1 if n > kk else kk)
+    nn = _topk(sims, k + 1)  # itself (dropped below) and k neighbours; `_topk` caps it at n
     rows = np.repeat(np.arange(n), nn.shape[1])
     cols = nn.ravel()
     vals = np.clip(sims[rows, cols], 0, None) ** gamma
@@ -128,7 +127,7 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     dinv = diags(1.0 / np.sqrt(np.maximum(d, 1e-12)))
     L = identity(n) - alpha * (dinv @ A @ dinv)
     qs = q @ db.T
-    qn = _topk(qs, kk)
+    qn = _topk(qs, k)
     out = np.zeros((len(q), n), np.float32)
     for i in range(len(q)):
         y = np.zeros(n)
