@@ -193,12 +193,6 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
     return row
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The highest mAP; ties go to the pipeline listed first (timings are too noisy to break them)."""
-    ok = [r for r in rows if "map" in r]
-    return max(ok, key=lambda r: r["map"]) if ok else None
-
-
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The comparison as a text or Markdown table; the best mAP is marked with *."""
     tags = list(dict.fromkeys(t for r in rows for t in r.get("map_by_tag", {})))
@@ -219,12 +213,6 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
-
-
-def _split_methods(methods: list[str] | None) -> list[str]:
-    if not methods:
-        return list(DEFAULT_METHODS)
-    return [x.strip() for m in methods for x in m.split(";") if x.strip()]
 
 
 def compare(
@@ -252,10 +240,12 @@ def compare(
     bench = load_benchmark(dataset_dir)
     fit_paths, fit_labels = fit_set(fit_on) if fit_on else (None, None)
     progress = partial(tqdm, file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
-    rows = compare_pipelines(bench, _split_methods(methods), fit_paths, fit_labels, weights, engine,
-                             crop=not no_crop, progress=None if as_json else progress,
-                             warn=lambda m: typer.echo(m, err=True))
-    best = best_row(rows)
+    pipelines = ([x.strip() for m in methods for x in m.split(";") if x.strip()] if methods
+                 else list(DEFAULT_METHODS))
+    rows = compare_pipelines(bench, pipelines, fit_paths, fit_labels, weights, engine, crop=not no_crop,
+                             progress=None if as_json else progress, warn=lambda m: typer.echo(m, err=True))
+    # The highest mAP; ties go to the pipeline listed first (timings are too noisy to break them).
+    best = max((r for r in rows if "map" in r), key=lambda r: r["map"], default=None)
     if markdown:
         text = (f"Benchmark `{bench.name}`: {len(bench.queries)} queries, {len(bench.database)} database images"
                 + (f"; learned steps fitted on `{fit_on}`" if fit_on else "") + ".\n\n" + format_table(rows, True) + "\n")
