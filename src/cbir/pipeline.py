@@ -453,8 +453,7 @@ class Extractor:
         x = self.encode(raw)
         y = np.asarray([labels[i] for i in ok], dtype=object) if labels is not None else None
         for t in self.post:
-            args = (x, y) if getattr(t, "supervised", False) else (x,)
-            x = t.fit(*args).transform(x)
+            x = t.fit(x, y).transform(x)
         return self
 
     def encode(self, raw: Sequence[np.ndarray]) -> np.ndarray:

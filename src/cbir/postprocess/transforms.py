@@ -21,11 +21,12 @@ class NotFittedError(RuntimeError):
 
 
 class Transform:
-    """Base: stateless transforms need no ``fit``; learned ones override ``fit`` and ``learned``."""
+    """Base: stateless transforms need no ``fit``; learned ones override ``fit`` and ``learned``
+    (``y``: labels, used by the ``supervised`` ones only)."""
 
     learned = False
 
-    def fit(self, x: np.ndarray) -> "Transform":
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "Transform":
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -74,7 +75,7 @@ class PCA(Transform):
         self.whiten = whiten
         self.eps = eps
 
-    def fit(self, x: np.ndarray) -> "PCA":
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "PCA":
         x = np.asarray(x, dtype=np.float64)
         n, d = x.shape
         if self.n_components > min(n, d):
@@ -98,11 +99,9 @@ class PCA(Transform):
 
 
 class WhiteningPCA(PCA):
-    """PCA-whitening variants: each component is divided by ``(eigenvalue')^power``.
-
-    ``power = 0.5`` is plain whitening, ``power = 0.25`` square-root whitening (the literature's
-    power-law whitening with alpha = 0.5: dominant directions damped, not flattened). ``shrinkage``
-    s in [0, 1] first pulls the eigenvalues towards their mean, ``(1 - s) eigenvalue + s mean``,
+    """PCA-whitening variants: each component divided by ``(eigenvalue')^power``; 0.5: plain whitening,
+    0.25: square-root (power-law, alpha = 0.5) whitening, dominant directions damped, not flattened.
+    ``shrinkage`` s in [0, 1] first pulls the eigenvalues towards their mean, ``(1 - s) eigenvalue + s mean``,
     so that weak, noisily estimated directions are not blown up when the fitting set is small."""
 
     def __init__(self, n_components: int, power: float = 0.5, shrinkage: float = 0.0, eps: float = 1e-6) -> None:
