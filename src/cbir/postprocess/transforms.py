@@ -137,8 +137,7 @@ class LayerFusion(Transform):
         dims = [int(d) for d in self.dims_]
         if sum(dims) != x.shape[1]:
             raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
-        blocks = np.split(x, np.cumsum(dims)[:-1], axis=1)
-        return [l2_normalize(b) for b in blocks]
+        return [l2_normalize(b) for b in np.split(x, np.cumsum(dims)[:-1], axis=1)]
 
     def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
         if not self.learned:
