@@ -10,9 +10,11 @@ on ``--fit-on``, a folder separate from the benchmark (a benchmark folder there 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -229,9 +231,6 @@ def compare(
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
 ) -> None:
     """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
-    import sys
-    from functools import partial
-
     from tqdm import tqdm
 
     from cbir.datasets import load_benchmark

@@ -50,12 +50,8 @@ def parse_regions(token: str) -> RegionSpec | None:
 
 def sliding_windows(h: int, w: int, levels: int = 3) -> list[Box]:
     """The whole image, then square windows at ``levels`` scales with ~40% overlap."""
-    boxes = [(0, 0, w, h)]
-    for y, x, sh, sw in rmac_regions(h, w, levels):
-        box = (x, y, x + sw, y + sh)
-        if box not in boxes:
-            boxes.append(box)
-    return boxes
+    windows = [(x, y, x + sw, y + sh) for y, x, sh, sw in rmac_regions(h, w, levels)]
+    return list(dict.fromkeys([(0, 0, w, h)] + windows))  # each box once, in first-seen order
 
 
 def crop_and_warp(image: np.ndarray, boxes: list[Box], size: int) -> np.ndarray:

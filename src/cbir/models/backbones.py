@@ -116,9 +116,8 @@ class TimmBackbone(Backbone):
                 try:
                     model.load_state_dict(state, strict=True)
                 except RuntimeError as e:
-                    first = str(e).splitlines()[0]
                     raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
-                                        f"{first}") from e
+                                        f"{str(e).splitlines()[0]}") from e
             self._model = model.eval()
             return self._model
 

@@ -5,6 +5,7 @@ cached per machine, keyed by everything that changes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,8 +68,6 @@ def measured_batch_size(extractor, refresh: bool = False) -> int:
     bs = choose(per_image)
     cached[key] = {"batch_size": bs, "pipeline": str(extractor.spec), "engine": extractor.engine_name,
                    "ms_per_image": {str(k): round(v * 1000, 2) for k, v in per_image.items()}}
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a measurement next time
         atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
-    except OSError:
-        pass  # a read-only cache only costs a measurement next time
     return bs
