@@ -10,9 +10,11 @@ on ``--fit-on``, a folder separate from the benchmark (a benchmark folder there 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -193,12 +195,6 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
     return row
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The highest mAP; ties go to the pipeline listed first (timings are too noisy to break them)."""
-    ok = [r for r in rows if "map" in r]
-    return max(ok, key=lambda r: r["map"]) if ok else None
-
-
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The comparison as a text or Markdown table; the best mAP is marked with *."""
     tags = list(dict.fromkeys(t for r in rows for t in r.get("map_by_tag", {})))
@@ -221,12 +217,6 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
-def _split_methods(methods: list[str] | None) -> list[str]:
-    if not methods:
-        return list(DEFAULT_METHODS)
-    return [x.strip() for m in methods for x in m.split(";") if x.strip()]
-
-
 def compare(
     dataset_dir: Annotated[Path, typer.Argument(help="Benchmark folder (as for `cbir eval`).")],
     methods: Annotated[Optional[list[str]], typer.Option(
@@ -241,9 +231,6 @@ def compare(
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Do not crop queries to their ground-truth box.")] = False,
 ) -> None:
     """Compare pipelines on one benchmark: mAP (overall and per tag), descriptor size, ms per image."""
-    import sys
-    from functools import partial
-
     from tqdm import tqdm
 
     from cbir.datasets import load_benchmark
@@ -252,10 +239,12 @@ def compare(
     bench = load_benchmark(dataset_dir)
     fit_paths, fit_labels = fit_set(fit_on) if fit_on else (None, None)
     progress = partial(tqdm, file=sys.stderr, dynamic_ncols=True, disable=None, leave=False)
-    rows = compare_pipelines(bench, _split_methods(methods), fit_paths, fit_labels, weights, engine,
-                             crop=not no_crop, progress=None if as_json else progress,
-                             warn=lambda m: typer.echo(m, err=True))
-    best = best_row(rows)
+    pipelines = ([x.strip() for m in methods for x in m.split(";") if x.strip()] if methods
+                 else list(DEFAULT_METHODS))
+    rows = compare_pipelines(bench, pipelines, fit_paths, fit_labels, weights, engine, crop=not no_crop,
+                             progress=None if as_json else progress, warn=lambda m: typer.echo(m, err=True))
+    # The highest mAP; ties go to the pipeline listed first (timings are too noisy to break them).
+    best = max((r for r in rows if "map" in r), key=lambda r: r["map"], default=None)
     if markdown:
         text = (f"Benchmark `{bench.name}`: {len(bench.queries)} queries, {len(bench.database)} database images"
                 + (f"; learned steps fitted on `{fit_on}`" if fit_on else "") + ".\n\n" + format_table(rows, True) + "\n")

@@ -6,6 +6,7 @@ Every failure (missing file, not an image, truncated or corrupt data, too many p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -198,8 +199,6 @@ def batches_by_shape(items: Iterator[tuple[int, np.ndarray]], batch_size: int,
 
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes."""
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from cbir.images import ImageError, Resize, batches_by_shape, open_image, to_array
+from cbir.images import ImageError, Resize, batches_by_shape, list_images, open_image, to_array
 from cbir.local import LocalEncoder, RegionSpec, parse_encoder, parse_regions
 from cbir.local.regions import crop_and_warp
 from cbir.models import BackboneError, create_engine, get_backbone
 from cbir.models.backbones import VECTOR_LAYERS
+from cbir.models.batch_size import measured_batch_size
 from cbir.pooling import PoolingMethod, combine_scales, parse_pooling, pool
 from cbir.postprocess import LayerFusion, Transform, parse_postprocess
 from cbir.rerank import Reranker, check_order, parse_rerank
@@ -102,8 +104,8 @@ class PipelineSpec:
         found: dict[str, list[str]] = {s: [] for s in _STAGES}
         last = -1
         for tok in tokens[1:]:
-            try:
-                stage = _stage_of(tok)
+            try:  # the first parser (tried in `_PARSERS` order) that accepts the token
+                stage = next((name for name, parse in _PARSERS if parse(tok) is not None), None)
             except ValueError as e:
                 raise PipelineError(str(e)) from None
             if stage is None:
@@ -111,11 +113,10 @@ class PipelineSpec:
                                     "see `cbir pipelines` for the vocabulary")
             i = _STAGES.index(stage)
             if i < last or (i == last and stage not in ("post", "rerank")):
-                order = " -> ".join(_STAGES)
                 what = {"input": f"input size {tok!r} must come right after the backbone",
                         "pooling": f"pooling {tok!r} must come before post-processing and only once"
                         }.get(stage, f"{stage} step {tok!r} is out of place or repeated")
-                raise PipelineError(f"{what}; the order is: backbone -> {order}")
+                raise PipelineError(f"{what}; the order is: backbone -> {' -> '.join(_STAGES)}")
             last = i
             found[stage].append(tok)
         if not found["input"]:
@@ -167,10 +168,6 @@ _PARSERS = (("input", Resize.parse), ("scales", parse_scales), ("regions", parse
             ("post", parse_postprocess))
 
 
-def _stage_of(tok: str) -> str | None:
-    return next((stage for stage, parse in _PARSERS if parse(tok) is not None), None)
-
-
 def resolve_spec(text: str, weights: str | Path | None = None) -> PipelineSpec:
     """Parse ``text`` and fill in the backbone's default layer, so the string is canonical."""
     spec = PipelineSpec.parse(text)
@@ -189,8 +186,6 @@ def fit_set(root: str | Path) -> tuple[list[Path], list[str] | None]:
     """Images of a fitting set and, where the folder says, their labels: a benchmark folder
     (``gt.json``) gives its database and query images, labelled by the groups that show the same
     object (a query with its positives); a folder of class folders, labels by folder; else none."""
-    from cbir.images import list_images
-
     root = Path(root)
     if (root / "gt.json").exists():
         from cbir.datasets import load_benchmark
@@ -276,10 +271,7 @@ class Extractor:
         if self.threads:
             return self.threads
         if self.engine_name.startswith("onnx") and self.infer_workers > 1:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # pragma: no cover - not Linux
-                cores = os.cpu_count() or 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             return max(1, cores // self.infer_workers)
         return None
 
@@ -430,12 +422,9 @@ class Extractor:
 
     def resolved_batch_size(self) -> int:
         """``batch_size``, or (when it is 0) the one measured fastest for this engine here."""
-        if self.batch_size and self.batch_size > 0:
-            return int(self.batch_size)
-        from cbir.models.batch_size import measured_batch_size
-
-        self.batch_size = measured_batch_size(self)
-        return self.batch_size
+        if not self.batch_size or self.batch_size < 0:
+            self.batch_size = measured_batch_size(self)
+        return int(self.batch_size)
 
     def fit(self, sources: _Sources, on_error: _OnError = None,
             labels: Sequence | None = None) -> "Extractor":
@@ -464,8 +453,7 @@ class Extractor:
         x = self.encode(raw)
         y = np.asarray([labels[i] for i in ok], dtype=object) if labels is not None else None
         for t in self.post:
-            args = (x, y) if getattr(t, "supervised", False) else (x,)
-            x = t.fit(*args).transform(x)
+            x = t.fit(x, y).transform(x)
         return self
 
     def encode(self, raw: Sequence[np.ndarray]) -> np.ndarray:
@@ -501,8 +489,6 @@ def _in_order(pool_: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, windo
 
 def rescale_batch(batch: np.ndarray, scale: float) -> np.ndarray:
     """uint8 ``(N, H, W, 3)`` -> the same images resized by ``scale`` (antialiased)."""
-    from PIL import Image
-
     n, h, w, _ = batch.shape
     size = (max(16, round(w * scale)), max(16, round(h * scale)))
     return np.stack([np.asarray(Image.fromarray(b).resize(size, Image.BICUBIC)) for b in batch])

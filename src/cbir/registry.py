@@ -120,10 +120,9 @@ class Registry:
         name first (``PCAWS64`` is PCAWS, not PCAW or PCA); None when no entry fits."""
         self._load()
         for entry in sorted(self._entries.values(), key=lambda e: len(e.name), reverse=True):
-            if entry.pattern is not None and token.startswith(entry.name):
-                m = re.fullmatch(entry.pattern, token[len(entry.name):])
-                if m:
-                    return entry, m
+            if entry.pattern is not None and token.startswith(entry.name) and (
+                    m := re.fullmatch(entry.pattern, token[len(entry.name):])):
+                return entry, m
         return None
 
     def choices(self) -> str:

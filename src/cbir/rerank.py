@@ -38,23 +38,26 @@ def _weighted_sum(sims: np.ndarray, vecs: np.ndarray, alpha: float) -> np.ndarra
     return np.einsum("mk,mkd->md", w, vecs)
 
 
+def _neighbour_sum(x: np.ndarray, db: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """The `_weighted_sum` of each row of ``x``'s top-k neighbours in ``db``."""
+    sims = x @ db.T
+    nn = _topk(sims, k)
+    return _weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha)
+
+
 def query_expansion(q: np.ndarray, db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
     """Expanded queries: ``q + sum_i w_i db[n_i]`` over the top-k neighbours, L2-normalised
     (``w`` as in `_weighted_sum`: ``alpha = 0`` average QE, ``alpha > 0`` alpha-QE)."""
     if k <= 0 or len(db) == 0:
         return q
-    sims = q @ db.T
-    nn = _topk(sims, k)
-    return _unit(q + _weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
+    return _unit(q + _neighbour_sum(q, db, k, alpha))
 
 
 def database_augmentation(db: np.ndarray, k: int, alpha: float = 0.0) -> np.ndarray:
     """DBA: each database vector becomes the weighted sum of its top-k neighbours (itself first)."""
     if k <= 1 or len(db) == 0:
         return db
-    sims = db @ db.T
-    nn = _topk(sims, k)
-    return _unit(_weighted_sum(np.take_along_axis(sims, nn, 1), db[nn], alpha))
+    return _unit(_neighbour_sum(db, db, k, alpha))
 
 
 def k_reciprocal(q: np.ndarray, db: np.ndarray, k1: int = 20, k2: int = 6, lam: float = 0.3) -> np.ndarray:
@@ -111,9 +114,8 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     n = len(db)
     if n == 0:
         return np.zeros((len(q), 0), np.float32)
-    kk = min(k, n)
     sims = db @ db.T
-    nn = _topk(sims, kk + 1 if n > kk else kk)
+    nn = _topk(sims, k + 1)  # itself (dropped below) and k neighbours; `_topk` caps it at n
     rows = np.repeat(np.arange(n), nn.shape[1])
     cols = nn.ravel()
     vals = np.clip(sims[rows, cols], 0, None) ** gamma
@@ -125,7 +127,7 @@ def diffusion(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 0.99, g
     dinv = diags(1.0 / np.sqrt(np.maximum(d, 1e-12)))
     L = identity(n) - alpha * (dinv @ A @ dinv)
     qs = q @ db.T
-    qn = _topk(qs, kk)
+    qn = _topk(qs, k)
     out = np.zeros((len(q), n), np.float32)
     for i in range(len(q)):
         y = np.zeros(n)
@@ -168,22 +170,15 @@ def _expand_queries(q: np.ndarray, db: np.ndarray, s: Reranker) -> tuple[np.ndar
     return query_expansion(q, db, s.k, s.alpha), db
 
 
-@RERANKERS.register("DBA", option="k", pattern=r"(?P<k>\d+)" + _ALPHA, scores=False,
-                    summary="database-side augmentation with the top k: DBA<k>[a<alpha>]")
-def _augment_database(q: np.ndarray, db: np.ndarray, s: Reranker) -> tuple[np.ndarray, np.ndarray]:
-    return q, database_augmentation(db, s.k, s.alpha)
-
-
-@RERANKERS.register("KRR", option="k1", pattern=r"(?P<k>\d+)(?:-(?P<k2>\d+)-(?P<lam>\d*\.?\d+))?", scores=True,
-                    summary="k-reciprocal re-ranking (Jaccard + original distance): KRR<k1>[-k2-lam] (6, 0.3)")
-def _k_reciprocal(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
-    return k_reciprocal(q, db, s.k, s.k2, s.lam)
-
-
-@RERANKERS.register("DIFF", option="k", default=10, pattern=r"(?P<k>\d+)?" + _ALPHA, scores=True,
-                    defaults={"alpha": 0.99}, summary="diffusion on the mutual k-NN graph: DIFF[<k>][a<alpha>] (10, 0.99)")
-def _diffusion(q: np.ndarray, db: np.ndarray, s: Reranker) -> np.ndarray:
-    return diffusion(q, db, s.k, s.alpha)
+RERANKERS.register("DBA", option="k", pattern=r"(?P<k>\d+)" + _ALPHA, scores=False,
+                   summary="database-side augmentation with the top k: DBA<k>[a<alpha>]")(
+    lambda q, db, s: (q, database_augmentation(db, s.k, s.alpha)))
+RERANKERS.register("KRR", option="k1", pattern=r"(?P<k>\d+)(?:-(?P<k2>\d+)-(?P<lam>\d*\.?\d+))?", scores=True,
+                   summary="k-reciprocal re-ranking (Jaccard + original distance): KRR<k1>[-k2-lam] (6, 0.3)")(
+    lambda q, db, s: k_reciprocal(q, db, s.k, s.k2, s.lam))
+RERANKERS.register("DIFF", option="k", default=10, pattern=r"(?P<k>\d+)?" + _ALPHA, scores=True,
+                   defaults={"alpha": 0.99}, summary="diffusion on the mutual k-NN graph: DIFF[<k>][a<alpha>] (10, 0.99)")(
+    lambda q, db, s: diffusion(q, db, s.k, s.alpha))
 
 
 def parse_rerank(token: str) -> Reranker | None:

@@ -1,16 +1,9 @@
-"""Regions of an image for local-region aggregation: sliding windows and selective search.
+"""Regions of an image for local-region aggregation: sliding windows (``regions:sliding<L>``: square
+windows at L scales in the R-MAC layout, `cbir.pooling.functional.rmac_regions`) and selective-search
+proposals (``regions:proposals<N>``: docs/methods.md says how segments are merged and filtered).
 
 Boxes are ``(x0, y0, x1, y1)`` integer pixel coordinates, end exclusive. The first region is
 always the whole image.
-
-Sliding windows (``regions:sliding<L>``): square windows at L scales laid out as in R-MAC
-(side ``2 min(h, w) / (l + 1)`` at level l, about 40% overlap; `cbir.pooling.functional.rmac_regions`).
-
-Proposals (``regions:proposals<N>``): selective search (Uijlings et al. IJCV 2013) over
-scikit-image's Felzenszwalb-Huttenlocher segmentation: the most similar adjacent segments are
-merged greedily by colour (intersection of 25-bin per-channel histograms) + size + fill
-similarity; every segment ever formed is a proposal, the latest merges (the largest objects)
-first, near-duplicates (IoU > 0.8) and slivers (< 2% of the image) dropped, the N best kept.
 """
 
 from __future__ import annotations
@@ -57,12 +50,8 @@ def parse_regions(token: str) -> RegionSpec | None:
 
 def sliding_windows(h: int, w: int, levels: int = 3) -> list[Box]:
     """The whole image, then square windows at ``levels`` scales with ~40% overlap."""
-    boxes = [(0, 0, w, h)]
-    for y, x, sh, sw in rmac_regions(h, w, levels):
-        box = (x, y, x + sw, y + sh)
-        if box not in boxes:
-            boxes.append(box)
-    return boxes
+    windows = [(x, y, x + sw, y + sh) for y, x, sh, sw in rmac_regions(h, w, levels)]
+    return list(dict.fromkeys([(0, 0, w, h)] + windows))  # each box once, in first-seen order
 
 
 def crop_and_warp(image: np.ndarray, boxes: list[Box], size: int) -> np.ndarray:

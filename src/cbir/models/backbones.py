@@ -116,9 +116,8 @@ class TimmBackbone(Backbone):
                 try:
                     model.load_state_dict(state, strict=True)
                 except RuntimeError as e:
-                    first = str(e).splitlines()[0]
                     raise BackboneError(f"weights {self.weights} do not fit timm model {self.timm_name!r}: "
-                                        f"{first}") from e
+                                        f"{str(e).splitlines()[0]}") from e
             self._model = model.eval()
             return self._model
 
@@ -140,7 +139,6 @@ class TimmBackbone(Backbone):
         import torch
         from timm.models import create_feature_extractor
 
-        self.check_layers(layers)
         model = self.model()
         classifier = getattr(model, "default_cfg", {}).get("classifier", "classifier")
         node = {"head": "global_pool", "logits": classifier}
@@ -241,7 +239,6 @@ class OnnxGraphBackbone(Backbone):
     def export_onnx(self, layers: Sequence[str], path: Path) -> None:
         import onnx
 
-        self.check_layers(layers)
         model = onnx.load(str(self.weights))
         graph = model.graph
         dims = graph.input[0].type.tensor_type.shape.dim

@@ -5,6 +5,7 @@ cached per machine, keyed by everything that changes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.fileio import atomic_write_bytes
+from cbir.models.engine import cache_dir
 
 CANDIDATES = (1, 2, 4, 8, 16)
 TOLERANCE = 1.05
@@ -21,8 +23,6 @@ MAX_BATCH_BYTES = 256 << 20  # never measure (or use) a batch of pixels larger t
 
 
 def _cache_file() -> Path:
-    from cbir.models.engine import cache_dir
-
     return cache_dir() / "batch_sizes.json"
 
 
@@ -68,8 +68,6 @@ def measured_batch_size(extractor, refresh: bool = False) -> int:
     bs = choose(per_image)
     cached[key] = {"batch_size": bs, "pipeline": str(extractor.spec), "engine": extractor.engine_name,
                    "ms_per_image": {str(k): round(v * 1000, 2) for k, v in per_image.items()}}
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a measurement next time
         atomic_write_bytes(path, json.dumps(cached, indent=1).encode())
-    except OSError:
-        pass  # a read-only cache only costs a measurement next time
     return bs

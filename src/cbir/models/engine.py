@@ -124,7 +124,6 @@ class OnnxEngine:
 
     def __init__(self, backbone: Backbone, layers: Sequence[str], threads: int | None = None,
                  int8: bool = False) -> None:
-        backbone.check_layers(layers)
         self.backbone, self.layers = backbone, tuple(layers)
         self.path = quantized_cached(backbone, self.layers) if int8 else export_cached(backbone, self.layers)
         self.session = onnx_session(str(self.path), threads or 0)
@@ -165,4 +164,6 @@ def create_engine(backbone: Backbone, layers: Sequence[str], engine: str = "onnx
                   threads: int | None = None):
     """The engine registered as ``engine`` (`ENGINES`) for these layers of ``backbone``: its
     ``layers`` and ``run(uint8 (N, H, W, 3) RGB) -> one (N, C, h, w) or (N, C) array per layer``."""
-    return ENGINES.get(engine).build(backbone, layers, threads)
+    build = ENGINES.get(engine).build  # an unknown engine is the first error
+    backbone.check_layers(layers)
+    return build(backbone, layers, threads)

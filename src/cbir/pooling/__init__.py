@@ -57,14 +57,9 @@ def parse_pooling(token: str) -> tuple[PoolingMethod, float | None] | None:
 def pool(x: torch.Tensor, method: PoolingMethod, value: float | None, **context) -> torch.Tensor:
     """Apply a parsed pooling method: ``(N, C, H, W)`` -> ``(N, D)``; ``context``: what methods
     with ``needs`` take (e.g. ``weight``/``bias`` for CAM)."""
-    wanted = [a for need in method.needs for a in _NEEDS_ARGS[need]]
-    kwargs = {k: v for k, v in context.items() if k in wanted}
     if method.option is not None:
-        kwargs[method.option] = value
-    return method.build(x, **kwargs)
-
-
-_NEEDS_ARGS = {"classifier": ("weight", "bias")}  # the context arguments each need names
+        context[method.option] = value
+    return method.build(x, **context)
 
 
 def combine_scales(vectors: Sequence[torch.Tensor], method: PoolingMethod | None,

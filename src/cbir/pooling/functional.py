@@ -95,8 +95,7 @@ def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> 
     s = (s / (norm + eps)).pow(1.0 / b)
     pooled = (x * s).sum(dim=(-2, -1))
     q = (x > 0).float().mean(dim=(-2, -1))
-    c = x.shape[1]
-    beta = torch.log((c * eps + q.sum(dim=1, keepdim=True)) / (eps + q))
+    beta = torch.log((x.shape[1] * eps + q.sum(dim=1, keepdim=True)) / (eps + q))
     return pooled * beta
 
 
@@ -115,8 +114,7 @@ def scda(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SCDA (Wei et al. 2017): keep the positions where the channel-summed map exceeds its mean,
     take the largest connected component, and concatenate AVE and MAX pooling over it, each
     L2-normalised -> (N, 2 C)."""
-    a = x.sum(dim=1)
-    masks = [largest_component((m > m.mean()).cpu().numpy()) for m in a]
+    masks = [largest_component((m > m.mean()).cpu().numpy()) for m in x.sum(dim=1)]
     out = []
     for xi, m in zip(x, masks):
         if not m.any():  # a constant map: no position stands out, keep them all

@@ -21,11 +21,12 @@ class NotFittedError(RuntimeError):
 
 
 class Transform:
-    """Base: stateless transforms need no ``fit``; learned ones override ``fit`` and ``learned``."""
+    """Base: stateless transforms need no ``fit``; learned ones override ``fit`` and ``learned``
+    (``y``: labels, used by the ``supervised`` ones only)."""
 
     learned = False
 
-    def fit(self, x: np.ndarray) -> "Transform":
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "Transform":
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -74,7 +75,7 @@ class PCA(Transform):
         self.whiten = whiten
         self.eps = eps
 
-    def fit(self, x: np.ndarray) -> "PCA":
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "PCA":
         x = np.asarray(x, dtype=np.float64)
         n, d = x.shape
         if self.n_components > min(n, d):
@@ -98,11 +99,9 @@ class PCA(Transform):
 
 
 class WhiteningPCA(PCA):
-    """PCA-whitening variants: each component is divided by ``(eigenvalue')^power``.
-
-    ``power = 0.5`` is plain whitening, ``power = 0.25`` square-root whitening (the literature's
-    power-law whitening with alpha = 0.5: dominant directions damped, not flattened). ``shrinkage``
-    s in [0, 1] first pulls the eigenvalues towards their mean, ``(1 - s) eigenvalue + s mean``,
+    """PCA-whitening variants: each component divided by ``(eigenvalue')^power``; 0.5: plain whitening,
+    0.25: square-root (power-law, alpha = 0.5) whitening, dominant directions damped, not flattened.
+    ``shrinkage`` s in [0, 1] first pulls the eigenvalues towards their mean, ``(1 - s) eigenvalue + s mean``,
     so that weak, noisily estimated directions are not blown up when the fitting set is small."""
 
     def __init__(self, n_components: int, power: float = 0.5, shrinkage: float = 0.0, eps: float = 1e-6) -> None:
@@ -120,12 +119,10 @@ class WhiteningPCA(PCA):
 
 
 class LayerFusion(Transform):
-    """Multi-layer fusion of the raw descriptor, the concatenation of per-layer pooled vectors.
-
-    Each layer's block (sizes ``dims_``, set by the extractor) is L2-normalised and scaled by
-    ``sqrt(w_i / sum w)``: the inner product of two fused descriptors is the weighted mean of the
-    per-layer cosines, and the result has unit norm. ``weights=None``: learned by `fit` from a
-    labelled set ``y``, the simplex point (step 0.1) of the best leave-one-out mAP (ties: most uniform)."""
+    """Multi-layer fusion of the raw descriptor, the concatenation of per-layer pooled vectors: each
+    layer's block (sizes ``dims_``, set by the extractor) L2-normalised and scaled by ``sqrt(w_i / sum w)``
+    (unit norm; inner product: the weighted mean of the per-layer cosines). ``weights=None``: learned
+    by `fit` from a labelled set ``y`` (docs/methods.md, "Learned layer weights")."""
 
     supervised = True
 
@@ -140,8 +137,7 @@ class LayerFusion(Transform):
         dims = [int(d) for d in self.dims_]
         if sum(dims) != x.shape[1]:
             raise ValueError(f"layer fusion: block sizes {dims} do not add up to {x.shape[1]}")
-        blocks = np.split(x, np.cumsum(dims)[:-1], axis=1)
-        return [l2_normalize(b) for b in blocks]
+        return [l2_normalize(b) for b in np.split(x, np.cumsum(dims)[:-1], axis=1)]
 
     def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "LayerFusion":
         if not self.learned:
@@ -171,9 +167,7 @@ def loo_map(sims: np.ndarray, y: np.ndarray) -> float:
         rel = np.delete(y == y[i], i)
         if not rel.any():
             continue
-        order = np.argsort(-s, kind="stable")
-        hits = rel[order]
-        ranks = np.flatnonzero(hits)
+        ranks = np.flatnonzero(rel[np.argsort(-s, kind="stable")])  # where the relevant items rank
         aps.append(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1)))
     return float(np.mean(aps)) if aps else 0.0
 
