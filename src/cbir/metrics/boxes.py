@@ -269,8 +269,7 @@ def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
     b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
-    n = b.shape[0]
-    if n == 0:
+    if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device), s.new_zeros(0)
     iou = box_iou(b, b)
     s = s.clone()

@@ -46,15 +46,13 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
         return np.zeros((c, c), dtype=np.int64)
     if p.max() >= c or (p.dtype.kind == "i" and p.min() < 0):
         raise ValueError(f"predicted labels must lie in [0, {c})")
-    t_min, t_max = int(t.min()), int(t.max())
-    ign = ignore_index
-    lo_ok, hi_ok = min(0, ign if ign is not None else 0), max(c - 1, ign if ign is not None else 0)
-    if t_min < lo_ok or t_max > hi_ok:
-        raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     # Row r of the count table holds target value r + lo: every target value, the ignored one
     # included, gets its own row, so ignoring is dropping a row afterwards.
-    lo = min(t_min, 0)
-    hi = max(t_max, c - 1)
+    lo, hi = min(int(t.min()), 0), max(int(t.max()), c - 1)
+    ign = ignore_index
+    allowed = 0 if ign is None else ign
+    if lo < min(0, allowed) or hi > max(c - 1, allowed):  # bounds the table; exact check below
+        raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     n_bins = (hi - lo + 1) * c
     counts = np.zeros(n_bins, dtype=np.int64)
     # Chunks small enough for the index buffer (intp, which bincount wants) to stay in cache:

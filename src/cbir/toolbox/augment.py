@@ -60,10 +60,9 @@ def as_rng(rng: RngLike) -> np.random.Generator:
 
 
 def _numpy(v: Any, key: str, meta: dict[str, Any]) -> np.ndarray:
-    """``v`` as numpy (half-precision tensors as float32), its type recorded in ``meta``."""
+    """``v`` as numpy (half-precision tensors as float32); dtype and tensor device go in ``meta``."""
     if isinstance(v, torch.Tensor):
-        meta["tensor"].add(key)
-        meta["device"][key] = v.device
+        meta["tensor"][key] = v.device
         meta["dtype"][key] = v.dtype
         v = v.detach().cpu()
         return (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
@@ -76,7 +75,7 @@ def _restore(v: np.ndarray, key: str, meta: dict[str, Any]) -> Any:
     """Inverse of :func:`_numpy`: back to the recorded type (and device)."""
     if key in meta["tensor"]:
         t = torch.from_numpy(np.ascontiguousarray(v))
-        return t.to(device=meta["device"][key], dtype=meta["dtype"][key])
+        return t.to(device=meta["tensor"][key], dtype=meta["dtype"][key])
     return v.astype(meta["dtype"][key], copy=False)
 
 
@@ -84,7 +83,7 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" not in sample:
         raise KeyError("a sample needs an 'image'")
     work = dict(sample)
-    meta: dict[str, Any] = {"tensor": set(), "dtype": {}, "device": {}, "absent": set()}
+    meta: dict[str, Any] = {"tensor": {}, "dtype": {}, "absent": set()}
     a = _numpy(sample["image"], "image", meta)
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (1, 2, 0))
@@ -113,14 +112,12 @@ def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
     out["image"] = _restore(a, "image", meta)
     if "boxes" in meta["absent"]:
         out.pop("boxes", None)
-    for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key not in out:
-            continue
+    for key in out.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
         v = np.asarray(out[key])
         if key in meta["dtype"]:
             out[key] = _restore(v, key, meta)
         elif "boxes" in meta["tensor"]:  # a per-box value created here (MixUp's weights)
-            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["device"]["boxes"])
+            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["tensor"]["boxes"])
     return out
 
 
@@ -264,11 +261,10 @@ class ColorJitter(Transform):
         self.hue, self.p = hue, p
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        ops: list[tuple[Callable[..., np.ndarray], float]] = []
-        for op, x in ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
-                      (adjust_saturation, self.saturation)):
-            if x:
-                ops.append((op, rng.uniform(max(0.0, 1 - x), 1 + x)))
+        factors = ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
+                   (adjust_saturation, self.saturation))
+        ops: list[tuple[Callable[..., np.ndarray], float]] = [
+            (op, rng.uniform(max(0.0, 1 - x), 1 + x)) for op, x in factors if x]
         if self.hue:
             ops.append((adjust_hue, rng.uniform(-self.hue, self.hue)))
         for k in rng.permutation(len(ops)):
@@ -374,9 +370,7 @@ class _Flip(Transform):
         if "mask" in work:
             work["mask"] = np.flip(work["mask"], self._axis).copy()
         lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
-        b = work["boxes"].copy()
-        b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
-        work["boxes"] = b
+        work["boxes"][:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]  # the working copy, in place
         return work
 
 

@@ -58,9 +58,7 @@ class DropBlock2d(nn.Module):
         self.block_size = block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        return drop_block_2d(x, self.drop_prob, self.block_size)
+        return drop_block_2d(x, self.drop_prob, self.block_size) if self.training else x
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"drop_prob={self.drop_prob}, block_size={self.block_size}"
