@@ -301,15 +301,12 @@ def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill
 
     inv = np.linalg.inv(matrix)
     lin, t = inv[:2, :2], inv[:2, 2]
-    swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, col)
-    m_rc = swap @ lin @ swap
-    offset = swap @ (lin @ np.array([0.5, 0.5]) + t - 0.5)
-    warp = functools.partial(ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw,
-                             mode="constant", prefilter=False)
-    img = work["image"]
-    cval = float(fill) * work["_range"]
-    work["image"] = np.stack([warp(img[..., c], order=1, cval=cval) for c in range(img.shape[-1])], -1)
-    work["image"] = work["image"].astype(np.float32)
+    # ndimage works in (row, col): both axes of the (x, y) matrix and offset reversed.
+    offset = (lin @ np.array([0.5, 0.5]) + t - 0.5)[::-1]
+    warp = functools.partial(ndimage.affine_transform, matrix=lin[::-1, ::-1], offset=offset,
+                             output_shape=out_hw, mode="constant", prefilter=False)
+    cval = float(fill) * work["_range"]  # float32 in, float32 out
+    work["image"] = np.stack([warp(ch, order=1, cval=cval) for ch in work["image"].transpose(2, 0, 1)], -1)
     if "mask" in work:
         m = work["mask"]
         src = m.astype(np.int64) if m.dtype == bool else m
