@@ -133,12 +133,13 @@ def _diou_penalty(t: dict[str, Tensor], eps: float) -> Tensor:
     return (d**2).sum(-1) / c2
 
 
-def _ciou_v(t: dict[str, Tensor]) -> Tensor:
-    """Aspect-ratio consistency term v of CIoU."""
+def _ciou_v_alpha(t: dict[str, Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """CIoU's aspect-ratio consistency term v and its weight alpha."""
     b1, b2 = t["b1"], t["b2"]
     w1, h1 = b1[..., 2] - b1[..., 0], b1[..., 3] - b1[..., 1]
     w2, h2 = b2[..., 2] - b2[..., 0], b2[..., 3] - b2[..., 1]
-    return (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    return v, v / (1 - t["iou"] + v + eps)
 
 
 def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tensor:
@@ -164,8 +165,7 @@ def box_ciou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Te
     """Complete IoU; shapes as :func:`box_iou`. ``alpha`` is differentiated through here
     (this is the metric); :func:`ciou_loss` treats it as a constant, as the paper does."""
     t = _iou_terms(boxes1, boxes2, elementwise, eps)
-    v = _ciou_v(t)
-    alpha = v / (1 - t["iou"] + v + eps)
+    v, alpha = _ciou_v_alpha(t, eps)
     return t["iou"] - _diou_penalty(t, eps) - alpha * v
 
 
@@ -205,10 +205,8 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
     ``complete_box_iou_loss``): it is a trade-off weight, not something to optimise.
     """
     t = _iou_terms(pred, target, True, eps)
-    v = _ciou_v(t)
-    with torch.no_grad():
-        alpha = v / (1 - t["iou"] + v + eps)
-    return _reduce(1 - t["iou"] + _diou_penalty(t, eps) + alpha * v, reduction)
+    v, alpha = _ciou_v_alpha(t, eps)
+    return _reduce(1 - t["iou"] + _diou_penalty(t, eps) + alpha.detach() * v, reduction)
 
 
 # ---------------------------------------------------------------- NMS

@@ -672,35 +672,32 @@ class Mosaic:
             raise ValueError(f"Mosaic takes 4 samples, got {len(samples)}")
         rng = as_rng(rng)
         H, W = self.output_size
-        works = [_unpack(s) for s in samples]
-        meta = works[0][1]
+        works, metas = zip(*(_unpack(s) for s in samples))
         xc = int(rng.integers(W // 4, 3 * W // 4 + 1))
         yc = int(rng.integers(H // 4, 3 * H // 4 + 1))
         quads = [(0, 0, xc, yc), (xc, 0, W, yc), (0, yc, xc, H), (xc, yc, W, H)]
-        has_mask = all("mask" in w for w, _ in works)
-        first = works[0][0]
+        has_mask = all("mask" in w for w in works)
+        first = works[0]
         out = {k: v for k, v in first.items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
         out["image"] = np.full((H, W, first["image"].shape[-1]), self.fill * first["_range"], np.float32)
         if has_mask:
             out["mask"] = np.full((H, W), self.mask_fill, first["mask"].dtype)
-        parts = []
-        for k, (work, _) in enumerate(works):
+        for k, work in enumerate(works):
             # One value range on the canvas: the first sample's (uint8 and [0, 1] may mix).
             work["image"] *= first["_range"] / work["_range"]
             work["_range"] = first["_range"]
             h, w = _hw(work)
-            work = _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)
+            _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)  # in place
             nh, nw = _hw(work)
             # Corner of the resized image that touches the centre.
             dx = xc - nw if k in (0, 2) else xc
             dy = yc - nh if k in (0, 1) else yc
-            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
-                              self.min_visibility)
+            _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
+                       self.min_visibility)
             qx0, qy0, qx1, qy1 = quads[k]
             for key in ("image", "mask") if has_mask else ("image",):
                 out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]
-            parts.append(work)
-        out.update(_concat_boxes(parts))
-        if any(len(p["boxes"]) for p in parts):
-            meta["absent"].discard("boxes")
-        return _pack(out, meta)
+        out.update(_concat_boxes(works))
+        if any(len(w["boxes"]) for w in works):
+            metas[0]["absent"].discard("boxes")
+        return _pack(out, metas[0])
