@@ -169,16 +169,10 @@ def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray
         target, scores, weight = target[nz], scores[nz], weight[nz].astype(np.float64)
     order = np.argsort(scores, kind="mergesort")[::-1]
     s, y = scores[order], target[order].astype(np.float64)
+    w = 1.0 if weight is None else weight[order]
     # The last element of each run of equal scores: ties form one threshold.
     last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
-    if weight is None:
-        tps = np.cumsum(y)[last]
-        fps = 1 + last - tps
-    else:
-        w = weight[order]
-        tps = np.cumsum(y * w)[last]
-        fps = np.cumsum((1 - y) * w)[last]
-    return fps, tps, s[last]
+    return np.cumsum((1 - y) * w)[last], np.cumsum(y * w)[last], s[last]
 
 
 def precision_recall_curve(target, scores, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -65,18 +65,13 @@ def interpolated_ap(recall: np.ndarray, precision: np.ndarray,
     if method == "all":
         # VOC devkit: sentinels (0, 0) and (1, 0), envelope, sum of rectangles where recall steps.
         mrec = np.r_[0.0, recall, 1.0]
-        mpre = np.r_[0.0, precision, 0.0]
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        mpre = np.maximum.accumulate(np.r_[0.0, precision, 0.0][::-1])[::-1]
         steps = np.flatnonzero(mrec[1:] != mrec[:-1])
         return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
     points = {"11": VOC07_RECALL_POINTS, "101": COCO_RECALL_POINTS}[method]
-    if recall.size == 0:
-        return 0.0
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    # First curve point with recall >= r carries the envelope value for r.
-    idx = np.searchsorted(recall, points, side="left")
-    q = np.where(idx < recall.size, envelope[np.minimum(idx, recall.size - 1)], 0.0)
-    return float(q.mean())
+    # First curve point with recall >= r carries the envelope value for r; past the end, the 0 sentinel.
+    envelope = np.r_[np.maximum.accumulate(precision[::-1])[::-1], 0.0]
+    return float(envelope[np.searchsorted(recall, points, side="left")].mean())
 
 
 # ---------------------------------------------------------------- matching

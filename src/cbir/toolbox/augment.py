@@ -137,9 +137,7 @@ def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_ar
     if ref_area is None:
         ref_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     x0, y0, x1, y1 = region
-    c = b.copy()
-    c[:, [0, 2]] = c[:, [0, 2]].clip(x0, x1)
-    c[:, [1, 3]] = c[:, [1, 3]].clip(y0, y1)
+    c = b.clip(np.float32([x0, y0, x0, y0]), np.float32([x1, y1, x1, y1]))
     w, h = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
     keep = (w >= min_size) & (h >= min_size) & (w * h >= min_visibility * np.maximum(ref_area, 1e-9))
     work["boxes"] = c

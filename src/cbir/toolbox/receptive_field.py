@@ -1,13 +1,12 @@
 """Receptive field of a stack of conv / pool layers: the formula and an empirical check.
 
-A layer with kernel ``k`` and dilation ``d`` covers ``k_eff = (d - 1)(k - 1) + k`` input
-pixels. With ``j`` the distance in input pixels between neighbouring units of the current
-map (the product of the strides so far)::
+Per layer (kernel ``k``, dilation ``d``; ``j``: input pixels between neighbouring units, the
+product of the strides so far; docs/toolbox.md)::
 
-    r_out = r_in + (k_eff - 1) * j_in        j_out = j_in * stride
+    k_eff = (d - 1)(k - 1) + k      r_out = r_in + (k_eff - 1) * j_in      j_out = j_in * stride
 
-so the DeepLab figure's stack 3x3/d1, 3x3/d2, 3x3/d4 sees 3, 7 and 15 pixels (the notes'
-``2 (d - 1)(k - 1) + k``). :func:`empirical_receptive_field` measures it instead.
+The DeepLab figure's stack 3x3/d1, 3x3/d2, 3x3/d4 sees 3, 7 and 15 pixels (the notes'
+``2 (d - 1)(k - 1) + k``).
 """
 
 from __future__ import annotations
