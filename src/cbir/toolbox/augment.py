@@ -83,7 +83,7 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" not in sample:
         raise KeyError("a sample needs an 'image'")
     work = dict(sample)
-    meta: dict[str, Any] = {"tensor": {}, "dtype": {}, "absent": set()}
+    meta: dict[str, Any] = {"tensor": {}, "dtype": {}, "no_boxes": "boxes" not in sample}
     a = _numpy(sample["image"], "image", meta)
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (1, 2, 0))
@@ -91,13 +91,10 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     a = a[..., None] if a.ndim == 2 else a
     work["image"] = a.astype(np.float32)  # always a copy: the caller's array is never touched
     work["_range"] = 255.0 if meta["dtype"]["image"] in (np.uint8, torch.uint8) else 1.0
-    if "boxes" not in sample:
-        meta["absent"].add("boxes")
-        work["boxes"] = np.zeros((0, 4), np.float32)
-    for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key in sample:
-            v = _numpy(sample[key], key, meta)
-            work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
+    work.setdefault("boxes", np.zeros((0, 4), np.float32))
+    for key in work.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
+        v = _numpy(work[key], key, meta)
+        work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
     return work, meta
 
 
@@ -110,7 +107,7 @@ def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (2, 0, 1))
     out["image"] = _restore(a, "image", meta)
-    if "boxes" in meta["absent"]:
+    if meta["no_boxes"]:
         out.pop("boxes", None)
     for key in out.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
         v = np.asarray(out[key])
@@ -697,5 +694,5 @@ class Mosaic:
                 out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]
         out.update(_concat_boxes(works))
         if any(len(w["boxes"]) for w in works):
-            metas[0]["absent"].discard("boxes")
+            metas[0]["no_boxes"] = False
         return _pack(out, metas[0])

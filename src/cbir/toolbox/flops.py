@@ -129,11 +129,9 @@ def format_table(report: FlopReport, depth: int = 2) -> str:
     def cells(name: str, r: ModuleCost, share: str) -> tuple[str, ...]:
         return (name, r.type, _fmt_int(r.params), f"{r.macs / div:.4f}", f"{r.flops / div:.4f}", share)
 
-    lines: list[tuple[str, ...]] = [header]
-    for r in report.rows[1:]:
-        if r.depth <= depth and (r.params or r.flops):
-            lines.append(cells("  " * (r.depth - 1) + r.name, r, f"{100 * r.flops / total:.1f}"))
-    lines.append(cells("total", t, "100.0"))
+    shown = [r for r in report.rows[1:] if r.depth <= depth and (r.params or r.flops)]
+    rows = [cells("  " * (r.depth - 1) + r.name, r, f"{100 * r.flops / total:.1f}") for r in shown]
+    lines = [header, *rows, cells("total", t, "100.0")]
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
 
     def fmt(row: tuple[str, ...]) -> str:  # the two text columns left-aligned, the numbers right
