@@ -29,6 +29,7 @@ out of every mean, as pycocotools and torchmetrics report it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -295,14 +296,10 @@ class DetectionMAP:
             tp, ign = np.concatenate(rec.tp, axis=-1), np.concatenate(rec.ignored, axis=-1)
             for m, max_det in enumerate(max_dets):
                 sel = ranks < max_det if max_det is not None else slice(None)
-                for a in range(n_a):
-                    n_gt = rec.n_gt[a]
-                    if n_gt == 0:
-                        continue
-                    for t in range(n_t):
-                        recall, precision = _pr_curve(scores[sel], tp[a, t, sel], ign[a, t, sel], n_gt)
-                        ap[k, a, t, m] = interpolated_ap(recall, precision, method)
-                        ar[k, a, t, m] = recall[-1] if recall.size else 0.0
+                for a, t in itertools.product(np.flatnonzero(rec.n_gt), range(n_t)):  # ranges with GT
+                    recall, precision = _pr_curve(scores[sel], tp[a, t, sel], ign[a, t, sel], rec.n_gt[a])
+                    ap[k, a, t, m] = interpolated_ap(recall, precision, method)
+                    ar[k, a, t, m] = recall[-1] if recall.size else 0.0
         return self._summarize(classes, ap, ar)
 
     def pr_curve(self, iou_threshold: float = 0.5, label: int = 0) -> tuple[np.ndarray, np.ndarray]:
