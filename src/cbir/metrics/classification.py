@@ -150,11 +150,10 @@ class ClassificationMetrics:
             "accuracy": float(safe_divide(np.trace(cm), cm.sum(), float("nan"))),
             "support": cm.sum(axis=1),
         }
-        p, r, f, _ = precision_recall_fscore(cm, None, self.zero_division)
-        out.update(precision=p, recall=r, f1=f)
-        for avg in ("macro", "micro", "weighted"):
+        for avg in (None, "macro", "micro", "weighted"):
             p, r, f, _ = precision_recall_fscore(cm, avg, self.zero_division)
-            out.update({f"precision_{avg}": p, f"recall_{avg}": r, f"f1_{avg}": f})
+            sfx = f"_{avg}" if avg else ""  # per class: no suffix
+            out.update({f"precision{sfx}": p, f"recall{sfx}": r, f"f1{sfx}": f})
         return out
 
 

@@ -143,8 +143,7 @@ def _match_voc(ious: np.ndarray, gt_ignore: np.ndarray,
     hit = ious[np.arange(n_dt), best][None, :] > thresholds[:, None]  # (T, D)
     ign = hit & gt_ignore[best][None, :]
     used = np.zeros((thresholds.size, n_gt), dtype=bool)
-    for d in range(n_dt):
-        g = best[d]
+    for d, g in enumerate(best):
         fresh = hit[:, d] & ~ign[:, d] & ~used[:, g]
         tp[:, d] = fresh
         used[:, g] |= fresh
