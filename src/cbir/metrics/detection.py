@@ -230,13 +230,9 @@ class DetectionMAP:
             pb, gb = self._boxes(p["boxes"]), self._boxes(t["boxes"])
             no = np.zeros(gb.shape[0], bool)
             dt = {"boxes": pb, "scores": vec(p, "scores", np.float64), "labels": vec(p, "labels", np.int64)}
-            gt = {
-                "boxes": gb,
-                "labels": vec(t, "labels", np.int64),
-                "iscrowd": vec(t, "iscrowd", bool, no),
-                "difficult": vec(t, "difficult", bool, no),
-                "area": vec(t, "area", np.float64, (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1])),
-            }
+            gt = {"boxes": gb, "labels": vec(t, "labels", np.int64), "iscrowd": vec(t, "iscrowd", bool, no),
+                  "difficult": vec(t, "difficult", bool, no),
+                  "area": vec(t, "area", np.float64, (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1]))}
             self._images.append((dt, gt))
 
     # -- per image and class

@@ -88,8 +88,7 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (1, 2, 0))
     meta["gray"] = a.ndim == 2
-    a = a[..., None] if a.ndim == 2 else a
-    work["image"] = a.astype(np.float32)  # always a copy: the caller's array is never touched
+    work["image"] = (a[..., None] if meta["gray"] else a).astype(np.float32)  # a copy: the caller's is kept
     work["_range"] = 255.0 if meta["dtype"]["image"] in (np.uint8, torch.uint8) else 1.0
     work.setdefault("boxes", np.zeros((0, 4), np.float32))
     for key in work.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
