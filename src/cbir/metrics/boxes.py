@@ -173,14 +173,11 @@ def box_ciou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Te
 
 
 def _reduce(loss: Tensor, reduction: Reduction) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "mean":
-        # An empty batch has zero loss (not NaN) so a training step with no matches is a no-op.
-        return loss.sum() * 0.0 if loss.numel() == 0 else loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if reduction == "mean" and loss.numel() == 0:
+        return loss.sum() * 0.0  # an empty batch: zero loss, not NaN, so a step without matches is a no-op
+    return loss if reduction == "none" else getattr(loss, reduction)()
 
 
 def iou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: float = _EPS) -> Tensor:
