@@ -132,12 +132,11 @@ class ClassificationMetrics:
         self.confmat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, preds, target) -> None:
-        if getattr(preds, "ndim", 0) == 2:
+        preds = preds if hasattr(preds, "ndim") else np.asarray(preds)
+        if preds.ndim == 2:
             preds = preds.argmax(1)  # before the numpy conversion: only labels leave the GPU
         p = to_numpy(preds)
-        if p.ndim == 2:
-            p = p.argmax(axis=1)
-        elif p.dtype.kind == "f":
+        if p.dtype.kind == "f":
             if self.num_classes != 2:
                 raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
             p = (p >= self.threshold).astype(np.int64)

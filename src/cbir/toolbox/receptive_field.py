@@ -80,9 +80,8 @@ def layers_from_module(model: nn.Module) -> list[LayerSpec]:
             pad = _first(m.padding) if not isinstance(m.padding, str) else None
             specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), pad))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
-            stride = m.stride if m.stride is not None else m.kernel_size
-            specs.append(LayerSpec(_first(m.kernel_size), _first(stride), dil, _first(m.padding)))
+            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride or m.kernel_size),
+                                   _first(getattr(m, "dilation", 1)), _first(m.padding)))  # avg: no dilation
     return specs
 
 
