@@ -463,14 +463,13 @@ class RandomErasing(Transform):
         self.p, self.scale, self.ratio, self.fill = p, scale, ratio, fill
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
+        h, w, c = work["image"].shape
         for _ in range(10):  # the paper retries until the rectangle fits
             area = rng.uniform(*self.scale) * h * w
             aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
             eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < eh < h and 0 < ew < w:
                 y, x = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-                c = work["image"].shape[-1]
                 work["image"][y : y + eh, x : x + ew] = _fill_value(work, self.fill, (eh, ew, c), rng)
                 break
         return work
@@ -485,14 +484,13 @@ class Cutout(Transform):
         self.size, self.n_holes, self.p, self.fill = size, n_holes, p, fill
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
+        h, w, c = work["image"].shape
         side = int(round(self.size * min(h, w))) if self.size < 1 else int(self.size)
         for _ in range(self.n_holes):
             cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
             y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
             x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
-            shape = (y1 - y0, x1 - x0, work["image"].shape[-1])
-            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, shape, rng)
+            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, (y1 - y0, x1 - x0, c), rng)
         return work
 
 
