@@ -222,8 +222,6 @@ def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor],
     score: one threshold test for the matrix, then one numpy row-OR per kept box (O(N^2)
     memory, fast for the few thousand boxes a detector keeps before NMS)."""
     b, s = _nms_inputs(boxes, scores)
-    if b.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=b.device)
     order = _descending(s)
     over = (overlap(b, b)[order][:, order] > threshold).cpu().numpy()
     suppressed = np.zeros(order.numel(), dtype=bool)

@@ -238,9 +238,8 @@ class DetectionMAP:
     # -- per image and class
 
     def _evaluate_image_class(self, dt: dict, gt: dict, rec: _ClassRecord) -> None:
-        order = np.argsort(-dt["scores"], kind="mergesort")
-        if self.style == "coco":
-            order = order[: self.max_dets[-1]]
+        top = self.max_dets[-1] if self.style == "coco" else None  # COCO keeps max_det per image
+        order = np.argsort(-dt["scores"], kind="mergesort")[:top]
         boxes, scores = dt["boxes"][order], dt["scores"][order]
         ranges = np.asarray(list(self.area_ranges.values()))  # (A, 2)
         crowd = gt["iscrowd"]

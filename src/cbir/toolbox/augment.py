@@ -593,9 +593,8 @@ class MixUp:
         self.alpha = alpha  # YOLOv5 uses Beta(32, 32): lam stays near 0.5
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
-        rng = as_rng(rng)
         wa, wb, meta = _unpack_pair(a, b, "MixUp")
-        lam = float(rng.beta(self.alpha, self.alpha))
+        lam = float(as_rng(rng).beta(self.alpha, self.alpha))
         wa["image"] = (lam * wa["image"] + (1.0 - lam) * wb["image"]).astype(np.float32)
         wa.update(_concat_boxes([wa, wb], [lam, 1.0 - lam]))
         if "mask" in wa and "mask" in wb and lam < 0.5:
