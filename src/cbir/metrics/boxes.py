@@ -13,9 +13,8 @@ box enclosing both, rho the distance of the centres and c the diagonal of C::
     CIoU = DIoU - alpha * v,  v = 4/pi^2 (atan(w_B/h_B) - atan(w_A/h_A))^2,
                               alpha = v / (1 - IoU + v)
 
-Every function takes ``elementwise``: False gives the (N, M) matrix of all pairs,
-True gives the (N,) values of aligned pairs (boxes1[i], boxes2[i]). Both are one
-implementation over broadcast shapes.
+The IoU family takes ``elementwise``: False gives the (N, M) matrix of all pairs, True the
+(N,) values of aligned pairs (boxes1[i], boxes2[i]); one implementation over broadcast shapes.
 """
 
 from __future__ import annotations

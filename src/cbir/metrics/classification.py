@@ -34,8 +34,7 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
     ``[0, C)`` is an error (it would land silently in another cell). A few hundred Mpixel/s
     on one core: ``t * C + p`` and a ``bincount`` chunk by chunk, no mask of ignored pixels.
     """
-    t = to_numpy(target).reshape(-1)
-    p = to_numpy(pred).reshape(-1)
+    t, p = to_numpy(target).reshape(-1), to_numpy(pred).reshape(-1)
     if t.shape != p.shape:
         raise ValueError(f"target and pred sizes differ: {t.size} vs {p.size}")
     for name, a in (("target", t), ("pred", p)):
@@ -49,8 +48,7 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
     # Row r of the count table holds target value r + lo: every target value, the ignored one
     # included, gets its own row, so ignoring is dropping a row afterwards.
     lo, hi = min(int(t.min()), 0), max(int(t.max()), c - 1)
-    ign = ignore_index
-    allowed = 0 if ign is None else ign
+    allowed = 0 if ignore_index is None else ignore_index
     if lo < min(0, allowed) or hi > max(c - 1, allowed):  # bounds the table; exact check below
         raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     n_bins = (hi - lo + 1) * c
@@ -66,8 +64,8 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
         np.add(b, pc, out=b, casting="unsafe")  # ranges checked above: no overflow
         counts += np.bincount(b, minlength=n_bins)
     rows = counts.reshape(-1, c)
-    if ign is not None and lo <= ign <= hi:
-        rows[ign - lo] = 0
+    if ignore_index is not None and lo <= ignore_index <= hi:
+        rows[ignore_index - lo] = 0
     if rows[: -lo].any() or rows[c - lo :].any():
         raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     return rows[-lo : c - lo].astype(np.int64, copy=False)
@@ -100,11 +98,8 @@ def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_divisi
     support = true_pos = cm.sum(axis=1)  # TP + FN
     if average == "micro":
         tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
-    prf = (
-        safe_divide(tp, pred_pos, zero_division),
-        safe_divide(tp, true_pos, zero_division),
-        safe_divide(2 * tp, pred_pos + true_pos, zero_division),
-    )
+    prf = (safe_divide(tp, pred_pos, zero_division), safe_divide(tp, true_pos, zero_division),
+           safe_divide(2 * tp, pred_pos + true_pos, zero_division))
     if average is None or average == "none":
         return (*prf, support)
     if average == "micro":

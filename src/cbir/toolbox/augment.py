@@ -357,9 +357,8 @@ class _Flip(Transform):
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         size = _hw(work)[self._axis]
-        work["image"] = np.flip(work["image"], self._axis).copy()
-        if "mask" in work:
-            work["mask"] = np.flip(work["mask"], self._axis).copy()
+        for key in work.keys() & {"image", "mask"}:
+            work[key] = np.flip(work[key], self._axis).copy()
         lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
         work["boxes"][:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]  # the working copy, in place
         return work
