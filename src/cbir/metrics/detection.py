@@ -199,9 +199,8 @@ class DetectionMAP:
         if style not in ("coco", "voc2010", "voc2007"):
             raise ValueError(f"style must be 'coco', 'voc2010' or 'voc2007', got {style!r}")
         self.style = style
-        if iou_thresholds is None:
-            iou_thresholds = COCO_IOU_THRESHOLDS if style == "coco" else (0.5,)
-        self.iou_thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+        default = COCO_IOU_THRESHOLDS if style == "coco" else (0.5,)
+        self.iou_thresholds = np.asarray(default if iou_thresholds is None else iou_thresholds, dtype=float)
         self.max_dets = tuple(sorted(int(m) for m in max_detection_thresholds))
         self.box_format = box_format
         self.num_classes = num_classes

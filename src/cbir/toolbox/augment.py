@@ -444,12 +444,11 @@ class RandomRotation(Transform):
 
 def _fill_value(work: Sample, fill: float | str | None, shape: tuple[int, ...],
                 rng: np.random.Generator) -> np.ndarray | float:
-    vmax = work["_range"]
     if fill == "random":
-        return rng.uniform(0.0, vmax, shape).astype(np.float32)
+        return rng.uniform(0.0, work["_range"], shape).astype(np.float32)
     if fill is None or fill == "mean":
         return work["image"].reshape(-1, work["image"].shape[-1]).mean(0)
-    return float(fill) * vmax
+    return float(fill) * work["_range"]
 
 
 class RandomErasing(Transform):
