@@ -15,8 +15,6 @@ def to_numpy(x) -> np.ndarray:
 
 def safe_divide(num, den, zero_division: float = 0.0) -> np.ndarray:
     """``num / den`` elementwise, ``zero_division`` where ``den == 0``."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     out = np.full(np.broadcast(num, den).shape, zero_division, dtype=np.float64)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
+    return np.divide(num, den, out=out, where=den != 0)

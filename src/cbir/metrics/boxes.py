@@ -13,9 +13,8 @@ box enclosing both, rho the distance of the centres and c the diagonal of C::
     CIoU = DIoU - alpha * v,  v = 4/pi^2 (atan(w_B/h_B) - atan(w_A/h_A))^2,
                               alpha = v / (1 - IoU + v)
 
-Every function takes ``elementwise``: False gives the (N, M) matrix of all pairs,
-True gives the (N,) values of aligned pairs (boxes1[i], boxes2[i]). Both are one
-implementation over broadcast shapes.
+The IoU family takes ``elementwise``: False gives the (N, M) matrix of all pairs, True the
+(N,) values of aligned pairs (boxes1[i], boxes2[i]); one implementation over broadcast shapes.
 """
 
 from __future__ import annotations
@@ -133,12 +132,13 @@ def _diou_penalty(t: dict[str, Tensor], eps: float) -> Tensor:
     return (d**2).sum(-1) / c2
 
 
-def _ciou_v(t: dict[str, Tensor]) -> Tensor:
-    """Aspect-ratio consistency term v of CIoU."""
+def _ciou_v_alpha(t: dict[str, Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """CIoU's aspect-ratio consistency term v and its weight alpha."""
     b1, b2 = t["b1"], t["b2"]
     w1, h1 = b1[..., 2] - b1[..., 0], b1[..., 3] - b1[..., 1]
     w2, h2 = b2[..., 2] - b2[..., 0], b2[..., 3] - b2[..., 1]
-    return (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    return v, v / (1 - t["iou"] + v + eps)
 
 
 def box_iou(boxes1, boxes2, elementwise: bool = False, eps: float = 0.0) -> Tensor:
@@ -164,8 +164,7 @@ def box_ciou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Te
     """Complete IoU; shapes as :func:`box_iou`. ``alpha`` is differentiated through here
     (this is the metric); :func:`ciou_loss` treats it as a constant, as the paper does."""
     t = _iou_terms(boxes1, boxes2, elementwise, eps)
-    v = _ciou_v(t)
-    alpha = v / (1 - t["iou"] + v + eps)
+    v, alpha = _ciou_v_alpha(t, eps)
     return t["iou"] - _diou_penalty(t, eps) - alpha * v
 
 
@@ -173,14 +172,11 @@ def box_ciou(boxes1, boxes2, elementwise: bool = False, eps: float = _EPS) -> Te
 
 
 def _reduce(loss: Tensor, reduction: Reduction) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "mean":
-        # An empty batch has zero loss (not NaN) so a training step with no matches is a no-op.
-        return loss.sum() * 0.0 if loss.numel() == 0 else loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if reduction == "mean" and loss.numel() == 0:
+        return loss.sum() * 0.0  # an empty batch: zero loss, not NaN, so a step without matches is a no-op
+    return loss if reduction == "none" else getattr(loss, reduction)()
 
 
 def iou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: float = _EPS) -> Tensor:
@@ -205,10 +201,8 @@ def ciou_loss(pred: Tensor, target: Tensor, reduction: Reduction = "mean", eps: 
     ``complete_box_iou_loss``): it is a trade-off weight, not something to optimise.
     """
     t = _iou_terms(pred, target, True, eps)
-    v = _ciou_v(t)
-    with torch.no_grad():
-        alpha = v / (1 - t["iou"] + v + eps)
-    return _reduce(1 - t["iou"] + _diou_penalty(t, eps) + alpha * v, reduction)
+    v, alpha = _ciou_v_alpha(t, eps)
+    return _reduce(1 - t["iou"] + _diou_penalty(t, eps) + alpha.detach() * v, reduction)
 
 
 # ---------------------------------------------------------------- NMS
@@ -227,8 +221,6 @@ def _greedy(boxes, scores, threshold: float, overlap: Callable[[Tensor, Tensor],
     score: one threshold test for the matrix, then one numpy row-OR per kept box (O(N^2)
     memory, fast for the few thousand boxes a detector keeps before NMS)."""
     b, s = _nms_inputs(boxes, scores)
-    if b.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=b.device)
     order = _descending(s)
     over = (overlap(b, b)[order][:, order] > threshold).cpu().numpy()
     suppressed = np.zeros(order.numel(), dtype=bool)
@@ -269,8 +261,7 @@ def soft_nms(boxes, scores, iou_threshold: float = 0.3, sigma: float = 0.5,
     b, s = _nms_inputs(boxes, scores)
     if method not in ("linear", "gaussian"):
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
-    n = b.shape[0]
-    if n == 0:
+    if b.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=b.device), s.new_zeros(0)
     iou = box_iou(b, b)
     s = s.clone()

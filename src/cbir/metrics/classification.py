@@ -34,8 +34,7 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
     ``[0, C)`` is an error (it would land silently in another cell). A few hundred Mpixel/s
     on one core: ``t * C + p`` and a ``bincount`` chunk by chunk, no mask of ignored pixels.
     """
-    t = to_numpy(target).reshape(-1)
-    p = to_numpy(pred).reshape(-1)
+    t, p = to_numpy(target).reshape(-1), to_numpy(pred).reshape(-1)
     if t.shape != p.shape:
         raise ValueError(f"target and pred sizes differ: {t.size} vs {p.size}")
     for name, a in (("target", t), ("pred", p)):
@@ -46,15 +45,12 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
         return np.zeros((c, c), dtype=np.int64)
     if p.max() >= c or (p.dtype.kind == "i" and p.min() < 0):
         raise ValueError(f"predicted labels must lie in [0, {c})")
-    t_min, t_max = int(t.min()), int(t.max())
-    ign = ignore_index
-    lo_ok, hi_ok = min(0, ign if ign is not None else 0), max(c - 1, ign if ign is not None else 0)
-    if t_min < lo_ok or t_max > hi_ok:
-        raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     # Row r of the count table holds target value r + lo: every target value, the ignored one
     # included, gets its own row, so ignoring is dropping a row afterwards.
-    lo = min(t_min, 0)
-    hi = max(t_max, c - 1)
+    lo, hi = min(int(t.min()), 0), max(int(t.max()), c - 1)
+    allowed = 0 if ignore_index is None else ignore_index
+    if lo < min(0, allowed) or hi > max(c - 1, allowed):  # bounds the table; exact check below
+        raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     n_bins = (hi - lo + 1) * c
     counts = np.zeros(n_bins, dtype=np.int64)
     # Chunks small enough for the index buffer (intp, which bincount wants) to stay in cache:
@@ -68,8 +64,8 @@ def confusion_matrix(target, pred, num_classes: int, ignore_index: int | None = 
         np.add(b, pc, out=b, casting="unsafe")  # ranges checked above: no overflow
         counts += np.bincount(b, minlength=n_bins)
     rows = counts.reshape(-1, c)
-    if ign is not None and lo <= ign <= hi:
-        rows[ign - lo] = 0
+    if ignore_index is not None and lo <= ignore_index <= hi:
+        rows[ignore_index - lo] = 0
     if rows[: -lo].any() or rows[c - lo :].any():
         raise ValueError(f"target labels must lie in [0, {c}) or equal ignore_index")
     return rows[-lo : c - lo].astype(np.int64, copy=False)
@@ -102,11 +98,8 @@ def precision_recall_fscore(cm: np.ndarray, average: Average = None, zero_divisi
     support = true_pos = cm.sum(axis=1)  # TP + FN
     if average == "micro":
         tp, pred_pos, true_pos = tp.sum(), pred_pos.sum(), float(support.sum())
-    prf = (
-        safe_divide(tp, pred_pos, zero_division),
-        safe_divide(tp, true_pos, zero_division),
-        safe_divide(2 * tp, pred_pos + true_pos, zero_division),
-    )
+    prf = (safe_divide(tp, pred_pos, zero_division), safe_divide(tp, true_pos, zero_division),
+           safe_divide(2 * tp, pred_pos + true_pos, zero_division))
     if average is None or average == "none":
         return (*prf, support)
     if average == "micro":
@@ -134,12 +127,11 @@ class ClassificationMetrics:
         self.confmat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, preds, target) -> None:
-        if getattr(preds, "ndim", 0) == 2:
+        preds = preds if hasattr(preds, "ndim") else np.asarray(preds)
+        if preds.ndim == 2:
             preds = preds.argmax(1)  # before the numpy conversion: only labels leave the GPU
         p = to_numpy(preds)
-        if p.ndim == 2:
-            p = p.argmax(axis=1)
-        elif p.dtype.kind == "f":
+        if p.dtype.kind == "f":
             if self.num_classes != 2:
                 raise ValueError("1-D float predictions are binary probabilities: num_classes must be 2")
             p = (p >= self.threshold).astype(np.int64)
@@ -152,11 +144,10 @@ class ClassificationMetrics:
             "accuracy": float(safe_divide(np.trace(cm), cm.sum(), float("nan"))),
             "support": cm.sum(axis=1),
         }
-        p, r, f, _ = precision_recall_fscore(cm, None, self.zero_division)
-        out.update(precision=p, recall=r, f1=f)
-        for avg in ("macro", "micro", "weighted"):
+        for avg in (None, "macro", "micro", "weighted"):
             p, r, f, _ = precision_recall_fscore(cm, avg, self.zero_division)
-            out.update({f"precision_{avg}": p, f"recall_{avg}": r, f"f1_{avg}": f})
+            sfx = f"_{avg}" if avg else ""  # per class: no suffix
+            out.update({f"precision{sfx}": p, f"recall{sfx}": r, f"f1{sfx}": f})
         return out
 
 
@@ -171,16 +162,10 @@ def _binary_clf_curve(target: np.ndarray, scores: np.ndarray, weight: np.ndarray
         target, scores, weight = target[nz], scores[nz], weight[nz].astype(np.float64)
     order = np.argsort(scores, kind="mergesort")[::-1]
     s, y = scores[order], target[order].astype(np.float64)
+    w = 1.0 if weight is None else weight[order]
     # The last element of each run of equal scores: ties form one threshold.
     last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
-    if weight is None:
-        tps = np.cumsum(y)[last]
-        fps = 1 + last - tps
-    else:
-        w = weight[order]
-        tps = np.cumsum(y * w)[last]
-        fps = np.cumsum((1 - y) * w)[last]
-    return fps, tps, s[last]
+    return np.cumsum((1 - y) * w)[last], np.cumsum(y * w)[last], s[last]
 
 
 def precision_recall_curve(target, scores, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

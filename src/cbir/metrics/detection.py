@@ -29,6 +29,7 @@ out of every mean, as pycocotools and torchmetrics report it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -65,18 +66,13 @@ def interpolated_ap(recall: np.ndarray, precision: np.ndarray,
     if method == "all":
         # VOC devkit: sentinels (0, 0) and (1, 0), envelope, sum of rectangles where recall steps.
         mrec = np.r_[0.0, recall, 1.0]
-        mpre = np.r_[0.0, precision, 0.0]
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        mpre = np.maximum.accumulate(np.r_[0.0, precision, 0.0][::-1])[::-1]
         steps = np.flatnonzero(mrec[1:] != mrec[:-1])
         return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
     points = {"11": VOC07_RECALL_POINTS, "101": COCO_RECALL_POINTS}[method]
-    if recall.size == 0:
-        return 0.0
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    # First curve point with recall >= r carries the envelope value for r.
-    idx = np.searchsorted(recall, points, side="left")
-    q = np.where(idx < recall.size, envelope[np.minimum(idx, recall.size - 1)], 0.0)
-    return float(q.mean())
+    # First curve point with recall >= r carries the envelope value for r; past the end, the 0 sentinel.
+    envelope = np.r_[np.maximum.accumulate(precision[::-1])[::-1], 0.0]
+    return float(envelope[np.searchsorted(recall, points, side="left")].mean())
 
 
 # ---------------------------------------------------------------- matching
@@ -147,8 +143,7 @@ def _match_voc(ious: np.ndarray, gt_ignore: np.ndarray,
     hit = ious[np.arange(n_dt), best][None, :] > thresholds[:, None]  # (T, D)
     ign = hit & gt_ignore[best][None, :]
     used = np.zeros((thresholds.size, n_gt), dtype=bool)
-    for d in range(n_dt):
-        g = best[d]
+    for d, g in enumerate(best):
         fresh = hit[:, d] & ~ign[:, d] & ~used[:, g]
         tp[:, d] = fresh
         used[:, g] |= fresh
@@ -204,9 +199,8 @@ class DetectionMAP:
         if style not in ("coco", "voc2010", "voc2007"):
             raise ValueError(f"style must be 'coco', 'voc2010' or 'voc2007', got {style!r}")
         self.style = style
-        if iou_thresholds is None:
-            iou_thresholds = COCO_IOU_THRESHOLDS if style == "coco" else (0.5,)
-        self.iou_thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+        default = COCO_IOU_THRESHOLDS if style == "coco" else (0.5,)
+        self.iou_thresholds = np.asarray(default if iou_thresholds is None else iou_thresholds, dtype=float)
         self.max_dets = tuple(sorted(int(m) for m in max_detection_thresholds))
         self.box_format = box_format
         self.num_classes = num_classes
@@ -235,21 +229,16 @@ class DetectionMAP:
             pb, gb = self._boxes(p["boxes"]), self._boxes(t["boxes"])
             no = np.zeros(gb.shape[0], bool)
             dt = {"boxes": pb, "scores": vec(p, "scores", np.float64), "labels": vec(p, "labels", np.int64)}
-            gt = {
-                "boxes": gb,
-                "labels": vec(t, "labels", np.int64),
-                "iscrowd": vec(t, "iscrowd", bool, no),
-                "difficult": vec(t, "difficult", bool, no),
-                "area": vec(t, "area", np.float64, (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1])),
-            }
+            gt = {"boxes": gb, "labels": vec(t, "labels", np.int64), "iscrowd": vec(t, "iscrowd", bool, no),
+                  "difficult": vec(t, "difficult", bool, no),
+                  "area": vec(t, "area", np.float64, (gb[:, 2] - gb[:, 0]) * (gb[:, 3] - gb[:, 1]))}
             self._images.append((dt, gt))
 
     # -- per image and class
 
     def _evaluate_image_class(self, dt: dict, gt: dict, rec: _ClassRecord) -> None:
-        order = np.argsort(-dt["scores"], kind="mergesort")
-        if self.style == "coco":
-            order = order[: self.max_dets[-1]]
+        top = self.max_dets[-1] if self.style == "coco" else None  # COCO keeps max_det per image
+        order = np.argsort(-dt["scores"], kind="mergesort")[:top]
         boxes, scores = dt["boxes"][order], dt["scores"][order]
         ranges = np.asarray(list(self.area_ranges.values()))  # (A, 2)
         crowd = gt["iscrowd"]
@@ -300,14 +289,10 @@ class DetectionMAP:
             tp, ign = np.concatenate(rec.tp, axis=-1), np.concatenate(rec.ignored, axis=-1)
             for m, max_det in enumerate(max_dets):
                 sel = ranks < max_det if max_det is not None else slice(None)
-                for a in range(n_a):
-                    n_gt = rec.n_gt[a]
-                    if n_gt == 0:
-                        continue
-                    for t in range(n_t):
-                        recall, precision = _pr_curve(scores[sel], tp[a, t, sel], ign[a, t, sel], n_gt)
-                        ap[k, a, t, m] = interpolated_ap(recall, precision, method)
-                        ar[k, a, t, m] = recall[-1] if recall.size else 0.0
+                for a, t in itertools.product(np.flatnonzero(rec.n_gt), range(n_t)):  # ranges with GT
+                    recall, precision = _pr_curve(scores[sel], tp[a, t, sel], ign[a, t, sel], rec.n_gt[a])
+                    ap[k, a, t, m] = interpolated_ap(recall, precision, method)
+                    ar[k, a, t, m] = recall[-1] if recall.size else 0.0
         return self._summarize(classes, ap, ar)
 
     def pr_curve(self, iou_threshold: float = 0.5, label: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -147,8 +147,8 @@ def cam_boxes(cam, thresholds: Sequence[float], connectivity: int = 1) -> list[n
     structure = ndimage.generate_binary_structure(2, connectivity)
     out = []
     for t in thresholds:
-        labels, n = ndimage.label(cam >= t, structure)
-        boxes = [(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop) for sl in ndimage.find_objects(labels) if sl]
+        objects = ndimage.find_objects(ndimage.label(cam >= t, structure)[0])
+        boxes = [(cols.start, rows.start, cols.stop, rows.stop) for rows, cols in filter(None, objects)]
         out.append(np.asarray(boxes, np.float64).reshape(-1, 4))
     return out
 
@@ -176,7 +176,8 @@ def max_box_acc_v2(cams: Sequence, gt_boxes: Sequence, iou_thresholds: Sequence[
         for k, boxes in enumerate(cam_boxes(cam, taus)):
             if len(boxes):
                 best_iou[i, k] = box_iou(boxes, g).max().item()
-    acc = (best_iou[:, :, None] >= deltas[None, None, :]).mean(axis=0) if len(cams) else np.zeros((len(taus), len(deltas)))
+    hits = best_iou[:, :, None] >= deltas[None, None, :]  # (N, T, D)
+    acc = hits.mean(axis=0) if len(cams) else np.zeros(hits.shape[1:])
     best = acc.argmax(axis=0)
     mba = acc[best, np.arange(len(deltas))]
     return {"box_acc": acc, "max_box_acc": mba, "best_threshold": taus[best],

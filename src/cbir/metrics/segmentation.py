@@ -67,8 +67,7 @@ class SegmentationMetrics:
         self.confmat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def update(self, preds, target) -> None:
-        preds = preds if hasattr(preds, "ndim") else np.asarray(preds)
-        target = target if hasattr(target, "ndim") else np.asarray(target)
+        preds, target = (x if hasattr(x, "ndim") else np.asarray(x) for x in (preds, target))
         if preds.ndim == target.ndim + 1:
             # argmax before the numpy conversion: on a GPU, only labels cross to the host.
             preds = preds.argmax(0 if target.ndim == 2 else 1)

@@ -60,10 +60,9 @@ def as_rng(rng: RngLike) -> np.random.Generator:
 
 
 def _numpy(v: Any, key: str, meta: dict[str, Any]) -> np.ndarray:
-    """``v`` as numpy (half-precision tensors as float32), its type recorded in ``meta``."""
+    """``v`` as numpy (half-precision tensors as float32); dtype and tensor device go in ``meta``."""
     if isinstance(v, torch.Tensor):
-        meta["tensor"].add(key)
-        meta["device"][key] = v.device
+        meta["tensor"][key] = v.device
         meta["dtype"][key] = v.dtype
         v = v.detach().cpu()
         return (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
@@ -76,7 +75,7 @@ def _restore(v: np.ndarray, key: str, meta: dict[str, Any]) -> Any:
     """Inverse of :func:`_numpy`: back to the recorded type (and device)."""
     if key in meta["tensor"]:
         t = torch.from_numpy(np.ascontiguousarray(v))
-        return t.to(device=meta["device"][key], dtype=meta["dtype"][key])
+        return t.to(device=meta["tensor"][key], dtype=meta["dtype"][key])
     return v.astype(meta["dtype"][key], copy=False)
 
 
@@ -84,21 +83,17 @@ def _unpack(sample: Sample) -> tuple[Sample, dict[str, Any]]:
     if "image" not in sample:
         raise KeyError("a sample needs an 'image'")
     work = dict(sample)
-    meta: dict[str, Any] = {"tensor": set(), "dtype": {}, "device": {}, "absent": set()}
+    meta: dict[str, Any] = {"tensor": {}, "dtype": {}, "no_boxes": "boxes" not in sample}
     a = _numpy(sample["image"], "image", meta)
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (1, 2, 0))
     meta["gray"] = a.ndim == 2
-    a = a[..., None] if a.ndim == 2 else a
-    work["image"] = a.astype(np.float32)  # always a copy: the caller's array is never touched
+    work["image"] = (a[..., None] if meta["gray"] else a).astype(np.float32)  # a copy: the caller's is kept
     work["_range"] = 255.0 if meta["dtype"]["image"] in (np.uint8, torch.uint8) else 1.0
-    if "boxes" not in sample:
-        meta["absent"].add("boxes")
-        work["boxes"] = np.zeros((0, 4), np.float32)
-    for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key in sample:
-            v = _numpy(sample[key], key, meta)
-            work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
+    work.setdefault("boxes", np.zeros((0, 4), np.float32))
+    for key in work.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
+        v = _numpy(work[key], key, meta)
+        work[key] = v.astype(np.float32).reshape(-1, 4) if key == "boxes" else v.copy()
     return work, meta
 
 
@@ -111,16 +106,14 @@ def _pack(work: Sample, meta: dict[str, Any]) -> Sample:
     if "image" in meta["tensor"] and a.ndim == 3:
         a = np.transpose(a, (2, 0, 1))
     out["image"] = _restore(a, "image", meta)
-    if "boxes" in meta["absent"]:
+    if meta["no_boxes"]:
         out.pop("boxes", None)
-    for key in ("boxes", "mask", *PER_BOX_KEYS):
-        if key not in out:
-            continue
+    for key in out.keys() & {"boxes", "mask", *PER_BOX_KEYS}:
         v = np.asarray(out[key])
         if key in meta["dtype"]:
             out[key] = _restore(v, key, meta)
         elif "boxes" in meta["tensor"]:  # a per-box value created here (MixUp's weights)
-            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["device"]["boxes"])
+            out[key] = torch.from_numpy(np.ascontiguousarray(v)).to(meta["tensor"]["boxes"])
     return out
 
 
@@ -140,9 +133,7 @@ def _clip_filter(work: Sample, region: tuple[float, float, float, float], ref_ar
     if ref_area is None:
         ref_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     x0, y0, x1, y1 = region
-    c = b.copy()
-    c[:, [0, 2]] = c[:, [0, 2]].clip(x0, x1)
-    c[:, [1, 3]] = c[:, [1, 3]].clip(y0, y1)
+    c = b.clip(np.float32([x0, y0, x0, y0]), np.float32([x1, y1, x1, y1]))
     w, h = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
     keep = (w >= min_size) & (h >= min_size) & (w * h >= min_visibility * np.maximum(ref_area, 1e-9))
     work["boxes"] = c
@@ -264,11 +255,10 @@ class ColorJitter(Transform):
         self.hue, self.p = hue, p
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        ops: list[tuple[Callable[..., np.ndarray], float]] = []
-        for op, x in ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
-                      (adjust_saturation, self.saturation)):
-            if x:
-                ops.append((op, rng.uniform(max(0.0, 1 - x), 1 + x)))
+        factors = ((adjust_brightness, self.brightness), (adjust_contrast, self.contrast),
+                   (adjust_saturation, self.saturation))
+        ops: list[tuple[Callable[..., np.ndarray], float]] = [
+            (op, rng.uniform(max(0.0, 1 - x), 1 + x)) for op, x in factors if x]
         if self.hue:
             ops.append((adjust_hue, rng.uniform(-self.hue, self.hue)))
         for k in rng.permutation(len(ops)):
@@ -305,15 +295,12 @@ def _warp_affine(work: Sample, matrix: np.ndarray, out_hw: tuple[int, int], fill
 
     inv = np.linalg.inv(matrix)
     lin, t = inv[:2, :2], inv[:2, 2]
-    swap = np.array([[0.0, 1.0], [1.0, 0.0]])  # (x, y) <-> (row, col)
-    m_rc = swap @ lin @ swap
-    offset = swap @ (lin @ np.array([0.5, 0.5]) + t - 0.5)
-    warp = functools.partial(ndimage.affine_transform, matrix=m_rc, offset=offset, output_shape=out_hw,
-                             mode="constant", prefilter=False)
-    img = work["image"]
-    cval = float(fill) * work["_range"]
-    work["image"] = np.stack([warp(img[..., c], order=1, cval=cval) for c in range(img.shape[-1])], -1)
-    work["image"] = work["image"].astype(np.float32)
+    # ndimage works in (row, col): both axes of the (x, y) matrix and offset reversed.
+    offset = (lin @ np.array([0.5, 0.5]) + t - 0.5)[::-1]
+    warp = functools.partial(ndimage.affine_transform, matrix=lin[::-1, ::-1], offset=offset,
+                             output_shape=out_hw, mode="constant", prefilter=False)
+    cval = float(fill) * work["_range"]  # float32 in, float32 out
+    work["image"] = np.stack([warp(ch, order=1, cval=cval) for ch in work["image"].transpose(2, 0, 1)], -1)
     if "mask" in work:
         m = work["mask"]
         src = m.astype(np.int64) if m.dtype == bool else m
@@ -370,13 +357,10 @@ class _Flip(Transform):
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
         size = _hw(work)[self._axis]
-        work["image"] = np.flip(work["image"], self._axis).copy()
-        if "mask" in work:
-            work["mask"] = np.flip(work["mask"], self._axis).copy()
+        for key in work.keys() & {"image", "mask"}:
+            work[key] = np.flip(work[key], self._axis).copy()
         lo, hi = (1, 3) if self._axis == 0 else (0, 2)  # the box coordinates along that axis
-        b = work["boxes"].copy()
-        b[:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]
-        work["boxes"] = b
+        work["boxes"][:, [lo, hi]] = size - work["boxes"][:, [hi, lo]]  # the working copy, in place
         return work
 
 
@@ -460,12 +444,11 @@ class RandomRotation(Transform):
 
 def _fill_value(work: Sample, fill: float | str | None, shape: tuple[int, ...],
                 rng: np.random.Generator) -> np.ndarray | float:
-    vmax = work["_range"]
     if fill == "random":
-        return rng.uniform(0.0, vmax, shape).astype(np.float32)
+        return rng.uniform(0.0, work["_range"], shape).astype(np.float32)
     if fill is None or fill == "mean":
         return work["image"].reshape(-1, work["image"].shape[-1]).mean(0)
-    return float(fill) * vmax
+    return float(fill) * work["_range"]
 
 
 class RandomErasing(Transform):
@@ -478,14 +461,13 @@ class RandomErasing(Transform):
         self.p, self.scale, self.ratio, self.fill = p, scale, ratio, fill
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
+        h, w, c = work["image"].shape
         for _ in range(10):  # the paper retries until the rectangle fits
             area = rng.uniform(*self.scale) * h * w
             aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
             eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < eh < h and 0 < ew < w:
                 y, x = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-                c = work["image"].shape[-1]
                 work["image"][y : y + eh, x : x + ew] = _fill_value(work, self.fill, (eh, ew, c), rng)
                 break
         return work
@@ -500,14 +482,13 @@ class Cutout(Transform):
         self.size, self.n_holes, self.p, self.fill = size, n_holes, p, fill
 
     def _apply(self, work: Sample, rng: np.random.Generator) -> Sample:
-        h, w = _hw(work)
+        h, w, c = work["image"].shape
         side = int(round(self.size * min(h, w))) if self.size < 1 else int(self.size)
         for _ in range(self.n_holes):
             cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
             y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
             x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
-            shape = (y1 - y0, x1 - x0, work["image"].shape[-1])
-            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, shape, rng)
+            work["image"][y0:y1, x0:x1] = _fill_value(work, self.fill, (y1 - y0, x1 - x0, c), rng)
         return work
 
 
@@ -610,9 +591,8 @@ class MixUp:
         self.alpha = alpha  # YOLOv5 uses Beta(32, 32): lam stays near 0.5
 
     def __call__(self, a: Sample, b: Sample, rng: RngLike = None) -> Sample:  # noqa: D102
-        rng = as_rng(rng)
         wa, wb, meta = _unpack_pair(a, b, "MixUp")
-        lam = float(rng.beta(self.alpha, self.alpha))
+        lam = float(as_rng(rng).beta(self.alpha, self.alpha))
         wa["image"] = (lam * wa["image"] + (1.0 - lam) * wb["image"]).astype(np.float32)
         wa.update(_concat_boxes([wa, wb], [lam, 1.0 - lam]))
         if "mask" in wa and "mask" in wb and lam < 0.5:
@@ -681,35 +661,32 @@ class Mosaic:
             raise ValueError(f"Mosaic takes 4 samples, got {len(samples)}")
         rng = as_rng(rng)
         H, W = self.output_size
-        works = [_unpack(s) for s in samples]
-        meta = works[0][1]
+        works, metas = zip(*(_unpack(s) for s in samples))
         xc = int(rng.integers(W // 4, 3 * W // 4 + 1))
         yc = int(rng.integers(H // 4, 3 * H // 4 + 1))
         quads = [(0, 0, xc, yc), (xc, 0, W, yc), (0, yc, xc, H), (xc, yc, W, H)]
-        has_mask = all("mask" in w for w, _ in works)
-        first = works[0][0]
+        has_mask = all("mask" in w for w in works)
+        first = works[0]
         out = {k: v for k, v in first.items() if k not in ("mask", "boxes", *PER_BOX_KEYS)}
         out["image"] = np.full((H, W, first["image"].shape[-1]), self.fill * first["_range"], np.float32)
         if has_mask:
             out["mask"] = np.full((H, W), self.mask_fill, first["mask"].dtype)
-        parts = []
-        for k, (work, _) in enumerate(works):
+        for k, work in enumerate(works):
             # One value range on the canvas: the first sample's (uint8 and [0, 1] may mix).
             work["image"] *= first["_range"] / work["_range"]
             work["_range"] = first["_range"]
             h, w = _hw(work)
-            work = _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)
+            _rescale(work, min(H / (2.0 * h), W / (2.0 * w)), self.mask_fill, 0.0, 0.0)  # in place
             nh, nw = _hw(work)
             # Corner of the resized image that touches the centre.
             dx = xc - nw if k in (0, 2) else xc
             dy = yc - nh if k in (0, 1) else yc
-            work = _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
-                              self.min_visibility)
+            _translate(work, dx, dy, (H, W), self.fill, self.mask_fill, quads[k], self.min_size,
+                       self.min_visibility)
             qx0, qy0, qx1, qy1 = quads[k]
             for key in ("image", "mask") if has_mask else ("image",):
                 out[key][qy0:qy1, qx0:qx1] = work[key][qy0:qy1, qx0:qx1]
-            parts.append(work)
-        out.update(_concat_boxes(parts))
-        if any(len(p["boxes"]) for p in parts):
-            meta["absent"].discard("boxes")
-        return _pack(out, meta)
+        out.update(_concat_boxes(works))
+        if any(len(w["boxes"]) for w in works):
+            metas[0]["no_boxes"] = False
+        return _pack(out, metas[0])

@@ -1,10 +1,8 @@
-"""FLOPs, MACs and parameter counts per module, measured with PyTorch's own flop counter.
+"""FLOPs, MACs and parameter counts per module, measured with PyTorch's ``FlopCounterMode``.
 
-**FLOPs = 2 x MACs** (multiply-accumulates; a ``k x k`` conv to ``C_out x H x W`` costs
-``C_out H W C_in k^2 / groups`` MACs), as ``FlopCounterMode`` reports; fvcore's and most
-papers' "FLOPs" are MACs. Only matmul-like ops are counted (conv, linear/matmul/bmm,
-attention), as in fvcore and timm. A module called twice counts twice; counts are for the
-given batch size.
+**FLOPs = 2 x MACs**; only matmul-like ops are counted (docs/toolbox.md). A ``k x k`` conv to
+``C_out x H x W`` costs ``C_out H W C_in k^2 / groups`` MACs. A module called twice counts
+twice; counts are for the given batch size.
 """
 
 from __future__ import annotations
@@ -47,9 +45,20 @@ class FlopReport:
         """The whole-model row."""
         return self.rows[0]
 
-    flops = property(lambda self: self.total.flops, doc="Total FLOPs (2 per multiply-accumulate).")
-    macs = property(lambda self: self.total.macs, doc="Total multiply-accumulates.")
-    params = property(lambda self: self.total.params, doc="Total parameter count.")
+    @property
+    def flops(self) -> int:
+        """Total FLOPs (2 per multiply-accumulate)."""
+        return self.total.flops
+
+    @property
+    def macs(self) -> int:
+        """Total multiply-accumulates."""
+        return self.total.macs
+
+    @property
+    def params(self) -> int:
+        """Total parameter count."""
+        return self.total.params
 
     def table(self, depth: int = 2) -> str:
         """The text table down to ``depth`` levels of nesting (see :func:`format_table`)."""
@@ -120,11 +129,9 @@ def format_table(report: FlopReport, depth: int = 2) -> str:
     def cells(name: str, r: ModuleCost, share: str) -> tuple[str, ...]:
         return (name, r.type, _fmt_int(r.params), f"{r.macs / div:.4f}", f"{r.flops / div:.4f}", share)
 
-    lines: list[tuple[str, ...]] = [header]
-    for r in report.rows[1:]:
-        if r.depth <= depth and (r.params or r.flops):
-            lines.append(cells("  " * (r.depth - 1) + r.name, r, f"{100 * r.flops / total:.1f}"))
-    lines.append(cells("total", t, "100.0"))
+    shown = [r for r in report.rows[1:] if r.depth <= depth and (r.params or r.flops)]
+    rows = [cells("  " * (r.depth - 1) + r.name, r, f"{100 * r.flops / total:.1f}") for r in shown]
+    lines = [header, *rows, cells("total", t, "100.0")]
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
 
     def fmt(row: tuple[str, ...]) -> str:  # the two text columns left-aligned, the numbers right

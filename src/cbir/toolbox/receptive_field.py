@@ -1,13 +1,12 @@
 """Receptive field of a stack of conv / pool layers: the formula and an empirical check.
 
-A layer with kernel ``k`` and dilation ``d`` covers ``k_eff = (d - 1)(k - 1) + k`` input
-pixels. With ``j`` the distance in input pixels between neighbouring units of the current
-map (the product of the strides so far)::
+Per layer (kernel ``k``, dilation ``d``; ``j``: input pixels between neighbouring units, the
+product of the strides so far; docs/toolbox.md)::
 
-    r_out = r_in + (k_eff - 1) * j_in        j_out = j_in * stride
+    k_eff = (d - 1)(k - 1) + k      r_out = r_in + (k_eff - 1) * j_in      j_out = j_in * stride
 
-so the DeepLab figure's stack 3x3/d1, 3x3/d2, 3x3/d4 sees 3, 7 and 15 pixels (the notes'
-``2 (d - 1)(k - 1) + k``). :func:`empirical_receptive_field` measures it instead.
+The DeepLab figure's stack 3x3/d1, 3x3/d2, 3x3/d4 sees 3, 7 and 15 pixels (the notes'
+``2 (d - 1)(k - 1) + k``).
 """
 
 from __future__ import annotations
@@ -81,9 +80,8 @@ def layers_from_module(model: nn.Module) -> list[LayerSpec]:
             pad = _first(m.padding) if not isinstance(m.padding, str) else None
             specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride), _first(m.dilation), pad))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            dil = _first(m.dilation) if isinstance(m, nn.MaxPool2d) else 1
-            stride = m.stride if m.stride is not None else m.kernel_size
-            specs.append(LayerSpec(_first(m.kernel_size), _first(stride), dil, _first(m.padding)))
+            specs.append(LayerSpec(_first(m.kernel_size), _first(m.stride or m.kernel_size),
+                                   _first(getattr(m, "dilation", 1)), _first(m.padding)))  # avg: no dilation
     return specs
 
 

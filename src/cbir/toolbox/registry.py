@@ -1,9 +1,5 @@
-"""Name -> constructor registry for the toolbox modules (the timm ``create_model`` idea).
-
-    >>> from cbir.toolbox import create_module, list_modules
-    >>> cbam = create_module("cbam", channels=64)
-    >>> "aspp" in list_modules()
-    True
+"""Name -> constructor registry for the toolbox modules (the timm ``create_model`` idea; example
+in docs/toolbox.md).
 
 `MODULES` is a `cbir.registry.Registry`. Every entry records how the module consumes its
 input (``entry.input_kind``), so generic tools (the ``cbir flops`` command, the tests) can

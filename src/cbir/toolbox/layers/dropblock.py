@@ -36,8 +36,7 @@ def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int,
     # Seed (i, j) drops the block with top-left corner (i, j): padding by bs - 1 and a bs x bs
     # max-pool spread each 1 over that block, into an H x W map, for odd and even bs alike.
     seeds = F.pad(seeds, (bs - 1, bs - 1, bs - 1, bs - 1))
-    block = F.max_pool2d(seeds, kernel_size=bs, stride=1)
-    keep = 1.0 - block
+    keep = 1.0 - F.max_pool2d(seeds, kernel_size=bs, stride=1)
     scale = keep.numel() / keep.sum().clamp(min=1.0)
     return x * keep * scale
 
@@ -58,9 +57,7 @@ class DropBlock2d(nn.Module):
         self.block_size = block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        return drop_block_2d(x, self.drop_prob, self.block_size)
+        return drop_block_2d(x, self.drop_prob, self.block_size) if self.training else x
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"drop_prob={self.drop_prob}, block_size={self.block_size}"
