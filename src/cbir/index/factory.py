@@ -508,12 +508,14 @@ def search_threads(n: int, blas: bool = True):
     False); OpenMP's costs nothing."""
     n = max(1, int(n))
     omp_before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
+    if omp_before != n:  # on the search path they are usually equal: nothing to set or restore
+        faiss.omp_set_num_threads(n)
     try:
         with _blas_threads(n) if blas else nullcontext():
             yield
     finally:
-        faiss.omp_set_num_threads(omp_before)
+        if omp_before != n:
+            faiss.omp_set_num_threads(omp_before)
 
 
 # -- tuning ------------------------------------------------------------------------

@@ -268,14 +268,13 @@ def choose_cut(errors, tau: int | None = None) -> int:
     the one holding the least errors, then the lower; an even run: the lower middle)."""
     e = np.asarray(errors)
     ok = e <= e.min() + (tolerance(int(e.min())) if tau is None else tau)
-    runs, i = [], 0
-    while i < len(e):
-        j = i
-        while ok[i] and j + 1 < len(e) and ok[j + 1]:
-            j += 1
-        if ok[i]:
-            runs.append((i, j))
-        i = j + 1
+    runs, start = [], None  # (first, last) of each run of near-best cuts
+    for i, near in enumerate([*ok, False]):
+        if near and start is None:
+            start = i
+        elif not near and start is not None:
+            runs.append((start, i - 1))
+            start = None
     a, b = max(runs, key=lambda r: (r[1] - r[0], -e[r[0]:r[1] + 1].min(), -r[0]))
     return (a + b) // 2
 
