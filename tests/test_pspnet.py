@@ -66,11 +66,22 @@ def test_network_shapes(stride):
     assert main.shape == (2, 2, g, g) and aux.shape == (2, 2, g, g)
     net.eval()
     with torch.no_grad():
-        f4, f5, f6 = net.features(x[:1])
-        assert (f4.shape[1], f5.shape[1], f6.shape[1]) == (112, 192, 320)
+        f2, f4, f5, f6 = net.features(x[:1])
+        assert (f2.shape[1:], f4.shape[1], f5.shape[1], f6.shape[1]) == ((24, 64, 64), 112, 192, 320)
         assert net(x[:1])[1] is None
     trained = net.trained_state(finetuned=False)
     assert all(k.startswith(("head.", "aux.")) for k in trained)
+
+
+def test_edge_decoder_gives_logits_at_stride_4():
+    net = PSPNet(PSPConfig(input_size=256, decoder=True), pretrained=True)
+    net.train()
+    main, aux = net(torch.randn(2, 3, 256, 256))
+    assert main.shape == (2, 2, 64, 64) and aux.shape == (2, 2, 16, 16)
+    trained = net.trained_state(finetuned=False)
+    assert any(k.startswith("head.decoder.") for k in trained) and not any(k.startswith("head.classifier") for k in trained)
+    main.sum().backward()
+    assert net.head.decoder.low[0].weight.grad.abs().sum() > 0  # the stride-4 map reaches the logits
 
 
 # ---------------------------------------------------------------------------- training
@@ -125,6 +136,21 @@ def test_localizer_onnx_matches_torch(overfit, tiny, tmp_path, monkeypatch):
     for r in ra:
         assert r.polygon.shape == (4, 2) and r.mask.shape == (photo.height, photo.width)
     np.testing.assert_allclose([r.box for r in ra], [r.box for r in rb], atol=1)
+
+
+def test_edge_decoder_trains_on_two_folders_and_exports(tiny, tmp_path, monkeypatch):
+    """The decoder variant, trained on two folders as one set, overfits and runs the same on ONNX."""
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path / "cache"))
+    root, _, big = tiny
+    out = root / "decoder" / "psp.pt"
+    opts = SegmenterOptions(epochs=12, batch=4, lr=1e-2, input_size=256, ema_decay=0.0, seed=0, border_weight=0, decoder=True)
+    w = train([big, big], big, out, opts, log=lambda m: None)
+    assert w["data"]["train_photos"] == 12 and w["config"]["decoder"]
+    assert w["history"][-1]["val_iou"] > 0.9
+    assert any(k.startswith("head.decoder.") for k in w["state"])
+    photo = Image.open(big / "queries" / "q001.jpg").convert("RGB")
+    a, b = create_localizer(f"pspnet:{out}"), create_localizer(f"pspnet:{out}", engine="torch")
+    assert np.abs(a.probability(photo) - b.probability(photo)).max() < 1e-4
 
 
 def test_resume_after_a_killed_run(overfit, tiny):

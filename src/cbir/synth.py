@@ -64,6 +64,7 @@ class SynthConfig:
     p_cut: float = 0.08  # a single painting partly outside the photo
     p_closeup: float = 0.3  # a single painting filling most of the photo
     fill: tuple[float, float] = (0.65, 0.98)  # painting size within its slot
+    gap: tuple[float, float] = (0.03, 0.1)  # between slots, of the layout region's width (height if stacked)
     p_background: float = 0.5  # a real background photo, when there are any
     p_floor: float = 0.35
     p_label: float = 0.45  # per painting
@@ -445,19 +446,20 @@ def _canonical_polygon(w: float, h: float, roll: float, yaw: float, pitch: float
 
 
 def _slots(rng: np.random.Generator, k: int, aspects: list[float], region: tuple[float, float, float, float],
-           stacked: bool) -> list[tuple[float, float, float, float]]:
+           stacked: bool, gap_range: tuple[float, float] = (0.03, 0.1)) -> list[tuple[float, float, float, float]]:
     x0, y0, x1, y1 = region
     if k == 0:
         return []
     if stacked:
-        gap = rng.uniform(0.04, 0.1) * (y1 - y0)
+        # stacked paintings keep a little more room (a label may sit between them)
+        gap = rng.uniform(gap_range[0] + 0.01, gap_range[1]) * (y1 - y0)
         wts = np.array([1 / a for a in aspects]) ** 0.7 * rng.uniform(0.7, 1.3, k)
         hs = (y1 - y0 - gap * (k - 1)) * wts / wts.sum()
         out, y = [], y0
         for hh in hs:
             out.append((x0, y, x1, y + hh)); y += hh + gap
         return out
-    gap = rng.uniform(0.03, 0.1) * (x1 - x0)
+    gap = rng.uniform(*gap_range) * (x1 - x0)
     wts = np.array(aspects) ** 0.7 * rng.uniform(0.6, 1.4, k)
     ws = (x1 - x0 - gap * (k - 1)) * wts / wts.sum()
     out, x = [], x0
@@ -671,7 +673,7 @@ def compose_photo(
     elif k == 1 and rng.random() < cfg.p_closeup:
         region = (0.02 * W, 0.02 * H, 0.98 * W, min(0.98 * H, y_floor))
         fill = (max(fill[0], 0.85), max(fill[1], 1.0))
-    slots = _slots(rng, k, aspects, region, stacked)
+    slots = _slots(rng, k, aspects, region, stacked, cfg.gap)
     polys, renders = [], []
     for i, (p, slot) in enumerate(zip(paintings, slots)):
         kind_names = list(cfg.frame_probs)
@@ -1013,6 +1015,17 @@ def read_holdout(path: str | Path) -> list[str]:
 import typer  # noqa: E402
 
 
+def _range(option: str, text: str) -> tuple[float, float]:
+    """``"0.01,0.05"`` -> (0.01, 0.05), within 0..1 and ordered; else a one-line error."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} {text!r}: give MIN,MAX, e.g. 0.01,0.05") from None
+    if not 0 <= lo <= hi <= 1:
+        raise typer.BadParameter(f"{option} {text!r}: need 0 <= MIN <= MAX <= 1")
+    return lo, hi
+
+
 def synth(
     collection_dir: Annotated[Path, typer.Argument(help="Folder of collection images (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Benchmark folder to write: gt.json, queries/*.jpg and masks.")],
@@ -1025,16 +1038,19 @@ def synth(
     long_side: Annotated[int, typer.Option("--long-side", help="Typical longer side of a photo, in pixels (drawn within +-33%).")] = 768,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Processes composing photos (the output does not depend on it).")] = 1,
     closeup: Annotated[float, typer.Option("--closeup", min=0.0, max=1.0, help="Probability that a photo of one painting is a close-up (the painting fills most of it).")] = SynthConfig.p_closeup,
+    gap: Annotated[str, typer.Option("--gap", help="MIN,MAX gap between paintings hung side by side, as a fraction of the wall's width.")] = "0.03,0.1",
+    fill: Annotated[str, typer.Option("--fill", help="MIN,MAX size of a painting within its slot (1: slots touch but for the gap).")] = "0.65,0.98",
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm
 
     names = read_holdout(holdout) if holdout else []
+    ranges = {name: _range(name, text) for name, text in (("--gap", gap), ("--fill", fill))}
 
     def progress(**kw):
         return tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
     gt = synthesize(collection_dir, out_dir, n, seed=seed, backgrounds=backgrounds, holdout=names,
                     long_side=long_side, progress=progress, workers=workers,
-                    config=replace(SynthConfig(), p_closeup=closeup))
+                    config=replace(SynthConfig(), p_closeup=closeup, gap=ranges["--gap"], fill=ranges["--fill"]))
     typer.echo(f"wrote {n} photos and {gt}")

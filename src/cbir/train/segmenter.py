@@ -41,7 +41,7 @@ from PIL import Image
 from cbir.train import (History, ModelEMA, TrainingError, atomic_save, cosine_lr, load_checkpoint, progress,
                         read_ground_truth, seed_everything)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the stride-4 map (f2) is cached too, for the edge decoder
 TARGET_STRIDE = 4  # the loss is computed at input / 4
 THRESHOLDS = (0.4, 0.5, 0.6)
 MIN_AREAS = (0.005, 0.01, 0.02)
@@ -62,6 +62,7 @@ class SegmenterOptions:
     border_sigma: float = 2.0  # in target cells (input / 4)
     input_size: int = 384
     output_stride: int = 16
+    decoder: bool = False  # the edge decoder on the stride-4 map (`cbir.models.pspnet.EdgeDecoder`)
     seed: int = 0
     threads: int = 1  # one thread: on a shared 2-core machine a second one mostly waits
     limit: int = 0  # use only the first N training photos (0: all)
@@ -180,7 +181,7 @@ def load_sample(s: Sample, size: int, w0: float, sigma: float):
 class FeatureCache:
     """The frozen backbone's taps of a folder's photos, float16 memmaps in ``path``."""
 
-    KEYS = ("f4", "f5", "f6")
+    KEYS = ("f2", "f4", "f5", "f6")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -208,11 +209,12 @@ class FeatureCache:
             return cls(path)
         path.mkdir(parents=True, exist_ok=True)
         s, g, t = opts.input_size, opts.input_size // opts.output_stride, opts.input_size // TARGET_STRIDE
-        from cbir.models.pspnet import AUX_CHANNELS, LAST_CHANNELS, STAGE5_CHANNELS
+        from cbir.models.pspnet import AUX_CHANNELS, LAST_CHANNELS, LOW_CHANNELS, LOW_STRIDE, STAGE5_CHANNELS
 
-        shapes = {"f4": (AUX_CHANNELS, g, g), "f5": (STAGE5_CHANNELS, g, g), "f6": (LAST_CHANNELS, g, g),
-                  "target": (t, t), "weight": (t, t)}
-        dtypes = {"f4": np.float16, "f5": np.float16, "f6": np.float16, "target": np.uint8, "weight": np.float16}
+        low = opts.input_size // LOW_STRIDE
+        shapes = {"f2": (LOW_CHANNELS, low, low), "f4": (AUX_CHANNELS, g, g), "f5": (STAGE5_CHANNELS, g, g),
+                  "f6": (LAST_CHANNELS, g, g), "target": (t, t), "weight": (t, t)}
+        dtypes = {**dict.fromkeys(cls.KEYS, np.float16), "target": np.uint8, "weight": np.float16}
         done_file = path / "done.json"
         done = json.loads(done_file.read_text())["done"] if done_file.is_file() else 0
         mode = "r+" if done else "w+"
@@ -229,9 +231,10 @@ class FeatureCache:
             loaded = [load_sample(x, s, opts.border_weight, opts.border_sigma) for x in chunk]
             x = torch.from_numpy(np.stack([a[0] for a in loaded]))
             with torch.inference_mode():
-                f4, f5, f6 = net.features(x)
+                taps = net.features(x)
             sl = slice(i, i + len(chunk))
-            arrays["f4"][sl], arrays["f5"][sl], arrays["f6"][sl] = (f.numpy().astype(np.float16) for f in (f4, f5, f6))
+            for k, f in zip(cls.KEYS, taps):
+                arrays[k][sl] = f.numpy().astype(np.float16)
             arrays["target"][sl] = np.stack([a[1] for a in loaded])
             arrays["weight"][sl] = np.stack([a[2] for a in loaded]).astype(np.float16)
             info["content"] += [list(a[3]) for a in loaded]
@@ -249,6 +252,23 @@ class FeatureCache:
                 "input_size": s, "output_stride": opts.output_stride, **info}
         _write_json(path / "meta.json", meta)
         return cls(path)
+
+
+class CacheSet:
+    """Several folders' caches as one training set (rows in folder order)."""
+
+    def __init__(self, caches: list[FeatureCache]) -> None:
+        self.caches = caches
+        self.offsets = np.cumsum([0] + [len(c) for c in caches])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, idx: np.ndarray, keys) -> dict[str, torch.Tensor]:
+        idx = np.sort(idx)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        parts = [c.batch(idx[which == i] - self.offsets[i], keys) for i, c in enumerate(self.caches) if (which == i).any()]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -269,9 +289,15 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.
     return ce + dice_weight * dice_loss(logits, target, mode="multiclass")
 
 
+def _keys(net, finetune: bool) -> tuple[str, ...]:
+    """The cached taps a training step reads."""
+    return ("f4", "f5" if finetune else "f6") + (("f2",) if net.config.decoder else ())
+
+
 def _forward(net, batch: dict, finetune: bool):
     f6 = net.last(batch["f5"]) if finetune else batch["f6"]
-    return net.head(f6), net.aux(batch["f4"])
+    main = net.head(f6, batch["f2"]) if net.config.decoder else net.head(f6)
+    return main, net.aux(batch["f4"])
 
 
 def pixel_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
@@ -284,7 +310,7 @@ def pixel_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_cache(net, cache: FeatureCache, opts: SegmenterOptions, finetune: bool) -> dict:
     net.eval()
-    keys = ("f4", "f5") if finetune else ("f4", "f6")
+    keys = _keys(net, finetune)
     loss_sum, inter, union = 0.0, 0, 0
     for i in range(0, len(cache), opts.batch):
         b = cache.batch(np.arange(i, min(i + opts.batch, len(cache))), keys)
@@ -300,7 +326,7 @@ def evaluate_cache(net, cache: FeatureCache, opts: SegmenterOptions, finetune: b
 def probabilities(net, cache: FeatureCache, finetune: bool, batch: int = 16) -> np.ndarray:
     """Painting probability at the feature resolution for every cached photo ``(N, h, w)``."""
     net.eval()
-    keys = ("f4", "f5") if finetune else ("f4", "f6")
+    keys = _keys(net, finetune)
     out = []
     for i in range(0, len(cache), batch):
         b = cache.batch(np.arange(i, min(i + batch, len(cache))), keys)
@@ -372,8 +398,10 @@ def _resumable(state: dict, hp: dict, data_key: list) -> bool:
     return same_head and state.get("epoch", 1 << 30) < hp["epochs"] and not state.get("finetune")
 
 
-def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -> dict:
-    """Cache, train the head (and optionally stage 6), choose thresholds, write ``out``."""
+def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions, log=print) -> dict:
+    """Cache, train the head (and optionally stage 6), choose thresholds, write ``out``.
+
+    ``data``: one training folder or several, trained on as one set."""
     from cbir.models.pspnet import PSPConfig, PSPNet
 
     torch.set_num_threads(max(1, opts.threads))
@@ -383,16 +411,20 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
         raise TrainingError(f"--input-size {opts.input_size}: a multiple of 32 within 64..1536")
     if opts.output_stride not in (8, 16):
         raise TrainingError(f"--output-stride {opts.output_stride}: 8 or 16")
-    train_samples = read_folder(data, "training")
+    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    train_sets = [read_folder(d, "training") for d in folders]
     val_samples = read_folder(val, "validation")
-    if opts.limit:
-        train_samples = train_samples[:opts.limit]
+    if opts.limit:  # the first N photos, folder by folder
+        left = opts.limit
+        for i, ss in enumerate(train_sets):
+            train_sets[i], left = ss[:left], max(0, left - len(ss))
+    n_train = sum(map(len, train_sets))
     out = Path(out)
     work = out.with_name(out.name + ".train")
     total = opts.epochs + opts.finetune_epochs
     ckpt_path = work / "checkpoint.pt"
     hp = {k: v for k, v in asdict(opts).items() if k != "threads"}
-    data_key = [str(data), str(val), len(train_samples)]
+    data_key = [str(folders[0]) if len(folders) == 1 else [str(d) for d in folders], str(val), n_train]
     state = None
     if ckpt_path.is_file():  # checked before anything is computed or written
         state = load_checkpoint(ckpt_path)
@@ -401,12 +433,13 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
                                 "delete it or use another --out")
     work.mkdir(parents=True, exist_ok=True)
     gen = seed_everything(opts.seed)
-    config = PSPConfig(input_size=opts.input_size, output_stride=opts.output_stride)
+    config = PSPConfig(input_size=opts.input_size, output_stride=opts.output_stride, decoder=opts.decoder)
     net = PSPNet(config, pretrained=True)
     net.eval()
     t_start = time.time()
     cache_root = work / "cache"
-    tr = FeatureCache.build(Path(data), train_samples, net, opts, cache_root, "cache train")
+    tr = CacheSet([FeatureCache.build(d, ss, net, opts, cache_root, "cache train")
+                   for d, ss in zip(folders, train_sets) if ss])
     va = FeatureCache.build(Path(val), val_samples, net, opts, cache_root, "cache val")
     cache_s = time.time() - t_start
     log(f"cached {len(tr)} training and {len(va)} validation photos in {cache_s:.0f} s")
@@ -444,7 +477,7 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
                 ema.updates = state["ema_updates"]
         net.train()
         net.stem.eval(), net.stage5.eval(), net.last.eval()  # frozen BN statistics in the backbone
-        keys = ("f4", "f5") if finetune else ("f4", "f6")
+        keys = _keys(net, finetune)
         perm = torch.randperm(len(tr), generator=gen).numpy()
         steps = math.ceil(len(tr) / opts.batch)
         bar = progress(len(tr), f"{'finetune' if finetune else 'head'} {epoch + 1}/{total}")
@@ -481,7 +514,7 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
                  "ema_updates": ema.updates, "optimizer": opt.state_dict(), "history": history.rows, "hparams": hp,
                  "data": data_key, "rng": gen.get_state(), "train_s": train_s}
         atomic_save(state, ckpt_path)
-        history.write(work, title=f"PSPNet on {Path(data).name} (seed {opts.seed})")
+        history.write(work, title=f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})")
 
     final = ema.ema if ema is not None else net
     if ema is None:  # resumed after the last epoch: the checkpoint's EMA is the model
@@ -499,11 +532,11 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
         "threshold": t, "min_area": a, "finetuned": finetuned,
         "options": asdict(opts), "val_figures": figures, "val_grid": {f"{k[0]},{k[1]}": v for k, v in grid.items()},
         "history": history.rows,
-        "data": {"train": str(data), "train_photos": len(tr), "val": str(val), "val_photos": len(va)},
+        "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": str(val), "val_photos": len(va)},
         "times": {"cache_s": round(cache_s, 1), "train_s": round(train_s, 1), "select_s": round(time.time() - t0, 1)},
     }
     atomic_save(weights, out)
-    curves = history.write(work, title=f"PSPNet on {Path(data).name} (seed {opts.seed})")
+    curves = history.write(work, title=f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})")
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), curves {curves}")
     return weights
 
@@ -512,7 +545,7 @@ def train(data: Path, val: Path, out: Path, opts: SegmenterOptions, log=print) -
 
 
 def command(
-    data: Annotated[Path, typer.Option("--data", help="`cbir synth` training folder (gt.json with masks).")],
+    data: Annotated[list[Path], typer.Option("--data", help="`cbir synth` training folder (gt.json with masks); repeat to train on several as one set.")],
     val: Annotated[Path, typer.Option("--val", help="`cbir synth` validation folder (another seed).")],
     out: Annotated[Path, typer.Option("--out", help="Weights file to write (checkpoint, cache and curves go to OUT.train/).")],
     epochs: Annotated[int, typer.Option(help="Epochs of the PSP head on the frozen, cached backbone.")] = 12,
@@ -521,13 +554,14 @@ def command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the head.")] = 2e-3,
     input_size: Annotated[int, typer.Option(help="Photos are letterboxed to this square.")] = 384,
     output_stride: Annotated[int, typer.Option(help="Backbone output stride (dilated): 16 or 8.")] = 16,
+    decoder: Annotated[bool, typer.Option("--decoder", help="Add the edge decoder: the stride-4 map fused before the classifier (mask at input / 4).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of weights init and data order.")] = 0,
     threads: Annotated[int, typer.Option(help="PyTorch threads.")] = 1,
     limit: Annotated[int, typer.Option(help="Train on the first N photos only (0: all).")] = 0,
 ) -> None:
     """Train the PSPNet localizer (registered as `pspnet`) on synthetic gallery photos."""
     opts = SegmenterOptions(epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, input_size=input_size,
-                            output_stride=output_stride, seed=seed, threads=threads, limit=limit)
+                            output_stride=output_stride, decoder=decoder, seed=seed, threads=threads, limit=limit)
     w = train(data, val, out, opts, log=lambda m: typer.echo(m, err=True))
     f = w["val_figures"]
     typer.echo(json.dumps({"weights": str(out), "threshold": w["threshold"], "min_area": w["min_area"],
