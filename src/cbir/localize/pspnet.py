@@ -1,12 +1,13 @@
 """The ``pspnet`` localizer: a PSPNet trained on `cbir synth` composites segments the paintings.
 
 photo -> letterbox (square, ``input_size``) -> PSPNet -> painting probability at output stride
-16 -> back to the photo's resolution (bilinear) -> threshold -> connected components (small ones
-dropped) -> touching paintings split -> one `Region` per painting (box, minimum-area rotated
-rectangle as its 4-point polygon, mask), best first.
+16 (4 with the edge decoder) -> grey opening -> back to the photo's resolution (bilinear) ->
+threshold -> connected components (small ones dropped) -> touching paintings split -> one
+`Region` per painting (box, minimum-area rotated rectangle as its 4-point polygon, mask), best
+first.
 
-The threshold and the minimum area are chosen on synth-val by training and stored with the
-weights. Inference runs on ONNX Runtime (the network is exported once and cached, keyed by the
+The threshold, the minimum area and the opening's size are chosen on synthetic validation data
+by training and stored with the weights. Inference runs on ONNX Runtime (the network is exported once and cached, keyed by the
 weights' hash), ``engine="torch"`` runs it eagerly.
 """
 
@@ -111,6 +112,16 @@ def to_photo(prob: np.ndarray, size: int, content: tuple[int, int, int, int], ou
     # Box of the content in feature-cell units: PIL's resize(box=...) crops and scales at once.
     box = (left * w / size, top * h / size, (left + nw) * w / size, (top + nh) * h / size)
     return np.asarray(img.resize(out_wh, Image.BILINEAR, box=box))
+
+
+def open_map(prob: np.ndarray, cells: int) -> np.ndarray:
+    """Grey opening of a probability map with a ``cells`` x ``cells`` square (1: unchanged).
+
+    Removes bright structures thinner than the square (a bridge of wall between two paintings
+    hung close, a lit strip along the photo's edge) while a painting's rectangle, wider than the
+    square, comes through exactly.
+    """
+    return prob if cells <= 1 else ndimage.grey_opening(prob, size=(cells, cells))
 
 
 def fill_ratio(mask: np.ndarray) -> float:
@@ -263,21 +274,22 @@ def onnx_path(weights_file: Path, net) -> Path:
 class PSPNetLocalizer(Localizer):
     """Semantic segmentation of paintings, components as instances.
 
-    ``weights``: ``default`` / ``holdout`` (shipped) or a path. ``threshold`` and ``min_area``
-    override the values chosen on synth-val. ``engine``: ``onnx`` (default) or ``torch``.
+    ``weights``: ``default`` / ``holdout`` (shipped) or a path. ``threshold``, ``min_area`` and
+    ``open_cells`` override the values chosen on synth-val. ``engine``: ``onnx`` (default) or ``torch``.
     ``split``: cut touching paintings apart (see `split_touching`); ``valley``: also at a
     probability valley (`split_at_valley`, off: it did not pay on synth-val).
     """
 
     def __init__(self, weights: str | None = None, engine: str = "onnx", threshold: float | None = None,
                  min_area: float | None = None, split: bool = True, valley: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, open_cells: int | None = None) -> None:
         if engine not in ("onnx", "torch"):
             raise LocalizerError(f"pspnet: unknown engine {engine!r}; choose onnx or torch")
         self.path = weights_path(weights)
         self.weights = load_weights(self.path)
         self.threshold = float(self.weights.get("threshold", 0.5) if threshold is None else threshold)
         self.min_area = float(self.weights.get("min_area", 0.01) if min_area is None else min_area)
+        self.open_cells = int(self.weights.get("open_cells", 1) if open_cells is None else open_cells)
         if not 0 < self.threshold < 1:
             raise LocalizerError(f"pspnet: threshold {self.threshold} must be within 0..1")
         self.engine, self.split, self.valley, self.threads = engine, split, valley, threads
@@ -307,7 +319,7 @@ class PSPNetLocalizer(Localizer):
         """float32 ``(H, W)`` painting probability at the photo's resolution."""
         check_photo(image, self.input_size)
         x, content = prepare(image, self.input_size)
-        return to_photo(self._run(x), self.input_size, content, image.size)
+        return to_photo(open_map(self._run(x), self.open_cells), self.input_size, content, image.size)
 
     def localize(self, image: Image.Image) -> list[Region]:
         return regions_from_probability(self.probability(image), self.threshold, self.min_area, self.split,

@@ -12,9 +12,9 @@ Made to fit a 2-core CPU session:
    plus Dice, auxiliary loss weighted 0.4. AdamW, cosine schedule, EMA of the weights.
 3. **Fine-tune** (``--finetune-epochs``, optional): stage 6 of the backbone trained too, from
    the cached stage-5 maps (its BatchNorm statistics stay frozen).
-4. **Thresholds**: the probability threshold and the minimum component area are chosen on the
-   validation folder at the photos' resolution (mean of pixel F1, box AP50 and count accuracy),
-   and the final figures computed there.
+4. **Thresholds**: the probability threshold, the minimum component area and the size of the
+   map's grey opening are chosen on the validation folders (pooled) at the photos' resolution
+   (mean of pixel F1, box AP50 and count accuracy), and the final figures computed there.
 
 Every epoch writes a checkpoint (``OUT.train/checkpoint.pt``) that a re-run with the same
 options resumes from, ``history.json`` and ``curves.png``. The weights file ``OUT`` holds
@@ -45,6 +45,7 @@ CACHE_VERSION = 2  # 2: the stride-4 map (f2) is cached too, for the edge decode
 TARGET_STRIDE = 4  # the loss is computed at input / 4
 THRESHOLDS = (0.4, 0.5, 0.6)
 MIN_AREAS = (0.005, 0.01, 0.02)
+OPENINGS = (1, 3, 5)  # grey opening of the probability map, in cells of its grid (1: none)
 SELECT_SIDE = 512
 
 
@@ -335,54 +336,57 @@ def probabilities(net, cache: FeatureCache, finetune: bool, batch: int = 16) -> 
     return np.concatenate(out)
 
 
-def photo_figures(probs: np.ndarray, cache: FeatureCache, samples: list[Sample], thresholds=THRESHOLDS,
-                  min_areas=MIN_AREAS, split: bool = True) -> dict[tuple[float, float], dict]:
+def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[Sample], thresholds=THRESHOLDS,
+                  min_areas=MIN_AREAS, openings=OPENINGS, split: bool = True) -> dict[tuple[float, float, int], dict]:
     """At the photos' resolution (longer side capped to ``SELECT_SIDE``), for each
-    (threshold, min_area): pixel F1 (mean over photos), box AP50 and AP (COCO), count accuracy."""
-    from cbir.localize.pspnet import regions_from_probability, to_photo
+    (threshold, min_area, opening): pixel F1 (mean over photos), box AP50 and AP (COCO), count
+    accuracy. ``probs`` ``(N, h, w)`` and ``samples`` run over the ``caches`` in order."""
+    from cbir.localize.pspnet import open_map, regions_from_probability, to_photo
     from cbir.metrics.detection import DetectionMAP
 
-    size = cache.meta["input_size"]
-    res = {(t, a): {"f1": [], "count": [], "preds": []} for t in thresholds for a in min_areas}
+    rows = [(c.meta["input_size"], c.meta["size"][i], c.meta["content"][i]) for c in caches for i in range(len(c))]
+    res = {(t, a, o): {"f1": [], "count": [], "preds": []} for t in thresholds for a in min_areas for o in openings}
     targets = []
-    for i, s in enumerate(samples):
-        w, h = cache.meta["size"][i]
+    for i, (s, (size, (w, h), content)) in enumerate(zip(samples, rows)):
         # At the photo's resolution, capped to SELECT_SIDE px: areas are fractions of the photo,
         # so the choice does not depend on the cap, and it is 4x faster than 1000 px photos.
         k = min(1.0, SELECT_SIDE / max(w, h))
         sw, sh = max(1, round(w * k)), max(1, round(h * k))
-        prob = to_photo(probs[i], size, tuple(cache.meta["content"][i]), (sw, sh))
         gt = np.asarray(Image.open(s.mask).convert("L").resize((sw, sh), Image.NEAREST)) > 127
         boxes = k * np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in s.instances]).reshape(-1, 4)
         targets.append({"boxes": boxes, "labels": np.zeros(len(boxes), int)})
-        for t in thresholds:
-            for a in min_areas:
-                regions = regions_from_probability(prob, t, a, split=split)
-                pm = np.zeros_like(gt)
-                for r in regions:
-                    pm |= r.mask
-                tp = float((pm & gt).sum())
-                f1 = 2 * tp / max(float(pm.sum() + gt.sum()), 1.0) if (pm.any() or gt.any()) else 1.0
-                d = res[(t, a)]
-                d["f1"].append(f1)
-                d["count"].append(len(regions) == len(s.instances))
-                d["preds"].append({"boxes": np.array([r.box for r in regions]).reshape(-1, 4),
-                                   "scores": np.array([r.score for r in regions]), "labels": np.zeros(len(regions), int)})
+        for o in openings:
+            prob = to_photo(open_map(probs[i], o), size, tuple(content), (sw, sh))
+            for t in thresholds:
+                for a in min_areas:
+                    regions = regions_from_probability(prob, t, a, split=split)
+                    pm = np.zeros_like(gt)
+                    for r in regions:
+                        pm |= r.mask
+                    tp = float((pm & gt).sum())
+                    f1 = 2 * tp / max(float(pm.sum() + gt.sum()), 1.0) if (pm.any() or gt.any()) else 1.0
+                    d = res[(t, a, o)]
+                    d["f1"].append(f1)
+                    d["count"].append(len(regions) == len(s.instances))
+                    d["preds"].append({"boxes": np.array([r.box for r in regions]).reshape(-1, 4),
+                                       "scores": np.array([r.score for r in regions]), "labels": np.zeros(len(regions), int)})
     out = {}
-    for k, d in res.items():
+    for key, d in res.items():
         m = DetectionMAP(style="coco")
         m.update(d["preds"], targets)
         c = m.compute()
-        out[k] = {"pixel_f1": float(np.mean(d["f1"])), "det_ap50": float(c["map_50"]), "det_ap": float(c["map"]),
-                  "count_accuracy": float(np.mean(d["count"]))}
+        out[key] = {"pixel_f1": float(np.mean(d["f1"])), "det_ap50": float(c["map_50"]), "det_ap": float(c["map"]),
+                    "count_accuracy": float(np.mean(d["count"]))}
     return out
 
 
-def _select(figures: dict) -> tuple[tuple[float, float], dict]:
+def _select(figures: dict) -> tuple[tuple[float, float, int], dict]:
+    """The best mean of pixel F1, AP50 and count accuracy; ties go to the threshold nearest 0.5,
+    then to the smallest opening (the least post-processing)."""
     def score(f):
         return (f["pixel_f1"] + f["det_ap50"] + f["count_accuracy"]) / 3
 
-    best = max(figures, key=lambda k: (score(figures[k]), -abs(k[0] - 0.5)))
+    best = max(figures, key=lambda k: (round(score(figures[k]), 6), -abs(k[0] - 0.5), -k[2]))
     return best, figures[best]
 
 
@@ -398,10 +402,11 @@ def _resumable(state: dict, hp: dict, data_key: list) -> bool:
     return same_head and state.get("epoch", 1 << 30) < hp["epochs"] and not state.get("finetune")
 
 
-def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions, log=print) -> dict:
+def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: SegmenterOptions, log=print) -> dict:
     """Cache, train the head (and optionally stage 6), choose thresholds, write ``out``.
 
-    ``data``: one training folder or several, trained on as one set."""
+    ``data``: one training folder or several, trained on as one set; ``val`` likewise (the
+    thresholds are chosen on all its photos pooled)."""
     from cbir.models.pspnet import PSPConfig, PSPNet
 
     torch.set_num_threads(max(1, opts.threads))
@@ -413,7 +418,8 @@ def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions,
         raise TrainingError(f"--output-stride {opts.output_stride}: 8 or 16")
     folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
     train_sets = [read_folder(d, "training") for d in folders]
-    val_samples = read_folder(val, "validation")
+    val_folders = [Path(v) for v in (val if isinstance(val, (list, tuple)) else [val])]
+    val_sets = [read_folder(v, "validation") for v in val_folders]
     if opts.limit:  # the first N photos, folder by folder
         left = opts.limit
         for i, ss in enumerate(train_sets):
@@ -424,7 +430,8 @@ def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions,
     total = opts.epochs + opts.finetune_epochs
     ckpt_path = work / "checkpoint.pt"
     hp = {k: v for k, v in asdict(opts).items() if k != "threads"}
-    data_key = [str(folders[0]) if len(folders) == 1 else [str(d) for d in folders], str(val), n_train]
+    data_key = [str(folders[0]) if len(folders) == 1 else [str(d) for d in folders],
+                str(val_folders[0]) if len(val_folders) == 1 else [str(v) for v in val_folders], n_train]
     state = None
     if ckpt_path.is_file():  # checked before anything is computed or written
         state = load_checkpoint(ckpt_path)
@@ -440,7 +447,8 @@ def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions,
     cache_root = work / "cache"
     tr = CacheSet([FeatureCache.build(d, ss, net, opts, cache_root, "cache train")
                    for d, ss in zip(folders, train_sets) if ss])
-    va = FeatureCache.build(Path(val), val_samples, net, opts, cache_root, "cache val")
+    val_caches = [FeatureCache.build(v, ss, net, opts, cache_root, "cache val") for v, ss in zip(val_folders, val_sets)]
+    va = CacheSet(val_caches)
     cache_s = time.time() - t_start
     log(f"cached {len(tr)} training and {len(va)} validation photos in {cache_s:.0f} s")
 
@@ -522,17 +530,18 @@ def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions,
     finetuned = opts.finetune_epochs > 0
     t0 = time.time()
     probs = probabilities(final, va, finetuned)
-    grid = photo_figures(probs, va, val_samples)
-    (t, a), figures = _select(grid)
-    log(f"chose threshold {t} and min_area {a} on {Path(val).name}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    grid = photo_figures(probs, val_caches, [x for ss in val_sets for x in ss])
+    (t, a, o), figures = _select(grid)
+    val_names = " + ".join(v.name for v in val_folders)
+    log(f"chose threshold {t}, min_area {a}, opening {o} on {val_names}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     trained = {k: (v.half() if v.is_floating_point() else v) for k, v in final.trained_state(finetuned).items()
                if not k.startswith("aux.")}
     weights = {
         "format": "cbir-pspnet", "version": 1, "config": config.to_dict(), "state": trained,
-        "threshold": t, "min_area": a, "finetuned": finetuned,
-        "options": asdict(opts), "val_figures": figures, "val_grid": {f"{k[0]},{k[1]}": v for k, v in grid.items()},
+        "threshold": t, "min_area": a, "open_cells": o, "finetuned": finetuned,
+        "options": asdict(opts), "val_figures": figures, "val_grid": {",".join(map(str, k)): v for k, v in grid.items()},
         "history": history.rows,
-        "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": str(val), "val_photos": len(va)},
+        "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": " + ".join(map(str, val_folders)), "val_photos": len(va)},
         "times": {"cache_s": round(cache_s, 1), "train_s": round(train_s, 1), "select_s": round(time.time() - t0, 1)},
     }
     atomic_save(weights, out)
@@ -546,7 +555,7 @@ def train(data: Path | list[Path], val: Path, out: Path, opts: SegmenterOptions,
 
 def command(
     data: Annotated[list[Path], typer.Option("--data", help="`cbir synth` training folder (gt.json with masks); repeat to train on several as one set.")],
-    val: Annotated[Path, typer.Option("--val", help="`cbir synth` validation folder (another seed).")],
+    val: Annotated[list[Path], typer.Option("--val", help="`cbir synth` validation folder (another seed); repeat to pool several for the threshold choice.")],
     out: Annotated[Path, typer.Option("--out", help="Weights file to write (checkpoint, cache and curves go to OUT.train/).")],
     epochs: Annotated[int, typer.Option(help="Epochs of the PSP head on the frozen, cached backbone.")] = 12,
     finetune_epochs: Annotated[int, typer.Option(help="Then epochs with the backbone's last stage trained too.")] = 0,
