@@ -217,8 +217,8 @@ def split_at_valley(comp: np.ndarray, prob: np.ndarray, min_pixels: int, levels=
 def regions_from_probability(prob: np.ndarray, threshold: float, min_area: float, split: bool = True,
                              max_regions: int = 10, valley: bool = False) -> list[Region]:
     """Photo-resolution painting probability -> regions (components, touching ones split by
-    shape, and first at a probability valley with ``valley``: off by default, it cost 0.5 point
-    of count accuracy on synth-val, whose paintings rarely hang close together)."""
+    shape, and first at a probability valley with ``valley``; training chooses whether on
+    synthetic validation data and stores it with the weights)."""
     mask = prob > threshold
     regions = regions_from_mask(mask, prob, min_area=min_area, max_regions=max_regions, polygons=True)
     if not split:
@@ -277,11 +277,12 @@ class PSPNetLocalizer(Localizer):
     ``weights``: ``default`` / ``holdout`` (shipped) or a path. ``threshold``, ``min_area`` and
     ``open_cells`` override the values chosen on synth-val. ``engine``: ``onnx`` (default) or ``torch``.
     ``split``: cut touching paintings apart (see `split_touching`); ``valley``: also at a
-    probability valley (`split_at_valley`, off: it did not pay on synth-val).
+    probability valley (`split_at_valley`; by default as chosen in training, off for weights
+    that do not say).
     """
 
     def __init__(self, weights: str | None = None, engine: str = "onnx", threshold: float | None = None,
-                 min_area: float | None = None, split: bool = True, valley: bool = False,
+                 min_area: float | None = None, split: bool = True, valley: bool | None = None,
                  threads: int | None = None, open_cells: int | None = None) -> None:
         if engine not in ("onnx", "torch"):
             raise LocalizerError(f"pspnet: unknown engine {engine!r}; choose onnx or torch")
@@ -292,7 +293,8 @@ class PSPNetLocalizer(Localizer):
         self.open_cells = int(self.weights.get("open_cells", 1) if open_cells is None else open_cells)
         if not 0 < self.threshold < 1:
             raise LocalizerError(f"pspnet: threshold {self.threshold} must be within 0..1")
-        self.engine, self.split, self.valley, self.threads = engine, split, valley, threads
+        self.valley = bool(self.weights.get("valley", False) if valley is None else valley)
+        self.engine, self.split, self.threads = engine, split, threads
         self.input_size = int(self.weights["config"].get("input_size", 512))
         self._net = None
         self._session = None

@@ -24,6 +24,7 @@ only what was trained (float16), the chosen thresholds, the options and the figu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ TARGET_STRIDE = 4  # the loss is computed at input / 4
 THRESHOLDS = (0.4, 0.5, 0.6)
 MIN_AREAS = (0.005, 0.01, 0.02)
 OPENINGS = (1, 3, 5)  # grey opening of the probability map, in cells of its grid (1: none)
+VALLEYS = (False, True)  # also split a component at a probability valley (`split_at_valley`)
 SELECT_SIDE = 512
 
 
@@ -337,15 +339,17 @@ def probabilities(net, cache: FeatureCache, finetune: bool, batch: int = 16) -> 
 
 
 def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[Sample], thresholds=THRESHOLDS,
-                  min_areas=MIN_AREAS, openings=OPENINGS, split: bool = True) -> dict[tuple[float, float, int], dict]:
+                  min_areas=MIN_AREAS, openings=OPENINGS, valleys=VALLEYS,
+                  split: bool = True) -> dict[tuple[float, float, int, bool], dict]:
     """At the photos' resolution (longer side capped to ``SELECT_SIDE``), for each
-    (threshold, min_area, opening): pixel F1 (mean over photos), box AP50 and AP (COCO), count
+    (threshold, min_area, opening, valley): pixel F1 (mean over photos), box AP50 and AP (COCO), count
     accuracy. ``probs`` ``(N, h, w)`` and ``samples`` run over the ``caches`` in order."""
     from cbir.localize.pspnet import open_map, regions_from_probability, to_photo
     from cbir.metrics.detection import DetectionMAP
 
     rows = [(c.meta["input_size"], c.meta["size"][i], c.meta["content"][i]) for c in caches for i in range(len(c))]
-    res = {(t, a, o): {"f1": [], "count": [], "preds": []} for t in thresholds for a in min_areas for o in openings}
+    res = {(t, a, o, v): {"f1": [], "count": [], "preds": []}
+           for t in thresholds for a in min_areas for o in openings for v in valleys}
     targets = []
     for i, (s, (size, (w, h), content)) in enumerate(zip(samples, rows)):
         # At the photo's resolution, capped to SELECT_SIDE px: areas are fractions of the photo,
@@ -357,19 +361,18 @@ def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[S
         targets.append({"boxes": boxes, "labels": np.zeros(len(boxes), int)})
         for o in openings:
             prob = to_photo(open_map(probs[i], o), size, tuple(content), (sw, sh))
-            for t in thresholds:
-                for a in min_areas:
-                    regions = regions_from_probability(prob, t, a, split=split)
-                    pm = np.zeros_like(gt)
-                    for r in regions:
-                        pm |= r.mask
-                    tp = float((pm & gt).sum())
-                    f1 = 2 * tp / max(float(pm.sum() + gt.sum()), 1.0) if (pm.any() or gt.any()) else 1.0
-                    d = res[(t, a, o)]
-                    d["f1"].append(f1)
-                    d["count"].append(len(regions) == len(s.instances))
-                    d["preds"].append({"boxes": np.array([r.box for r in regions]).reshape(-1, 4),
-                                       "scores": np.array([r.score for r in regions]), "labels": np.zeros(len(regions), int)})
+            for t, a, v in itertools.product(thresholds, min_areas, valleys):
+                regions = regions_from_probability(prob, t, a, split=split, valley=v)
+                pm = np.zeros_like(gt)
+                for r in regions:
+                    pm |= r.mask
+                tp = float((pm & gt).sum())
+                f1 = 2 * tp / max(float(pm.sum() + gt.sum()), 1.0) if (pm.any() or gt.any()) else 1.0
+                d = res[(t, a, o, v)]
+                d["f1"].append(f1)
+                d["count"].append(len(regions) == len(s.instances))
+                d["preds"].append({"boxes": np.array([r.box for r in regions]).reshape(-1, 4),
+                                   "scores": np.array([r.score for r in regions]), "labels": np.zeros(len(regions), int)})
     out = {}
     for key, d in res.items():
         m = DetectionMAP(style="coco")
@@ -380,13 +383,13 @@ def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[S
     return out
 
 
-def _select(figures: dict) -> tuple[tuple[float, float, int], dict]:
+def _select(figures: dict) -> tuple[tuple[float, float, int, bool], dict]:
     """The best mean of pixel F1, AP50 and count accuracy; ties go to the threshold nearest 0.5,
-    then to the smallest opening (the least post-processing)."""
+    then to the smallest opening and no valley split (the least post-processing)."""
     def score(f):
         return (f["pixel_f1"] + f["det_ap50"] + f["count_accuracy"]) / 3
 
-    best = max(figures, key=lambda k: (round(score(figures[k]), 6), -abs(k[0] - 0.5), -k[2]))
+    best = max(figures, key=lambda k: (round(score(figures[k]), 6), -abs(k[0] - 0.5), -k[2], -k[3]))
     return best, figures[best]
 
 
@@ -531,14 +534,14 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
     t0 = time.time()
     probs = probabilities(final, va, finetuned)
     grid = photo_figures(probs, val_caches, [x for ss in val_sets for x in ss])
-    (t, a, o), figures = _select(grid)
+    (t, a, o, v), figures = _select(grid)
     val_names = " + ".join(v.name for v in val_folders)
-    log(f"chose threshold {t}, min_area {a}, opening {o} on {val_names}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    log(f"chose threshold {t}, min_area {a}, opening {o}, valley split {v} on {val_names}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
     trained = {k: (v.half() if v.is_floating_point() else v) for k, v in final.trained_state(finetuned).items()
                if not k.startswith("aux.")}
     weights = {
         "format": "cbir-pspnet", "version": 1, "config": config.to_dict(), "state": trained,
-        "threshold": t, "min_area": a, "open_cells": o, "finetuned": finetuned,
+        "threshold": t, "min_area": a, "open_cells": o, "valley": v, "finetuned": finetuned,
         "options": asdict(opts), "val_figures": figures, "val_grid": {",".join(map(str, k)): v for k, v in grid.items()},
         "history": history.rows,
         "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": " + ".join(map(str, val_folders)), "val_photos": len(va)},
