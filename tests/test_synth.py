@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,24 @@ def test_every_effect_at_once():
             _assert_consistent(photo.size, np.asarray(mask), objs)
 
 
+def test_gap_and_fill_hang_paintings_closer():
+    """``gap`` / ``fill`` (``cbir synth --gap --fill``): two paintings side by side hang closer
+    with a small gap and full slots than with the defaults."""
+    paintings = [skimage_photo(n, 120) for n in PHOTO_NAMES[:2]]
+
+    def gaps(cfg):
+        out = []
+        for seed in range(12):
+            photo, _, objs = compose_photo(paintings, seed, size=(600, 300), config=cfg)
+            (a, b) = sorted((o["bbox"] for o in objs), key=lambda box: box[0])
+            out.append((b[0] - a[2]) / photo.width)
+        return np.array(out)
+
+    base = SynthConfig.clean(p_stacked=0.0, max_rotation=0.0, perspective=0.0)
+    default, tight = gaps(base), gaps(replace(base, gap=(0.0, 0.01), fill=(1.0, 1.0)))
+    assert tight.max() < 0.03 and np.median(tight) < np.median(default) - 0.02, (tight, default)
+
+
 def test_at_most_three_paintings():
     with pytest.raises(ValueError):
         compose_photo([skimage_photo("chelsea", 64)] * 4, 0)
@@ -283,6 +302,10 @@ def test_cli(collection, tmp_path):
     assert min(fracs[1]) >= 0.6 and np.mean(fracs[1]) > np.mean(fracs[0]) + 0.05, fracs
     r = CliRunner().invoke(app, ["synth", str(collection), str(tmp_path / "o3"), "-n", "1", "--closeup", "2"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+    for bad in ("0.1", "0.2,0.1", "a,b"):
+        r = CliRunner().invoke(app, ["synth", str(collection), str(tmp_path / "o4"), "-n", "1", "--gap", bad])
+        assert r.exit_code == 2 and "--gap" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o4").exists()
     empty = tmp_path / "nothing"
     empty.mkdir()
     r = CliRunner().invoke(app, ["synth", str(empty), str(tmp_path / "o2"), "-n", "1"])
