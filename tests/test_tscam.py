@@ -190,3 +190,24 @@ def test_broken_weights_and_missing_data_are_one_line(tmp_path):
     assert r.exit_code == 2 and "no TS-CAM weights" in r.output
     r = runner.invoke(app, ["train", "tscam", "--data", str(tmp_path), "--val", str(tmp_path), "--out", str(tmp_path / "o.pt")])
     assert r.exit_code == 2 and "no gt.json" in r.output
+
+
+def test_shipped_weights_reach_the_floor_on_museum_multi():
+    """The shipped head (and fine-tuned last block) on the 90 museum-multi photos: boxes only,
+    a little under what `cbir eval ... --localizer tscam` measured (det AP50 0.311, docs/tscam.md)."""
+    from conftest import shared_benchmark
+
+    from cbir.metrics.detection import mean_average_precision
+
+    bench = shared_benchmark("museum-multi")
+    _onnx_path()
+    loc = create_localizer("tscam")
+    gt = json.loads((bench / "gt.json").read_text())
+    preds, targets = [], []
+    for q in gt["queries"]:
+        regions = loc(Image.open(bench / q["image"]).convert("RGB"))
+        preds.append({"boxes": np.asarray([r.box for r in regions], np.float64).reshape(-1, 4),
+                      "scores": np.asarray([r.score for r in regions]), "labels": np.zeros(len(regions), int)})
+        g = np.asarray([o["bbox"] for o in q["objects"]], np.float64)
+        targets.append({"boxes": g, "labels": np.zeros(len(g), int)})
+    assert mean_average_precision(preds, targets)["map_50"] >= 0.27
