@@ -6,9 +6,10 @@ threshold -> connected components (small ones dropped) -> touching paintings spl
 `Region` per painting (box, minimum-area rotated rectangle as its 4-point polygon, mask), best
 first.
 
-The threshold, the minimum area and the opening's size are chosen on synthetic validation data
-by training and stored with the weights. Inference runs on ONNX Runtime (the network is exported once and cached, keyed by the
-weights' hash), ``engine="torch"`` runs it eagerly.
+The threshold, the minimum area, the opening's size and whether to split at a probability
+valley are chosen on synthetic validation data by training and stored with the weights.
+Inference runs on ONNX Runtime (the network is exported once and cached, keyed by the weights'
+hash), ``engine="torch"`` runs it eagerly.
 """
 
 from __future__ import annotations
