@@ -446,7 +446,7 @@ def _canonical_polygon(w: float, h: float, roll: float, yaw: float, pitch: float
 
 
 def _slots(rng: np.random.Generator, k: int, aspects: list[float], region: tuple[float, float, float, float],
-           stacked: bool, gap_range: tuple[float, float] = (0.03, 0.1)) -> list[tuple[float, float, float, float]]:
+           stacked: bool, gap_range: tuple[float, float]) -> list[tuple[float, float, float, float]]:
     x0, y0, x1, y1 = region
     if k == 0:
         return []
@@ -1038,8 +1038,8 @@ def synth(
     long_side: Annotated[int, typer.Option("--long-side", help="Typical longer side of a photo, in pixels (drawn within +-33%).")] = 768,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Processes composing photos (the output does not depend on it).")] = 1,
     closeup: Annotated[float, typer.Option("--closeup", min=0.0, max=1.0, help="Probability that a photo of one painting is a close-up (the painting fills most of it).")] = SynthConfig.p_closeup,
-    gap: Annotated[str, typer.Option("--gap", help="MIN,MAX gap between paintings hung side by side, as a fraction of the wall's width.")] = "0.03,0.1",
-    fill: Annotated[str, typer.Option("--fill", help="MIN,MAX size of a painting within its slot (1: slots touch but for the gap).")] = "0.65,0.98",
+    gap: Annotated[str, typer.Option("--gap", help="MIN,MAX gap between paintings hung side by side, as a fraction of the wall's width.")] = "{},{}".format(*SynthConfig.gap),
+    fill: Annotated[str, typer.Option("--fill", help="MIN,MAX size of a painting within its slot (1: slots touch but for the gap).")] = "{},{}".format(*SynthConfig.fill),
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm

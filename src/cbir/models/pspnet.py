@@ -247,5 +247,5 @@ class PSPInference(nn.Module):
         return F.softmax(logits, dim=1)[:, 1]
 
 
-__all__ = ["AUX_CHANNELS", "AuxHead", "BINS", "EdgeDecoder", "LOW_CHANNELS", "LAST_CHANNELS", "PSPConfig", "PSPHead", "PSPInference", "PSPNet", "StaticAdaptivePool",
-           "STAGE5_CHANNELS", "dilated_lite0", "psp_module"]
+__all__ = ["AUX_CHANNELS", "AuxHead", "BINS", "EdgeDecoder", "LAST_CHANNELS", "LOW_CHANNELS", "LOW_STRIDE", "PSPConfig",
+           "PSPHead", "PSPInference", "PSPNet", "STAGE5_CHANNELS", "StaticAdaptivePool", "dilated_lite0", "psp_module"]

@@ -3,8 +3,9 @@
 Made to fit a 2-core CPU session:
 
 1. **Cache** (once per data folder, input size and output stride): every photo is letterboxed,
-   run through the frozen, dilated EfficientNet-Lite0, and its three taps (stage 4 for the
-   auxiliary head, stage 5, stage 6 for the pyramid pooling) are stored as float16 memmaps
+   run through the frozen, dilated EfficientNet-Lite0, and its four taps (the stride-4 map for
+   the edge decoder, stage 4 for the auxiliary head, stage 5, stage 6 for the pyramid pooling)
+   are stored as float16 memmaps
    with the target mask at a quarter of the input's resolution. The augmentations are baked
    into the synthetic photos, so nothing is lost by caching. A killed caching run resumes.
 2. **Head** (``--epochs``): the PSP head and the auxiliary head on the cached stage-6 / stage-4
@@ -12,8 +13,9 @@ Made to fit a 2-core CPU session:
    plus Dice, auxiliary loss weighted 0.4. AdamW, cosine schedule, EMA of the weights.
 3. **Fine-tune** (``--finetune-epochs``, optional): stage 6 of the backbone trained too, from
    the cached stage-5 maps (its BatchNorm statistics stay frozen).
-4. **Thresholds**: the probability threshold, the minimum component area and the size of the
-   map's grey opening are chosen on the validation folders (pooled) at the photos' resolution
+4. **Thresholds**: the probability threshold, the minimum component area, the size of the
+   map's grey opening and whether to split at a probability valley are chosen on the
+   validation folders (pooled) at the photos' resolution
    (mean of pixel F1, box AP50 and count accuracy), and the final figures computed there.
 
 Every epoch writes a checkpoint (``OUT.train/checkpoint.pt``) that a re-run with the same
@@ -405,6 +407,11 @@ def _resumable(state: dict, hp: dict, data_key: list) -> bool:
     return same_head and state.get("epoch", 1 << 30) < hp["epochs"] and not state.get("finetune")
 
 
+def _folders(arg: Path | list[Path]) -> list[Path]:
+    """One folder or several -> a list of paths."""
+    return [Path(d) for d in (arg if isinstance(arg, (list, tuple)) else [arg])]
+
+
 def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: SegmenterOptions, log=print) -> dict:
     """Cache, train the head (and optionally stage 6), choose thresholds, write ``out``.
 
@@ -419,9 +426,8 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
         raise TrainingError(f"--input-size {opts.input_size}: a multiple of 32 within 64..1536")
     if opts.output_stride not in (8, 16):
         raise TrainingError(f"--output-stride {opts.output_stride}: 8 or 16")
-    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    folders, val_folders = _folders(data), _folders(val)
     train_sets = [read_folder(d, "training") for d in folders]
-    val_folders = [Path(v) for v in (val if isinstance(val, (list, tuple)) else [val])]
     val_sets = [read_folder(v, "validation") for v in val_folders]
     if opts.limit:  # the first N photos, folder by folder
         left = opts.limit
@@ -433,8 +439,9 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
     total = opts.epochs + opts.finetune_epochs
     ckpt_path = work / "checkpoint.pt"
     hp = {k: v for k, v in asdict(opts).items() if k != "threads"}
-    data_key = [str(folders[0]) if len(folders) == 1 else [str(d) for d in folders],
-                str(val_folders[0]) if len(val_folders) == 1 else [str(v) for v in val_folders], n_train]
+    # One folder keys as a plain path, as before --data could be repeated (old checkpoints resume).
+    data_key = [str(f[0]) if len(f) == 1 else [str(d) for d in f] for f in (folders, val_folders)] + [n_train]
+    title = f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})"
     state = None
     if ckpt_path.is_file():  # checked before anything is computed or written
         state = load_checkpoint(ckpt_path)
@@ -525,7 +532,7 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
                  "ema_updates": ema.updates, "optimizer": opt.state_dict(), "history": history.rows, "hparams": hp,
                  "data": data_key, "rng": gen.get_state(), "train_s": train_s}
         atomic_save(state, ckpt_path)
-        history.write(work, title=f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})")
+        history.write(work, title=title)
 
     final = ema.ema if ema is not None else net
     if ema is None:  # resumed after the last epoch: the checkpoint's EMA is the model
@@ -534,21 +541,21 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
     t0 = time.time()
     probs = probabilities(final, va, finetuned)
     grid = photo_figures(probs, val_caches, [x for ss in val_sets for x in ss])
-    (t, a, o, v), figures = _select(grid)
-    val_names = " + ".join(v.name for v in val_folders)
-    log(f"chose threshold {t}, min_area {a}, opening {o}, valley split {v} on {val_names}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    (t, a, o, valley), figures = _select(grid)
+    log(f"chose threshold {t}, min_area {a}, opening {o}, valley split {valley} on "
+        f"{' + '.join(d.name for d in val_folders)}: " + ", ".join(f"{k} {x:.4f}" for k, x in figures.items()))
     trained = {k: (v.half() if v.is_floating_point() else v) for k, v in final.trained_state(finetuned).items()
                if not k.startswith("aux.")}
     weights = {
         "format": "cbir-pspnet", "version": 1, "config": config.to_dict(), "state": trained,
-        "threshold": t, "min_area": a, "open_cells": o, "valley": v, "finetuned": finetuned,
+        "threshold": t, "min_area": a, "open_cells": o, "valley": valley, "finetuned": finetuned,
         "options": asdict(opts), "val_figures": figures, "val_grid": {",".join(map(str, k)): v for k, v in grid.items()},
         "history": history.rows,
         "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": " + ".join(map(str, val_folders)), "val_photos": len(va)},
         "times": {"cache_s": round(cache_s, 1), "train_s": round(train_s, 1), "select_s": round(time.time() - t0, 1)},
     }
     atomic_save(weights, out)
-    curves = history.write(work, title=f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})")
+    curves = history.write(work, title=title)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), curves {curves}")
     return weights
 
