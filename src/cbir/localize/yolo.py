@@ -101,15 +101,23 @@ def letterbox01(image: Image.Image, size: int) -> tuple[np.ndarray, float, tuple
 @LOCALIZERS.register("yolo", option="variant",
                      summary="YOLOv5 detector trained on synthesized gallery photos (:lite0 default, :n from scratch)")
 class YoloLocalizer(Localizer):
-    """Boxes from the trained detector, best first; the score cut was chosen on synth-val."""
+    """Boxes from the trained detector, best first; the score cut was chosen on synth-val.
+
+    ``at_least_one``: a query photo shows at least one object (that is what a user photographs),
+    so when no box passes the cut the best box is kept anyway; identification's acceptance
+    threshold still says "not in the collection" for it. On the synthetic check pool this keeps
+    every photo with paintings whose boxes all fell under the cut, and adds a box only to the
+    empty walls that queries never are (docs/yolo.md, "At least one box").
+    """
 
     def __init__(self, variant: str | None = None, conf: float | None = None, engine: str = "onnx",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, at_least_one: bool = True) -> None:
         if engine not in ("onnx", "torch"):
             raise LocalizerError(f"yolo engine {engine!r}: choose onnx or torch")
         self.path = weights_path(variant)
         self.engine, self.threads = engine, threads
         self._conf = conf
+        self.at_least_one = at_least_one
         self._model = None
         self._meta = None
         self._session = None
@@ -153,7 +161,10 @@ class YoloLocalizer(Localizer):
         self._load()
         x, s, (left, top) = letterbox01(image, self.size)
         det = self.detect(x)
-        det = det[det[:, 4] > self.conf]
+        passed = det[:, 4] > self.conf
+        if self.at_least_one and len(det) and not passed.any():
+            passed = np.arange(len(det)) == int(np.argmax(det[:, 4]))
+        det = det[passed]
         w, h = image.size
         regions = []
         for x0, y0, x1, y1, score, _ in det[np.argsort(-det[:, 4], kind="stable")]:
