@@ -83,6 +83,12 @@ class SynthConfig:
     aspects: tuple[float, ...] = (4 / 3, 3 / 2, 16 / 9, 1.0, 5 / 4)
     p_portrait: float = 0.35
     long_side_jitter: float = 0.33  # long side drawn in long_side * [1 - j, 1 + j]
+    # The frame's depth: the underside (and, seen off-axis, one side) of a real frame or
+    # stretcher shows as a band just outside the painting, darker or lighter than the frame and
+    # followed by its shadow. It is not part of the object (the museum masks stop at the
+    # frame's front edge). 0 by default so that earlier commands write the same bytes.
+    p_depth: float = 0.0
+    depth: tuple[float, float] = (0.01, 0.08)  # the underside's height, of the painting's height
 
     @classmethod
     def clean(cls, **kw) -> "SynthConfig":
@@ -504,6 +510,47 @@ def _draw_shadow(wall: np.ndarray, poly: np.ndarray, rng: np.random.Generator, d
     wall[y0:y1, x0:x1] *= 1 - a * strength
 
 
+def _draw_depth(photo: Image.Image, poly: np.ndarray, others: list[np.ndarray], rng: np.random.Generator,
+                depth: tuple[float, float]) -> None:
+    """Draw the frame's underside below ``poly`` (TL, TR, BR, BL) and, half the time, one of its
+    sides: quadrilaterals outside the polygon, in the colour of the frame's edge lit from above
+    (darker) or catching the light (lighter), never over another painting."""
+    w, h = photo.size
+    tl, tr, br, bl = (np.asarray(v, float) for v in poly)
+    ph = 0.5 * (np.linalg.norm(bl - tl) + np.linalg.norm(br - tr))
+    down = (bl - tl + br - tr) / max(1e-6, np.linalg.norm(bl - tl + br - tr))
+    d = rng.uniform(*depth) * ph
+    below = [q for q in others if q[:, 1].min() >= max(bl[1], br[1]) - 2
+             and q[:, 0].max() > min(bl[0], tl[0]) and q[:, 0].min() < max(br[0], tr[0])]
+    if below:  # stop short of a painting hung underneath
+        d = min(d, 0.8 * (min(q[:, 1].min() for q in below) - max(bl[1], br[1])))
+    arr = np.asarray(photo)
+
+    def edge_colour(a: np.ndarray, b: np.ndarray, inward: np.ndarray) -> np.ndarray:
+        pts = [a + t * (b - a) + inward * 2.0 for t in np.linspace(0.1, 0.9, 9)]
+        px = [arr[int(np.clip(y, 0, h - 1)), int(np.clip(x, 0, w - 1))] for x, y in pts]
+        return np.median(np.asarray(px, float), 0)
+
+    faces = []
+    if d >= 1.5:
+        tone = rng.uniform(0.35, 0.8) if rng.random() < 0.7 else rng.uniform(1.1, 1.5)
+        faces.append(([bl, br, br + down * d * rng.uniform(0.7, 1.0), bl + down * d], edge_colour(bl, br, -down) * tone))
+    if rng.random() < 0.5:
+        across = (tr - tl + br - bl) / max(1e-6, np.linalg.norm(tr - tl + br - bl))
+        sd = rng.uniform(0.2, 0.6) * d
+        if rng.random() < 0.5:
+            a, b, out = tr, br, across
+        else:
+            a, b, out = tl, bl, -across
+        clear = all(q[:, 0].min() > max(a[0], b[0]) + sd or q[:, 0].max() < min(a[0], b[0]) - sd for q in others
+                    if q[:, 1].max() > min(a[1], b[1]) and q[:, 1].min() < max(a[1], b[1]))
+        if sd >= 1.5 and clear:
+            faces.append(([a, a + out * sd + down * sd * 0.5, b + out * sd + down * sd, b], edge_colour(a, b, -out) * rng.uniform(0.35, 0.9)))
+    draw = ImageDraw.Draw(photo)
+    for quad, colour in faces:
+        draw.polygon([(float(x), float(y)) for x, y in quad], fill=tuple(int(c) for c in np.clip(colour, 0, 255)))
+
+
 def _draw_label(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
     x0, y0, x1, y1 = box
     cols = [[245, 245, 240], [235, 230, 220], [250, 250, 250], [40, 40, 40], [180, 40, 40]]
@@ -766,6 +813,10 @@ def compose_photo(
     for (i, kind, fpx, mpx, rsize), pl in zip(renders, polys):
         framed = _framed(rng, paintings[i].convert("RGB"), rsize, kind, fpx, mpx)
         _warp_onto(photo, framed, pl, None)
+    if cfg.p_depth:
+        for j, pl in enumerate(polys):
+            if rng.random() < cfg.p_depth:
+                _draw_depth(photo, pl, [q for m, q in enumerate(polys) if m != j], rng, cfg.depth)
 
     arr = np.asarray(photo, np.float32)
     # global light: vignetting / fall-off, colour cast, exposure
@@ -1040,6 +1091,7 @@ def synth(
     closeup: Annotated[float, typer.Option("--closeup", min=0.0, max=1.0, help="Probability that a photo of one painting is a close-up (the painting fills most of it).")] = SynthConfig.p_closeup,
     gap: Annotated[str, typer.Option("--gap", help="MIN,MAX gap between paintings hung side by side, as a fraction of the wall's width.")] = "{},{}".format(*SynthConfig.gap),
     fill: Annotated[str, typer.Option("--fill", help="MIN,MAX size of a painting within its slot (1: slots touch but for the gap).")] = "{},{}".format(*SynthConfig.fill),
+    depth: Annotated[float, typer.Option("--depth", min=0.0, max=1.0, help="Probability that a painting's frame shows its depth (its underside, sometimes a side) outside the object.")] = SynthConfig.p_depth,
 ) -> None:
     """Synthesize training photos: collection images framed and hung on walls, with ground truth (boxes, polygons, masks)."""
     from tqdm import tqdm
@@ -1052,5 +1104,5 @@ def synth(
 
     gt = synthesize(collection_dir, out_dir, n, seed=seed, backgrounds=backgrounds, holdout=names,
                     long_side=long_side, progress=progress, workers=workers,
-                    config=replace(SynthConfig(), p_closeup=closeup, gap=ranges["--gap"], fill=ranges["--fill"]))
+                    config=replace(SynthConfig(), p_closeup=closeup, gap=ranges["--gap"], fill=ranges["--fill"], p_depth=depth))
     typer.echo(f"wrote {n} photos and {gt}")
