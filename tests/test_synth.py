@@ -221,10 +221,11 @@ def test_polygon_is_where_the_painting_is():
 
 
 def test_every_effect_at_once():
-    """Each effect forced on (frames with mats, floor, door, bench, labels, text, noise, hue
-    shift, blur, JPEG, a background photo): the ground truth still agrees with itself."""
+    """Each effect forced on (frames with mats and depth, floor, door, bench, labels, text, noise,
+    hue shift, blur, JPEG, a background photo): the ground truth still agrees with itself."""
     on = dict(p_mat=1.0, p_floor=1.0, p_label=1.0, p_door=1.0, p_bench=1.0, p_shadow=1.0, p_spotlight=1.0,
-              p_text=1.0, p_blur=1.0, p_gauss=1.0, p_impulse=1.0, p_hue=1.0, p_jpeg=1.0, p_vignette=1.0)
+              p_text=1.0, p_blur=1.0, p_gauss=1.0, p_impulse=1.0, p_hue=1.0, p_jpeg=1.0, p_vignette=1.0,
+              p_depth=1.0)
     wall = skimage_photo("coffee", 300)
     for seed in range(4):
         paintings = [skimage_photo(n, 100) for n in PHOTO_NAMES[: 1 + seed % 3]]
@@ -251,6 +252,26 @@ def test_gap_and_fill_hang_paintings_closer():
     base = SynthConfig.clean(p_stacked=0.0, max_rotation=0.0, perspective=0.0)
     default, tight = gaps(base), gaps(replace(base, gap=(0.0, 0.01), fill=(1.0, 1.0)))
     assert tight.max() < 0.03 and np.median(tight) < np.median(default) - 0.02, (tight, default)
+
+
+def test_frame_depth_is_drawn_outside_the_object():
+    """``p_depth`` (``cbir synth --depth``): the same geometry and mask, the paintings' pixels
+    untouched, and a band drawn just below each painting, outside its polygon."""
+    paintings = [skimage_photo(n, 120) for n in PHOTO_NAMES[:2]]
+    base = SynthConfig.clean(frame_probs={"black": 1.0}, depth=(0.05, 0.08), max_rotation=0.0, perspective=0.0)
+    for seed in range(4):
+        photo0, mask0, objs0 = compose_photo(paintings, seed, size=(600, 400), config=base)
+        photo1, mask1, objs1 = compose_photo(paintings, seed, size=(600, 400), config=replace(base, p_depth=1.0))
+        assert objs0 == objs1 and np.array_equal(np.asarray(mask0), np.asarray(mask1))
+        a, b, m = (np.asarray(x, float) for x in (photo0, photo1, mask0))
+        changed = np.abs(a - b).sum(2) > 30
+        assert not changed[m > 0].any()  # nothing drawn over a painting
+        for o in objs0:  # 2-4 px under the bottom edge (BR -> BL), along its middle
+            (bx0, by0), (bx1, by1) = o["polygon"][3], o["polygon"][2]
+            xs = np.arange(int(bx0 + 0.3 * (bx1 - bx0)), int(bx1 - 0.3 * (bx1 - bx0)))
+            ys = np.round(by0 + (xs - bx0) * (by1 - by0) / (bx1 - bx0)).astype(int)
+            band = changed[ys[:, None] + np.arange(2, 5), xs[:, None]]
+            assert band.mean() > 0.7, (seed, o["bbox"], band.mean())
 
 
 def test_at_most_three_paintings():

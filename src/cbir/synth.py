@@ -546,9 +546,16 @@ def _draw_depth(photo: Image.Image, poly: np.ndarray, others: list[np.ndarray], 
                     if q[:, 1].max() > min(a[1], b[1]) and q[:, 1].min() < max(a[1], b[1]))
         if sd >= 1.5 and clear:
             faces.append(([a, a + out * sd + down * sd * 0.5, b + out * sd + down * sd, b], edge_colour(a, b, -out) * rng.uniform(0.35, 0.9)))
-    draw = ImageDraw.Draw(photo)
+    if not faces:
+        return
+    layer = photo.copy()
+    draw = ImageDraw.Draw(layer)
     for quad, colour in faces:
         draw.polygon([(float(x), float(y)) for x, y in quad], fill=tuple(int(c) for c in np.clip(colour, 0, 255)))
+    outside = Image.new("L", photo.size, 255)  # the object mask's pixels stay the painting's
+    for q in [poly, *others]:
+        ImageDraw.Draw(outside).polygon([tuple(v) for v in q], fill=0)
+    photo.paste(layer, mask=outside)
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple[float, float, float, float]) -> None:
