@@ -26,7 +26,6 @@ COLUMNS = [("object_map", "object mAP"), ("det_ap50", "det AP50"), ("det_ap", "d
 
 def main() -> None:
     from cbir.datasets import load_benchmark
-    from cbir.evaluation import _extract
     from cbir.evaluation.objects import evaluate_objects
     from cbir.identify import calibrate, top2_in
     from cbir.localize import LocalizerError, list_localizers
@@ -46,7 +45,7 @@ def main() -> None:
         bench = load_benchmark(root).with_tags(tags)
         ex = Extractor(resolve_spec(DEFAULT_PIPELINE))
         paths = [bench.path(p) for p in bench.database]
-        db = _extract(ex, paths, None, None, None, "database")
+        db = ex.extract(paths)
         cal = calibrate(lambda imgs: ex.extract(imgs), paths, top2_in(db), warn=lambda m: None)
         rows = {}
         for name in names:

@@ -275,14 +275,13 @@ def test_cli_eval_and_search_with_a_localizer(multi_bench, tmp_path):
 # -- museum-multi (needs ../shared) --------------------------------------------------------------------
 @pytest.mark.slow
 def test_museum_multi_localizers_reach_their_measured_figures():
-    from cbir.evaluation import _extract
     from cbir.evaluation.objects import evaluate_objects
     from cbir.identify import calibrate
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
 
     bench = load_benchmark(shared_benchmark("museum-multi"))
     ex = Extractor(resolve_spec(DEFAULT_PIPELINE))
-    db = _extract(ex, [bench.path(p) for p in bench.database], None, None, None, "database")
+    db = ex.extract([bench.path(p) for p in bench.database])
     cal = calibrate(lambda imgs: ex.extract(imgs), [bench.path(p) for p in bench.database], top2_in(db), warn=lambda m: None)
     got = {name: evaluate_objects(bench, ex, name, db, calibration=cal, warn=lambda m: None)[0]
            for name in ("gt", "whole", "saliency")}
