@@ -291,5 +291,6 @@ def test_shipped_weights_floor_on_museum_multi():
     assert np.mean(counts) >= FLOOR["count_accuracy"], np.mean(counts)
 
 
-# Measured figures minus a margin (docs/pspnet.md has the measured ones).
-FLOOR = {"pixel_f1": 0.95, "det_ap50": 0.88, "count_accuracy": 0.88}
+# Measured figures minus a margin (round 3: pixel F1 0.971, det AP50 0.902, count 0.911;
+# docs/pspnet.md).
+FLOOR = {"pixel_f1": 0.96, "det_ap50": 0.88, "count_accuracy": 0.88}
