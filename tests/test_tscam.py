@@ -91,6 +91,40 @@ def trained(tmp_path_factory):
     return root, va, w
 
 
+def test_killed_training_resumes_to_the_same_weights(trained, monkeypatch):
+    """A run killed after its first epoch's checkpoint resumes from it and ends with exactly the
+    weights of an uninterrupted run; another run's checkpoint is a one-line error."""
+    import cbir.train.tscam as T
+    from cbir.train import TrainingError
+
+    root, va, _ = trained
+    tr = root / "train"
+    cfg = T.TSCAMConfig(epochs=3, batch=8, lr=1e-3, attn_layers=12, collection=False)
+    whole = T.train(tr, va, root / "a" / "t.pt", cfg, cache_dir=root / "cache")
+
+    real, saved = T.atomic_save, []
+
+    def save_then_die(obj, path):
+        real(obj, path)
+        if Path(path).name == "checkpoint.pt":
+            saved.append(obj["epoch"])
+            raise KeyboardInterrupt
+
+    out = root / "b" / "t.pt"
+    monkeypatch.setattr(T, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tr, va, out, cfg, cache_dir=root / "cache")
+    monkeypatch.setattr(T, "atomic_save", real)
+    assert saved == [0] and not out.exists()
+    resumed = T.train(tr, va, out, cfg, cache_dir=root / "cache")
+    assert resumed["epoch"] == whole["epoch"]
+    for k, v in whole["head"].items():
+        assert torch.equal(v, resumed["head"][k]), k
+    with pytest.raises(TrainingError, match="other options or data"):
+        T.train(tr, va, out, T.TSCAMConfig(epochs=3, batch=8, lr=2e-3, attn_layers=12, collection=False),
+                cache_dir=root / "cache")
+
+
 def test_head_trains_and_map_peaks_on_the_object(trained):
     root, va, w = trained
     assert w["classes"] == ["database/astronaut.jpg", "database/chelsea.jpg", "database/coffee.jpg", "database/rocket.jpg", "NONE"]

@@ -26,7 +26,7 @@ import typer
 from PIL import Image
 
 from cbir.localize.tscam import FORMAT, load_backbone
-from cbir.train import (History, TrainingError, atomic_save, cosine_lr, read_ground_truth,
+from cbir.train import (History, TrainingError, atomic_save, cosine_lr, load_checkpoint, progress, read_ground_truth,
                         seed_everything)
 
 OTHER = "OTHER"  # the class of a painting that is not in the collection
@@ -321,9 +321,20 @@ def choose_operating_point(model, head, cache: dict, items: list[dict], attn_lay
 
 
 def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | None = None) -> dict:
+    """Train the head (and, with ``cfg.finetune_last_block``, the ViT's last block) on image-level
+    labels. Every epoch writes ``OUT.train/checkpoint.pt``; a re-run with the same options and
+    data resumes from it (another run's checkpoint there is a `TrainingError`)."""
     t0 = time.time()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     gen = seed_everything(cfg.seed)
+    ckpt_path = out.with_name(out.name + ".train") / "checkpoint.pt"
+    data_key = [str(Path(data).resolve()), str(Path(val).resolve())]
+    state = None
+    if ckpt_path.is_file():  # checked before anything is computed or written
+        state = load_checkpoint(ckpt_path)
+        if state.get("hparams") != asdict(cfg) or state.get("data") != data_key:
+            raise TrainingError(f"{ckpt_path}: a checkpoint of a run with other options or data; "
+                                "remove it (or its folder) to start again")
     items, vitems = read_folder(data), read_folder(val)
     names = sorted({n for it in items for n in it["names"]} - {OTHER})
     classes = names + ([OTHER] if any(OTHER in it["names"] for it in items) else []) + [NONE]
@@ -359,10 +370,28 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
     n = len(items)
     steps = max(1, (n + cfg.batch - 1) // cfg.batch)
     best_state, best_score, vm = None, -1.0, {}
-    for epoch in range(cfg.epochs):
+    start_epoch, train_s = 0, 0.0
+    block_params = {"block": model.backbone.encoder.layer[-1], "layernorm": model.backbone.layernorm}
+    if state is not None:
+        head.load_state_dict(state["head"])
+        for k, m in block_params.items():
+            if k in state:
+                m.load_state_dict(state[k])
+        opt.load_state_dict(state["optimizer"])
+        hist.rows = state["history"]
+        gen.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        best_score = state["best_score"]
+        b = state["best"]
+        best_state = (b["epoch"], b["head"], b.get("block"), b["val"]) if b else None
+        start_epoch, train_s = state["epoch"] + 1, state["train_s"]
+        print(f"resuming from epoch {start_epoch + 1}/{cfg.epochs}", flush=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        te = time.time()
         head.train()
         perm = torch.randperm(n, generator=gen)
         total = 0.0
+        bar = progress(n, f"tscam {epoch + 1}/{cfg.epochs}")
         for s in range(steps):
             f = cosine_lr(epoch + s / steps, cfg.epochs)
             for g, b in zip(opt.param_groups, base):
@@ -374,6 +403,9 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{bar.n / max(1e-9, time.time() - te):.0f}")
+        bar.close()
         head.eval()
         last = epoch == cfg.epochs - 1
         if last or (epoch + 1) % 5 == 0:
@@ -391,6 +423,15 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
                               if cfg.finetune_last_block else None, dict(vm))
         else:
             hist.append(epoch=epoch, train_loss=total / n)
+        train_s += time.time() - te
+        ckpt = {"epoch": epoch, "head": head.state_dict(), "optimizer": opt.state_dict(), "history": hist.rows,
+                "rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "best_score": best_score,
+                "best": None if best_state is None else {"epoch": best_state[0], "head": best_state[1], "val": best_state[3],
+                                                         **({"block": best_state[2]} if best_state[2] is not None else {})},
+                "hparams": asdict(cfg), "data": data_key, "train_s": train_s}
+        if cfg.finetune_last_block:
+            ckpt.update({k: m.state_dict() for k, m in block_params.items()})
+        atomic_save(ckpt, ckpt_path)
     epoch, head_state, block_state, vm = best_state
     L = vm["best_attn_layers"]
     head.load_state_dict(head_state)
