@@ -16,6 +16,8 @@ one painting, and a ``mask`` of all of them.
 The object is the painting **with its frame**: the polygon is the frame's outer corners.
 That is how the ``museum`` and ``museum-multi`` masks treat frames (they follow the outer
 edge of the frame), and a detector trained on these photos should find the same thing.
+With ``--depth`` the frame's underside (and sometimes a side), which a real photo shows just
+outside the frame's front edge, is drawn too, outside the object.
 
 Everything is drawn from ``numpy.random.SeedSequence(seed)``, one child per photo, so the same
 seed writes the same bytes.
