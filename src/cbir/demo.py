@@ -136,17 +136,17 @@ def run_demo(workdir: str | Path, engine: str = "onnx", echo: Callable[[str], No
     echo(f"\nseveral objects per photo: {walls.root} ({len(walls.queries)} wall photos, {n_obj} photographs "
          f"hung on them, {len(walls.database)} in the collection)")
     echo(f"{'localizer':10s} {'object mAP':>10s} {'det AP50':>9s} {'count acc':>9s} {'ms/photo':>9s}")
-    for name in ("whole", "saliency"):
+    for name in ("whole", "saliency", "yolo"):  # yolo: the detector trained here, the best on museum-multi
         try:
             r = evaluate(walls, Extractor(resolve_spec(DEFAULT_PIPELINE), engine_name=engine), localizer=name,
                          warn=lambda m: None)
-        except LocalizerError as e:  # the saliency model's package is missing
+        except LocalizerError as e:  # e.g. the saliency model's package is missing
             echo(f"{name:10s} skipped: {e}")
             continue
         s = r.summary
         echo(f"{name:10s} {s['object_map']:10.4f} {s['det_ap50']:9.4f} {s['count_accuracy']:9.3f} "
              f"{s['search_ms_per_image']:9.0f}")
-    echo(f"cbir eval {walls.root} --localizer saliency   (the full table)")
-    echo("\nTry your own:  .venv/bin/cbir search PHOTO.jpg --index " + str(index_dir) + " --localizer saliency")
+    echo(f"cbir eval {walls.root} --localizer yolo   (the full table)")
+    echo("\nTry your own:  .venv/bin/cbir search PHOTO.jpg --index " + str(index_dir) + " --localizer yolo")
     echo("Evaluate:      .venv/bin/cbir eval " + str(bench_dir) + " --plot pr.png")
     return result.summary
