@@ -359,31 +359,29 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
 
     head = TSCAMHead(len(classes))
     params = [{"params": head.parameters(), "lr": cfg.lr}]
-    if cfg.finetune_last_block:
-        blk = model.backbone.encoder.layer[-1]
-        for p in list(blk.parameters()) + list(model.backbone.layernorm.parameters()):
+    blk = model.backbone.encoder.layer[-1]
+    tuned = {"block": blk, "layernorm": model.backbone.layernorm} if cfg.finetune_last_block else {}
+    if tuned:
+        block_params = [p for m in tuned.values() for p in m.parameters()]
+        for p in block_params:
             p.requires_grad_(True)
-        params.append({"params": list(blk.parameters()) + list(model.backbone.layernorm.parameters()), "lr": cfg.lr_block})
+        params.append({"params": block_params, "lr": cfg.lr_block})
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     base = [g["lr"] for g in opt.param_groups]
     hist = History()
     n = len(items)
     steps = max(1, (n + cfg.batch - 1) // cfg.batch)
-    best_state, best_score, vm = None, -1.0, {}
+    best, best_score, vm = None, -1.0, {}  # best: {"epoch", "head", "val"} (+ "block" when fine-tuning)
     start_epoch, train_s = 0, 0.0
-    block_params = {"block": model.backbone.encoder.layer[-1], "layernorm": model.backbone.layernorm}
     if state is not None:
         head.load_state_dict(state["head"])
-        for k, m in block_params.items():
-            if k in state:
-                m.load_state_dict(state[k])
+        for k, m in tuned.items():
+            m.load_state_dict(state[k])
         opt.load_state_dict(state["optimizer"])
         hist.rows = state["history"]
         gen.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        best_score = state["best_score"]
-        b = state["best"]
-        best_state = (b["epoch"], b["head"], b.get("block"), b["val"]) if b else None
+        best, best_score = state["best"], state["best_score"]
         start_epoch, train_s = state["epoch"] + 1, state["train_s"]
         print(f"resuming from epoch {start_epoch + 1}/{cfg.epochs}", flush=True)
     for epoch in range(start_epoch, cfg.epochs):
@@ -418,25 +416,22 @@ def train(data: Path, val: Path, out: Path, cfg: TSCAMConfig, cache_dir: Path | 
                 f"{k} {v:.4f}" for k, v in vm.items() if isinstance(v, float)), flush=True)
             if score > best_score:
                 best_score = score
-                best_state = (epoch, {k: v.clone() for k, v in head.state_dict().items()},
-                              {k: v.clone() for k, v in model.backbone.encoder.layer[-1].state_dict().items()}
-                              if cfg.finetune_last_block else None, dict(vm))
+                best = {"epoch": epoch, "head": {k: v.clone() for k, v in head.state_dict().items()}, "val": dict(vm)}
+                if tuned:
+                    best["block"] = {k: v.clone() for k, v in blk.state_dict().items()}
         else:
             hist.append(epoch=epoch, train_loss=total / n)
         train_s += time.time() - te
         ckpt = {"epoch": epoch, "head": head.state_dict(), "optimizer": opt.state_dict(), "history": hist.rows,
-                "rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "best_score": best_score,
-                "best": None if best_state is None else {"epoch": best_state[0], "head": best_state[1], "val": best_state[3],
-                                                         **({"block": best_state[2]} if best_state[2] is not None else {})},
-                "hparams": asdict(cfg), "data": data_key, "train_s": train_s}
-        if cfg.finetune_last_block:
-            ckpt.update({k: m.state_dict() for k, m in block_params.items()})
+                "rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best, "best_score": best_score,
+                "hparams": asdict(cfg), "data": data_key, "train_s": train_s,
+                **{k: m.state_dict() for k, m in tuned.items()}}
         atomic_save(ckpt, ckpt_path)
-    epoch, head_state, block_state, vm = best_state
+    epoch, head_state, block_state, vm = best["epoch"], best["head"], best.get("block"), best["val"]
     L = vm["best_attn_layers"]
     head.load_state_dict(head_state)
     if block_state is not None:
-        model.backbone.encoder.layer[-1].load_state_dict(block_state)
+        blk.load_state_dict(block_state)
     op = choose_operating_point(model, head.eval(), vc, vitems, L)
     print(f"operating point on {val}: {op}", flush=True)
     weights = {
