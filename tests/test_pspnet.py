@@ -138,19 +138,54 @@ def test_localizer_onnx_matches_torch(overfit, tiny, tmp_path, monkeypatch):
     np.testing.assert_allclose([r.box for r in ra], [r.box for r in rb], atol=1)
 
 
-def test_edge_decoder_trains_on_two_folders_and_exports(tiny, tmp_path, monkeypatch):
-    """The decoder variant, trained on two folders as one set, overfits and runs the same on ONNX."""
+def test_edge_decoder_with_core_trains_on_two_folders_and_exports(tiny, tmp_path, monkeypatch):
+    """The shipped variant (decoder + core channel), trained on two folders as one set, overfits
+    both the mask and the cores, and runs the same on ONNX, core map included."""
     monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path / "cache"))
     root, _, big = tiny
     out = root / "decoder" / "psp.pt"
-    opts = SegmenterOptions(epochs=12, batch=4, lr=1e-2, input_size=256, ema_decay=0.0, seed=0, border_weight=0, decoder=True)
+    opts = SegmenterOptions(epochs=12, batch=4, lr=1e-2, input_size=256, ema_decay=0.0, seed=0, border_weight=0,
+                            decoder=True, core=True)
     w = train([big, big], big, out, opts, log=lambda m: None)
-    assert w["data"]["train_photos"] == 12 and w["config"]["decoder"]
-    assert w["history"][-1]["val_iou"] > 0.9
-    assert any(k.startswith("head.decoder.") for k in w["state"])
+    assert w["data"]["train_photos"] == 12 and w["config"]["decoder"] and w["config"]["core"]
+    assert w["history"][-1]["val_iou"] > 0.9 and w["history"][-1]["val_core_iou"] > 0.7
+    assert w["state"]["head.decoder.classifier.weight"].shape[0] == 3  # 2 classes + the core
+    assert w["core_level"] in (0.3, 0.5, 0.7)
     photo = Image.open(big / "queries" / "q001.jpg").convert("RGB")
     a, b = create_localizer(f"pspnet:{out}"), create_localizer(f"pspnet:{out}", engine="torch")
-    assert np.abs(a.probability(photo) - b.probability(photo)).max() < 1e-4
+    (pa, ca), (pb, cb) = a.maps(photo), b.maps(photo)
+    assert ca is not None and ca.shape == (photo.height, photo.width)
+    assert np.abs(pa - pb).max() < 1e-4 and np.abs(ca - cb).max() < 1e-4
+    # The core lies inside the painting's mask, and is smaller than it.
+    assert (ca > 0.5).sum() < (pa > 0.5).sum() and ((ca > 0.5) & (pa > 0.5)).sum() > 0.9 * (ca > 0.5).sum()
+    assert len(a(photo)) == 1
+
+
+def test_core_target_keeps_touching_paintings_apart():
+    from scipy import ndimage
+
+    from cbir.train.segmenter import core_target, shrink_distance
+
+    square = np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float)
+    assert shrink_distance(square, 0.6) == pytest.approx(100 * 0.64 / 40)
+    left, right = square + (5, 5), square + (15, 5)  # sharing an edge: one component as masks
+    core = core_target([left, right], (32, 32), 0.6)
+    assert ndimage.label(core)[1] == 2
+    assert 0.2 * 100 < core.sum() / 2 < 0.6 * 100  # each core about (10 - 2 * 1.6)^2 cells
+    tiny = np.array([[2, 2], [3, 2], [3, 3], [2, 3]], float)  # too small to shrink: its innermost pixel stays
+    assert core_target([tiny], (8, 8), 0.6).sum() >= 1
+
+
+def test_core_map_splits_a_merged_component():
+    from cbir.localize.pspnet import regions_from_probability
+
+    prob = np.zeros((100, 200), np.float32)
+    prob[20:80, 20:100] = prob[20:80, 100:180] = 0.9  # two paintings that touch: one component
+    core = np.zeros_like(prob)
+    core[30:70, 30:90] = core[30:70, 110:170] = 0.9
+    assert len(regions_from_probability(prob, 0.5, 0.01, split=False)) == 1
+    regions = regions_from_probability(prob, 0.5, 0.01, core=core, core_level=0.5)
+    assert sorted(r.box[0] for r in regions) == [20, 100]
 
 
 def test_resume_after_a_killed_run(overfit, tiny):

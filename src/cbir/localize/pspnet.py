@@ -2,12 +2,13 @@
 
 photo -> letterbox (square, ``input_size``) -> PSPNet -> painting probability at output stride
 16 (4 with the edge decoder) -> grey opening -> back to the photo's resolution (bilinear) ->
-threshold -> connected components (small ones dropped) -> touching paintings split -> one
-`Region` per painting (box, minimum-area rotated rectangle as its 4-point polygon, mask), best
-first.
+threshold -> connected components (small ones dropped) -> touching paintings split (at the
+watershed of the core map when the network has a core channel, else by shape) -> one `Region`
+per painting (box, minimum-area rotated rectangle as its 4-point polygon, mask), best first.
 
-The threshold, the minimum area, the opening's size and whether to split at a probability
-valley are chosen on synthetic validation data by training and stored with the weights.
+The threshold, the minimum area, the opening's size, whether to split at a probability
+valley and the core level are chosen on synthetic validation data by training and stored
+with the weights.
 Inference runs on ONNX Runtime (the network is exported once and cached, keyed by the weights'
 hash), ``engine="torch"`` runs it eagerly.
 """
@@ -26,8 +27,8 @@ from scipy import ndimage
 from cbir.localize import LOCALIZERS, Localizer, LocalizerError, Region
 from cbir.localize.geometry import min_area_rect, regions_from_mask
 
-# Bump when the export changes the graph.
-EXPORT_VERSION = 1
+# Bump when the export changes the graph (2: maps (1, M, h, w), the core channel's map second).
+EXPORT_VERSION = 2
 # Shipped weights: ``pspnet`` (trained on every painting) and ``pspnet-holdout`` (trained without
 # the paintings of museum-multi), in cbir/weights/.
 SHIPPED = {"default": "pspnet.pt", "holdout": "pspnet-holdout.pt"}
@@ -216,10 +217,14 @@ def split_at_valley(comp: np.ndarray, prob: np.ndarray, min_pixels: int, levels=
 
 
 def regions_from_probability(prob: np.ndarray, threshold: float, min_area: float, split: bool = True,
-                             max_regions: int = 10, valley: bool = False) -> list[Region]:
+                             max_regions: int = 10, valley: bool = False, core: np.ndarray | None = None,
+                             core_level: float = 0.5) -> list[Region]:
     """Photo-resolution painting probability -> regions (components, touching ones split by
     shape, and first at a probability valley with ``valley``; training chooses whether on
-    synthetic validation data and stores it with the weights)."""
+    synthetic validation data and stores it with the weights).
+
+    ``core``: the core channel's probability ``(H, W)``, if the network has one: a component
+    holding two or more cores above ``core_level`` is cut at the core map's watershed first."""
     mask = prob > threshold
     regions = regions_from_mask(mask, prob, min_area=min_area, max_regions=max_regions, polygons=True)
     if not split:
@@ -227,7 +232,11 @@ def regions_from_probability(prob: np.ndarray, threshold: float, min_area: float
     min_pixels = min_area * mask.size
     out: list[Region] = []
     for r in regions:
-        pieces = split_at_valley(r.mask, prob, min_pixels) if valley else [r.mask]
+        pieces = [r.mask]
+        if core is not None:
+            pieces = split_at_valley(r.mask, core, min_pixels, levels=(core_level,))
+        if valley and len(pieces) == 1:
+            pieces = split_at_valley(r.mask, prob, min_pixels)
         if len(pieces) == 1:
             pieces = split_touching(r.mask, min_pixels)
         if len(pieces) == 1:
@@ -261,7 +270,7 @@ def onnx_path(weights_file: Path, net) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(PSPInference(net, static_size=size), (torch.zeros(1, 3, size, size),), tmp, dynamo=False,
-                              input_names=["image"], output_names=["prob"], opset_version=17)
+                              input_names=["image"], output_names=["maps"], opset_version=17)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -279,12 +288,14 @@ class PSPNetLocalizer(Localizer):
     ``open_cells`` override the values chosen on synth-val. ``engine``: ``onnx`` (default) or ``torch``.
     ``split``: cut touching paintings apart (see `split_touching`); ``valley``: also at a
     probability valley (`split_at_valley`; by default as chosen in training, off for weights
-    that do not say).
+    that do not say). ``core_level``: where the network has a core channel, the level of its
+    map that seeds the cut of a component (as chosen in training unless given).
     """
 
     def __init__(self, weights: str | None = None, engine: str = "onnx", threshold: float | None = None,
                  min_area: float | None = None, split: bool = True, valley: bool | None = None,
-                 threads: int | None = None, open_cells: int | None = None) -> None:
+                 threads: int | None = None, open_cells: int | None = None,
+                 core_level: float | None = None) -> None:
         if engine not in ("onnx", "torch"):
             raise LocalizerError(f"pspnet: unknown engine {engine!r}; choose onnx or torch")
         self.path = weights_path(weights)
@@ -295,6 +306,10 @@ class PSPNetLocalizer(Localizer):
         if not 0 < self.threshold < 1:
             raise LocalizerError(f"pspnet: threshold {self.threshold} must be within 0..1")
         self.valley = bool(self.weights.get("valley", False) if valley is None else valley)
+        self.has_core = bool(self.weights["config"].get("core", False))
+        self.core_level = float(self.weights.get("core_level") or 0.5) if core_level is None else float(core_level)
+        if not 0 < self.core_level < 1:
+            raise LocalizerError(f"pspnet: core level {self.core_level} must be within 0..1")
         self.engine, self.split, self.threads = engine, split, threads
         self.input_size = int(self.weights["config"].get("input_size", 512))
         self._net = None
@@ -318,12 +333,21 @@ class PSPNetLocalizer(Localizer):
             self._session = onnx_session(str(onnx_path(self.path, self._net)), self.threads or 0)
         return self._session.run(None, {"image": x})[0][0]
 
-    def probability(self, image: Image.Image) -> np.ndarray:
-        """float32 ``(H, W)`` painting probability at the photo's resolution."""
+    def maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 ``(H, W)`` painting probability (opened) and core probability (None without a
+        core channel) at the photo's resolution."""
         check_photo(image, self.input_size)
         x, content = prepare(image, self.input_size)
-        return to_photo(open_map(self._run(x), self.open_cells), self.input_size, content, image.size)
+        maps = self._run(x)  # (M, h, w)
+        prob = to_photo(open_map(maps[0], self.open_cells), self.input_size, content, image.size)
+        core = to_photo(maps[1], self.input_size, content, image.size) if len(maps) > 1 else None
+        return prob, core
+
+    def probability(self, image: Image.Image) -> np.ndarray:
+        """float32 ``(H, W)`` painting probability at the photo's resolution."""
+        return self.maps(image)[0]
 
     def localize(self, image: Image.Image) -> list[Region]:
-        return regions_from_probability(self.probability(image), self.threshold, self.min_area, self.split,
-                                        valley=self.valley)
+        prob, core = self.maps(image)
+        return regions_from_probability(prob, self.threshold, self.min_area, self.split, valley=self.valley,
+                                        core=core, core_level=self.core_level)

@@ -9,7 +9,9 @@ The structure follows the study notes' ``_PSPModule`` (the Bubbliiiing PSPNet):
   pooling per bin, 1x1 conv to ``C_in / 4`` channels, BN, ReLU, bilinear upsampling
   (``align_corners=True`` as in the notes), concatenation with the input, 3x3 conv bottleneck to
   ``C_in / 4`` channels, BN, ReLU; then ``Dropout2d(0.1)``.
-- **Classifier**: a 1x1 conv to ``num_classes`` (2: background, painting).
+- **Classifier**: a 1x1 conv to ``num_classes`` (2: background, painting), plus one channel with
+  ``PSPConfig(core=True)``: the logit of each painting's **core** (its polygon shrunk inwards),
+  an instance signal that keeps two paintings hung close apart where their masks touch.
 - **Auxiliary head** (training only) on an earlier stage: 3x3 conv/BN/ReLU, ``Dropout2d(0.1)``,
   1x1 conv; its loss is weighted 0.4.
 - **Edge decoder** (optional, ``PSPConfig(decoder=True)``; not in the paper): the pyramid's
@@ -52,6 +54,12 @@ class PSPConfig:
     input_size: int = 512  # photos are letterboxed to a square of this side
     dropout: float = 0.1
     decoder: bool = False  # fuse the stride-4 map before the classifier (output stride 4)
+    core: bool = False  # one more output channel: each instance's core (shrunk polygon), a logit
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the main head's output: the classes, then the core logit if any."""
+        return self.num_classes + int(self.core)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -151,7 +159,8 @@ class PSPNet(nn.Module):
     """Dilated EfficientNet-Lite0 + PSP head (+ auxiliary head).
 
     ``forward(x)`` -> ``(logits, aux_logits)`` at the feature map's resolution
-    (``input / output_stride``); ``aux_logits`` is None in eval mode.
+    (``input / output_stride``, ``/ 4`` with the decoder); ``logits`` has ``num_classes`` channels,
+    plus the core logit last with ``config.core``; ``aux_logits`` (classes only) is None in eval mode.
     """
 
     def __init__(self, config: PSPConfig | None = None, pretrained: bool = True) -> None:
@@ -161,7 +170,7 @@ class PSPNet(nn.Module):
         self.stem = nn.Sequential(trunk.conv_stem, trunk.bn1, *trunk.blocks[:5])
         self.stage5 = copy.deepcopy(trunk.blocks[5])
         self.last = copy.deepcopy(trunk.blocks[6])
-        self.head = PSPHead(LAST_CHANNELS, config.num_classes, config.bins, config.dropout,
+        self.head = PSPHead(LAST_CHANNELS, config.out_channels, config.bins, config.dropout,
                             low_channels=LOW_CHANNELS if config.decoder else 0)
         self.aux = AuxHead(AUX_CHANNELS, config.num_classes, dropout=config.dropout)
 
@@ -224,10 +233,19 @@ class StaticAdaptivePool(nn.Module):
         return self.ph @ x @ self.pw.transpose(0, 1)
 
 
+def painting_maps(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Head logits ``(B, K [+ 1], h, w)`` -> maps ``(B, M, h, w)``: the painting probability
+    (softmax over the K classes, class 1), then the core probability (sigmoid) if there is one."""
+    maps = [F.softmax(logits[:, :num_classes], dim=1)[:, 1:2]]
+    if logits.shape[1] > num_classes:
+        maps.append(torch.sigmoid(logits[:, num_classes:num_classes + 1]))
+    return torch.cat(maps, 1)
+
+
 class PSPInference(nn.Module):
-    """What is exported to ONNX: normalized image ``(1, 3, S, S)`` -> painting probability
-    ``(1, h, w)`` at the head's resolution, ``S / output_stride`` (``S / 4`` with the decoder)
-    (softmax over the classes, class 1).
+    """What is exported to ONNX: normalized image ``(1, 3, S, S)`` -> maps ``(1, M, h, w)`` at
+    the head's resolution, ``S / output_stride`` (``S / 4`` with the decoder): `painting_maps`
+    (M = 1, the painting probability; 2 with a core channel).
 
     The pyramid's adaptive pools become `StaticAdaptivePool` for the feature size of an
     ``S x S`` input (a copy of the network is changed, not ``net``).
@@ -244,8 +262,8 @@ class PSPInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         logits, _ = self.net(x)
-        return F.softmax(logits, dim=1)[:, 1]
+        return painting_maps(logits, self.net.config.num_classes)
 
 
 __all__ = ["AUX_CHANNELS", "AuxHead", "BINS", "EdgeDecoder", "LAST_CHANNELS", "LOW_CHANNELS", "LOW_STRIDE", "PSPConfig",
-           "PSPHead", "PSPInference", "PSPNet", "STAGE5_CHANNELS", "StaticAdaptivePool", "dilated_lite0", "psp_module"]
+           "PSPHead", "PSPInference", "PSPNet", "STAGE5_CHANNELS", "StaticAdaptivePool", "dilated_lite0", "painting_maps", "psp_module"]

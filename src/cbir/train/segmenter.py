@@ -10,11 +10,14 @@ Made to fit a 2-core CPU session:
    into the synthetic photos, so nothing is lost by caching. A killed caching run resumes.
 2. **Head** (``--epochs``): the PSP head and the auxiliary head on the cached stage-6 / stage-4
    maps: cross-entropy (pixels between two paintings weighted up, U-Net's border weights)
-   plus Dice, auxiliary loss weighted 0.4. AdamW, cosine schedule, EMA of the weights.
+   plus Dice, auxiliary loss weighted 0.4. AdamW, cosine schedule, EMA of the weights. With
+   ``--core``, one more output channel learns each painting's core (its polygon shrunk inwards,
+   `core_target`; BCE + Dice), the instance signal that separates paintings hung close.
 3. **Fine-tune** (``--finetune-epochs``, optional): stage 6 of the backbone trained too, from
    the cached stage-5 maps (its BatchNorm statistics stay frozen).
 4. **Thresholds**: the probability threshold, the minimum component area, the size of the
-   map's grey opening and whether to split at a probability valley are chosen on the
+   map's grey opening, whether to split at a probability valley and the core level (with
+   ``--core``) are chosen on the
    validation folders (pooled) at the photos' resolution
    (mean of pixel F1, box AP50 and count accuracy), and the final figures computed there.
 
@@ -50,6 +53,7 @@ THRESHOLDS = (0.4, 0.5, 0.6)
 MIN_AREAS = (0.005, 0.01, 0.02)
 OPENINGS = (1, 3, 5)  # grey opening of the probability map, in cells of its grid (1: none)
 VALLEYS = (False, True)  # also split a component at a probability valley (`split_at_valley`)
+CORE_LEVELS = (0.3, 0.5, 0.7)  # levels of the core map that seed the cut of a component (with --core)
 SELECT_SIDE = 512
 
 
@@ -68,6 +72,9 @@ class SegmenterOptions:
     input_size: int = 384
     output_stride: int = 16
     decoder: bool = False  # the edge decoder on the stride-4 map (`cbir.models.pspnet.EdgeDecoder`)
+    core: bool = False  # a core channel: each painting's polygon shrunk inwards (`core_target`)
+    core_shrink: float = 0.6  # PSENet / DBNet's ratio r: the core is moved in by A (1 - r^2) / P
+    core_weight: float = 1.0  # of the core's BCE + Dice in the loss
     seed: int = 0
     threads: int = 1  # one thread: on a shared 2-core machine a second one mostly waits
     limit: int = 0  # use only the first N training photos (0: all)
@@ -158,6 +165,33 @@ def border_weights(instances: list[np.ndarray], fg: np.ndarray, w0: float, sigma
     return np.where(fg, 1.0, wmap).astype(np.float32)
 
 
+def shrink_distance(polygon: np.ndarray, ratio: float) -> float:
+    """PSENet / DBNet's shrink offset ``A (1 - r^2) / P`` of a polygon ``(k, 2)`` (its units)."""
+    x, y = polygon[:, 0], polygon[:, 1]
+    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    perimeter = float(np.linalg.norm(polygon - np.roll(polygon, 1, axis=0), axis=1).sum())
+    return area * (1 - ratio ** 2) / max(perimeter, 1e-9)
+
+
+def core_target(polygons: list[np.ndarray], size: tuple[int, int], ratio: float) -> np.ndarray:
+    """Instance polygons (in target cells) -> bool ``(H, W)`` union of their cores: each polygon's
+    pixels farther than `shrink_distance` from its edge (at least its innermost pixel), so two
+    paintings' cores are apart by their gap plus both offsets even where their masks touch."""
+    from scipy import ndimage
+
+    from cbir.localize.geometry import polygon_mask
+
+    out = np.zeros(size[::-1], bool)
+    for p in polygons:
+        m = polygon_mask([p], size)
+        if not m.any():
+            continue
+        dist = ndimage.distance_transform_edt(m)  # a pixel centre is ~dist - 0.5 from the edge
+        core = dist - 0.5 > shrink_distance(np.asarray(p, np.float64), ratio)
+        out |= core if core.any() else dist >= dist.max()
+    return out
+
+
 def load_sample(s: Sample, size: int, w0: float, sigma: float):
     """-> (letterboxed normalized input (3, S, S), target (S/4, S/4) uint8, weights, content, photo size)."""
     from cbir.localize.geometry import polygon_mask
@@ -202,7 +236,27 @@ class FeatureCache:
         out = {k: torch.from_numpy(np.asarray(self.arrays[k][idx], np.float32)) for k in keys}
         out["target"] = torch.from_numpy(np.asarray(self.arrays["target"][idx], np.int64))
         out["weight"] = torch.from_numpy(np.asarray(self.arrays["weight"][idx], np.float32))
+        if "core" in self.arrays:
+            out["core"] = torch.from_numpy(np.asarray(self.arrays["core"][idx], np.float32))
         return out
+
+    def add_cores(self, samples: list[Sample], ratio: float) -> None:
+        """The core targets (`core_target`, at the target's resolution) of the cached photos, from
+        their polygons alone: computed once into ``core-r{ratio}.npy`` (atomically), so a cache
+        built without them needs no second pass through the backbone."""
+        path = self.path / f"core-r{ratio:g}.npy"
+        if not path.is_file():
+            t = self.meta["input_size"] // TARGET_STRIDE
+            cores = np.zeros((self.n, t, t), np.uint8)
+            for i, s in enumerate(samples):
+                left, top, _, _ = self.meta["content"][i]
+                scale = self.meta["input_size"] / max(self.meta["size"][i]) / TARGET_STRIDE
+                polys = [p * scale + (left / TARGET_STRIDE, top / TARGET_STRIDE) for p in s.instances]
+                cores[i] = core_target(polys, (t, t), ratio)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, cores)
+            os.replace(tmp, path)
+        self.arrays["core"] = np.load(path, mmap_mode="r")
 
     @classmethod
     def build(cls, root: Path, samples: list[Sample], net, opts: SegmenterOptions, cache_root: Path,
@@ -294,6 +348,25 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.
     return ce + dice_weight * dice_loss(logits, target, mode="multiclass")
 
 
+def core_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The core channel's loss: BCE + binary Dice, ``logit (B, h, w)`` upsampled to ``target (B, H, W)``."""
+    from cbir.toolbox.losses import dice_loss
+
+    logit = F.interpolate(logit[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return F.binary_cross_entropy_with_logits(logit, target) + dice_loss(logit, target, mode="binary")
+
+
+def total_loss(net, main: torch.Tensor, batch: dict, opts: SegmenterOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The main head's loss (segmentation over the classes, plus the weighted core loss with a
+    core channel) -> ``(loss, core part or None)``."""
+    k = net.config.num_classes
+    loss = segmentation_loss(main[:, :k], batch["target"], batch["weight"], opts.dice_weight)
+    if not net.config.core:
+        return loss, None
+    part = core_loss(main[:, k], batch["core"])
+    return loss + opts.core_weight * part, part
+
+
 def _keys(net, finetune: bool) -> tuple[str, ...]:
     """The cached taps a training step reads."""
     return ("f4", "f5" if finetune else "f6") + (("f2",) if net.config.decoder else ())
@@ -316,42 +389,53 @@ def pixel_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
 def evaluate_cache(net, cache: FeatureCache, opts: SegmenterOptions, finetune: bool) -> dict:
     net.eval()
     keys = _keys(net, finetune)
-    loss_sum, inter, union = 0.0, 0, 0
+    loss_sum, inter, union, core_inter, core_union = 0.0, 0, 0, 0, 0
+    k = net.config.num_classes
     for i in range(0, len(cache), opts.batch):
         b = cache.batch(np.arange(i, min(i + opts.batch, len(cache))), keys)
         main, aux = _forward(net, b, finetune)
         n = len(b["target"])
-        loss_sum += float(segmentation_loss(main, b["target"], b["weight"], opts.dice_weight)) * n
-        a, u = pixel_iou(main, b["target"])
+        loss_sum += float(total_loss(net, main, b, opts)[0]) * n
+        a, u = pixel_iou(main[:, :k], b["target"])
         inter, union = inter + a, union + u
-    return {"val_loss": loss_sum / len(cache), "val_iou": inter / max(union, 1)}
+        if net.config.core:  # the core as a 2-class map: logit > 0
+            a, u = pixel_iou(torch.stack([-main[:, k], main[:, k]], 1), b["core"].long())
+            core_inter, core_union = core_inter + a, core_union + u
+    figs = {"val_loss": loss_sum / len(cache), "val_iou": inter / max(union, 1)}
+    return figs | ({"val_core_iou": core_inter / max(core_union, 1)} if net.config.core else {})
 
 
 @torch.no_grad()
 def probabilities(net, cache: FeatureCache, finetune: bool, batch: int = 16) -> np.ndarray:
-    """Painting probability at the feature resolution for every cached photo ``(N, h, w)``."""
+    """`painting_maps` at the head's resolution for every cached photo ``(N, M, h, w)``: the
+    painting probability, then the core probability with a core channel."""
+    from cbir.models.pspnet import painting_maps
+
     net.eval()
     keys = _keys(net, finetune)
     out = []
     for i in range(0, len(cache), batch):
         b = cache.batch(np.arange(i, min(i + batch, len(cache))), keys)
         main, _ = _forward(net, b, finetune)
-        out.append(F.softmax(main, 1)[:, 1].numpy())
+        out.append(painting_maps(main, net.config.num_classes).numpy())
     return np.concatenate(out)
 
 
-def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[Sample], thresholds=THRESHOLDS,
-                  min_areas=MIN_AREAS, openings=OPENINGS, valleys=VALLEYS,
-                  split: bool = True) -> dict[tuple[float, float, int, bool], dict]:
+def photo_figures(maps: np.ndarray, caches: list[FeatureCache], samples: list[Sample], thresholds=THRESHOLDS,
+                  min_areas=MIN_AREAS, openings=OPENINGS, valleys=VALLEYS, core_levels=CORE_LEVELS,
+                  split: bool = True) -> dict[tuple[float, float, int, bool, float | None], dict]:
     """At the photos' resolution (longer side capped to ``SELECT_SIDE``), for each
-    (threshold, min_area, opening, valley): pixel F1 (mean over photos), box AP50 and AP (COCO), count
-    accuracy. ``probs`` ``(N, h, w)`` and ``samples`` run over the ``caches`` in order."""
+    (threshold, min_area, opening, valley, core level): pixel F1 (mean over photos), box AP50 and
+    AP (COCO), count accuracy. ``maps`` ``(N, M, h, w)`` (`probabilities`) and ``samples`` run
+    over the ``caches`` in order; the core level is None (and ``core_levels`` unused) when
+    ``M`` is 1, as with ``valleys`` a grid axis otherwise."""
     from cbir.localize.pspnet import open_map, regions_from_probability, to_photo
     from cbir.metrics.detection import DetectionMAP
 
     rows = [(c.meta["input_size"], c.meta["size"][i], c.meta["content"][i]) for c in caches for i in range(len(c))]
-    res = {(t, a, o, v): {"f1": [], "count": [], "preds": []}
-           for t in thresholds for a in min_areas for o in openings for v in valleys}
+    levels = tuple(core_levels) if maps.shape[1] > 1 else (None,)
+    res = {(t, a, o, v, c): {"f1": [], "count": [], "preds": []}
+           for t in thresholds for a in min_areas for o in openings for v in valleys for c in levels}
     targets = []
     for i, (s, (size, (w, h), content)) in enumerate(zip(samples, rows)):
         # At the photo's resolution, capped to SELECT_SIDE px: areas are fractions of the photo,
@@ -361,16 +445,17 @@ def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[S
         gt = np.asarray(Image.open(s.mask).convert("L").resize((sw, sh), Image.NEAREST)) > 127
         boxes = k * np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in s.instances]).reshape(-1, 4)
         targets.append({"boxes": boxes, "labels": np.zeros(len(boxes), int)})
+        core = to_photo(maps[i, 1], size, tuple(content), (sw, sh)) if maps.shape[1] > 1 else None
         for o in openings:
-            prob = to_photo(open_map(probs[i], o), size, tuple(content), (sw, sh))
-            for t, a, v in itertools.product(thresholds, min_areas, valleys):
-                regions = regions_from_probability(prob, t, a, split=split, valley=v)
+            prob = to_photo(open_map(maps[i, 0], o), size, tuple(content), (sw, sh))
+            for t, a, v, c in itertools.product(thresholds, min_areas, valleys, levels):
+                regions = regions_from_probability(prob, t, a, split=split, valley=v, core=core, core_level=c or 0.5)
                 pm = np.zeros_like(gt)
                 for r in regions:
                     pm |= r.mask
                 tp = float((pm & gt).sum())
                 f1 = 2 * tp / max(float(pm.sum() + gt.sum()), 1.0) if (pm.any() or gt.any()) else 1.0
-                d = res[(t, a, o, v)]
+                d = res[(t, a, o, v, c)]
                 d["f1"].append(f1)
                 d["count"].append(len(regions) == len(s.instances))
                 d["preds"].append({"boxes": np.array([r.box for r in regions]).reshape(-1, 4),
@@ -385,13 +470,15 @@ def photo_figures(probs: np.ndarray, caches: list[FeatureCache], samples: list[S
     return out
 
 
-def _select(figures: dict) -> tuple[tuple[float, float, int, bool], dict]:
+def _select(figures: dict) -> tuple[tuple[float, float, int, bool, float | None], dict]:
     """The best mean of pixel F1, AP50 and count accuracy; ties go to the threshold nearest 0.5,
-    then to the smallest opening and no valley split (the least post-processing)."""
+    then to the smallest opening, no valley split and the core level nearest 0.5 (the least
+    post-processing)."""
     def score(f):
         return (f["pixel_f1"] + f["det_ap50"] + f["count_accuracy"]) / 3
 
-    best = max(figures, key=lambda k: (round(score(figures[k]), 6), -abs(k[0] - 0.5), -k[2], -k[3]))
+    best = max(figures, key=lambda k: (round(score(figures[k]), 6), -abs(k[0] - 0.5), -k[2], -k[3],
+                                       -abs((k[4] or 0.5) - 0.5)))
     return best, figures[best]
 
 
@@ -439,6 +526,8 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
     total = opts.epochs + opts.finetune_epochs
     ckpt_path = work / "checkpoint.pt"
     hp = {k: v for k, v in asdict(opts).items() if k != "threads"}
+    if not opts.core:  # runs without a core channel key as before it existed (old checkpoints resume)
+        hp = {k: v for k, v in hp.items() if not k.startswith("core")}
     # One folder keys as a plain path, as before --data could be repeated (old checkpoints resume).
     data_key = [str(f[0]) if len(f) == 1 else [str(d) for d in f] for f in (folders, val_folders)] + [n_train]
     title = f"PSPNet on {' + '.join(d.name for d in folders)} (seed {opts.seed})"
@@ -450,7 +539,8 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
                                 "delete it or use another --out")
     work.mkdir(parents=True, exist_ok=True)
     gen = seed_everything(opts.seed)
-    config = PSPConfig(input_size=opts.input_size, output_stride=opts.output_stride, decoder=opts.decoder)
+    config = PSPConfig(input_size=opts.input_size, output_stride=opts.output_stride, decoder=opts.decoder,
+                       core=opts.core)
     net = PSPNet(config, pretrained=True)
     net.eval()
     t_start = time.time()
@@ -458,6 +548,9 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
     tr = CacheSet([FeatureCache.build(d, ss, net, opts, cache_root, "cache train")
                    for d, ss in zip(folders, train_sets) if ss])
     val_caches = [FeatureCache.build(v, ss, net, opts, cache_root, "cache val") for v, ss in zip(val_folders, val_sets)]
+    if opts.core:
+        for c, ss in zip(tr.caches + val_caches, [ss for ss in train_sets if ss] + val_sets):
+            c.add_cores(ss, opts.core_shrink)
     va = CacheSet(val_caches)
     cache_s = time.time() - t_start
     log(f"cached {len(tr)} training and {len(va)} validation photos in {cache_s:.0f} s")
@@ -510,7 +603,7 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
                 g["lr"] = g["base_lr"] * f
             b = tr.batch(idx, keys)
             main, aux = _forward(net, b, finetune)
-            loss_main = segmentation_loss(main, b["target"], b["weight"], opts.dice_weight)
+            loss_main, loss_core = total_loss(net, main, b, opts)
             loss_aux = segmentation_loss(aux, b["target"], b["weight"], opts.dice_weight)
             loss = loss_main + opts.aux_weight * loss_aux
             opt.zero_grad(set_to_none=True)
@@ -521,6 +614,7 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
             loss_sum += float(loss_main.detach()) * len(idx)
             bar.update(len(idx))
             bar.set_postfix(loss=f"{loss_main.item():.3f}", aux=f"{loss_aux.item():.3f}",
+                            **({"core": f"{loss_core.item():.3f}"} if loss_core is not None else {}),
                             img_s=f"{seen / (time.time() - t0):.0f}")
         bar.close()
         train_s += time.time() - t0
@@ -539,16 +633,18 @@ def train(data: Path | list[Path], val: Path | list[Path], out: Path, opts: Segm
         final.load_trained_state(state["ema"])
     finetuned = opts.finetune_epochs > 0
     t0 = time.time()
-    probs = probabilities(final, va, finetuned)
-    grid = photo_figures(probs, val_caches, [x for ss in val_sets for x in ss])
-    (t, a, o, valley), figures = _select(grid)
-    log(f"chose threshold {t}, min_area {a}, opening {o}, valley split {valley} on "
+    maps = probabilities(final, va, finetuned)
+    # With a core channel the cores are the instance signal: the valley split is not searched
+    # (it would triple the grid's time for a split that lost on both round-2 models).
+    grid = photo_figures(maps, val_caches, [x for ss in val_sets for x in ss], valleys=(False,) if opts.core else VALLEYS)
+    (t, a, o, valley, core_level), figures = _select(grid)
+    log(f"chose threshold {t}, min_area {a}, opening {o}, valley split {valley}, core level {core_level} on "
         f"{' + '.join(d.name for d in val_folders)}: " + ", ".join(f"{k} {x:.4f}" for k, x in figures.items()))
     trained = {k: (v.half() if v.is_floating_point() else v) for k, v in final.trained_state(finetuned).items()
                if not k.startswith("aux.")}
     weights = {
         "format": "cbir-pspnet", "version": 1, "config": config.to_dict(), "state": trained,
-        "threshold": t, "min_area": a, "open_cells": o, "valley": valley, "finetuned": finetuned,
+        "threshold": t, "min_area": a, "open_cells": o, "valley": valley, "core_level": core_level, "finetuned": finetuned,
         "options": asdict(opts), "val_figures": figures, "val_grid": {",".join(map(str, k)): v for k, v in grid.items()},
         "history": history.rows,
         "data": {"train": " + ".join(map(str, folders)), "train_photos": len(tr), "val": " + ".join(map(str, val_folders)), "val_photos": len(va)},
@@ -574,13 +670,14 @@ def command(
     input_size: Annotated[int, typer.Option(help="Photos are letterboxed to this square.")] = 384,
     output_stride: Annotated[int, typer.Option(help="Backbone output stride (dilated): 16 or 8.")] = 16,
     decoder: Annotated[bool, typer.Option("--decoder", help="Add the edge decoder: the stride-4 map fused before the classifier (mask at input / 4).")] = False,
+    core: Annotated[bool, typer.Option("--core", help="Add a core channel (each painting shrunk inwards) that splits paintings hung close.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of weights init and data order.")] = 0,
     threads: Annotated[int, typer.Option(help="PyTorch threads.")] = 1,
     limit: Annotated[int, typer.Option(help="Train on the first N photos only (0: all).")] = 0,
 ) -> None:
     """Train the PSPNet localizer (registered as `pspnet`) on synthetic gallery photos."""
     opts = SegmenterOptions(epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, input_size=input_size,
-                            output_stride=output_stride, decoder=decoder, seed=seed, threads=threads, limit=limit)
+                            output_stride=output_stride, decoder=decoder, core=core, seed=seed, threads=threads, limit=limit)
     w = train(data, val, out, opts, log=lambda m: typer.echo(m, err=True))
     f = w["val_figures"]
     typer.echo(json.dumps({"weights": str(out), "threshold": w["threshold"], "min_area": w["min_area"],
