@@ -1,7 +1,8 @@
 """The ``pspnet`` localizer: a PSPNet trained on `cbir synth` composites segments the paintings.
 
-photo -> letterbox (square, ``input_size``) -> PSPNet -> painting probability at output stride
-16 (4 with the edge decoder) -> grey opening -> back to the photo's resolution (bilinear) ->
+photo -> letterbox (square, ``input_size``) -> PSPNet -> painting probability (and core
+probability) at output stride 16 (4 with the edge decoder) -> grey opening of both maps -> back
+to the photo's resolution (bilinear) ->
 threshold -> connected components (small ones dropped) -> touching paintings split (at the
 watershed of the core map when the network has a core channel, else by shape) -> one `Region`
 per painting (box, minimum-area rotated rectangle as its 4-point polygon, mask), best first.
@@ -340,7 +341,7 @@ class PSPNetLocalizer(Localizer):
         x, content = prepare(image, self.input_size)
         maps = self._run(x)  # (M, h, w)
         prob = to_photo(open_map(maps[0], self.open_cells), self.input_size, content, image.size)
-        core = to_photo(maps[1], self.input_size, content, image.size) if len(maps) > 1 else None
+        core = to_photo(open_map(maps[1], self.open_cells), self.input_size, content, image.size) if len(maps) > 1 else None
         return prob, core
 
     def probability(self, image: Image.Image) -> np.ndarray:

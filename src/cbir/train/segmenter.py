@@ -445,9 +445,9 @@ def photo_figures(maps: np.ndarray, caches: list[FeatureCache], samples: list[Sa
         gt = np.asarray(Image.open(s.mask).convert("L").resize((sw, sh), Image.NEAREST)) > 127
         boxes = k * np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in s.instances]).reshape(-1, 4)
         targets.append({"boxes": boxes, "labels": np.zeros(len(boxes), int)})
-        core = to_photo(maps[i, 1], size, tuple(content), (sw, sh)) if maps.shape[1] > 1 else None
-        for o in openings:
+        for o in openings:  # the opening removes thin bridges from both maps
             prob = to_photo(open_map(maps[i, 0], o), size, tuple(content), (sw, sh))
+            core = to_photo(open_map(maps[i, 1], o), size, tuple(content), (sw, sh)) if maps.shape[1] > 1 else None
             for t, a, v, c in itertools.product(thresholds, min_areas, valleys, levels):
                 regions = regions_from_probability(prob, t, a, split=split, valley=v, core=core, core_level=c or 0.5)
                 pm = np.zeros_like(gt)
