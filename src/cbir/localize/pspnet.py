@@ -307,7 +307,6 @@ class PSPNetLocalizer(Localizer):
         if not 0 < self.threshold < 1:
             raise LocalizerError(f"pspnet: threshold {self.threshold} must be within 0..1")
         self.valley = bool(self.weights.get("valley", False) if valley is None else valley)
-        self.has_core = bool(self.weights["config"].get("core", False))
         self.core_level = float(self.weights.get("core_level") or 0.5) if core_level is None else float(core_level)
         if not 0 < self.core_level < 1:
             raise LocalizerError(f"pspnet: core level {self.core_level} must be within 0..1")
@@ -335,8 +334,8 @@ class PSPNetLocalizer(Localizer):
         return self._session.run(None, {"image": x})[0][0]
 
     def maps(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 ``(H, W)`` painting probability (opened) and core probability (None without a
-        core channel) at the photo's resolution."""
+        """float32 ``(H, W)`` painting probability and core probability (None without a core
+        channel) at the photo's resolution, both after the grey opening."""
         check_photo(image, self.input_size)
         x, content = prepare(image, self.input_size)
         maps = self._run(x)  # (M, h, w)
