@@ -4,7 +4,7 @@
   component's minimum-area rotated rectangle as polygon, the component's own mask).
 - `rectify`: a quadrilateral of a photo -> an upright rectangle image (perspective warp),
   so a tilted or obliquely seen painting reaches the network straight.
-- `min_area_rect`, `order_corners`, `polygon_mask`, `polygon_box`.
+- `min_area_rect`, `order_corners`, `polygon_mask`, `polygon_box`, `polygon_area`.
 """
 
 from __future__ import annotations
@@ -69,6 +69,12 @@ def polygon_box(polygon: np.ndarray, width: int | None = None, height: int | Non
     if height is not None:
         y0, y1 = max(0.0, y0), min(float(height), y1)
     return float(x0), float(y0), float(x1), float(y1)
+
+
+def polygon_area(polygon: np.ndarray) -> float:
+    """Area of a simple polygon ``(k, 2)`` (shoelace formula), in its units squared."""
+    x, y = np.asarray(polygon, np.float64).T
+    return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
 def polygon_mask(polygons: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cbir.localize import LOCALIZERS, Localizer, LocalizerError, Region
-from cbir.localize.geometry import min_area_rect, regions_from_mask
+from cbir.localize.geometry import min_area_rect, polygon_area, regions_from_mask
 
 # Bump when the export changes the graph (2: maps (1, M, h, w), the core channel's map second).
 EXPORT_VERSION = 2
@@ -135,10 +135,7 @@ def fill_ratio(mask: np.ndarray) -> float:
     edge = mask & ~ndimage.binary_erosion(mask)
     yy, xx = np.nonzero(edge)
     pts = np.concatenate([np.stack([xx + dx, yy + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)
-    rect = min_area_rect(pts)
-    x, y = rect[:, 0], rect[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-    return float(len(xs) / max(area, 1.0))
+    return float(len(xs) / max(polygon_area(min_area_rect(pts)), 1.0))
 
 
 def split_touching(comp: np.ndarray, min_pixels: int, fill: float = SPLIT_FILL) -> list[np.ndarray]:

@@ -167,8 +167,9 @@ def border_weights(instances: list[np.ndarray], fg: np.ndarray, w0: float, sigma
 
 def shrink_distance(polygon: np.ndarray, ratio: float) -> float:
     """PSENet / DBNet's shrink offset ``A (1 - r^2) / P`` of a polygon ``(k, 2)`` (its units)."""
-    x, y = polygon[:, 0], polygon[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    from cbir.localize.geometry import polygon_area
+
+    area = polygon_area(polygon)
     perimeter = float(np.linalg.norm(polygon - np.roll(polygon, 1, axis=0), axis=1).sum())
     return area * (1 - ratio ** 2) / max(perimeter, 1e-9)
 
