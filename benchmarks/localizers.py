@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/localizers.py                      # whole, saliency, gt + every trained one
     .venv/bin/python benchmarks/localizers.py --localizers whole,pspnet --json out.json
+    .venv/bin/python benchmarks/localizers.py --localizers whole,yolo,yolo+SV20   # + re-ranking steps
 
 The database is extracted once per benchmark and the acceptance threshold calibrated once on
 it (edits of the database images, `cbir.identify`), so every localizer is scored on the same
@@ -30,9 +31,11 @@ def main() -> None:
     from cbir.identify import calibrate, top2_in
     from cbir.localize import LocalizerError, list_localizers
     from cbir.pipeline import DEFAULT_PIPELINE, Extractor, resolve_spec
+    from cbir.rerank import check_order, parse_rerank
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--localizers", default=None, help="comma-separated; default: whole, every registered one, gt")
+    ap.add_argument("--localizers", default=None, help="comma-separated; default: whole, every registered one, gt; "
+                    "NAME+STEPS adds re-ranking steps to the search (yolo+SV20, saliency+QE5+SV20)")
     ap.add_argument("--benchmarks", default=",".join(BENCHMARKS))
     ap.add_argument("--json", type=Path, help="also write every figure here")
     a = ap.parse_args()
@@ -49,8 +52,13 @@ def main() -> None:
         cal = calibrate(lambda imgs: ex.extract(imgs), paths, top2_in(db), warn=lambda m: None)
         rows = {}
         for name in names:
+            localizer, *tokens = name.split("+")
+            steps = [parse_rerank(t) for t in tokens]
+            if None in steps:
+                sys.exit(f"{name}: not a re-ranking step in {tokens} (see `cbir pipelines`)")
+            check_order(steps)
             try:
-                s, _, _ = evaluate_objects(bench, ex, name, db, calibration=cal, warn=lambda m: None)
+                s, _, _ = evaluate_objects(bench, ex, localizer, db, steps, calibration=cal, warn=lambda m: None)
             except LocalizerError as e:
                 print(f"{name}: skipped ({e})", file=sys.stderr)
                 continue

@@ -152,6 +152,12 @@ class Reranker:
         """True for the steps that produce the final similarities (must be last)."""
         return RERANKERS.get(self.kind).scores
 
+    @property
+    def images(self) -> bool:
+        """True for a step that needs the images, not the vectors (``SV``, `cbir.verify`): the
+        functions here pass it by; the callers that hold the images apply it, last."""
+        return RERANKERS.get(self.kind).extra.get("images", False)
+
 
 # Each entry's ``build(q, db, step)`` applies a step: a vector step returns the new ``(q, db)``,
 # a score step (``scores=True``) the final similarities. The pattern's named groups are
@@ -179,6 +185,9 @@ RERANKERS.register("KRR", option="k1", pattern=r"(?P<k>\d+)(?:-(?P<k2>\d+)-(?P<l
 RERANKERS.register("DIFF", option="k", default=10, pattern=r"(?P<k>\d+)?" + _ALPHA, scores=True,
                    defaults={"alpha": 0.99}, summary="diffusion on the mutual k-NN graph: DIFF[<k>][a<alpha>] (10, 0.99)")(
     lambda q, db, s: diffusion(q, db, s.k, s.alpha))
+RERANKERS.register("SV", option="k", default=20, pattern=r"(?P<k>\d+)?", scores=False, images=True,
+                   summary="spatial verification: the top k re-ordered by SIFT + RANSAC inliers (cbir.verify): SV[<k>] (20)")(
+    lambda q, db, s: (q, db))
 
 
 def parse_rerank(token: str) -> Reranker | None:
@@ -192,17 +201,23 @@ def parse_rerank(token: str) -> Reranker | None:
 
 
 def check_order(steps: Sequence[Reranker]) -> None:
-    """A score step (KRR, DIFF) may only be the last re-ranking step."""
-    for s in steps[:-1]:
-        if s.scores:
+    """A score step (KRR, DIFF) may only be the last re-ranking step, or come just before
+    spatial verification (``SV``), which re-orders the final ranking and is always last."""
+    for i, s in enumerate(steps[:-1]):
+        if s.images:
+            raise ValueError(f"re-ranking step {s.token!r} re-orders the final ranking: it must come last")
+        if s.scores and not steps[i + 1].images:
             raise ValueError(f"re-ranking step {s.token!r} produces the final scores: it must come last")
 
 
 def rerank(q: np.ndarray, db: np.ndarray, steps: Sequence[Reranker]) -> np.ndarray:
-    """Apply the steps in order -> similarities ``(Q, N)`` (higher is better)."""
+    """Apply the steps in order -> similarities ``(Q, N)`` (higher is better); an image step
+    (``SV``) is left to the caller that holds the images."""
     check_order(steps)
     q, db = np.asarray(q, np.float32), np.asarray(db, np.float32)
     for s in steps:
+        if s.images:
+            continue
         out = RERANKERS.get(s.kind).build(q, db, s)
         if s.scores:
             return out

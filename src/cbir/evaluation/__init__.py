@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from cbir.datasets import Benchmark
-from cbir.images import ImageError
+from cbir.images import ImageError, open_image
 from cbir.metrics.retrieval import RetrievalMAP, ap_from_positive_ranks, positive_ranks, ukbench_ns_score
 from cbir.pipeline import Extractor
 from cbir.evaluation.ranking import RECALL_GRID, interpolated_pr, similarities
 from cbir.rerank import Reranker
+from cbir.verify import verifier_for
 
 
 @dataclass
@@ -107,7 +108,16 @@ def evaluate(bench: Benchmark, extractor: Extractor, crop: bool = True, fit_on: 
         return EvalResult(summary, rows, curves["retrieval"], curves["detection"])
     keys = list(query_keys(bench, crop))
     q_vecs = _extract(extractor, [bench.path(k[0]) for k in keys], [k[1] for k in keys], on_error, progress, "queries")
-    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, info)
+    sims = None
+    if (verifier := verifier_for(extractor.rerankers)) is not None:
+        sims = similarities(q_vecs, db, extractor.rerankers)
+        for row, (image, box) in enumerate(keys):
+            try:
+                query = open_image(bench.path(image), bbox=box)
+            except ImageError:  # unreadable: already AP 0 (its vector is NaN)
+                continue
+            sims[row] = verifier.rerank(query, sims[row], lambda j: bench.path(bench.database[j]))
+    return score_vectors(bench, db, q_vecs, crop, extractor.rerankers, info, sims)
 
 
 def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
@@ -119,12 +129,15 @@ def query_keys(bench: Benchmark, crop: bool = True) -> dict[tuple, int]:
 
 
 def score_vectors(bench: Benchmark, db: np.ndarray, q_vecs: np.ndarray, crop: bool = True,
-                  rerankers: list[Reranker] | tuple = (), extra: dict | None = None) -> EvalResult:
-    """Rank ``db`` (rows in ``bench.database`` order) for ``q_vecs`` (rows as `query_keys`) and score."""
+                  rerankers: list[Reranker] | tuple = (), extra: dict | None = None,
+                  sims: np.ndarray | None = None) -> EvalResult:
+    """Rank ``db`` (rows in ``bench.database`` order) for ``q_vecs`` (rows as `query_keys`) and
+    score; ``sims (Q, N)``, if given, are the final similarities (spatially verified, say)."""
     unique = query_keys(bench, crop)
     valid_db = ~np.isnan(db[:, 0])
     db_ids = np.asarray(bench.database, dtype=object)
-    order = np.argsort(-similarities(q_vecs, db, rerankers), axis=1, kind="stable")
+    sims = similarities(q_vecs, db, rerankers) if sims is None else sims
+    order = np.argsort(-sims, axis=1, kind="stable")
 
     metric = RetrievalMAP()
     per_query, curves, ns, unreadable_q = [], {}, [], 0

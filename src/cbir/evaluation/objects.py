@@ -36,6 +36,7 @@ from cbir.metrics.classification import precision_recall_fscore
 from cbir.metrics.detection import DetectionMAP
 from cbir.metrics.retrieval import RetrievalMAP, positive_ranks
 from cbir.pipeline import Extractor
+from cbir.verify import SpatialVerifier, verifier_for
 
 MATCH_IOU = 0.5
 
@@ -145,8 +146,10 @@ class PhotoResult:
 
 def run_photos(bench: Benchmark, extractor: Extractor, localizer: Localizer, db: np.ndarray,
                similarity: Callable[[np.ndarray], np.ndarray], queries: list[Query],
-               warn: Callable[[str], None] = print, progress: Callable | None = None) -> list[PhotoResult]:
-    """Localize and search every query photo (once per distinct image)."""
+               warn: Callable[[str], None] = print, progress: Callable | None = None,
+               verifier: SpatialVerifier | None = None) -> list[PhotoResult]:
+    """Localize and search every query photo (once per distinct image); ``verifier``: each
+    region's shortlist re-ordered by spatial verification (`cbir.verify`, the ``SV`` step)."""
     out: list[PhotoResult] = []
     bar = progress(total=len(queries), desc="photos", unit="img") if progress else None
     for q in queries:
@@ -166,9 +169,13 @@ def run_photos(bench: Benchmark, extractor: Extractor, localizer: Localizer, db:
         regions = localizer(image)
         t1 = time.perf_counter()
         if regions:
-            vecs = extractor.extract([extraction_source(bench.path(q.image), image, r) for r in regions],
-                                     on_error=lambda i, e: warn(f"warning: {q.image} region {i}: {e}"))
+            sources = [extraction_source(bench.path(q.image), image, r) for r in regions]
+            vecs = extractor.extract(sources, on_error=lambda i, e: warn(f"warning: {q.image} region {i}: {e}"))
             sims = similarity(vecs)
+            if verifier is not None:
+                for i, source in enumerate(sources):
+                    crop = source if isinstance(source, Image.Image) else image
+                    sims[i] = verifier.rerank(crop, sims[i], lambda j: bench.path(bench.database[j]))
         else:
             sims = np.zeros((0, len(db)), np.float32)
         t2 = time.perf_counter()
@@ -298,7 +305,8 @@ def evaluate_objects(bench: Benchmark, extractor: Extractor, localizer: str | Lo
     if calibration is None:
         db_paths = [bench.path(p) for p in bench.database]
         calibration = calibrate(lambda imgs: extractor.extract(imgs), db_paths, top2_in(db), warn=warn)
-    photos = run_photos(bench, extractor, loc, db, lambda v: similarities(v, db, rerankers), queries, warn, progress)
+    photos = run_photos(bench, extractor, loc, db, lambda v: similarities(v, db, rerankers), queries, warn, progress,
+                        verifier_for(rerankers))
     summary, rows, curves = score_photos(bench, photos, db, calibration.threshold)
     summary["localizer"] = loc.name
     summary["calibration"] = calibration.to_json()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cbir.identify import Calibration, calibrate
 from cbir.images import ImageError, list_images, open_image, sha256_file
@@ -23,6 +24,7 @@ from cbir.localize import Localizer, Region, create_localizer
 from cbir.localize.geometry import extraction_source
 from cbir.pipeline import DEFAULT_PIPELINE, Extractor, PipelineError, resolve_spec
 from cbir.rerank import SHORTLIST, rerank_hits
+from cbir.verify import SpatialVerifier, verifier_for
 
 
 @dataclass
@@ -258,6 +260,8 @@ class Searcher:
         self.index.check_identity(self.extractor.identity)
         self.extractor.load_post_state(self.index.post_state())
         self.localizer: Localizer = create_localizer(localizer or self.index.info.get("localizer"))
+        # An ``SV<k>`` step re-orders each query's top k by spatial verification (cbir.verify).
+        self.verifier: SpatialVerifier | None = verifier_for(self.extractor.rerankers)
         self._calibration: Calibration | None = None
 
     @property
@@ -288,9 +292,24 @@ class Searcher:
                 hits.append(Hit(int(i), e.path, float(s), e.meta))
         return hits[:k]
 
+    def verified(self, query: Image.Image, hits: list[Hit], k: int) -> list[Hit]:
+        """``hits`` (a shortlist, best first) with the top ones re-ordered by spatial verification
+        against the query image, when the pipeline has an ``SV`` step; the first ``k``."""
+        if self.verifier is None or len(hits) < 2:
+            return hits[:k]
+        scores = self.verifier.rerank(query, np.array([h.score for h in hits], np.float32), lambda i: hits[i].path)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [replace(hits[i], score=float(scores[i])) for i in order]
+
+    def _shortlist(self, k: int) -> int:
+        return max(k, self.verifier.k) if self.verifier is not None else k
+
     def search(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None) -> list[Hit]:
         """Top-``k`` hits for a query image (path or encoded bytes), optionally cropped to ``bbox``."""
-        return self.search_vector(self.extractor.extract_one(source, bbox), k)
+        hits = self.search_vector(self.extractor.extract_one(source, bbox), self._shortlist(k))
+        if self.verifier is None or len(hits) < 2:
+            return hits[:k]
+        return self.verified(open_image(source, bbox=None if bbox is None else tuple(bbox)), hits, k)
 
     def search_objects(self, source: str | Path | bytes, k: int = 10, bbox: Sequence[float] | None = None,
                        localizer: Localizer | None = None, timings: dict | None = None) -> list[ObjectHits]:
@@ -310,11 +329,13 @@ class Searcher:
             regions = (localizer or self.localizer)(image)
         t1 = time.perf_counter()
         threshold = self.calibration.threshold if regions else 0.0
-        vecs = self.extractor.extract([extraction_source(source, image, r) for r in regions]) if regions else []
+        sources = [extraction_source(source, image, r) for r in regions]
+        vecs = self.extractor.extract(sources) if regions else []
         t2 = time.perf_counter()
         out = []
-        for r, v in zip(regions, vecs):
-            hits = self.search_vector(v, k) if not np.isnan(v[0]) else []
+        for r, v, src in zip(regions, vecs, sources):
+            hits = self.search_vector(v, self._shortlist(k)) if not np.isnan(v[0]) else []
+            hits = self.verified(src if isinstance(src, Image.Image) else image, hits, k)
             named = hits[0].path if hits and hits[0].score >= threshold else None
             out.append(ObjectHits(r, hits, named))
         if timings is not None:
