@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/localizers.py                      # whole, saliency, gt + every trained one
     .venv/bin/python benchmarks/localizers.py --localizers whole,pspnet --json out.json
-    .venv/bin/python benchmarks/localizers.py --localizers whole,yolo,yolo+SV20   # + re-ranking steps
+    .venv/bin/python benchmarks/localizers.py --localizers whole,yolo,yolo+SV50   # + re-ranking steps
 
 The database is extracted once per benchmark and the acceptance threshold calibrated once on
 it (edits of the database images, `cbir.identify`), so every localizer is scored on the same
@@ -35,7 +35,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--localizers", default=None, help="comma-separated; default: whole, every registered one, gt; "
-                    "NAME+STEPS adds re-ranking steps to the search (yolo+SV20, saliency+QE5+SV20)")
+                    "NAME+STEPS adds re-ranking steps to the search (yolo+SV50, saliency+QE5+SV50)")
     ap.add_argument("--benchmarks", default=",".join(BENCHMARKS))
     ap.add_argument("--json", type=Path, help="also write every figure here")
     a = ap.parse_args()

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from cbir.rerank import check_order, parse_rerank, rerank
-from cbir.verify import (EMPTY, MIN_INLIERS, SpatialVerifier, count_inliers, local_features, reorder_shortlist,
-                         tentative_matches, verifier_for)
+from cbir.verify import (EMPTY, MIN_INLIERS, SpatialVerifier, affine_inliers, count_inliers, database_features,
+                         local_features, reorder_shortlist, tentative_matches, verifier_for)
 from conftest import skimage_photo
 
 CLI = [sys.executable, "-m", "cbir.cli"]
@@ -71,18 +71,18 @@ def test_verifier_moves_the_right_picture_first(tmp_path):
     assert sorted(out.tolist()) == sorted(scores.tolist())  # only the order changed
     assert out.max() == scores.max()  # the top-1 score (the identification threshold's input) is kept
     assert np.array_equal(sv.rerank(query_of(astronaut), scores, lambda i: paths[i]), out)  # cached, same
-    assert len(sv._cache) == 4
+    assert database_features(paths[1]) is database_features(paths[1]) and len(database_features(paths[3])) == 0
 
 
 def test_sv_token_is_last_and_only_the_image_callers_apply_it():
     sv = parse_rerank("SV")
-    assert sv.k == 20 and sv.images and parse_rerank("SV5").k == 5
+    assert sv.k == 50 and sv.images and parse_rerank("SV5").k == 5
     check_order([parse_rerank("DIFF10"), sv])  # verification re-orders the final ranking
     with pytest.raises(ValueError, match="must come last"):
         check_order([sv, parse_rerank("QE5")])
     q = np.eye(3, 4, dtype=np.float32)
     np.testing.assert_array_equal(rerank(q, q, [sv]), q @ q.T)  # the vector path passes it by
-    assert verifier_for([parse_rerank("QE5")]) is None and verifier_for([sv]).k == 20
+    assert verifier_for([parse_rerank("QE5")]) is None and verifier_for([sv]).k == 50
 
 
 def test_eval_and_search_with_spatial_verification(photos_dir, chelsea_crop, tmp_path):
@@ -102,3 +102,15 @@ def test_eval_and_search_with_spatial_verification(photos_dir, chelsea_crop, tmp
     assert searcher.verifier is not None and searcher.verifier.k == 4
     (obj,) = searcher.search_objects(chelsea_crop, k=2, bbox=(0, 0, 300, 200))
     assert len(obj.results) == 2 and obj.results[0].path.endswith("chelsea.jpg")
+
+
+def test_affine_inliers_finds_the_map_among_outliers():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 300, (60, 2))
+    dst = src @ np.array([[0.9, 0.1], [-0.1, 1.1]]) + np.array([5.0, -3.0])
+    dst[40:] = rng.uniform(0, 300, (20, 2))  # 20 wrong matches
+    assert affine_inliers(src, dst, tolerance=2.0) == 40
+    assert affine_inliers(src, dst, tolerance=2.0) == affine_inliers(src, dst, tolerance=2.0, seed=0)
+    line = np.stack([np.arange(10.0), 2 * np.arange(10.0)], axis=1)
+    assert affine_inliers(line, line, tolerance=2.0) == 0  # collinear: no affine map to fit
+    assert affine_inliers(src[:2], dst[:2], tolerance=2.0) == 0

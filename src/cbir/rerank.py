@@ -185,8 +185,8 @@ RERANKERS.register("KRR", option="k1", pattern=r"(?P<k>\d+)(?:-(?P<k2>\d+)-(?P<l
 RERANKERS.register("DIFF", option="k", default=10, pattern=r"(?P<k>\d+)?" + _ALPHA, scores=True,
                    defaults={"alpha": 0.99}, summary="diffusion on the mutual k-NN graph: DIFF[<k>][a<alpha>] (10, 0.99)")(
     lambda q, db, s: diffusion(q, db, s.k, s.alpha))
-RERANKERS.register("SV", option="k", default=20, pattern=r"(?P<k>\d+)?", scores=False, images=True,
-                   summary="spatial verification: the top k re-ordered by SIFT + RANSAC inliers (cbir.verify): SV[<k>] (20)")(
+RERANKERS.register("SV", option="k", default=50, pattern=r"(?P<k>\d+)?", scores=False, images=True,
+                   summary="spatial verification: the top k re-ordered by SIFT + RANSAC inliers (cbir.verify): SV[<k>] (50)")(
     lambda q, db, s: (q, db))
 
 

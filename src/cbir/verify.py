@@ -15,8 +15,9 @@ Pure functions on `LocalFeatures`, and `SpatialVerifier`, which caches the datab
 
 from __future__ import annotations
 
+import os
 import threading
-import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,15 @@ from cbir.images import ImageError, open_image
 SIDE = 384  # the longer side local features are computed at (pixels)
 RATIO = 0.8  # Lowe's ratio test
 TOLERANCE = 0.02  # RANSAC's inlier distance, as a fraction of SIDE
-TRIALS = 300  # RANSAC iterations
-MIN_INLIERS = 10  # verified: at least this many inliers (chosen on synthetic validation photos)
+TRIALS = 300  # RANSAC hypotheses
+MIN_INLIERS = 10  # verified: at least this many inliers (chosen on synthetic photos, docs/multi-object.md)
 
 
 @dataclass(frozen=True)
 class LocalFeatures:
     """SIFT keypoints of one image: ``points (n, 2)`` as (x, y) in the image resized to
-    ``side`` pixels on its longer side, ``descriptors (n, 128)`` L2-normalised float32."""
+    ``side`` pixels on its longer side, ``descriptors (n, 128)`` L2-normalised (float16: half
+    the memory of a cached database image; matching computes in float32)."""
 
     points: np.ndarray
     descriptors: np.ndarray
@@ -45,7 +47,7 @@ class LocalFeatures:
         return len(self.points)
 
 
-EMPTY = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+EMPTY = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float16))
 
 
 def local_features(image: Image.Image, side: int = SIDE) -> LocalFeatures:
@@ -63,7 +65,7 @@ def local_features(image: Image.Image, side: int = SIDE) -> LocalFeatures:
         return EMPTY
     desc = sift.descriptors.astype(np.float32)
     desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-    return LocalFeatures(sift.keypoints[:, ::-1].astype(np.float32), desc)  # (row, col) -> (x, y)
+    return LocalFeatures(sift.keypoints[:, ::-1].astype(np.float32), desc.astype(np.float16))  # (row, col) -> (x, y)
 
 
 def tentative_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +73,7 @@ def tentative_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO) 
     ``ratio`` times the second nearest (Lowe 2004)."""
     if len(a) == 0 or len(b) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    d2 = np.maximum(2.0 - 2.0 * a.descriptors @ b.descriptors.T, 0.0)  # unit vectors
+    d2 = np.maximum(2.0 - 2.0 * a.descriptors.astype(np.float32) @ b.descriptors.astype(np.float32).T, 0.0)
     nn = np.argpartition(d2, 1, axis=1)[:, :2]
     two = np.take_along_axis(d2, nn, 1)
     first = np.argmin(two, axis=1)
@@ -81,22 +83,36 @@ def tentative_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO) 
     return ia, nn[ia, first[ia]]
 
 
+def affine_inliers(src: np.ndarray, dst: np.ndarray, tolerance: float, trials: int = TRIALS, seed: int = 0) -> int:
+    """RANSAC for an affine map ``dst ~ [src, 1] @ M`` over matched points ``src, dst (n, 2)``:
+    ``trials`` minimal samples of 3 (seeded), all fitted and scored at once; the most matches
+    within ``tolerance`` pixels of any one hypothesis. Degenerate (collinear) samples count 0."""
+    n = len(src)
+    if n < 3:
+        return 0
+    rng = np.random.default_rng(seed)
+    picks = np.argsort(rng.random((trials, n)), axis=1)[:, :3] if n <= 64 else \
+        np.stack([rng.choice(n, 3, replace=False) for _ in range(trials)])
+    ones = np.ones((n, 1), np.float64)
+    x = np.concatenate([src.astype(np.float64), ones], axis=1)  # (n, 3)
+    a = x[picks]  # (T, 3, 3)
+    ok = np.abs(np.linalg.det(a)) > 1e-6
+    if not ok.any():
+        return 0
+    m = np.linalg.solve(a[ok], dst.astype(np.float64)[picks[ok]])  # (T', 3, 2)
+    err = np.einsum("nk,tkd->tnd", x, m) - dst[None]
+    return int(((err ** 2).sum(axis=2) <= tolerance ** 2).sum(axis=1).max())
+
+
 def count_inliers(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO, tolerance: float = TOLERANCE * SIDE,
                   trials: int = TRIALS, seed: int = 0, at_least: int = 3) -> int:
-    """How many tentative matches one affine map (RANSAC, ``tolerance`` pixels, seeded) explains;
-    0 when fewer than ``at_least`` matches exist (the inliers are a subset of the matches, so
-    RANSAC is skipped for a pair that cannot reach the verification threshold)."""
-    from skimage.measure import ransac
-    from skimage.transform import AffineTransform
-
+    """How many tentative matches one affine map explains (`affine_inliers`); 0 when fewer than
+    ``at_least`` matches exist (the inliers are a subset of the matches, so RANSAC is skipped
+    for a pair that cannot reach the verification threshold)."""
     ia, ib = tentative_matches(a, b, ratio)
     if len(ia) < max(3, at_least):
         return 0
-    with warnings.catch_warnings():  # degenerate samples: skimage warns and retries
-        warnings.simplefilter("ignore")
-        _, inliers = ransac((a.points[ia], b.points[ib]), AffineTransform, min_samples=3,
-                            residual_threshold=tolerance, max_trials=trials, rng=seed)
-    return 0 if inliers is None else int(inliers.sum())
+    return affine_inliers(a.points[ia], b.points[ib], tolerance, trials, seed)
 
 
 def reorder_shortlist(scores: np.ndarray, shortlist: np.ndarray, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
@@ -112,11 +128,40 @@ def reorder_shortlist(scores: np.ndarray, shortlist: np.ndarray, inliers: np.nda
     return out
 
 
-class SpatialVerifier:
-    """Re-order each query's top ``k`` by RANSAC inliers; a database image's features are
-    computed the first time it is a candidate and kept in memory (keyed by its path)."""
+def database_features(path: str | Path, side: int = SIDE) -> LocalFeatures:
+    """`local_features` of a database image, computed the first time it is a candidate and kept
+    in memory (the last `CACHE_SIZE` images, keyed by path, size and modification time, so an
+    edited file is read again); a file that cannot be read has none: it is never verified."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return EMPTY
+    key = (str(path), side, st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is not None:
+            _CACHE.move_to_end(key)
+            return found
+    try:
+        found = local_features(open_image(path), side)
+    except ImageError:
+        found = EMPTY
+    with _CACHE_LOCK:
+        _CACHE[key] = found
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return found
 
-    def __init__(self, k: int = 20, min_inliers: int = MIN_INLIERS, side: int = SIDE, ratio: float = RATIO,
+
+CACHE_SIZE = 2048  # database images whose features stay in memory (~0.2 MB each at SIDE 384)
+_CACHE: OrderedDict[tuple, LocalFeatures] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+class SpatialVerifier:
+    """Re-order each query's top ``k`` by RANSAC inliers (database features: `database_features`)."""
+
+    def __init__(self, k: int = 50, min_inliers: int = MIN_INLIERS, side: int = SIDE, ratio: float = RATIO,
                  tolerance: float = TOLERANCE, trials: int = TRIALS, seed: int = 0) -> None:
         self.k = k
         self.min_inliers = min_inliers
@@ -125,21 +170,6 @@ class SpatialVerifier:
         self.tolerance = tolerance
         self.trials = trials
         self.seed = seed
-        self._cache: dict[object, LocalFeatures] = {}
-        self._lock = threading.Lock()
-
-    def features(self, path: str | Path) -> LocalFeatures:
-        """The cached features of the database image at ``path``; one that cannot be read has none."""
-        with self._lock:
-            found = self._cache.get(str(path))
-        if found is None:
-            try:
-                found = local_features(open_image(path), self.side)
-            except ImageError:  # an unreadable or vanished database file is simply never verified
-                found = EMPTY
-            with self._lock:
-                self._cache[str(path)] = found
-        return found
 
     def inliers(self, query: LocalFeatures, candidate: LocalFeatures) -> int:
         return count_inliers(query, candidate, self.ratio, self.tolerance * self.side, self.trials, self.seed,
@@ -154,7 +184,7 @@ class SpatialVerifier:
         if len(top) < 2:
             return scores.copy()
         q = local_features(query, self.side)
-        counts = np.array([self.inliers(q, self.features(path_of(int(i)))) for i in top])
+        counts = np.array([self.inliers(q, database_features(path_of(int(i)), self.side)) for i in top])
         return reorder_shortlist(scores, top, counts, self.min_inliers)
 
 
@@ -166,5 +196,5 @@ def verifier_for(steps: Sequence) -> SpatialVerifier | None:
     return None
 
 
-__all__ = ["EMPTY", "LocalFeatures", "SpatialVerifier", "count_inliers", "local_features",
+__all__ = ["EMPTY", "LocalFeatures", "SpatialVerifier", "CACHE_SIZE", "affine_inliers", "count_inliers", "database_features", "local_features",
            "reorder_shortlist", "tentative_matches", "verifier_for"]

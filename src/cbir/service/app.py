@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
-from cbir.index import Searcher
+from cbir.index import Index, Searcher
 from cbir.service import errors
 from cbir.service.routes import STATIC, image_routes, search_routes, service_routes
 from cbir.service.state import DEFAULT_SERVICE_MAX_PIXELS, Service
@@ -34,6 +34,7 @@ def create_app(
     read_only: bool = False,
     max_uploads: int = 8,  # uploads (search or add) received at once; each holds its body in memory
     localizer: str | None = None,
+    rerank: str | None = None,  # re-ranking steps after the index's pipeline, e.g. "SV50"
 ) -> FastAPI:
     """The service over ``index_dir`` (or an existing ``searcher``), model loaded and warmed up."""
     if max_upload_mb <= 0 or max_megapixels <= 0 or workers < 1 or max_uploads < 1:
@@ -42,8 +43,9 @@ def create_app(
         if index_dir is None:
             raise ValueError("give index_dir or searcher")
         # ONNX Runtime threads per extraction: share the cores among the concurrent workers.
+        pipeline = f"{Index(index_dir).pipeline},{rerank}" if rerank else None
         searcher = Searcher(index_dir, weights, engine, threads=threads or max(1, (os.cpu_count() or 1) // workers),
-                            localizer=localizer)
+                            localizer=localizer, pipeline=pipeline)
     svc = Service(searcher, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=int(max_megapixels * 1e6),
                   workers=workers, read_only=read_only, max_uploads=max_uploads)
     svc.warm_up()

@@ -28,6 +28,7 @@ def serve(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights file for the backbone, if the index was built with one.")] = None,
     engine: Annotated[str, typer.Option("--engine", help=f"Inference engine: {ENGINES.choices()}.")] = "onnx",
     localizer: Annotated[Optional[str], typer.Option("--localizer", "-l", help=f"How a query photo is split into objects, each searched: {', '.join(LOCALIZERS.names())} (`cbir localizers`); default: the one stored with the index, else whole.")] = None,
+    rerank: Annotated[Optional[str], typer.Option("--rerank", help="Re-ranking steps after the index's pipeline, e.g. 'SV50' (spatial verification) or 'QE5' (see `cbir pipelines`).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
     """Serve a search page and a JSON API over an index: drop a photo, see what matches."""
@@ -52,7 +53,7 @@ def serve(
     try:
         app = create_app(index, weights=weights, engine=engine, max_upload_mb=max_upload_mb,
                          max_megapixels=max_megapixels, workers=workers, threads=threads, read_only=read_only,
-                         max_uploads=max_uploads, localizer=localizer)
+                         max_uploads=max_uploads, localizer=localizer, rerank=rerank)
     except BaseException:
         sock.close()
         raise
