@@ -31,6 +31,7 @@ SIDE = 384  # the longer side local features are computed at (pixels)
 RATIO = 0.8  # Lowe's ratio test
 TOLERANCE = 0.02  # RANSAC's inlier distance, as a fraction of SIDE
 TRIALS = 300  # RANSAC hypotheses
+MAX_SCALE = 4.0  # an affine map's singular values must lie in [1/MAX_SCALE, MAX_SCALE]
 MIN_INLIERS = 10  # verified: at least this many inliers (chosen on synthetic photos, docs/multi-object.md)
 
 
@@ -70,7 +71,7 @@ def local_features(image: Image.Image, side: int = SIDE) -> LocalFeatures:
 
 def tentative_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(ia, ib)`` of a's keypoints whose nearest neighbour in b is closer than
-    ``ratio`` times the second nearest (Lowe 2004)."""
+    ``ratio`` times the second nearest (Lowe 2004), each keypoint of b used once."""
     if len(a) == 0 or len(b) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     d2 = np.maximum(2.0 - 2.0 * a.descriptors.astype(np.float32) @ b.descriptors.astype(np.float32).T, 0.0)
@@ -80,13 +81,21 @@ def tentative_matches(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO) 
     best = two[np.arange(len(two)), first]
     second = two[np.arange(len(two)), 1 - first]
     ia = np.flatnonzero(best < ratio ** 2 * second)
-    return ia, nn[ia, first[ia]]
+    ib = nn[ia, first[ia]]
+    if len(ia) < 2:
+        return ia, ib
+    # One-to-one: of the keypoints of a that chose the same keypoint of b, the closest keeps it.
+    # Many-to-one matches let a collapsed (near-zero) affine map "explain" them all.
+    order = np.lexsort((best[ia], ib))
+    keep = order[np.r_[True, ib[order][1:] != ib[order][:-1]]]
+    return ia[keep], ib[keep]
 
 
 def affine_inliers(src: np.ndarray, dst: np.ndarray, tolerance: float, trials: int = TRIALS, seed: int = 0) -> int:
     """RANSAC for an affine map ``dst ~ [src, 1] @ M`` over matched points ``src, dst (n, 2)``:
     ``trials`` minimal samples of 3 (seeded), all fitted and scored at once; the most matches
-    within ``tolerance`` pixels of any one hypothesis. Degenerate (collinear) samples count 0."""
+    within ``tolerance`` pixels of any one plausible hypothesis. Degenerate (collinear) samples
+    and implausible maps (mirrored, or scaled beyond `MAX_SCALE` along an axis) count 0."""
     n = len(src)
     if n < 3:
         return 0
@@ -100,6 +109,13 @@ def affine_inliers(src: np.ndarray, dst: np.ndarray, tolerance: float, trials: i
     if not ok.any():
         return 0
     m = np.linalg.solve(a[ok], dst.astype(np.float64)[picks[ok]])  # (T', 3, 2)
+    # A picture seen from the front: no mirror image, and no squeeze or stretch beyond 4x
+    # (both images are at the same size); a collapsed map would "explain" clustered matches.
+    sv = np.linalg.svd(m[:, :2, :], compute_uv=False)  # (T', 2)
+    plausible = (np.linalg.det(m[:, :2, :]) > 0) & (sv[:, 1] >= 1 / MAX_SCALE) & (sv[:, 0] <= MAX_SCALE)
+    if not plausible.any():
+        return 0
+    m = m[plausible]
     err = np.einsum("nk,tkd->tnd", x, m) - dst[None]
     return int(((err ** 2).sum(axis=2) <= tolerance ** 2).sum(axis=1).max())
 
@@ -130,13 +146,13 @@ def reorder_shortlist(scores: np.ndarray, shortlist: np.ndarray, inliers: np.nda
 
 def database_features(path: str | Path, side: int = SIDE) -> LocalFeatures:
     """`local_features` of a database image, computed the first time it is a candidate and kept
-    in memory (the last `CACHE_SIZE` images, keyed by path, size and modification time, so an
-    edited file is read again); a file that cannot be read has none: it is never verified."""
+    in memory (the last `CACHE_SIZE` images, keyed by the file's identity, size and modification
+    time, so an edited file is read again); a file that cannot be read has none: it is never verified."""
     try:
         st = os.stat(path)
     except OSError:
         return EMPTY
-    key = (str(path), side, st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, side)  # one file under any of its names
     with _CACHE_LOCK:
         found = _CACHE.get(key)
         if found is not None:
@@ -196,5 +212,5 @@ def verifier_for(steps: Sequence) -> SpatialVerifier | None:
     return None
 
 
-__all__ = ["EMPTY", "LocalFeatures", "SpatialVerifier", "CACHE_SIZE", "affine_inliers", "count_inliers", "database_features", "local_features",
+__all__ = ["EMPTY", "LocalFeatures", "SpatialVerifier", "CACHE_SIZE", "MAX_SCALE", "affine_inliers", "count_inliers", "database_features", "local_features",
            "reorder_shortlist", "tentative_matches", "verifier_for"]
