@@ -114,3 +114,16 @@ def test_affine_inliers_finds_the_map_among_outliers():
     line = np.stack([np.arange(10.0), 2 * np.arange(10.0)], axis=1)
     assert affine_inliers(line, line, tolerance=2.0) == 0  # collinear: no affine map to fit
     assert affine_inliers(src[:2], dst[:2], tolerance=2.0) == 0
+
+
+def test_a_collapsed_or_mirrored_map_verifies_nothing():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 300, (50, 2))
+    # Many query keypoints matched to one spot of the database image: a map of scale ~0 would
+    # "explain" them all (the bug the first code had); so would a mirror image of the picture.
+    assert affine_inliers(src, np.full((50, 2), 100.0) + rng.normal(0, 0.5, (50, 2)), tolerance=7.7) < 4
+    assert affine_inliers(src, src * np.array([-1.0, 1.0]) + 300, tolerance=2.0) < 4
+    assert affine_inliers(src, src * 0.5 + 20, tolerance=2.0) == 50  # a plain zoom is fine
+    astronaut = skimage_photo("astronaut")
+    ia, ib = tentative_matches(local_features(query_of(astronaut)), local_features(astronaut))
+    assert len(set(ib.tolist())) == len(ib)  # one-to-one

@@ -32,7 +32,7 @@ RATIO = 0.8  # Lowe's ratio test
 TOLERANCE = 0.02  # RANSAC's inlier distance, as a fraction of SIDE
 TRIALS = 300  # RANSAC hypotheses
 MAX_SCALE = 4.0  # an affine map's singular values must lie in [1/MAX_SCALE, MAX_SCALE]
-MIN_INLIERS = 10  # verified: at least this many inliers (chosen on synthetic photos, docs/multi-object.md)
+MIN_INLIERS = 8  # verified: at least this many inliers (chosen on synthetic photos, docs/multi-object.md)
 
 
 @dataclass(frozen=True)
