@@ -293,3 +293,8 @@ def test_museum_multi_localizers_reach_their_measured_figures():
     assert got["saliency"]["id_rejection"] >= 0.85
     assert got["yolo"]["object_map"] >= 0.96 and got["yolo"]["count_accuracy"] >= 0.96
     assert got["pspnet"]["object_map"] >= 0.91 and got["pspnet"]["count_accuracy"] >= 0.95
+    # Spatial verification of the top 50 (README: yolo+SV50 0.992 object mAP).
+    from cbir.rerank import parse_rerank
+
+    verified = evaluate_objects(bench, ex, "yolo", db, [parse_rerank("SV50")], calibration=cal, warn=lambda m: None)[0]
+    assert verified["object_map"] >= 0.98 and verified["id_precision"] >= 0.98
