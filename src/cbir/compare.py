@@ -96,6 +96,8 @@ def compare_pipelines(bench, pipelines: Sequence[str], fit_paths: Sequence[Path]
     for i, text in enumerate(pipelines):
         try:
             ex = Extractor(resolve_spec(text, weights), weights, engine, threads)
+            if any(s.images for s in ex.rerankers):  # compare shares decoded images, not files
+                raise ValueError(f"{text}: spatial verification (SV) needs the query images: measure it with `cbir eval`")
         except ValueError as e:  # a PipelineError too
             rows[i] = {"method": text, "error": str(e)}
             continue
@@ -185,8 +187,6 @@ def _finish(bench, m: _Member, crop: bool, fit_labels, forward_s: float, n_timed
     db, q = finish("db"), finish("q")
     own = m.seconds + time.perf_counter() - t0
     ms = 1000 * (forward_s + own) / max(1, n_timed)
-    if any(s.images for s in ex.rerankers):  # compare shares decoded images, not files: no SV here
-        raise ValueError(f"{ex.spec}: spatial verification (SV) needs the query images: measure it with `cbir eval`")
     result = score_vectors(bench, db, q, crop, ex.rerankers, {"pipeline": str(ex.spec)})
     s = result.summary
     row = {"method": str(ex.spec), "dim": int(db.shape[1]), "map": round(float(s["map"]), 4),

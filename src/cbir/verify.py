@@ -10,7 +10,8 @@ behind them. Only the order changes: the shortlist's scores are handed out again
 so the top-1 score, and with it the "not in the collection" threshold of `cbir.identify`, keeps
 its meaning.
 
-Pure functions on `LocalFeatures`, and `SpatialVerifier`, which caches the database side.
+Pure functions on `LocalFeatures`; `database_features` keeps the database side in memory;
+`SpatialVerifier` applies the step to one query's scores.
 """
 
 from __future__ import annotations
